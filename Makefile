@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when absent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench samples clean
+
+$(STAMP): setup.cfg constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# constraints.txt pins torch to the CPU wheel; a GPU user installs CUDA torch first (README).
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cutremain_monai.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+samples: $(STAMP)
+	$(PY) -m cutremain_monai.cli samples -o dicom_samples
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,102 @@
+"""``cutremain`` command line: ingest a PACS export, import annotation formats, generate samples, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+__all__ = ["main"]
+
+
+def _ingest(args) -> int:
+    from cutremain_monai.io.ingest import ingest
+
+    split = tuple(float(v) for v in args.split.split(",")) if args.split else None
+    report = ingest(
+        args.dir,
+        args.output,
+        boxes=args.boxes,
+        gsps=args.gsps,
+        split=split,
+        quarantine_dir=args.quarantine_dir,
+        progress=not args.no_progress,
+    )
+    print(report.summary())
+    print(f"datalist: {args.output}")
+    return 0
+
+
+def _import(args) -> int:
+    from cutremain_monai.io import importers
+    from cutremain_monai.io.datalist import save_datalist, split_by_group
+
+    fmt = args.format
+    if fmt == "csv":
+        items = importers.import_csv(args.source)
+    elif fmt == "nih":
+        items = importers.import_nih_cxr14(args.source, args.images, args.bbox)
+    elif fmt == "coco":
+        items = importers.import_coco(args.source, args.images)
+    elif fmt == "fracatlas":
+        items = importers.import_fracatlas_manifest(args.source, args.images, args.region)
+    elif fmt == "yolo":
+        items = importers.import_yolo(args.images, args.source)
+    elif fmt == "brixia":
+        items = importers.import_brixia(args.source, args.images, rater=args.rater)
+    else:  # argparse restricts choices
+        raise ValueError(fmt)
+    split = tuple(float(v) for v in args.split.split(","))
+    save_datalist(split_by_group(items, split, args.seed), args.output)
+    print(json.dumps({"items": len(items), "boxes": sum(len(i["boxes"]) for i in items), "output": args.output}))
+    return 0
+
+
+def _samples(args) -> int:
+    from cutremain_monai.data.phantoms import generate_samples
+
+    generate_samples(args.output, args.seed)
+    print(f"wrote synthetic samples to {args.output}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cutremain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="walk a PACS export, write a datalist and a quarantine report")
+    p.add_argument("dir")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--boxes", help="CSV (path,label,x0,y0,x1,y1,box_label) or datalist JSON with boxes")
+    g.add_argument("--gsps", action="store_true", help="read boxes from presentation states in the tree")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--split", help="train,val,test fractions for a patient-wise split, e.g. 0.7,0.15,0.15")
+    p.add_argument("--quarantine-dir", help="copy files that could not be used there")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("import", help="convert an annotation format to a datalist")
+    p.add_argument("format", choices=["csv", "nih", "coco", "fracatlas", "yolo", "brixia"])
+    p.add_argument("source", help="CSV / JSON file (for yolo: the labels folder)")
+    p.add_argument("--images", help="image folder (brixia: the dataset root)")
+    p.add_argument("--bbox", help="nih: BBox_List_2017.csv[.gz]")
+    p.add_argument("--region", help="fracatlas: keep this region (hip, shoulder)")
+    p.add_argument("--rater", default="S", help="brixia: rater prefix (S or J)")
+    p.add_argument("--split", default="0.7,0.15,0.15")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=_import)
+
+    p = sub.add_parser("samples", help="generate the synthetic DICOM phantoms")
+    p.add_argument("-o", "--output", default="dicom_samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_samples)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

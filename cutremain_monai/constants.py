@@ -1,0 +1,38 @@
+"""Dictionary keys and fixed vocabularies shared by the whole package (one place, no string literals elsewhere)."""
+
+IMAGE = "image"
+LABEL = "label"
+BOXES = "boxes"
+BOX_LABELS = "box_labels"
+BOX_MASK = "box_mask"
+LUNG_MASK = "lung_mask"
+ZONES = "zones"
+ZONE_SCORES = "zone_scores"
+GROUP = "group"  # pseudonymous grouping key (never a patient identifier) used for patient-wise splits
+
+BOX_MODE = "xyxy"
+
+DATALIST_SECTIONS = ("training", "validation", "test")
+
+# NIH ChestX-ray14 findings, in the order of Wang et al. (CVPR 2017) / the CheXNet papers.
+CXR14_LABELS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+# The 8 findings that BBox_List_2017 annotates with boxes ("Infiltrate" there means Infiltration).
+CXR14_BOXED_LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax")
+
+# Brixia zones: A/B/C upper/middle/lower of the image-left lung, D/E/F of the image-right lung.
+BRIXIA_ZONES = ("A", "B", "C", "D", "E", "F")

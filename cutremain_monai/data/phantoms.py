@@ -1,0 +1,346 @@
+"""Synthetic X-ray-like phantoms, written as DX DICOM with boxes in a datalist and in GSPS objects.
+
+Deterministic from a seed. Four tasks mirror the product's bundles:
+
+* ``clavicle`` (binary): two clavicle bands over ribs; a fracture is a small gap with a step inside its box. Every
+  image, normal or not, also carries look-alike discontinuities on the ribs (the Cut&Remain paper's Figure 1:
+  what a classifier can latch onto instead of the lesion). Normal images carry a box on a clavicle segment, as the
+  paper annotates the relevant area of normal images.
+* ``pelvis`` (3-class): normal / A-type trochanteric / B-type neck fracture of one femur, a line through the bone.
+* ``chest`` (multi-label, 14 ChestX-ray14 findings, 4 rendered with boxes: Cardiomegaly, Effusion, Mass, Nodule).
+* ``covid`` (chest with a lung mask PNG and six Brixia zone scores 0-3 from patchy opacities per zone).
+
+The rendered image is an attenuation-like map in [0, 1] (bright = dense) that is quantised to ``bits_stored`` and
+stored as MONOCHROME2, or inverted and stored as MONOCHROME1, so the reader's inversion is exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cutremain_monai.constants import BRIXIA_ZONES, CXR14_LABELS
+
+__all__ = ["Phantom", "render_clavicle", "render_pelvis", "render_chest", "render_covid", "generate_samples"]
+
+CLAVICLE_BOX_LABELS = ("fracture", "normal_region")
+PELVIS_CLASSES = ("normal", "trochanteric", "neck")
+CHEST_BOXED = ("Cardiomegaly", "Effusion", "Mass", "Nodule")
+
+
+@dataclass
+class Phantom:
+    image: np.ndarray  # (H, W) float in [0, 1], bright = dense
+    label: object  # int or list of ints
+    boxes: list = field(default_factory=list)  # xyxy pixels
+    box_labels: list = field(default_factory=list)  # names
+    lung_mask: np.ndarray | None = None
+    zone_scores: list | None = None
+
+
+def _grid(h, w):
+    return np.mgrid[0:h, 0:w].astype(np.float32)
+
+
+def _band(yy, xx, pts, thickness):
+    """Distance-based soft band along a polyline ``pts`` [(x, y), ...]; returns values in [0, 1]."""
+    d = np.full(yy.shape, np.inf, dtype=np.float32)
+    for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:]):
+        vx, vy = x1 - x0, y1 - y0
+        t = np.clip(((xx - x0) * vx + (yy - y0) * vy) / (vx * vx + vy * vy + 1e-9), 0, 1)
+        d = np.minimum(d, np.hypot(xx - (x0 + t * vx), yy - (y0 + t * vy)))
+    return np.clip(1.0 - d / thickness, 0, 1) ** 0.5
+
+
+def _body(rng, h, w):
+    yy, xx = _grid(h, w)
+    base = 0.25 + 0.1 * np.exp(-(((xx - w / 2) / (0.45 * w)) ** 2)) + 0.03 * rng.standard_normal()
+    return yy, xx, base + 0.05 * (yy / h)
+
+
+def _ribs(rng, yy, xx, h, w, n=5, amp=0.12):
+    img = np.zeros_like(yy)
+    segs = []
+    for side in (-1, 1):
+        for i in range(n):
+            y0 = h * (0.42 + 0.11 * i) + rng.uniform(-3, 3)
+            cx = w / 2 + side * w * 0.05
+            pts = [(cx + side * w * f, y0 - h * 0.08 * np.sin(np.pi * f / 0.45)) for f in np.linspace(0, 0.45, 7)]
+            img += amp * _band(yy, xx, pts, 3.0)
+            segs.append(pts)
+    return img, segs
+
+
+def _gap(yy, xx, cx, cy, angle, length, width):
+    """A soft dark cut across a structure centred at (cx, cy), oriented at ``angle`` (radians)."""
+    u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+    v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+    return np.exp(-((u / width) ** 2) - ((v / length) ** 4))
+
+
+def render_clavicle(rng: np.random.Generator, size: int = 256, fractured: bool = False) -> Phantom:
+    h = w = size
+    yy, xx, img = _body(rng, h, w)
+    ribs, rib_segs = _ribs(rng, yy, xx, h, w)
+    img = img + ribs
+    clav_pts = []
+    for side in (-1, 1):
+        y0 = h * rng.uniform(0.24, 0.32)
+        pts = [(w / 2 + side * w * (0.06 + 0.4 * f), y0 - h * 0.06 * np.sin(np.pi * f) + h * 0.03 * f) for f in np.linspace(0, 1, 9)]
+        clav_pts.append(pts)
+        img = img + 0.3 * _band(yy, xx, pts, 6.0)
+    # look-alike discontinuities on the ribs, in every image
+    for _ in range(rng.integers(2, 5)):
+        seg = rib_segs[rng.integers(len(rib_segs))]
+        k = rng.integers(1, len(seg) - 1)
+        cx, cy = seg[k]
+        img = img - 0.12 * _gap(yy, xx, cx, cy, rng.uniform(-0.3, 0.3), 5.0, 1.6)
+    side = rng.integers(2)
+    pts = clav_pts[side]
+    k = rng.integers(2, 7)
+    cx, cy = pts[k]
+    cx, cy = cx + rng.uniform(-4, 4), cy
+    bw, bh = rng.uniform(26, 36), rng.uniform(22, 30)
+    box = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
+    if fractured:
+        angle = rng.uniform(-0.4, 0.4)
+        img = img - 0.28 * _gap(yy, xx, cx, cy, angle, 9.0, 1.8)
+        # a small step: the lateral fragment sits a little lower
+        lateral = (xx - cx) * (1 if side == 1 else -1) > 0
+        near = np.hypot(xx - cx, yy - cy) < 14
+        shift = np.roll(img, 2, axis=0)
+        img = np.where(lateral & near, 0.5 * img + 0.5 * shift, img)
+        boxes, labels, label = [box], ["fracture"], 1
+    else:
+        boxes, labels, label = [box], ["normal_region"], 0
+    img = img + 0.0015 * rng.standard_normal((h, w))
+    return Phantom(np.clip(img, 0, 1), label, boxes, labels)
+
+
+def render_pelvis(rng: np.random.Generator, size: int = 192, cls: int = 0) -> Phantom:
+    h = w = size
+    yy, xx, img = _body(rng, h, w)
+    # pelvic ring
+    ring = np.hypot((xx - w / 2) / (0.38 * w), (yy - 0.32 * h) / (0.22 * h))
+    img = img + 0.18 * np.exp(-(((ring - 1.0) / 0.08) ** 2))
+    side = rng.integers(2)
+    box, label_name = None, None
+    for s in (-1, 1):
+        hx, hy = w / 2 + s * 0.27 * w, 0.52 * h
+        r = 0.07 * w
+        img = img + 0.3 * np.clip(1 - np.hypot(xx - hx, yy - hy) / r, 0, 1) ** 0.4
+        neck_end = (hx + s * 0.09 * w, hy + 0.09 * h)
+        shaft_end = (neck_end[0] + s * 0.02 * w, h * 1.05)
+        img = img + 0.28 * _band(yy, xx, [(hx, hy), neck_end], 0.045 * w)
+        img = img + 0.3 * _band(yy, xx, [neck_end, shaft_end], 0.06 * w)
+        troch = (neck_end[0] + s * 0.05 * w, neck_end[1] + 0.02 * h)
+        img = img + 0.15 * np.clip(1 - np.hypot(xx - troch[0], yy - troch[1]) / (0.05 * w), 0, 1)
+        if (s == -1) == (side == 0) and cls > 0:
+            if cls == 2:  # neck: a cut across the neck
+                cx, cy = (hx + neck_end[0]) / 2, (hy + neck_end[1]) / 2
+                angle = np.arctan2(neck_end[1] - hy, neck_end[0] - hx)
+            else:  # trochanteric: an oblique cut through the trochanter region
+                cx, cy = troch[0] - s * 0.03 * w, troch[1]
+                angle = np.arctan2(1.0, s * 1.0)
+            img = img - 0.3 * _gap(yy, xx, cx, cy, angle, 0.06 * w, 1.8)
+            half = 0.09 * w
+            box = [cx - half, cy - half, cx + half, cy + half]
+            label_name = PELVIS_CLASSES[cls]
+    img = img + 0.0015 * rng.standard_normal((h, w))
+    boxes, labels = ([box], [label_name]) if box is not None else ([], [])
+    return Phantom(np.clip(img, 0, 1), int(cls), boxes, labels)
+
+
+def _lungs(yy, xx, h, w, rng):
+    mask = np.zeros((h, w), dtype=bool)
+    for s in (-1, 1):
+        cx = w / 2 + s * w * rng.uniform(0.19, 0.22)
+        cy = h * rng.uniform(0.5, 0.54)
+        mask |= ((xx - cx) / (0.15 * w)) ** 2 + ((yy - cy) / (0.3 * h)) ** 2 <= 1.0
+    return mask
+
+
+def render_chest(rng: np.random.Generator, size: int = 192, findings: tuple[str, ...] = ()) -> Phantom:
+    h = w = size
+    yy, xx, img = _body(rng, h, w)
+    img = img + 0.25
+    lungs = _lungs(yy, xx, h, w, rng)
+    img = np.where(lungs, img - 0.3, img)
+    ribs, _ = _ribs(rng, yy, xx, h, w, n=6, amp=0.07)
+    img = img + ribs
+    heart_r = 0.16 * w * (1.5 if "Cardiomegaly" in findings else 1.0)
+    hx, hy = w / 2 + 0.05 * w, 0.68 * h
+    heart = ((xx - hx) / heart_r) ** 2 + ((yy - hy) / (0.7 * heart_r)) ** 2 <= 1
+    img = np.where(heart, np.maximum(img, 0.6), img)
+    boxes, labels = [], []
+    if "Cardiomegaly" in findings:
+        boxes.append([hx - heart_r, hy - 0.7 * heart_r, hx + heart_r, hy + 0.7 * heart_r])
+        labels.append("Cardiomegaly")
+    if "Effusion" in findings:
+        s = rng.choice([-1, 1])
+        cx = w / 2 + s * 0.2 * w
+        fill = lungs & (yy > 0.7 * h) & ((xx - w / 2) * s > 0)
+        img = np.where(fill, img + 0.25, img)
+        boxes.append([cx - 0.15 * w, 0.7 * h, cx + 0.15 * w, 0.84 * h])
+        labels.append("Effusion")
+    for name, radius in (("Mass", 0.07 * w), ("Nodule", 0.025 * w)):
+        if name in findings:
+            ys, xs = np.nonzero(lungs)
+            i = rng.integers(len(ys))
+            cy, cx = float(ys[i]), float(xs[i])
+            img = img + 0.3 * np.clip(1 - np.hypot(xx - cx, yy - cy) / radius, 0, 1) ** 0.5
+            boxes.append([cx - radius - 2, cy - radius - 2, cx + radius + 2, cy + radius + 2])
+            labels.append(name)
+    img = img + 0.0015 * rng.standard_normal((h, w))
+    label = [int(name in findings) for name in CXR14_LABELS]
+    return Phantom(np.clip(img, 0, 1), label, boxes, labels)
+
+
+def render_covid(rng: np.random.Generator, size: int = 192, zone_scores=None) -> Phantom:
+    """Chest with a lung mask and opacities whose extent in each Brixia zone follows ``zone_scores`` (6 ints 0-3)."""
+    h = w = size
+    yy, xx, img = _body(rng, h, w)
+    img = img + 0.25
+    lungs = _lungs(yy, xx, h, w, rng)
+    img = np.where(lungs, img - 0.3, img)
+    ribs, _ = _ribs(rng, yy, xx, h, w, n=6, amp=0.06)
+    img = img + ribs
+    scores = list(rng.integers(0, 4, size=6)) if zone_scores is None else list(zone_scores)
+    from cutremain_monai.transforms.lung_zones import split_lung_zones
+
+    zones = split_lung_zones(lungs)
+    noise = rng.standard_normal((h, w))
+    # low-frequency patchy texture (box-blurred noise)
+    k = 7
+    pad = np.pad(noise, k, mode="reflect")
+    c = np.cumsum(np.cumsum(pad, 0), 1)
+    patch = (c[2 * k :, 2 * k :] - c[: -2 * k, 2 * k :] - c[2 * k :, : -2 * k] + c[: -2 * k, : -2 * k])[:h, :w] / (2 * k) ** 2
+    patch = (patch - patch.mean()) / (patch.std() + 1e-6)
+    for z, score in enumerate(scores, start=1):
+        if score <= 0:
+            continue
+        threshold = {1: 1.0, 2: 0.3, 3: -0.5}[int(score)]
+        region = (zones == z) & (patch > threshold)
+        img = np.where(region, img + 0.22, img)
+    img = img + 0.0015 * rng.standard_normal((h, w))
+    return Phantom(np.clip(img, 0, 1), int(sum(int(s > 0) for s in scores)), [], [], lungs.astype(np.uint8), [int(s) for s in scores])
+
+
+def _quantise(img: np.ndarray, bits: int, photometric: str) -> np.ndarray:
+    top = 2**bits - 1
+    stored = np.round(img * top).astype(np.uint16)
+    return (top - stored).astype(np.uint16) if photometric == "MONOCHROME1" else stored
+
+
+_COMPRESSIONS = ("jpegls", "rle", "jpegls", "j2k", "jpegls", "explicit", "jpegls", "jpegls", "j2k", "jpegls", "rle", "jpegls")
+
+
+def generate_samples(out_dir: str, seed: int = 0, counts: dict | None = None, gsps: bool = True) -> dict:
+    """Write the phantom set and its ``datalist.json`` under ``out_dir``; returns the datalist.
+
+    Every image has a DX file; annotated images also get a GSPS object holding the same boxes. The datalist has
+    one section per task (``clavicle``, ``pelvis``, ``chest``, ``covid``), each with ``training``/``validation``/
+    ``test`` lists of samples (``image``, ``label``, ``boxes``, ``box_labels``, ``group``, and for ``covid``
+    ``lung_mask`` and ``zone_scores``). Paths are relative to ``out_dir``.
+    """
+    import pydicom
+    from PIL import Image
+
+    from cutremain_monai.io.dx_writer import make_uid, write_dx
+    from cutremain_monai.io.gsps import write_box_gsps
+
+    counts = counts or {"clavicle": 48, "pelvis": 24, "chest": 24, "covid": 16}
+    rng = np.random.default_rng(seed)
+    datalist: dict = {"description": "synthetic phantoms from cutremain_monai.data.phantoms", "seed": seed}
+    n_written = 0
+    for task, n in counts.items():
+        os.makedirs(os.path.join(out_dir, task), exist_ok=True)
+        items = []
+        for i in range(n):
+            r = np.random.default_rng([seed, hash_task(task), i])
+            if task == "clavicle":
+                ph, anatomy, bits = render_clavicle(r, 256, fractured=bool(i % 2)), "clavicle", 12
+            elif task == "pelvis":
+                ph, anatomy, bits = render_pelvis(r, 192, cls=i % 3), "pelvis", 12
+            elif task == "chest":
+                chosen = tuple(f for f in CHEST_BOXED if r.random() < 0.35)
+                ph, anatomy, bits = render_chest(r, 192, findings=chosen), "chest", 12
+            elif task == "covid":
+                ph, anatomy, bits = render_covid(r, 192), "chest", 12
+            else:
+                raise ValueError(f"unknown phantom task {task!r}")
+            photometric = "MONOCHROME1" if i % 3 == 1 else "MONOCHROME2"
+            compression = _COMPRESSIONS[i % len(_COMPRESSIONS)]
+            name = f"{task}/{task}_{i:03d}.dcm"
+            uid_seed = f"{seed}-{task}-{i}"
+            ds = write_dx(
+                os.path.join(out_dir, name),
+                _quantise(ph.image, bits, photometric),
+                photometric=photometric,
+                bits_stored=bits,
+                compression=compression,
+                anatomy=anatomy,
+                uid_seed=uid_seed,
+                instance_number=i + 1,
+                patient_name="SYNTHETIC^PHANTOM",
+                patient_id=f"SYN-{task[:3].upper()}-{i:03d}",
+                study_uid=make_uid("study", uid_seed),
+            )
+            n_written += 1
+            item = {
+                "image": name,
+                "label": ph.label,
+                "boxes": [[round(float(v), 2) for v in b] for b in ph.boxes],
+                "box_labels": list(ph.box_labels),
+                "group": f"{task}-{i:03d}",
+            }
+            if ph.boxes and gsps:
+                gname = f"{task}/{task}_{i:03d}_gsps.dcm"
+                ref = pydicom.dcmread(os.path.join(out_dir, name), stop_before_pixels=True)
+                write_box_gsps(ref, item["boxes"], item["box_labels"], os.path.join(out_dir, gname))
+                item["gsps"] = gname
+            if ph.lung_mask is not None:
+                mname = f"{task}/{task}_{i:03d}_lungs.png"
+                Image.fromarray((ph.lung_mask * 255).astype(np.uint8)).save(os.path.join(out_dir, mname))
+                item["lung_mask"] = mname
+                item["zone_scores"] = ph.zone_scores
+            items.append(item)
+        n_train, n_val = int(round(0.6 * n)), int(round(0.2 * n))
+        datalist[task] = {
+            "training": items[:n_train],
+            "validation": items[n_train : n_train + n_val],
+            "test": items[n_train + n_val :],
+        }
+        if task == "clavicle":
+            datalist[task]["box_label_names"] = list(CLAVICLE_BOX_LABELS)
+        elif task == "pelvis":
+            datalist[task]["class_names"] = list(PELVIS_CLASSES)
+        elif task == "chest":
+            datalist[task]["class_names"] = list(CXR14_LABELS)
+        elif task == "covid":
+            datalist[task]["zone_names"] = list(BRIXIA_ZONES)
+    with open(os.path.join(out_dir, "datalist.json"), "w") as f:
+        json.dump(datalist, f, indent=1)
+    return datalist
+
+
+def hash_task(task: str) -> int:
+    """A stable small integer per task name (Python's ``hash`` of a str is salted per process)."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(task))
+
+
+def main(argv=None):  # python -m cutremain_monai.data.phantoms OUT_DIR [SEED]
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    out = args[0] if args else "dicom_samples"
+    seed = int(args[1]) if len(args) > 1 else 0
+    dl = generate_samples(out, seed)
+    print(json.dumps({k: {s: len(v) for s, v in d.items() if isinstance(v, list)} for k, d in dl.items() if isinstance(d, dict)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The one datalist format: MONAI-style JSON ``{"training": [...], "validation": [...], "test": [...]}``.
+
+Each item holds ``image`` (path, relative to the datalist's folder or absolute), ``label`` (int, or a list for
+multi-label), ``boxes`` (``(N, 4)`` xyxy pixels of the stored image), ``box_labels`` (``(N,)``), and optionally
+``lung_mask``, ``zone_scores`` (6 ints) and ``group`` (a pseudonymous key for group-wise splits). Loading goes
+through ``monai.data.load_decathlon_datalist`` (which resolves relative paths); this module adds item
+validation with errors naming the item, writing, and patient-wise (group-wise) splitting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from monai.config import PathLike
+
+from cutremain_monai.constants import BOX_LABELS, BOXES, DATALIST_SECTIONS, GROUP, IMAGE, LABEL
+
+__all__ = ["load_datalist", "save_datalist", "validate_item", "split_by_group", "kfold_by_group", "datalist_hash"]
+
+
+def validate_item(item: dict, where: str = "item") -> dict:
+    """Check one datalist item; ``ValueError`` naming ``where`` and the field. Returns a normalised copy."""
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected an object, got {type(item).__name__}")
+    if IMAGE not in item or not isinstance(item[IMAGE], str) or not item[IMAGE]:
+        raise ValueError(f"{where}: field 'image' is missing or not a path")
+    out = dict(item)
+    boxes = np.asarray(item.get(BOXES, []), dtype=np.float64)
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{where}: field 'boxes' must be (N, 4) xyxy, got shape {boxes.shape}")
+    labels = list(item.get(BOX_LABELS, [0] * len(boxes)))
+    if len(labels) != len(boxes):
+        raise ValueError(f"{where}: field 'box_labels' has {len(labels)} entries for {len(boxes)} boxes")
+    out[BOXES] = boxes.tolist()
+    out[BOX_LABELS] = labels
+    if "zone_scores" in item:
+        z = item["zone_scores"]
+        if len(z) != 6:
+            raise ValueError(f"{where}: field 'zone_scores' must hold 6 values (zones A-F), got {len(z)}")
+    return out
+
+
+def load_datalist(path: PathLike, section: str = "training", task: str | None = None) -> list[dict]:
+    """Items of ``section`` with absolute paths; ``task`` picks a sub-datalist (e.g. ``dicom_samples``' tasks)."""
+    path = os.fspath(path)
+    with open(path) as f:
+        data = json.load(f)
+    if task is not None:
+        if task not in data:
+            raise KeyError(f"{path}: no task '{task}' (have {sorted(k for k, v in data.items() if isinstance(v, dict))})")
+        data = data[task]
+    if section not in data:
+        raise KeyError(f"{path}: no section '{section}'")
+    base = os.path.dirname(os.path.abspath(path))
+    items = []
+    for i, item in enumerate(data[section]):
+        item = validate_item(item, f"{path}: {section}[{i}]")
+        for key in (IMAGE, "lung_mask", "gsps"):
+            if isinstance(item.get(key), str) and item[key] and not os.path.isabs(item[key]):
+                item[key] = os.path.normpath(os.path.join(base, item[key]))
+        items.append(item)
+    return items
+
+
+def save_datalist(datalist: dict, path: PathLike, relative_to: PathLike | None = None) -> None:
+    """Write ``datalist`` as JSON; image paths are made relative to the file's folder when possible."""
+    path = os.fspath(path)
+    base = os.path.dirname(os.path.abspath(relative_to or path))
+    out = {}
+    for key, value in datalist.items():
+        if key in DATALIST_SECTIONS:
+            items = []
+            for i, item in enumerate(value):
+                item = validate_item(item, f"{key}[{i}]")
+                for k in (IMAGE, "lung_mask", "gsps"):
+                    if isinstance(item.get(k), str) and os.path.isabs(item[k]):
+                        rel = os.path.relpath(item[k], base)
+                        item[k] = rel if not rel.startswith("..") else item[k]
+                items.append(item)
+            out[key] = items
+        else:
+            out[key] = value
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def _groups(items: Sequence[dict]) -> list[str]:
+    return [str(it.get(GROUP) or it[IMAGE]) for it in items]
+
+
+def split_by_group(
+    items: Sequence[dict], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
+) -> dict[str, list[dict]]:
+    """Split items into training/validation/test so that no ``group`` (patient) spans two sections."""
+    if not np.isclose(sum(fractions), 1.0) or len(fractions) != 3:
+        raise ValueError(f"fractions must be three numbers summing to 1, got {fractions}")
+    groups = sorted(set(_groups(items)))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(groups)
+    n = len(groups)
+    n_train = int(round(fractions[0] * n))
+    n_val = int(round(fractions[1] * n))
+    assign = {g: 0 for g in groups[:n_train]}
+    assign.update({g: 1 for g in groups[n_train : n_train + n_val]})
+    assign.update({g: 2 for g in groups[n_train + n_val :]})
+    out: dict[str, list[dict]] = {s: [] for s in DATALIST_SECTIONS}
+    for it, g in zip(items, _groups(items)):
+        out[DATALIST_SECTIONS[assign[g]]].append(it)
+    return out
+
+
+def kfold_by_group(items: Sequence[dict], folds: int = 5, seed: int = 0) -> list[tuple[list[dict], list[dict]]]:
+    """``folds`` (train, held-out) pairs; every group is held out exactly once, never split across the two."""
+    groups = sorted(set(_groups(items)))
+    if folds < 2 or folds > len(groups):
+        raise ValueError(f"folds must be in 2..{len(groups)} (number of groups), got {folds}")
+    rng = np.random.default_rng(seed)
+    rng.shuffle(groups)
+    fold_of = {g: i % folds for i, g in enumerate(groups)}
+    gs = _groups(items)
+    return [
+        ([it for it, g in zip(items, gs) if fold_of[g] != k], [it for it, g in zip(items, gs) if fold_of[g] == k])
+        for k in range(folds)
+    ]
+
+
+def datalist_hash(items: Iterable[dict]) -> str:
+    """A short SHA-256 of the items' image paths, labels and boxes (logged to MLflow to identify the data)."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([os.path.basename(it[IMAGE]), it.get(LABEL), it.get(BOXES)], sort_keys=True).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,146 @@
+"""Boxes stored in DICOM Grayscale Softcopy Presentation State (GSPS) objects, the way many PACS export them.
+
+Reading (pydicom): every closed POLYLINE / INTERPOLATED graphic object (first point equals last, or four or more
+corner points), and the non-standard ``RECTANGLE`` type some viewers write, becomes the bounding box of its points
+in the stored-image pixel frame. The box label is the text of a text object in the same Graphic Annotation item
+when there is exactly one, otherwise the Graphic Layer name. ``DISPLAY`` units (0..1 of the displayed area) are
+scaled to pixels with the image's Columns/Rows.
+
+Writing (highdicom ``GrayscaleSoftcopyPresentationState``): one closed 5-point POLYLINE (the standard way to draw
+a rectangle; PS3.3 C.10.5 has no RECTANGLE type) and one text object per box, in PIXEL units whose origin is the
+top-left corner of the top-left pixel, the same frame as our ``xyxy`` boxes, so no half-pixel shift is needed.
+Patient and study attributes are copied from the referenced image by highdicom, as the IOD requires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from monai.config import PathLike
+from monai.utils import optional_import
+
+pydicom, _ = optional_import("pydicom")
+hd, _ = optional_import("highdicom")
+
+__all__ = ["GSPS_SOP_CLASS_UID", "is_gsps", "gsps_referenced_sop_uids", "read_gsps_boxes", "write_box_gsps"]
+
+GSPS_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.11.1"
+_LAYER = "BOXES"
+
+
+def is_gsps(ds) -> bool:
+    return str(ds.get("SOPClassUID", "")) == GSPS_SOP_CLASS_UID
+
+
+def gsps_referenced_sop_uids(ds) -> list[str]:
+    """SOP Instance UIDs of the images a presentation state applies to (Presentation State Relationship module)."""
+    uids = []
+    for series in ds.get("ReferencedSeriesSequence", []):
+        for item in series.get("ReferencedImageSequence", []):
+            uids.append(str(item.ReferencedSOPInstanceUID))
+    return uids
+
+
+def _closed_polygon_box(points: np.ndarray, graphic_type: str) -> np.ndarray | None:
+    if graphic_type == "RECTANGLE" and len(points) >= 2:
+        pass
+    elif graphic_type in ("POLYLINE", "INTERPOLATED"):
+        closed = len(points) >= 3 and np.allclose(points[0], points[-1])
+        if not closed and len(points) < 4:
+            return None  # an open line (a measurement, an arrow) is not a region
+    else:
+        return None
+    x0, y0 = points.min(axis=0)
+    x1, y1 = points.max(axis=0)
+    return np.asarray([x0, y0, x1, y1], dtype=np.float32)
+
+
+def read_gsps_boxes(ds, image_size: dict[str, tuple[int, int]] | None = None) -> dict[str, list[tuple[np.ndarray, str]]]:
+    """Boxes per referenced image: ``{sop_instance_uid: [(xyxy, label), ...]}``.
+
+    An annotation item without its own Referenced Image Sequence applies to every image the presentation state
+    references. ``image_size`` maps SOP Instance UID to ``(rows, columns)`` and is needed only for DISPLAY units.
+    """
+    all_refs = gsps_referenced_sop_uids(ds)
+    out: dict[str, list[tuple[np.ndarray, str]]] = {uid: [] for uid in all_refs}
+    for ann in ds.get("GraphicAnnotationSequence", []):
+        refs = [str(r.ReferencedSOPInstanceUID) for r in ann.get("ReferencedImageSequence", [])] or all_refs
+        texts = [str(t.get("UnformattedTextValue", "")) for t in ann.get("TextObjectSequence", [])]
+        label = texts[0] if len(texts) == 1 else str(ann.get("GraphicLayer", ""))
+        for obj in ann.get("GraphicObjectSequence", []):
+            data = obj.get("GraphicData")
+            if data is None or len(data) < 4:
+                continue
+            points = np.asarray([float(v) for v in data], dtype=np.float64).reshape(-1, 2)
+            box = _closed_polygon_box(points, str(obj.get("GraphicType", "")).upper())
+            if box is None:
+                continue
+            for uid in refs:
+                b = box.copy()
+                if str(obj.get("GraphicAnnotationUnits", "PIXEL")).upper() == "DISPLAY":
+                    if not image_size or uid not in image_size:
+                        continue
+                    rows, cols = image_size[uid]
+                    b = b * np.asarray([cols, rows, cols, rows], dtype=np.float32)
+                out.setdefault(uid, []).append((b, label))
+    return out
+
+
+def write_box_gsps(
+    image_ds,
+    boxes: Sequence[Sequence[float]],
+    labels: Sequence[str],
+    path: PathLike | None = None,
+    series_instance_uid: str | None = None,
+    instance_number: int = 1,
+    content_label: str = "BOXES",
+):
+    """A GSPS that draws ``boxes`` (xyxy, stored-image pixels) with their ``labels`` on ``image_ds``.
+
+    Returns the ``highdicom`` dataset, also saved to ``path`` when given. The window of the image (if any) is
+    carried over as the softcopy VOI LUT so a viewer shows the image as the annotator saw it.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(labels) != len(boxes):
+        raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+    layer = hd.pr.GraphicLayer(layer_name=_LAYER, order=1, description="region annotations")
+    annotations = []
+    for (x0, y0, x1, y1), label in zip(boxes, labels):
+        corners = np.asarray([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+        graphic = hd.pr.GraphicObject(graphic_type="POLYLINE", graphic_data=corners, units="PIXEL")
+        text = hd.pr.TextObject(
+            text_value=str(label), units="PIXEL", anchor_point=(float(x0), float(y0)), anchor_point_visible=False
+        )
+        annotations.append(
+            hd.pr.GraphicAnnotation(
+                referenced_images=[image_ds], graphic_layer=layer, graphic_objects=[graphic], text_objects=[text]
+            )
+        )
+    voi = None
+    if "WindowCenter" in image_ds and "WindowWidth" in image_ds:
+        wc, ww = image_ds.WindowCenter, image_ds.WindowWidth
+        wc = float(wc[0]) if isinstance(wc, (list, tuple)) or type(wc).__name__ == "MultiValue" else float(wc)
+        ww = float(ww[0]) if isinstance(ww, (list, tuple)) or type(ww).__name__ == "MultiValue" else float(ww)
+        voi = [hd.pr.SoftcopyVOILUTTransformation(window_center=wc, window_width=ww)]
+    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[image_ds],
+        series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=900,
+        sop_instance_uid=hd.UID(),
+        instance_number=instance_number,
+        manufacturer="cutremain_monai",
+        manufacturer_model_name="cutremain_monai",
+        software_versions="0.1.0",
+        device_serial_number="0",
+        content_label=content_label,
+        content_description="Region annotations (boxes)",
+        graphic_annotations=annotations,
+        graphic_layers=[layer],
+        voi_lut_transformations=voi,
+    )
+    if "Laterality" not in gsps:
+        gsps.Laterality = None  # General Series type 2C: present and empty when the image has no R/L laterality
+    if path is not None:
+        gsps.save_as(str(path), enforce_file_format=True)
+    return gsps
