@@ -300,7 +300,14 @@ def generate_samples(out_dir: str, seed: int = 0, counts: dict | None = None, gs
             if ph.boxes and gsps:
                 gname = f"{task}/{task}_{i:03d}_gsps.dcm"
                 ref = pydicom.dcmread(os.path.join(out_dir, name), stop_before_pixels=True)
-                write_box_gsps(ref, item["boxes"], item["box_labels"], os.path.join(out_dir, gname))
+                write_box_gsps(
+                    ref,
+                    item["boxes"],
+                    item["box_labels"],
+                    os.path.join(out_dir, gname),
+                    series_instance_uid=make_uid("gsps-series", uid_seed),
+                    sop_instance_uid=make_uid("gsps", uid_seed),
+                )
                 item["gsps"] = gname
             if ph.lung_mask is not None:
                 mname = f"{task}/{task}_{i:03d}_lungs.png"

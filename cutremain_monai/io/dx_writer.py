@@ -34,8 +34,14 @@ _SYNTAXES = {
 
 
 def make_uid(*parts) -> str:
-    """A deterministic UID from ``parts`` (pydicom's 2.25-style derivation from entropy sources)."""
-    return pydicom.uid.generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A deterministic ``2.25.<128-bit int>`` UID (PS3.5 B.2) from a SHA-256 of ``parts``.
+
+    (pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources and is random.)
+    """
+    import hashlib
+
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()[:16]
+    return "2.25." + str(int.from_bytes(digest, "big"))
 
 
 def write_dx(
@@ -155,7 +161,11 @@ def write_dx(
     ds.AcquisitionContextSequence = Seq([])
     ds.PixelData = np.ascontiguousarray(pixels.astype("<u2")).tobytes()
     if compression != "explicit":
-        ds.compress(_SYNTAXES[compression], encoding_plugin="pyjpegls" if compression == "jpegls" else "")
+        ds.compress(
+            _SYNTAXES[compression],
+            encoding_plugin="pyjpegls" if compression == "jpegls" else "",
+            generate_instance_uid=False,  # keep the deterministic UID (pydicom 3 makes a new one by default)
+        )
     ds.save_as(str(path), enforce_file_format=True)
     return ds
 

@@ -95,15 +95,22 @@ def write_box_gsps(
     series_instance_uid: str | None = None,
     instance_number: int = 1,
     content_label: str = "BOXES",
+    sop_instance_uid: str | None = None,
 ):
     """A GSPS that draws ``boxes`` (xyxy, stored-image pixels) with their ``labels`` on ``image_ds``.
 
     Returns the ``highdicom`` dataset, also saved to ``path`` when given. The window of the image (if any) is
     carried over as the softcopy VOI LUT so a viewer shows the image as the annotator saw it.
     """
+    from cutremain_monai.io.boxes import validate_boxes
+
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(labels) != len(boxes):
         raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+    # GSPS graphic data must lie inside the image: clip (or drop) with a warning naming the image
+    kept, idx, _ = validate_boxes(boxes, (int(image_ds.Rows), int(image_ds.Columns)), np.arange(len(boxes)),
+                                  source=str(image_ds.get("SOPInstanceUID", "image")))
+    boxes, labels = kept.astype(np.float64), [labels[int(i)] for i in idx]
     layer = hd.pr.GraphicLayer(layer_name=_LAYER, order=1, description="region annotations")
     annotations = []
     for (x0, y0, x1, y1), label in zip(boxes, labels):
@@ -127,7 +134,7 @@ def write_box_gsps(
         referenced_images=[image_ds],
         series_instance_uid=series_instance_uid or hd.UID(),
         series_number=900,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=sop_instance_uid or hd.UID(),
         instance_number=instance_number,
         manufacturer="cutremain_monai",
         manufacturer_model_name="cutremain_monai",

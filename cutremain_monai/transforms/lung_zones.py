@@ -4,7 +4,8 @@ Seed paper (COVID severity ViT): the two lungs are separated by connected compon
 5/12 and 2/3 of the way from its highest to its lowest mask row. The zone map is 0 outside the lungs and 1..6 in
 the Brixia order: A/B/C = upper/middle/lower of the IMAGE-LEFT lung, D/E/F of the IMAGE-RIGHT lung.
 When the two lungs touch (one component), the mask is split at the column with the fewest lung pixels in the
-middle third of the mask's width (the midline gap). MONAI has no such transform; scikit-image labels components.
+middle third of the mask's width (the midline gap), provided that column holds less than half the median column
+height; otherwise the mask is taken to hold one lung, which is an error (or a flag). MONAI has no such transform; scikit-image labels components.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def _two_lungs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if hi <= lo:
             raise LungZoneError("lung mask holds a single lung")
         counts = big[:, lo : hi + 1].sum(axis=0)
+        column_heights = big[:, c0 : c1 + 1].sum(axis=0)
+        if counts.min() >= 0.5 * np.median(column_heights[column_heights > 0]):
+            raise LungZoneError("lung mask holds a single lung (no midline gap to split at)")
         split = lo + int(np.argmin(counts))
         a, b = big.copy(), big.copy()
         a[:, split:] = False

@@ -1,0 +1,145 @@
+import csv
+import json
+import os
+
+import numpy as np
+import pydicom
+import pytest
+
+from cutremain_monai.cli import main as cli_main
+from cutremain_monai.io.datalist import load_datalist
+from cutremain_monai.io.dx_writer import write_dx
+from cutremain_monai.io.gsps import write_box_gsps
+
+
+def _bad_files(root, rng, good_template):
+    """100 damaged or odd files, each with the reason the ingest must give. Returns {path: reason fragment}."""
+    bad = {}
+    data = open(good_template, "rb").read()
+    ds0 = pydicom.dcmread(good_template)
+    for i in range(20):
+        p = os.path.join(root, "broken", f"trunc_{i}.dcm")
+        open(p, "wb").write(data[: len(data) - 10 - 15 * i])  # cut inside the 384 bytes of pixel data
+        bad[p] = "truncated"
+    for i in range(20):
+        ds = pydicom.dcmread(good_template)
+        del ds.PixelData
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        p = os.path.join(root, "broken", f"nopix_{i}.dcm")
+        ds.save_as(p)
+        bad[p] = "no PixelData"
+    for i in range(15):
+        ds = pydicom.dcmread(good_template)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+        ds.PixelData = pydicom.encaps.encapsulate([ds.PixelData])
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        p = os.path.join(root, "odd", f"mpeg_{i}")  # no suffix, as PACS exports often are
+        ds.save_as(p)
+        bad[p] = "has no available decoder"
+    for i in range(15):
+        ds = pydicom.dcmread(good_template)
+        ds.PhotometricInterpretation = "RGB"
+        ds.SamplesPerPixel = 3
+        ds.PlanarConfiguration = 0
+        ds.PixelData = bytes(ds.Rows * ds.Columns * 3)
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        p = os.path.join(root, "odd", f"rgb_{i}.dcm")
+        ds.save_as(p)
+        bad[p] = "unsupported photometric interpretation 'RGB'"
+    for i in range(10):
+        ds = pydicom.dcmread(good_template)
+        ds.NumberOfFrames = 2
+        ds.PixelData = ds0.PixelData * 2
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        p = os.path.join(root, "odd", f"multi_{i}.dcm")
+        ds.save_as(p)
+        bad[p] = "multi-frame"
+    for i in range(20):
+        p = os.path.join(root, "misc", f"readme_{i}.txt" if i % 2 else f"DICOMDIR_{i}")
+        open(p, "wb").write(rng.bytes(200))
+        bad[p] = "not a DICOM file"
+    return bad
+
+
+@pytest.mark.slow
+def test_batch_of_1000_with_100_bad(tmp_path):
+    root = tmp_path / "export"
+    for sub in ("a/b/c", "d", "broken", "odd", "misc"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(900):
+        sub = ("a/b/c", "d")[i % 2]
+        p = str(root / sub / f"IM{i:05d}")  # any names
+        px = rng.integers(0, 4096, (16, 12), dtype=np.uint16)
+        write_dx(p, px, uid_seed=f"ingest-{i}", photometric=("MONOCHROME1", "MONOCHROME2")[i % 2])
+        good.append(p)
+    bad = _bad_files(str(root), rng, good[0])
+    assert len(good) + len(bad) == 1000
+    # boxes for 30 images, 10 of them reaching outside the 12x16 image
+    box_csv = tmp_path / "boxes.csv"
+    with open(box_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "x0", "y0", "x1", "y1", "box_label"])
+        for i in range(30):
+            rel = os.path.relpath(good[i], tmp_path)
+            w.writerow([rel, 1, 2, 3, 20 if i < 10 else 8, 9, "fracture"])
+    out = tmp_path / "datalist.json"
+    rc = cli_main(["ingest", str(root), "--boxes", str(box_csv), "-o", str(out), "--no-progress"])
+    assert rc == 0
+    items = load_datalist(str(out))
+    assert sorted(it["image"] for it in items) == sorted(os.path.abspath(p) for p in good)
+    by_path = {it["image"]: it for it in items}
+    assert by_path[os.path.abspath(good[0])]["boxes"] == [[2, 3, 12, 9]]  # clipped to the 12 px width
+    assert by_path[os.path.abspath(good[15])]["boxes"] == [[2, 3, 8, 9]]
+    assert by_path[os.path.abspath(good[15])]["label"] == 1 and by_path[os.path.abspath(good[100])]["label"] == 0
+    with open(tmp_path / "datalist_quarantine.csv") as f:
+        rows = list(csv.DictReader(f))
+    quarantined = {r["file"]: r["reason"] for r in rows if r["status"] == "quarantined"}
+    assert set(quarantined) == set(bad)
+    for p, fragment in bad.items():
+        assert fragment in quarantined[p], (p, quarantined[p])
+    warned = {r["file"] for r in rows if r["status"] == "box warning"}
+    assert warned == {os.path.abspath(p) for p in good[:10]}
+    text = json.dumps(json.load(open(out)))
+    assert "SYN" not in text and "PatientID" not in text
+
+
+def test_gsps_pairing_and_split(tmp_path):
+    root = tmp_path / "pacs"
+    root.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        p = str(root / f"img{i}.dcm")
+        write_dx(p, rng.integers(0, 4096, (40, 30), dtype=np.uint16), uid_seed=f"g{i}", patient_id=f"PAT{i // 2}",
+                 patient_name="SYNTHETIC^PHANTOM")
+        if i % 2 == 0:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            pr = write_box_gsps(ds, [[3, 4, 10, 12], [25, 30, 30, 40]], ["nodule", "mass"])
+            # a vendor that draws past the image edge: the second box reaches to (35, 45) on a 30x40 image
+            pr.GraphicAnnotationSequence[1].GraphicObjectSequence[0].GraphicData = [25, 30, 35, 30, 35, 45, 25, 45, 25, 30]
+            pr.save_as(str(root / f"pr{i}.dcm"), enforce_file_format=True)
+    orphan = pydicom.dcmread(str(root / "pr0.dcm"))
+    orphan.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.4"
+    orphan.SOPInstanceUID = pydicom.uid.generate_uid()
+    orphan.save_as(str(root / "orphan_pr.dcm"))
+    out = tmp_path / "dl.json"
+    cli_main(["ingest", str(root), "--gsps", "-o", str(out), "--split", "0.5,0.25,0.25", "--no-progress"])
+    data = json.load(open(out))
+    items = [it for s in ("training", "validation", "test") for it in data[s]]
+    assert len(items) == 6
+    with_boxes = [it for it in items if it["boxes"]]
+    assert len(with_boxes) == 3 and all(it["label"] == 1 for it in with_boxes)
+    for it in with_boxes:  # the second box is clipped to the 30x40 image
+        assert it["boxes"] == [[3, 4, 10, 12], [25, 30, 30, 40]] and it["box_labels"] == ["nodule", "mass"]
+    for section in ("training", "validation", "test"):  # patients never span two sections
+        groups = {it["group"] for it in data[section]}
+        others = {it["group"] for s in ("training", "validation", "test") if s != section for it in data[s]}
+        assert not groups & others
+    assert "PAT" not in json.dumps(data)
+    rows = list(csv.DictReader(open(tmp_path / "dl_quarantine.csv")))
+    assert [r["reason"] for r in rows if r["file"].endswith("orphan_pr.dcm")] == [
+        "presentation state references no usable image in the batch"
+    ]
