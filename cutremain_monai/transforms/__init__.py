@@ -1,0 +1,42 @@
+"""Box-supervised MONAI transforms: array transforms and their dictionary wrappers (``...d``)."""
+
+from cutremain_monai.transforms.boxes import (
+    BoxesToMask,
+    BoxesToMaskd,
+    BoxesToMaskD,
+    BoxesToMaskDict,
+    SwapBoxAxesd,
+    SwapBoxAxesD,
+    SwapBoxAxesDict,
+    aspect_ratio_boxes,
+    boxes_to_mask,
+)
+from cutremain_monai.transforms.cut_remain import CutRemain, CutRemaind, CutRemainD, CutRemainDict, gamma_selected
+from cutremain_monai.transforms.hide_and_seek import HideAndSeek, HideAndSeekd, HideAndSeekD, HideAndSeekDict, dataset_mean
+from cutremain_monai.transforms.lung_zones import LungZones, LungZonesd, LungZonesD, LungZonesDict, split_lung_zones
+from cutremain_monai.transforms.split_halves import SplitHalves, SplitHalvesd, SplitHalvesD, SplitHalvesDict
+from cutremain_monai.transforms.sup_mix import (
+    SupCutmix,
+    SupCutmixd,
+    SupCutmixD,
+    SupCutmixDict,
+    SupCutout,
+    SupCutoutd,
+    SupCutoutD,
+    SupCutoutDict,
+    SupMixup,
+    SupMixupd,
+    SupMixupD,
+    SupMixupDict,
+)
+
+__all__ = [
+    "BoxesToMask", "BoxesToMaskd", "BoxesToMaskD", "BoxesToMaskDict", "SwapBoxAxesd", "SwapBoxAxesD",
+    "SwapBoxAxesDict", "aspect_ratio_boxes", "boxes_to_mask",
+    "CutRemain", "CutRemaind", "CutRemainD", "CutRemainDict", "gamma_selected",
+    "HideAndSeek", "HideAndSeekd", "HideAndSeekD", "HideAndSeekDict", "dataset_mean",
+    "LungZones", "LungZonesd", "LungZonesD", "LungZonesDict", "split_lung_zones",
+    "SplitHalves", "SplitHalvesd", "SplitHalvesD", "SplitHalvesDict",
+    "SupCutmix", "SupCutmixd", "SupCutmixD", "SupCutmixDict", "SupCutout", "SupCutoutd", "SupCutoutD",
+    "SupCutoutDict", "SupMixup", "SupMixupd", "SupMixupD", "SupMixupDict",
+]
