@@ -20,10 +20,11 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, Transform
 
 from cutremain_monai.constants import BOXES, IMAGE
-from cutremain_monai.transforms.boxes import ASPECT_FACTORS, aspect_ratio_boxes, box_pixel_extent, check_boxes, clip_boxes
+from cutremain_monai.transforms.boxes import ASPECT_FACTORS, box_pixel_extent, check_boxes, clip_boxes
 
 __all__ = [
     "CutRemain",
@@ -36,6 +37,7 @@ __all__ = [
 
 
 def _check_image(img, key: Hashable = IMAGE):
+    """``ValueError`` naming ``key`` unless ``img`` is a numeric channel-first ``(C, H, W)`` array."""
     if not isinstance(img, (torch.Tensor, np.ndarray)) or img.ndim != 3:
         shape = tuple(getattr(img, "shape", ()))
         raise ValueError(f"'{key}' must be a channel-first (C, H, W) array, got shape {shape}")
@@ -44,17 +46,38 @@ def _check_image(img, key: Hashable = IMAGE):
         raise ValueError(f"'{key}' must be numeric, got dtype {img.dtype}")
 
 
-def remain(img, boxes: np.ndarray, fill: float = 0.0):
-    """``img`` with everything outside the union of ``boxes`` set to ``fill``: one fill, one paste per box."""
-    h, w = img.shape[-2:]
-    if isinstance(img, torch.Tensor):
-        out = torch.full_like(img, fill)
-    else:
-        out = np.full_like(img, fill)
+def _plain(img):
+    """The plain tensor under a MetaTensor: MONAI's ``__torch_function__`` costs more than the maths here."""
+    return img.as_tensor() if isinstance(img, MetaTensor) else img
+
+
+def _like(out, template):
+    """``out`` as a MetaTensor with a copy of ``template``'s metadata (when the template is one)."""
+    if not isinstance(template, MetaTensor):
+        return out
+    out = out.as_subclass(MetaTensor)
+    out.meta = dict(template.meta)
+    out.applied_operations = list(template.applied_operations)
+    return out
+
+
+def remain(img, boxes, fill: float = 0.0, src=None):
+    """``img`` with everything outside the union of ``boxes`` set to ``fill``: one fill, one paste per box.
+
+    ``src`` may give the plain tensor of a MetaTensor ``img`` already unwrapped by the caller.
+    """
+    src = _plain(img) if src is None else src
+    h, w = src.shape[-2:]
+    out = torch.full_like(src, fill) if isinstance(src, torch.Tensor) else np.full_like(src, fill)
     for box in boxes:
         r0, r1, c0, c1 = box_pixel_extent(box, h, w)
-        out[..., r0:r1, c0:c1] = img[..., r0:r1, c0:c1]
-    return out
+        out[..., r0:r1, c0:c1] = src[..., r0:r1, c0:c1]
+    return _like(out, img)
+
+
+def _inside(boxes: list, h: int, w: int) -> bool:
+    """True when every box has area and lies inside the image (then no clipping or warning is needed)."""
+    return all(0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h for x0, y0, x1, y1 in boxes)
 
 
 class CutRemain(Randomizable, Transform):
@@ -74,28 +97,41 @@ class CutRemain(Randomizable, Transform):
             raise ValueError(f"num_copies must be in 1..{n} (or None for all), got {num_copies}")
         self.num_copies = num_copies
         self.fill_value = fill_value
-        self._variants: np.ndarray = np.arange(n)
+        self._variants: list[int] = list(range(n))
 
     def randomize(self, data=None) -> None:
         n = len(self.factors) ** 2
         if self.num_copies is None:
-            self._variants = np.arange(n)
+            self._variants = list(range(n))
         else:
-            self._variants = np.sort(self.R.choice(n, size=self.num_copies, replace=False))
+            self._variants = [int(self.R.randint(n))] if self.num_copies == 1 else sorted(self.R.permutation(n)[: self.num_copies].tolist())
 
-    def variant_boxes(self, boxes: np.ndarray, image_size) -> list[np.ndarray]:
-        """For each selected variant, the boxes (one per annotation) whose union is kept."""
-        per_box = [aspect_ratio_boxes(b, self.factors, image_size) for b in boxes]  # each (n_variants, 4)
-        return [np.stack([pb[v] for pb in per_box]) for v in self._variants]
+    def variant_boxes(self, boxes, image_size) -> list[list[tuple[float, float, float, float]]]:
+        """For each selected variant, the boxes (one per annotation) whose union is kept.
+
+        Same boxes as :func:`aspect_ratio_boxes` (variant ``v`` = factors ``(v // n, v % n)``), computed only for
+        the selected variants, in plain Python (a few boxes: faster than numpy).
+        """
+        h, w = float(image_size[0]), float(image_size[1])
+        n = len(self.factors)
+        out = []
+        for v in self._variants:
+            fw, fh = self.factors[int(v) // n], self.factors[int(v) % n]
+            group = []
+            for x0, y0, x1, y1 in boxes:
+                cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, fw * (x1 - x0) / 2, fh * (y1 - y0) / 2
+                group.append((min(max(cx - hw, 0.0), w), min(max(cy - hh, 0.0), h), min(max(cx + hw, 0.0), w), min(max(cy + hh, 0.0), h)))
+            out.append(group)
+        return out
 
     def __call__(self, img, boxes, randomize: bool = True) -> list:
-        _check_image(img)
-        boxes = check_boxes(boxes)
+        _check_image(_plain(img))
+        boxes = check_boxes(boxes).tolist()
         if randomize:
             self.randomize()
         if len(boxes) == 0:
             return []
-        size = tuple(img.shape[-2:])
+        size = tuple(_plain(img).shape[-2:])
         return [remain(img, vb, self.fill_value) for vb in self.variant_boxes(boxes, size)]
 
 
@@ -183,21 +219,25 @@ class CutRemaind(Randomizable, MapTransform):
         if not keys:
             return [d]
         first = keys[0]
-        _check_image(d[first], first)
-        h, w = d[first].shape[-2:]
-        boxes = check_boxes(d[self.box_key], self.box_key)
-        if len(boxes):
-            boxes = clip_boxes(boxes, h, w, source=sample_id_or_key(d, first, self.id_key))
-        if len(boxes) == 0 or (self.gamma < 1.0 and not gamma_selected(sample_id(d, first, self.id_key), self.gamma, self.seed)):
+        plain = _plain(d[first])
+        _check_image(plain, first)
+        h, w = plain.shape[-2:]
+        boxes = check_boxes(d[self.box_key], self.box_key).tolist()
+        if boxes and not _inside(boxes, h, w):
+            boxes = clip_boxes(np.asarray(boxes), h, w, source=sample_id_or_key(d, first, self.id_key)).tolist()
+        if not boxes or (self.gamma < 1.0 and not gamma_selected(sample_id(d, first, self.id_key), self.gamma, self.seed)):
             return [d]
         self.randomize()
-        copies: list[dict] = [dict(d) for _ in self.cutter._variants]
+        variants = self.cutter.variant_boxes(boxes, (h, w))
+        copies: list[dict] = [dict(d) for _ in variants]
         for key in keys:
-            _check_image(d[key], key)
-            if tuple(d[key].shape[-2:]) != (h, w):
-                raise ValueError(f"'{key}' has spatial shape {tuple(d[key].shape[-2:])}, expected {(h, w)} like '{first}'")
-            for c, img in zip(copies, self.cutter(d[key], boxes, randomize=False)):
-                c[key] = img
+            if key != first:
+                plain = _plain(d[key])
+                _check_image(plain, key)
+                if tuple(plain.shape[-2:]) != (h, w):
+                    raise ValueError(f"'{key}' has spatial shape {tuple(plain.shape[-2:])}, expected {(h, w)} like '{first}'")
+            for c, vb in zip(copies, variants):
+                c[key] = remain(d[key], vb, self.cutter.fill_value, src=plain)
         if self.flag_key:
             for c in copies:
                 c[self.flag_key] = 1

@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+
+from cutremain_monai.transforms import SupCutmixd, SupCutoutd, SupMixupd
+from cutremain_monai.transforms.boxes import boxes_to_mask
+
+
+def batch(labels, b=4, h=12, w=10):
+    images = torch.stack([torch.full((1, h, w), float(i + 1)) for i in range(b)])
+    images = images + torch.linspace(0, 0.5, h * w).reshape(1, 1, h, w)
+    masks = torch.zeros(b, 1, h, w)
+    masks[0, 0, 2:6, 1:5] = 1  # 16 px
+    masks[1, 0, 0:12, 0:5] = 1  # 60 px
+    masks[2, 0, 5:8, 5:10] = 1  # 15 px; sample 3 has no box
+    return {"image": images, "label": torch.as_tensor(labels), "box_mask": masks}
+
+
+LABELS = {
+    "binary": [1.0, 0.0, 1.0, 0.0],
+    "multiclass": [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0]],
+    "multilabel": [[1.0, 0, 1.0, 0], [0, 1.0, 1.0, 0], [0, 0, 0, 1.0], [1.0, 1.0, 0, 0]],
+}
+
+
+@pytest.mark.parametrize("kind", list(LABELS))
+def test_cutmix_paper_rule(kind):
+    d = batch(LABELS[kind])
+    t = SupCutmixd().set_random_state(0)
+    out = t(dict(d))
+    tgt, prt = t.mixer._targets, t.mixer._partners
+    assert sorted(tgt.tolist()) == [0, 1, 2]  # sample 3 (no box) is neither mixed nor a partner
+    assert 3 not in prt.tolist()
+    for a, b in zip(tgt.tolist(), prt.tolist()):
+        m = d["box_mask"][a] > 0
+        expected = torch.where(m, d["image"][a], d["image"][b])
+        assert torch.equal(out["image"][a], expected)
+    assert torch.equal(out["image"][3], d["image"][3])
+    assert torch.equal(out["label"], d["label"])  # y~ = y_A
+
+
+@pytest.mark.parametrize("kind", list(LABELS))
+def test_cutmix_area_rule(kind):
+    d = batch(LABELS[kind])
+    t = SupCutmixd(label_rule="area").set_random_state(1)
+    out = t(dict(d))
+    areas = {0: 16 / 120, 1: 60 / 120, 2: 15 / 120}
+    y = d["label"].float()
+    for a, b in zip(t.mixer._targets.tolist(), t.mixer._partners.tolist()):
+        lam = areas[a]
+        torch.testing.assert_close(out["label"][a], lam * y[a] + (1 - lam) * y[b])
+    torch.testing.assert_close(out["label"][3], y[3])
+
+
+@pytest.mark.parametrize("kind", list(LABELS))
+def test_mixup_rule(kind):
+    d = batch(LABELS[kind])
+    t = SupMixupd(alpha=0.4).set_random_state(2)
+    out = t(dict(d))
+    lam = t.mixer._lam
+    assert 0 < lam < 1
+    m = d["box_mask"] > 0
+    y = d["label"].float()
+    for a, b in zip(t.mixer._targets.tolist(), t.mixer._partners.tolist()):
+        expected = lam * d["image"][a] * m[a] + (1 - lam) * d["image"][b] * m[b]
+        torch.testing.assert_close(out["image"][a], expected)
+        torch.testing.assert_close(out["label"][a], lam * y[a] + (1 - lam) * y[b])
+    t.set_random_state(2)
+    again = t(dict(d))
+    assert torch.equal(again["image"], out["image"])  # seeded replay
+    draws = []
+    for _ in range(200):
+        t(dict(d))
+        draws.append(t.mixer._lam)
+    assert abs(np.mean(draws) - 0.5) < 0.06  # Beta(a, a) is symmetric about 0.5
+
+
+def test_no_box_full_and_errors():
+    d = batch(LABELS["binary"])
+    t = SupCutmixd(no_box="full").set_random_state(0)
+    t(dict(d))
+    assert sorted(t.mixer._targets.tolist()) == [0, 1, 2, 3]
+    with pytest.raises(KeyError, match="missing key 'box_mask'"):
+        SupCutmixd()({"image": d["image"], "label": d["label"]})
+    with pytest.raises(ValueError, match=r"'box_mask' must have shape \(4, 1, 12, 10\), got \(4, 12, 10\)"):
+        SupMixupd()({"image": d["image"], "label": d["label"], "box_mask": d["box_mask"][:, 0]})
+    with pytest.raises(ValueError, match="'label' must be a tensor with batch size 4"):
+        SupMixupd()({"image": d["image"], "label": torch.zeros(3), "box_mask": d["box_mask"]})
+
+
+def test_sup_cutout_never_touches_box():
+    img = torch.rand(1, 50, 60) + 1
+    boxes = np.asarray([[10, 10, 30, 25]], np.float32)
+    inside = torch.from_numpy(boxes_to_mask(boxes, (50, 60)))[None]
+    t = SupCutoutd(size=(0.3, 0.6)).set_random_state(0)
+    changed_any = False
+    for _ in range(50):
+        out = t({"image": img, "boxes": boxes})["image"]
+        assert torch.equal(out[inside], img[inside])
+        changed = out != img
+        changed_any |= bool(changed.any())
+        assert (out[changed] == 0).all()
+    assert changed_any
+    t.set_random_state(5)
+    a = t({"image": img, "boxes": boxes})["image"]
+    t.set_random_state(5)
+    assert torch.equal(a, t({"image": img, "boxes": boxes})["image"])
+
+
+def test_sup_cutout_centre_outside_box():
+    t = SupCutoutd(size=(0.1, 0.1)).set_random_state(1)
+    boxes = np.asarray([[0, 0, 90, 100]], np.float32)  # box covers 90% of the width
+    for _ in range(30):
+        t({"image": torch.ones(1, 100, 100), "boxes": boxes})
+        r0, r1, c0, c1 = t.cutout._rect
+        assert (c0 + c1) / 2 >= 85  # centre drawn in the 10 free columns
