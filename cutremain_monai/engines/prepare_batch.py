@@ -1,0 +1,49 @@
+"""``prepare_batch`` for MONAI's ``SupervisedTrainer``/``SupervisedEvaluator`` that runs a batch-level augmentation.
+
+MONAI's default ``prepare_batch`` moves ``image`` and ``label`` to the device; batch-level mixes (``SupMixupd``,
+``SupCutmixd``) must run after collation and before that move, on the whole batch dict (they read ``box_mask``),
+which is what this adds. Labels are cast to float and given a trailing class axis when ``label_shape`` asks for it
+(BCE on binary targets wants ``(B, 1)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.engines.utils import PrepareBatch
+
+from cutremain_monai.constants import IMAGE, LABEL
+
+__all__ = ["BoxBatchPrepare"]
+
+
+class BoxBatchPrepare(PrepareBatch):
+    """Args:
+        batch_transform: a callable on the collated batch dict (e.g. ``SupCutmixd``), or None.
+        label_mode: ``"binary"`` -> float ``(B, 1)``; ``"multilabel"`` -> float ``(B, K)``; ``"multiclass"`` -> long
+            ``(B,)`` class indices (one-hot/mixed float targets pass through as float ``(B, K)``).
+    """
+
+    def __init__(self, batch_transform=None, label_mode: str = "binary", image_key: str = IMAGE, label_key: str = LABEL):
+        if label_mode not in ("binary", "multilabel", "multiclass"):
+            raise ValueError(f"label_mode must be binary, multilabel or multiclass, got {label_mode!r}")
+        self.batch_transform = batch_transform
+        self.label_mode = label_mode
+        self.image_key = image_key
+        self.label_key = label_key
+
+    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs: Any):
+        if self.batch_transform is not None and self.label_key in batchdata:
+            batchdata = self.batch_transform(batchdata)
+        image = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
+        if self.label_key not in batchdata:
+            return image, None
+        label = torch.as_tensor(batchdata[self.label_key])
+        if self.label_mode == "binary":
+            label = label.float().reshape(-1, 1)
+        elif self.label_mode == "multilabel":
+            label = label.float().reshape(label.shape[0], -1)
+        elif not label.is_floating_point():
+            label = label.long().reshape(-1)
+        return image, label.to(device=device, non_blocking=non_blocking, **kwargs)

@@ -1,0 +1,125 @@
+"""Evaluator handler: AUC-ROC, F1 and accuracy over the whole (distributed) evaluation set, the F1 threshold
+protocol, and the ROC curve as a PNG.
+
+MONAI's ``ROCAUC`` handler gives the AUC; this adds F1 and accuracy at a threshold chosen on validation (saved as
+``threshold.json`` whenever validation AUC improves, the same epoch the best checkpoint is kept) and applied
+unchanged on the test set (``threshold_file``), with the predictions gathered across DDP ranks. Rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from cutremain_monai.metrics.classification import binary_metrics, roc_points
+
+__all__ = ["ClassificationReport"]
+
+logger = logging.getLogger(__name__)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return t
+    from monai.utils import evenly_divisible_all_gather
+
+    return evenly_divisible_all_gather(t, concat=True)
+
+
+class ClassificationReport:
+    """Args:
+        output_dir: where ``{prefix}_metrics.json``, ``{prefix}_roc.png`` and ``threshold.json`` go.
+        prefix: metric name prefix (``val`` / ``test``).
+        threshold: a fixed threshold; ``threshold_file``: read it from there; neither: choose it on this data.
+        pred_key / label_key: keys in the (decollated) engine output; predictions are probabilities.
+    """
+
+    def __init__(self, output_dir: str, prefix: str = "val", threshold: float | None = None, threshold_file: str | None = None,
+                 pred_key: str = "pred", label_key: str = "label", save_roc: bool = True):
+        self.output_dir = output_dir
+        self.prefix = prefix
+        self.threshold = threshold
+        self.threshold_file = threshold_file
+        self.pred_key, self.label_key = pred_key, label_key
+        self.save_roc = save_roc
+        self.best_auc = -np.inf
+        self._preds: list = []
+        self._labels: list = []
+
+    def attach(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self._reset, Events.EPOCH_STARTED):
+            engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        if not engine.has_event_handler(self._collect, Events.ITERATION_COMPLETED):
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _reset(self, engine: Engine) -> None:
+        self._preds, self._labels = [], []
+
+    def _collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        items = out if isinstance(out, list) else [out]
+        for o in items:
+            self._preds.append(torch.as_tensor(o[self.pred_key]).detach().float().reshape(-1, 1).cpu())
+            self._labels.append(torch.as_tensor(o[self.label_key]).detach().float().reshape(-1, 1).cpu())
+
+    def _fixed_threshold(self) -> float | None:
+        if self.threshold is not None:
+            return float(self.threshold)
+        if self.threshold_file:
+            if not os.path.exists(self.threshold_file):
+                raise FileNotFoundError(f"threshold file {self.threshold_file} not found: train (with validation) first")
+            with open(self.threshold_file) as f:
+                return float(json.load(f)["threshold"])
+        return None
+
+    def __call__(self, engine: Engine) -> None:
+        preds = _gather(torch.cat(self._preds)) if self._preds else torch.zeros(0, 1)
+        labels = _gather(torch.cat(self._labels)) if self._labels else torch.zeros(0, 1)
+        y, p = labels.numpy().reshape(-1), preds.numpy().reshape(-1)
+        if len(y) == 0:
+            return
+        m = binary_metrics(y, p, self._fixed_threshold())
+        for k in ("auc", "f1", "accuracy", "threshold"):
+            engine.state.metrics[f"{self.prefix}_{k}"] = m[k]
+        if _rank() != 0:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(os.path.join(self.output_dir, f"{self.prefix}_metrics.json"), "w") as f:
+            json.dump(m, f, indent=1)
+        improved = np.isfinite(m["auc"]) and m["auc"] > self.best_auc
+        if improved:
+            self.best_auc = m["auc"]
+            if self.threshold is None and self.threshold_file is None:
+                with open(os.path.join(self.output_dir, "threshold.json"), "w") as f:
+                    json.dump({"threshold": m["threshold"], "chosen_on": self.prefix, "epoch": getattr(engine.state, "epoch", None), "auc": m["auc"]}, f)
+            if self.save_roc and np.isfinite(m["auc"]):
+                self._plot(y, p, m)
+
+    def _plot(self, y, p, m) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fpr, tpr = roc_points(y, p)
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+        ax.plot(fpr, tpr, label=f"AUC {m['auc']:.3f}")
+        ax.plot([0, 1], [0, 1], "--", color="grey")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(f"ROC ({self.prefix}, n={m['n']})")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.output_dir, f"{self.prefix}_roc.png"))
+        plt.close(fig)

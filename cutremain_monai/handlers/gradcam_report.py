@@ -1,0 +1,73 @@
+"""Trainer handler: at the end of training, Grad-CAM on validation samples that have boxes: overlay PNGs with the
+ground-truth boxes drawn, and the mean share of CAM energy inside the boxes (``cam_energy_in_box``), written to
+``cam_report.json`` and ``engine.state.metrics``. Rank 0 only. The best checkpoint is used when given."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from cutremain_monai.localization.cam import energy_in_box, grad_cam, save_overlay
+
+__all__ = ["GradCAMReport"]
+
+
+class GradCAMReport:
+    def __init__(self, network: torch.nn.Module, dataset, output_dir: str, checkpoint: str | None = None,
+                 target_layer: str = "layer4", max_images: int = 16, device=None, enabled: bool = True):
+        self.network = network
+        self.dataset = dataset
+        self.output_dir = output_dir
+        self.checkpoint = checkpoint
+        self.target_layer = target_layer
+        self.max_images = max_images
+        self.device = device
+        self.enabled = enabled
+        self.result: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled and not engine.has_event_handler(self, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def run(self) -> dict:
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        model = copy.deepcopy(net).eval()
+        if self.checkpoint and os.path.exists(self.checkpoint):
+            model.load_state_dict(torch.load(self.checkpoint, map_location="cpu", weights_only=True))
+        device = self.device or next(model.parameters()).device
+        model.to(device)
+        overlay_dir = os.path.join(self.output_dir, "cam_overlays")
+        energies, n = [], 0
+        for i in range(len(self.dataset)):
+            samples = self.dataset[i]
+            for s in samples if isinstance(samples, list) else [samples]:
+                mask = s.get("box_mask")
+                if mask is None or float(torch.as_tensor(mask).sum()) == 0 or n >= self.max_images:
+                    continue
+                img = torch.as_tensor(s["image"]).float()[None].to(device)
+                cam = grad_cam(model, img, self.target_layer)[0, 0].cpu()
+                e = energy_in_box(cam, torch.as_tensor(mask)[0])
+                energies.append(e)
+                with torch.no_grad():
+                    prob = float(torch.sigmoid(model(img)).reshape(-1)[0])
+                ys, xs = np.nonzero(np.asarray(torch.as_tensor(mask)[0]) > 0)
+                box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+                save_overlay(os.path.join(overlay_dir, f"cam_{n:03d}.png"), s["image"][0], cam, [box],
+                             title=f"y={float(torch.as_tensor(s['label']).reshape(-1)[0]):.0f} p={prob:.2f} in-box {e:.2f}")
+                n += 1
+        self.result = {"cam_energy_in_box": float(np.nanmean(energies)) if energies else float("nan"), "images": n}
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(os.path.join(self.output_dir, "cam_report.json"), "w") as f:
+            json.dump(self.result, f, indent=1)
+        return self.result
+
+    def __call__(self, engine: Engine) -> None:
+        if not self.enabled or (torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+            return
+        self.run()
+        engine.state.metrics["cam_energy_in_box"] = self.result["cam_energy_in_box"]

@@ -1,0 +1,145 @@
+"""MLflow model registry at the end of training (rank 0 only), next to MONAI's ``MLFlowHandler``.
+
+MONAI's handler (inserted by ``monai.bundle run ... --tracking mlflow``) logs per-iteration and per-epoch values;
+it does not log the hyperparameters we care about, the datalist hash, our plots, or register the model. This
+handler does those at ``COMPLETED``: it reuses the run MONAI's handler opened during this training (the newest
+run of the experiment started after this handler was attached), or opens its own when tracking is off. The best
+checkpoint is loaded into the network, logged with ``mlflow.pytorch.log_model`` with a signature inferred from an
+input example, explicit pip requirements (fast: no environment inference) and registered under ``model_name``.
+Params are scalars of the config the user chose; nothing patient-related is logged (datalist: a hash only).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+__all__ = ["MLflowRegistry", "default_tracking_uri"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_tracking_uri(output_dir: str) -> str:
+    """``MLFLOW_TRACKING_URI`` when set (a server, or any store), else a sqlite file under ``output_dir``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    os.makedirs(output_dir, exist_ok=True)
+    return "sqlite:///" + os.path.abspath(os.path.join(output_dir, "mlruns.db"))
+
+
+def _is_rank0() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+class MLflowRegistry:
+    """Args:
+        tracking_uri / experiment_name / run_name: where to log.
+        model_name: registered model name (None: log the model without registering).
+        network: the trained network (DDP-wrapped is fine); ``checkpoint``: best weights to load before logging.
+        input_shape: shape of the input example (one sample, with batch axis).
+        params: hyperparameters to log (scalars / short lists; nested dicts are flattened).
+        artifacts: files or folders to log if they exist at the end (ROC PNG, CAM overlays, resolved config).
+        metrics_files: JSON files of final metrics to log as metrics.
+        enabled: switch (``False`` makes the handler a no-op).
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str = "cutremain", run_name: str | None = None,
+                 model_name: str | None = None, network: torch.nn.Module | None = None, checkpoint: str | None = None,
+                 input_shape: Sequence[int] = (1, 1, 224, 224), params: Mapping | None = None,
+                 artifacts: Sequence[str] = (), metrics_files: Sequence[str] = (), enabled: bool = True):
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.model_name = model_name
+        self.network = network
+        self.checkpoint = checkpoint
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.params = dict(params or {})
+        self.artifacts = list(artifacts)
+        self.metrics_files = list(metrics_files)
+        self.enabled = enabled
+        self._t0 = 0.0
+        self.registered_version: str | None = None
+        self.run_id: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self._t0 = time.time() * 1000 - 1000
+        if self.enabled and not engine.has_event_handler(self, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def _flat_params(self) -> dict:
+        out = {}
+        def walk(prefix, value):
+            if isinstance(value, Mapping):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = value if isinstance(value, (int, float, str, bool)) or value is None else str(list(value) if isinstance(value, (tuple, list)) else value)
+        walk("", self.params)
+        return {k: ("None" if v is None else v) for k, v in out.items()}
+
+    def _model(self) -> torch.nn.Module:
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        model = copy.deepcopy(net).cpu().eval()
+        if self.checkpoint and os.path.exists(self.checkpoint):
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) and "model" in state else state
+            model.load_state_dict(state)
+        return model
+
+    def __call__(self, engine: Engine) -> None:
+        if not (self.enabled and _is_rank0()):
+            return
+        import json
+
+        import mlflow
+        from mlflow.models import infer_signature
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        client = mlflow.tracking.MlflowClient()
+        exp = client.get_experiment_by_name(self.experiment_name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment_name)
+        runs = client.search_runs([exp_id], filter_string=f"attributes.start_time >= {int(self._t0)}",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        run_id = runs[0].info.run_id if runs else None
+        with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else self.run_name):
+            self.run_id = mlflow.active_run().info.run_id
+            existing = set(mlflow.get_run(self.run_id).data.params)
+            params = {k: v for k, v in self._flat_params().items() if k not in existing}
+            if params:
+                mlflow.log_params(params)
+            for path in self.metrics_files:
+                if os.path.exists(path):
+                    with open(path) as f:
+                        values = json.load(f)
+                    stem = os.path.splitext(os.path.basename(path))[0].replace("_metrics", "")
+                    mlflow.log_metrics({f"{stem}_{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and np.isfinite(v)})
+            for path in self.artifacts:
+                if os.path.isdir(path):
+                    mlflow.log_artifacts(path, artifact_path=os.path.basename(os.path.normpath(path)))
+                elif os.path.isfile(path):
+                    mlflow.log_artifact(path)
+            if self.network is not None:
+                model = self._model()
+                example = torch.zeros(self.input_shape, dtype=torch.float32)
+                with torch.no_grad():
+                    out = model(example)
+                signature = infer_signature(example.numpy(), out.numpy())
+                import monai
+
+                info = mlflow.pytorch.log_model(
+                    model, name="model", signature=signature, input_example=example.numpy(),
+                    registered_model_name=self.model_name,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
+                )
+                version = getattr(info, "registered_model_version", None)
+                self.registered_version = str(version) if version is not None else None
+        logger.info("MLflow run %s, registered model %s version %s", self.run_id, self.model_name, self.registered_version)

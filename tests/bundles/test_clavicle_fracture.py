@@ -1,0 +1,129 @@
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.bundles.conftest import BUNDLES, run_bundle, tiny_datalist
+from tests.conftest import ROOT, SHARED_MONAI
+
+CPU = ["train.yaml", "cpu.yaml"]
+
+
+@pytest.mark.slow
+def test_train_register_evaluate_infer(tmp_path, clavicle_data):
+    wf, _ = run_bundle("clavicle_fracture", CPU, tmp_path, datalist=clavicle_data, augmentation="cut_remain",
+                       num_copies=1, register_model=True, experiment_name="clav_test")
+    out = tmp_path / "out"
+    assert (out / "checkpoints" / "model.pt").exists() and (out / "threshold.json").exists()
+    metrics = json.load(open(out / "val_metrics.json"))
+    assert set(metrics) >= {"auc", "f1", "accuracy", "threshold"} and metrics["n"] == 8  # 4 images -> 8 halves
+    assert json.load(open(out / "cam_report.json"))["images"] >= 1
+    assert list((out / "cam_overlays").glob("*.png"))
+    # MLflow: the run, its params and metrics, and the registered model version
+    import mlflow
+
+    mlflow.set_tracking_uri("sqlite:///" + str(tmp_path / "mlruns.db"))
+    client = mlflow.tracking.MlflowClient()
+    exp = client.get_experiment_by_name("clav_test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["augmentation"] == "cut_remain" and len(run.data.params["datalist_hash"]) == 16
+    assert "val_auc" in run.data.metrics
+    versions = client.search_model_versions("name='clavicle_fracture'")
+    assert len(versions) == 1 and versions[0].run_id == run.info.run_id
+    model = mlflow.pytorch.load_model(f"models:/clavicle_fracture/{versions[0].version}")
+    assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 1)
+    text = json.dumps(run.data.params) + json.dumps(run.data.tags)
+    assert "SYN-" not in text and "SYNTHETIC" not in text  # no patient identifiers
+
+    wf, _ = run_bundle("clavicle_fracture", CPU + ["evaluate.yaml"], tmp_path, datalist=clavicle_data)
+    test = json.load(open(out / "test_metrics.json"))
+    assert test["threshold"] == json.load(open(out / "threshold.json"))["threshold"]  # chosen on validation
+    assert test["n"] == 8
+
+    wf, _ = run_bundle("clavicle_fracture", CPU + ["inference.yaml"], tmp_path, datalist=clavicle_data,
+                       input_dir=os.path.join(ROOT, "dicom_samples", "clavicle"))
+    rows = list(csv.DictReader(open(out / "inference" / "predictions.csv")))
+    assert len(rows) == 48 and all(0 <= float(r["probability"]) <= 1 for r in rows)
+    assert all(float(r["probability"]) == pytest.approx(max(float(r["left"]), float(r["right"])), abs=1e-6) for r in rows)
+    assert len(list((out / "inference" / "cam").glob("*.png"))) == 96
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("augmentation", ["none", "sup_cutout", "sup_mixup", "sup_cutmix", "hide_and_seek"])
+def test_each_augmentation_runs(tmp_path, clavicle_data, augmentation):
+    wf, _ = run_bundle("clavicle_fracture", CPU, tmp_path, datalist=clavicle_data, augmentation=augmentation,
+                       register_model=False, cam_images=0)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 1 and np.isfinite(trainer.state.output[0]["loss"].item())
+    assert (tmp_path / "out" / "checkpoints" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted(tmp_path):
+    data = tiny_datalist(tmp_path)
+    common = dict(datalist=data, epochs=2, register_model=False, cam_images=0, augmentation="cut_remain", num_copies=2)
+    a, _ = run_bundle("clavicle_fracture", CPU, tmp_path / "a", **common)
+    run_bundle("clavicle_fracture", CPU, tmp_path / "b", stop_after_epochs=1, **common)  # "killed" after epoch 1
+    assert json.load(open(tmp_path / "b" / "out" / "val_metrics.json"))
+    b, _ = run_bundle("clavicle_fracture", CPU, tmp_path / "b", **common)  # restarts from the epoch-1 checkpoint
+    ta, tb = a.parser.get_parsed_content("train#trainer"), b.parser.get_parsed_content("train#trainer")
+    assert tb.state.epoch == 2 and tb.state.iteration == ta.state.iteration
+    ma = json.load(open(tmp_path / "a" / "out" / "val_metrics.json"))
+    mb = json.load(open(tmp_path / "b" / "out" / "val_metrics.json"))
+    assert ma == mb
+    wa = a.parser.get_parsed_content("network").state_dict()
+    wb = b.parser.get_parsed_content("network").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k])
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    data = tiny_datalist(tmp_path)
+    out = tmp_path / "ddp"
+    cfg = "['{0}/train.yaml','{0}/cpu.yaml','{0}/multi_gpu_train.yaml']".format(os.path.join(BUNDLES, "clavicle_fracture", "configs"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "monai.bundle", "run",
+           "--config_file", cfg, "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(out),
+           "--datalist", data, "--datalist_task", "None", "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "1",
+           "--batch_size", "4", "--cam_images", "0", "--register_model", "False",
+           "--tracking_uri", "sqlite:///" + str(tmp_path / "ddp.db")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "checkpoints" / "model.pt").exists()
+    assert len(list((out / "checkpoints").glob("checkpoint_epoch=*.pt"))) == 1  # written once, by rank 0
+    m = json.load(open(out / "val_metrics.json"))
+    assert m["n"] == 8  # all 4 validation images (8 halves) gathered from both ranks
+
+
+def test_verify_metadata_and_export(tmp_path):
+    schema = os.path.join(SHARED_MONAI, "meta_schema_20240725.json")
+    if not os.path.exists(schema):
+        pytest.skip("offline metadata schema not available")
+    cdir = os.path.join(BUNDLES, "clavicle_fracture", "configs")
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", os.path.join(cdir, "metadata.json"),
+                           "--filepath", schema], capture_output=True, text=True, cwd=ROOT)
+    assert "metadata is verified with no error" in proc.stdout + proc.stderr
+    from cutremain_monai.networks import resnet
+
+    net = resnet(10).eval()
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    ts = tmp_path / "model.ts"
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+                           "--ckpt_file", str(ckpt), "--meta_file", os.path.join(cdir, "metadata.json"),
+                           "--config_file", "['{0}/train.yaml','{0}/cpu.yaml']".format(cdir), "--network_depth", "10",
+                           "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scripted = torch.jit.load(str(ts))
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x))
