@@ -29,7 +29,7 @@ def tiny_datalist(tmp_path, task="clavicle", n=(6, 4, 4)) -> str:
         out[section] = chosen
     path = str(tmp_path / "datalist.json")
     with open(path, "w") as f:
-        json.dump(out, f)
+        json.dump({**out, task: out}, f)  # readable with datalist_task null or = task
     return path
 
 
