@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 __all__ = ["main"]
@@ -61,6 +62,31 @@ def _samples(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    from cutremain_monai.engines.experiment import cross_validate
+    from cutremain_monai.io.datalist import load_datalist
+
+    items = []
+    for section in ("training", "validation", "test"):
+        try:
+            items += load_datalist(args.datalist, section, task=args.task)
+        except KeyError:
+            pass
+    from cutremain_monai.io.loader import split_readable
+
+    items, bad = split_readable(items)
+    for path, reason in bad:
+        print(f"set aside (unreadable): {path}: {reason}")
+    overrides = json.loads(args.overrides) if args.overrides else {}
+    augs = [a.strip() for a in args.augmentations.split(",") if a.strip()]
+    output = args.output or os.path.join(args.bundle, "outputs", "cv")
+    if args.kind == "cv":
+        cross_validate(args.bundle, items, output, augs, folds=args.folds, seed=args.seed, **overrides)
+        print(open(os.path.join(output, "cv_table.md")).read())
+        print(f"results: {output}/cv_table.md, cv_table.csv, cv_results.csv")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cutremain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +118,18 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", default="dicom_samples")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_samples)
+
+    p = sub.add_parser("experiment", help="k-fold cross-validation of augmentations on a bundle")
+    p.add_argument("kind", choices=["cv"])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--datalist", help="datalist JSON (default: dicom_samples/datalist.json)", default="dicom_samples/datalist.json")
+    p.add_argument("--task", default=None, help="section of a multi-task datalist (e.g. clavicle)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--augmentations", default="none,cut_remain,sup_cutout,sup_mixup,sup_cutmix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overrides", help='JSON of bundle overrides, e.g. \'{"epochs": 10, "image_size": [128, 128]}\'')
+    p.add_argument("-o", "--output")
+    p.set_defaults(func=_experiment)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -104,7 +104,7 @@ def render_clavicle(rng: np.random.Generator, size: int = 256, fractured: bool =
     cx, cy = pts[k]
     cx, cy = cx + rng.uniform(-4, 4), cy
     bw, bh = rng.uniform(26, 36), rng.uniform(22, 30)
-    box = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
+    box = [max(cx - bw / 2, 0.0), max(cy - bh / 2, 0.0), min(cx + bw / 2, float(w)), min(cy + bh / 2, float(h))]
     if fractured:
         angle = rng.uniform(-0.4, 0.4)
         img = img - 0.28 * _gap(yy, xx, cx, cy, angle, 9.0, 1.8)
@@ -252,7 +252,7 @@ def generate_samples(out_dir: str, seed: int = 0, counts: dict | None = None, gs
     from cutremain_monai.io.dx_writer import make_uid, write_dx
     from cutremain_monai.io.gsps import write_box_gsps
 
-    counts = counts or {"clavicle": 48, "pelvis": 24, "chest": 24, "covid": 16}
+    counts = counts or {"clavicle": 120, "pelvis": 24, "chest": 24, "covid": 16}
     rng = np.random.default_rng(seed)
     datalist: dict = {"description": "synthetic phantoms from cutremain_monai.data.phantoms", "seed": seed}
     n_written = 0
@@ -262,7 +262,7 @@ def generate_samples(out_dir: str, seed: int = 0, counts: dict | None = None, gs
         for i in range(n):
             r = np.random.default_rng([seed, hash_task(task), i])
             if task == "clavicle":
-                ph, anatomy, bits = render_clavicle(r, 256, fractured=bool(i % 2)), "clavicle", 12
+                ph, anatomy, bits = render_clavicle(r, 128, fractured=bool(i % 2)), "clavicle", 12
             elif task == "pelvis":
                 ph, anatomy, bits = render_pelvis(r, 192, cls=i % 3), "pelvis", 12
             elif task == "chest":

@@ -104,7 +104,8 @@ class MLflowRegistry:
         from mlflow.models import infer_signature
 
         mlflow.set_tracking_uri(self.tracking_uri)
-        client = mlflow.tracking.MlflowClient()
+        mlflow.set_registry_uri(self.tracking_uri)  # the registry URI is cached per process otherwise
+        client = mlflow.tracking.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         exp = client.get_experiment_by_name(self.experiment_name)
         exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment_name)
         runs = client.search_runs([exp_id], filter_string=f"attributes.start_time >= {int(self._t0)}",

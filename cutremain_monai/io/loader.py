@@ -87,3 +87,26 @@ class LoadXrayd(MapTransform):
 
 
 LoadXrayD = LoadXrayDict = LoadXrayd
+
+
+def split_readable(items: list[dict], key: str = "image") -> tuple[list[dict], list[tuple[str, str]]]:
+    """Decode every item's image once: ``(readable items, [(path, reason), ...])``.
+
+    Lets a training run set a damaged file aside with its reason (e.g. FracAtlas' truncated IMG0004098.jpg)
+    instead of dying in the middle of an epoch.
+    """
+    from PIL import Image
+
+    ok, bad = [], []
+    for it in items:
+        path = it[key]
+        try:
+            if is_dicom_path(path):
+                load_xray(path)
+            else:
+                with Image.open(path) as im:
+                    im.load()  # header checks are not enough: truncated JPEGs fail only here
+            ok.append(it)
+        except Exception as e:  # any decoder error sets this one file aside
+            bad.append((path, f"{type(e).__name__}: {e}"))
+    return ok, bad

@@ -51,9 +51,9 @@ def test_train_register_evaluate_infer(tmp_path, clavicle_data):
     wf, _ = run_bundle("clavicle_fracture", CPU + ["inference.yaml"], tmp_path, datalist=clavicle_data,
                        input_dir=os.path.join(ROOT, "dicom_samples", "clavicle"))
     rows = list(csv.DictReader(open(out / "inference" / "predictions.csv")))
-    assert len(rows) == 48 and all(0 <= float(r["probability"]) <= 1 for r in rows)
+    assert len(rows) == 120 and all(0 <= float(r["probability"]) <= 1 for r in rows)
     assert all(float(r["probability"]) == pytest.approx(max(float(r["left"]), float(r["right"])), abs=1e-6) for r in rows)
-    assert len(list((out / "inference" / "cam").glob("*.png"))) == 96
+    assert len(list((out / "inference" / "cam").glob("*.png"))) == 240
 
 
 @pytest.mark.slow

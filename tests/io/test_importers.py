@@ -137,3 +137,13 @@ def test_fracatlas_and_roboflow_real():
         w, h = Image.open(it["image"]).size
         for b in it["boxes"]:
             assert 0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h
+
+
+def test_split_readable_sets_aside_truncated(pngs):
+    from cutremain_monai.io.loader import split_readable
+
+    data = open(pngs / "a.png", "rb").read()
+    (pngs / "t.png").write_bytes(data[: len(data) // 2])
+    ok, bad = split_readable([{"image": str(pngs / "a.png")}, {"image": str(pngs / "t.png")}])
+    assert [i["image"] for i in ok] == [str(pngs / "a.png")]
+    assert bad[0][0] == str(pngs / "t.png") and bad[0][1]
