@@ -46,7 +46,8 @@ class MLflowRegistry:
         network: the trained network (DDP-wrapped is fine); ``checkpoint``: best weights to load before logging.
         input_shape: shape of the input example (one sample, with batch axis).
         params: hyperparameters to log (scalars / short lists; nested dicts are flattened).
-        artifacts: files or folders to log if they exist at the end (ROC PNG, CAM overlays, resolved config).
+        artifacts: files, folders or glob patterns to log if they exist at the end (ROC PNG, CAM overlays, the
+            resolved config that ``--tracking`` saves as ``config_*.json``).
         metrics_files: JSON files of final metrics to log as metrics.
         enabled: switch (``False`` makes the handler a no-op).
     """
@@ -122,8 +123,11 @@ class MLflowRegistry:
                     with open(path) as f:
                         values = json.load(f)
                     stem = os.path.splitext(os.path.basename(path))[0].replace("_metrics", "")
-                    mlflow.log_metrics({f"{stem}_{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and np.isfinite(v)})
-            for path in self.artifacts:
+                    mlflow.log_metrics({f"final_{stem}_{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and np.isfinite(v)})
+            import glob
+
+            paths = [p for pattern in self.artifacts for p in (sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern])]
+            for path in paths:
                 if os.path.isdir(path):
                     mlflow.log_artifacts(path, artifact_path=os.path.basename(os.path.normpath(path)))
                 elif os.path.isfile(path):

@@ -60,7 +60,7 @@ def _finish(image: str, label, boxes, box_labels, group, size=None, **extra) -> 
     if size is not None and len(boxes):
         boxes, labs, _ = validate_boxes(boxes, size, np.arange(len(boxes)), source=image)
         box_labels = [box_labels[int(i)] for i in labs]
-    item = {"image": image, "label": label, "boxes": boxes.round(2).tolist(), "box_labels": list(box_labels), "group": group}
+    item = {"image": os.path.abspath(image), "label": label, "boxes": boxes.round(2).tolist(), "box_labels": list(box_labels), "group": group}
     item.update(extra)
     return item
 
@@ -269,7 +269,7 @@ def import_brixia(
             binarised = [int(s > 0) for s in raw]
             extra = {"zone_scores": binarised, "zone_scores_raw": raw}
             if mask:
-                extra["lung_mask"] = os.path.join(root, mask)
+                extra["lung_mask"] = os.path.abspath(os.path.join(root, mask))
             group = pseudonym(row.get("cohen_patientid") or row["filename"])
             out.append(_finish(os.path.join(root, "images", row["filename"]), sum(binarised), [], [], group, **extra))
     return out

@@ -35,7 +35,7 @@ def test_train_register_evaluate_infer(tmp_path, clavicle_data):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["augmentation"] == "cut_remain" and len(run.data.params["datalist_hash"]) == 16
-    assert "val_auc" in run.data.metrics
+    assert "final_val_auc" in run.data.metrics and "final_cam_report_images" in run.data.metrics
     versions = client.search_model_versions("name='clavicle_fracture'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
     model = mlflow.pytorch.load_model(f"models:/clavicle_fracture/{versions[0].version}")
@@ -127,3 +127,33 @@ def test_verify_metadata_and_export(tmp_path):
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), net(x))
+
+
+@pytest.mark.slow
+def test_tracking_mlflow_flag_logs_epochs_and_registers_once(tmp_path):
+    """`monai.bundle run --tracking mlflow`: MONAI's handler logs per-epoch values and the resolved config, ours
+    adds params/artifacts and registers the model in the same run."""
+    data = tiny_datalist(tmp_path)
+    cdir = os.path.join(BUNDLES, "clavicle_fracture", "configs")
+    db = "sqlite:///" + str(tmp_path / "track.db")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"['{cdir}/train.yaml','{cdir}/cpu.yaml']",
+           "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(tmp_path / "out"),
+           "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "2", "--batch_size", "8",
+           "--cam_images", "2", "--tracking", "mlflow", "--tracking_uri", db, "--experiment_name", "tracked"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=db, registry_uri=db)
+    exp = client.get_experiment_by_name("tracked")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1  # our registry handler reused MONAI's run
+    run = runs[0]
+    history = client.get_metric_history(run.info.run_id, "val_auc")
+    assert [m.step for m in history] == [1, 2]  # per epoch
+    assert "final_val_auc" in run.data.metrics
+    assert run.data.params["augmentation"] == "cut_remain"
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"val_roc.png", "cam_overlays", "threshold.json"} <= names or {"cam_overlays", "threshold.json"} <= names
+    assert any(n.startswith("config_") for n in names)  # the resolved config, saved by MONAI
+    assert client.search_model_versions("name='clavicle_fracture'")[0].run_id == run.info.run_id
