@@ -47,6 +47,23 @@ def main(argv=None) -> int:
     print(f"{'augmentation':<12} {'AUC':>6} {'F1':>6} {'acc':>6} {'CAM in box':>11} {'minutes':>8}")
     for aug, m in results.items():
         print(f"{aug:<12} {m['auc']:6.3f} {m['f1']:6.3f} {m['accuracy']:6.3f} {m.get('cam_energy_in_box', float('nan')):11.3f} {m['minutes']:8.2f}")
+    print("\n== 4. feature similarity (paper Table 6): last-conv features of validation halves vs their augmented copy")
+    import torch
+
+    from cutremain_monai.engines.experiment import augmentation_pairs
+    from cutremain_monai.io.datalist import load_datalist
+    from cutremain_monai.metrics.feature_similarity import feature_distances
+    from cutremain_monai.networks import resnet
+
+    val_items = load_datalist(os.path.join(samples, "datalist.json"), "validation", task="clavicle")
+    print(f"{'model':<12} {'augmentation':<14} {'euclidean':>10} {'cosine':>8} {'pairs':>6}")
+    for model_aug in results:
+        net = resnet(settings["network_depth"])
+        net.load_state_dict(torch.load(os.path.join(out_dir, model_aug, "checkpoints", "model.pt"), map_location="cpu", weights_only=True))
+        for aug in ("cut_remain", "sup_cutout", "hide_and_seek"):
+            d = feature_distances(net, augmentation_pairs(val_items, aug, settings["image_size"]))
+            results[model_aug][f"features_{aug}"] = d
+            print(f"{model_aug:<12} {aug:<14} {d['euclidean']:10.3f} {d['cosine']:8.4f} {d['pairs']:6d}")
     with open(os.path.join(out_dir, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nMLflow store:      {settings['tracking_uri']} (experiment demo_clavicle, registered model clavicle_fracture)")

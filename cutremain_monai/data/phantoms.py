@@ -163,14 +163,19 @@ def _lungs(yy, xx, h, w, rng):
     return mask
 
 
-def render_chest(rng: np.random.Generator, size: int = 192, findings: tuple[str, ...] = ()) -> Phantom:
-    h = w = size
+def _thorax(rng, h, w, rib_amp):
+    """Body, two dark lungs and ribs: the common base of the chest phantoms. Returns (yy, xx, image, lungs)."""
     yy, xx, img = _body(rng, h, w)
     img = img + 0.25
     lungs = _lungs(yy, xx, h, w, rng)
     img = np.where(lungs, img - 0.3, img)
-    ribs, _ = _ribs(rng, yy, xx, h, w, n=6, amp=0.07)
-    img = img + ribs
+    ribs, _ = _ribs(rng, yy, xx, h, w, n=6, amp=rib_amp)
+    return yy, xx, img + ribs, lungs
+
+
+def render_chest(rng: np.random.Generator, size: int = 192, findings: tuple[str, ...] = ()) -> Phantom:
+    h = w = size
+    yy, xx, img, lungs = _thorax(rng, h, w, rib_amp=0.07)
     heart_r = 0.16 * w * (1.5 if "Cardiomegaly" in findings else 1.0)
     hx, hy = w / 2 + 0.05 * w, 0.68 * h
     heart = ((xx - hx) / heart_r) ** 2 + ((yy - hy) / (0.7 * heart_r)) ** 2 <= 1
@@ -202,12 +207,7 @@ def render_chest(rng: np.random.Generator, size: int = 192, findings: tuple[str,
 def render_covid(rng: np.random.Generator, size: int = 192, zone_scores=None) -> Phantom:
     """Chest with a lung mask and opacities whose extent in each Brixia zone follows ``zone_scores`` (6 ints 0-3)."""
     h = w = size
-    yy, xx, img = _body(rng, h, w)
-    img = img + 0.25
-    lungs = _lungs(yy, xx, h, w, rng)
-    img = np.where(lungs, img - 0.3, img)
-    ribs, _ = _ribs(rng, yy, xx, h, w, n=6, amp=0.06)
-    img = img + ribs
+    yy, xx, img, lungs = _thorax(rng, h, w, rib_amp=0.06)
     scores = list(rng.integers(0, 4, size=6)) if zone_scores is None else list(zone_scores)
     from cutremain_monai.transforms.lung_zones import split_lung_zones
 

@@ -122,3 +122,41 @@ def _log_table(output_dir: str, bundle: str, table: dict) -> None:
             mlflow.log_metrics({f"{aug}_auc_mean": am, f"{aug}_auc_std": asd, f"{aug}_f1_mean": fm, f"{aug}_accuracy_mean": cm})
         for name in ("cv_table.md", "cv_table.csv", "cv_results.csv"):
             mlflow.log_artifact(os.path.join(output_dir, name))
+
+
+def augmentation_pairs(items: list[dict], augmentation: str, image_size: Sequence[int], split_halves: bool = True,
+                       seed: int = 0, max_pairs: int = 32) -> list:
+    """(original, augmented) image pairs at the network's input size, for the feature-similarity study.
+
+    Per-sample augmentations only (``cut_remain`` with one drawn variant, ``sup_cutout``, ``hide_and_seek``);
+    samples without boxes are skipped (their Cut&Remain copy does not exist).
+    """
+    from monai.transforms import Resized
+
+    from cutremain_monai.engines.augmentation import sample_augmentation
+    from cutremain_monai.io.loader import LoadXrayd
+    from cutremain_monai.transforms import BoxesToMaskd, SplitHalvesd
+
+    load, mask = LoadXrayd("image"), BoxesToMaskd("boxes")
+    split = SplitHalvesd("image") if split_halves else None
+    augs = sample_augmentation(augmentation, num_copies=1, seed=seed)
+    for a in augs:
+        a.set_random_state(seed)
+    resize = Resized("image", spatial_size=tuple(image_size), mode="area")
+    pairs = []
+    for it in items:
+        d = load(dict(it))
+        for s in split(d) if split else [d]:
+            if len(s["boxes"]) == 0:
+                continue
+            s = mask(s)
+            out = s
+            for a in augs:
+                out = a(out)
+            copy = out[-1] if isinstance(out, list) else out
+            if copy is s:
+                continue
+            pairs.append((resize(dict(s))["image"].as_tensor(), resize(dict(copy))["image"].as_tensor()))
+            if len(pairs) >= max_pairs:
+                return pairs
+    return pairs

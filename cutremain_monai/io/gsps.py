@@ -146,6 +146,15 @@ def write_box_gsps(
         graphic_layers=[layer],
         voi_lut_transformations=voi,
     )
+    # highdicom stamps "now"; take the image's date and time instead so a regenerated set is byte-identical
+    date, time_ = str(image_ds.get("ContentDate", "") or ""), str(image_ds.get("ContentTime", "") or "")
+    if date and time_:
+        for kw in ("ContentDate", "PresentationCreationDate", "InstanceCreationDate", "SeriesDate"):
+            if kw in gsps:
+                setattr(gsps, kw, date)
+        for kw in ("ContentTime", "PresentationCreationTime", "InstanceCreationTime", "SeriesTime"):
+            if kw in gsps:
+                setattr(gsps, kw, time_)
     if "Laterality" not in gsps:
         gsps.Laterality = None  # General Series type 2C: present and empty when the image has no R/L laterality
     if path is not None:

@@ -178,6 +178,16 @@ class _BatchMix(Randomizable, Transform):
         self._targets, self._partners = eligible, eligible[perm]
         self._source[self._targets] = self._partners
 
+    def _prepare(self, images, labels, masks, randomize: bool, effective=None):
+        """Check the batch, draw the pairs; ``(masks, source index)`` or None when nothing is mixed."""
+        _check_batch(images, labels, masks)
+        m, has_box = effective or self._effective_masks(masks, self.no_box)
+        if randomize:
+            self.randomize(has_box)
+        if not self._targets.numel():
+            return None
+        return m, self._source.to(images.device)
+
     @staticmethod
     def _effective_masks(masks: torch.Tensor, no_box: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(0/1 float masks, has_box per sample); with ``no_box='full'`` an empty mask becomes the whole image.
@@ -207,13 +217,10 @@ class SupMixup(_BatchMix):
         self._pairs(has_box)
 
     def __call__(self, images, labels, masks, randomize: bool = True, _effective=None):
-        _check_batch(images, labels, masks)
-        m, has_box = _effective or self._effective_masks(masks, self.no_box)
-        if randomize:
-            self.randomize(has_box)
-        if not self._targets.numel():
+        prepared = self._prepare(images, labels, masks, randomize, _effective)
+        if prepared is None:
             return images, labels
-        src = self._source.to(images.device)
+        m, src = prepared
         lam = self._lam
         m = m.to(images.dtype)
         mixed = lam * (images * m) + (1 - lam) * (images[src] * m[src])
@@ -239,13 +246,10 @@ class SupCutmix(_BatchMix):
         self._pairs(has_box)
 
     def __call__(self, images, labels, masks, randomize: bool = True, _effective=None):
-        _check_batch(images, labels, masks)
-        m, has_box = _effective or self._effective_masks(masks, self.no_box)
-        if randomize:
-            self.randomize(has_box)
-        if not self._targets.numel():
+        prepared = self._prepare(images, labels, masks, randomize, _effective)
+        if prepared is None:
             return images, labels
-        src = self._source.to(images.device)
+        m, src = prepared
         # lerp(x_B, x_A, M) is x_B where M = 0 and exactly x_A where M = 1 (torch computes end - diff * (1 - w)
         # for w >= 0.5); unmixed samples have src = self, so they come back unchanged whatever their mask
         out = images[src].lerp_(images, m.to(images.dtype))
