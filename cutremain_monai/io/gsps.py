@@ -155,6 +155,9 @@ def write_box_gsps(
         for kw in ("ContentTime", "PresentationCreationTime", "InstanceCreationTime", "SeriesTime"):
             if kw in gsps:
                 setattr(gsps, kw, time_)
+        for item in gsps.get("ContributingEquipmentSequence", []):
+            if "ContributionDateTime" in item:
+                item.ContributionDateTime = date + time_
     if "Laterality" not in gsps:
         gsps.Laterality = None  # General Series type 2C: present and empty when the image has no R/L laterality
     if path is not None:

@@ -21,10 +21,7 @@ def test_deterministic_and_valid(tmp_path):
     assert json.dumps(a) == json.dumps(b)
     for f in sorted(glob.glob(str(tmp_path / "a" / "*" / "*.dcm"))):
         other = f.replace(os.sep + "a" + os.sep, os.sep + "b" + os.sep)
-        da, db = pydicom.dcmread(f), pydicom.dcmread(other)
-        assert da.SOPInstanceUID == db.SOPInstanceUID
-        if "PixelData" in da:
-            assert da.PixelData == db.PixelData
+        assert open(f, "rb").read() == open(other, "rb").read(), f  # byte-identical, presentation states too
         assert dciodvfy_errors(f) == [], f
         if f.endswith("_gsps.dcm"):
             ok, text = dcmpschk_ok(f)
