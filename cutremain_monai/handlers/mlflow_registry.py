@@ -26,9 +26,15 @@ __all__ = ["MLflowRegistry", "default_tracking_uri"]
 logger = logging.getLogger(__name__)
 
 
+# The user's setting, read once at import: mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into this process's
+# environment, so reading it later would send every following run (k-fold CV) to the first run's store.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "MLFLOW_REGISTRY_URI")
+
+
 def default_tracking_uri(output_dir: str) -> str:
-    """``MLFLOW_TRACKING_URI`` when set (a server, or any store), else a sqlite file under ``output_dir``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
+    """``MLFLOW_TRACKING_URI`` as the user set it (a server, or any store), else a sqlite file under ``output_dir``."""
+    env = _USER_TRACKING_URI
     if env:
         return env
     os.makedirs(output_dir, exist_ok=True)
@@ -99,6 +105,17 @@ class MLflowRegistry:
     def __call__(self, engine: Engine) -> None:
         if not (self.enabled and _is_rank0()):
             return
+        saved = {k: os.environ.get(k) for k in _MLFLOW_ENV}
+        try:
+            self._log()
+        finally:  # mlflow leaves its choices in os.environ; do not leak them into later runs or subprocesses
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def _log(self) -> None:
         import json
 
         import mlflow

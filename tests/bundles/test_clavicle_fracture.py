@@ -95,7 +95,7 @@ def test_ddp_two_cpu_processes(tmp_path):
            "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "1",
            "--batch_size", "4", "--cam_images", "0", "--register_model", "False",
            "--tracking_uri", "sqlite:///" + str(tmp_path / "ddp.db")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "checkpoints" / "model.pt").exists()
@@ -140,7 +140,8 @@ def test_tracking_mlflow_flag_logs_epochs_and_registers_once(tmp_path):
            "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(tmp_path / "out"),
            "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "2", "--batch_size", "8",
            "--cam_images", "2", "--tracking", "mlflow", "--tracking_uri", db, "--experiment_name", "tracked"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # a fresh shell, not this test process
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=dict(clean, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr[-3000:]
     import mlflow
 
@@ -150,7 +151,7 @@ def test_tracking_mlflow_flag_logs_epochs_and_registers_once(tmp_path):
     assert len(runs) == 1  # our registry handler reused MONAI's run
     run = runs[0]
     history = client.get_metric_history(run.info.run_id, "val_auc")
-    assert [m.step for m in history] == [1, 2]  # per epoch
+    assert [m.step for m in history] == [1, 2], proc.stdout[-4000:] + proc.stderr[-4000:]  # per epoch
     assert "final_val_auc" in run.data.metrics
     assert run.data.params["augmentation"] == "cut_remain"
     names = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -10,10 +10,23 @@ from cutremain_monai.handlers import ClassificationReport, EpochSeed, StopAfterE
 
 
 def test_default_tracking_uri(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import subprocess
+    import sys
+
+    from cutremain_monai.handlers import mlflow_registry
+
+    monkeypatch.setattr(mlflow_registry, "_USER_TRACKING_URI", None)
     assert default_tracking_uri(str(tmp_path)) == "sqlite:///" + str(tmp_path / "mlruns.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.hospital.local:5000")
-    assert default_tracking_uri(str(tmp_path)) == "http://mlflow.hospital.local:5000"
+    # the user's MLFLOW_TRACKING_URI (read when the package is imported) wins, e.g. a tracking server
+    code = "from cutremain_monai.handlers import default_tracking_uri as d; print(d('/x'))"
+    env = dict(os.environ, MLFLOW_TRACKING_URI="http://mlflow.hospital.local:5000")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.strip()
+    assert out == "http://mlflow.hospital.local:5000"
+    # ...but what mlflow itself writes into os.environ during a run does not redirect later runs
+    import mlflow
+
+    mlflow.set_tracking_uri("sqlite:///" + str(tmp_path / "other.db"))
+    assert default_tracking_uri(str(tmp_path)) == "sqlite:///" + str(tmp_path / "mlruns.db")
 
 
 def test_latest_checkpoint(tmp_path):

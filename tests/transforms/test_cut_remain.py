@@ -109,13 +109,13 @@ def test_dataloader_list_data_collate_on_dicom_samples():
     assert len(batch["boxes"]) == batch["image"].shape[0]  # boxes kept per sample, not stacked
     n_boxed = sum(1 for it in items[:3] if len(it["boxes"]))
     assert batch["image"].shape[0] == 3 + 2 * n_boxed == len(batch["label"])
-    assert tuple(batch["image"].shape[1:]) == (1, 256, 256)
+    assert tuple(batch["image"].shape[1:]) == (1, 128, 128)
     copies = (batch["augmented"] == 1).nonzero().flatten()
     assert len(copies) == 2 * n_boxed
     boxed = [it for it in items[:3] if len(it["boxes"])]
     for j, i in enumerate(copies.tolist()):
         box = boxed[j // 2]["boxes"][0]
-        largest = boxes_to_mask([aspect_ratio_boxes(box, image_size=(256, 256))[-1]], (256, 256))
+        largest = boxes_to_mask([aspect_ratio_boxes(box, image_size=(128, 128))[-1]], (128, 128))
         kept = batch["image"][i, 0].numpy() != 0
         assert kept.any() and not (kept & ~largest).any()  # nothing kept beyond the 2x2 variant of the box
         inner = batch["box_mask"][i, 0].numpy() > 0
