@@ -253,9 +253,7 @@ def generate_samples(out_dir: str, seed: int = 0, counts: dict | None = None, gs
     from cutremain_monai.io.gsps import write_box_gsps
 
     counts = counts or {"clavicle": 120, "pelvis": 24, "chest": 24, "covid": 16}
-    rng = np.random.default_rng(seed)
     datalist: dict = {"description": "synthetic phantoms from cutremain_monai.data.phantoms", "seed": seed}
-    n_written = 0
     for task, n in counts.items():
         os.makedirs(os.path.join(out_dir, task), exist_ok=True)
         items = []
@@ -276,7 +274,7 @@ def generate_samples(out_dir: str, seed: int = 0, counts: dict | None = None, gs
             compression = _COMPRESSIONS[i % len(_COMPRESSIONS)]
             name = f"{task}/{task}_{i:03d}.dcm"
             uid_seed = f"{seed}-{task}-{i}"
-            ds = write_dx(
+            write_dx(
                 os.path.join(out_dir, name),
                 _quantise(ph.image, bits, photometric),
                 photometric=photometric,
@@ -289,7 +287,6 @@ def generate_samples(out_dir: str, seed: int = 0, counts: dict | None = None, gs
                 patient_id=f"SYN-{task[:3].upper()}-{i:03d}",
                 study_uid=make_uid("study", uid_seed),
             )
-            n_written += 1
             item = {
                 "image": name,
                 "label": ph.label,

@@ -16,15 +16,12 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from cutremain_monai.handlers.utils import rank
 from cutremain_monai.metrics.classification import binary_metrics, roc_points
 
 __all__ = ["ClassificationReport"]
 
 logger = logging.getLogger(__name__)
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
@@ -92,7 +89,7 @@ class ClassificationReport:
         m = binary_metrics(y, p, self._fixed_threshold())
         for k in ("auc", "f1", "accuracy", "threshold"):
             engine.state.metrics[f"{self.prefix}_{k}"] = m[k]
-        if _rank() != 0:
+        if rank() != 0:
             return
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, f"{self.prefix}_metrics.json"), "w") as f:

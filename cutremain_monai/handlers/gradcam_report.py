@@ -4,7 +4,6 @@ ground-truth boxes drawn, and the mean share of CAM energy inside the boxes (``c
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from cutremain_monai.handlers.utils import best_model, rank
 from cutremain_monai.localization.cam import energy_in_box, grad_cam, save_overlay
 
 __all__ = ["GradCAMReport"]
@@ -35,10 +35,7 @@ class GradCAMReport:
             engine.add_event_handler(Events.COMPLETED, self)
 
     def run(self) -> dict:
-        net = self.network.module if hasattr(self.network, "module") else self.network
-        model = copy.deepcopy(net).eval()
-        if self.checkpoint and os.path.exists(self.checkpoint):
-            model.load_state_dict(torch.load(self.checkpoint, map_location="cpu", weights_only=True))
+        model = best_model(self.network, self.checkpoint)
         device = self.device or next(model.parameters()).device
         model.to(device)
         overlay_dir = os.path.join(self.output_dir, "cam_overlays")
@@ -67,7 +64,7 @@ class GradCAMReport:
         return self.result
 
     def __call__(self, engine: Engine) -> None:
-        if not self.enabled or (torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        if not self.enabled or rank() != 0:
             return
         self.run()
         engine.state.metrics["cam_energy_in_box"] = self.result["cam_energy_in_box"]

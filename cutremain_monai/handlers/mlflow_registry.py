@@ -11,7 +11,6 @@ Params are scalars of the config the user chose; nothing patient-related is logg
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -20,6 +19,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+
+from cutremain_monai.handlers.utils import best_model, rank
 
 __all__ = ["MLflowRegistry", "default_tracking_uri"]
 
@@ -39,10 +40,6 @@ def default_tracking_uri(output_dir: str) -> str:
         return env
     os.makedirs(output_dir, exist_ok=True)
     return "sqlite:///" + os.path.abspath(os.path.join(output_dir, "mlruns.db"))
-
-
-def _is_rank0() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
 
 class MLflowRegistry:
@@ -93,17 +90,8 @@ class MLflowRegistry:
         walk("", self.params)
         return {k: ("None" if v is None else v) for k, v in out.items()}
 
-    def _model(self) -> torch.nn.Module:
-        net = self.network.module if hasattr(self.network, "module") else self.network
-        model = copy.deepcopy(net).cpu().eval()
-        if self.checkpoint and os.path.exists(self.checkpoint):
-            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-            state = state.get("model", state) if isinstance(state, dict) and "model" in state else state
-            model.load_state_dict(state)
-        return model
-
     def __call__(self, engine: Engine) -> None:
-        if not (self.enabled and _is_rank0()):
+        if not self.enabled or rank() != 0:
             return
         saved = {k: os.environ.get(k) for k in _MLFLOW_ENV}
         try:
@@ -150,7 +138,7 @@ class MLflowRegistry:
                 elif os.path.isfile(path):
                     mlflow.log_artifact(path)
             if self.network is not None:
-                model = self._model()
+                model = best_model(self.network, self.checkpoint).cpu()
                 example = torch.zeros(self.input_shape, dtype=torch.float32)
                 with torch.no_grad():
                     out = model(example)

@@ -17,11 +17,9 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from cutremain_monai.handlers.utils import rank
+
 __all__ = ["EpochSeed", "StopAfterEpochs", "latest_checkpoint"]
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
 
 
 class EpochSeed:
@@ -36,7 +34,7 @@ class EpochSeed:
             engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        s = self.seed + 1000 * int(engine.state.epoch) + _rank()
+        s = self.seed + 1000 * int(engine.state.epoch) + rank()
         random.seed(s)
         np.random.seed(s % 2**32)
         torch.manual_seed(s)

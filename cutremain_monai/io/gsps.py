@@ -126,9 +126,9 @@ def write_box_gsps(
         )
     voi = None
     if "WindowCenter" in image_ds and "WindowWidth" in image_ds:
-        wc, ww = image_ds.WindowCenter, image_ds.WindowWidth
-        wc = float(wc[0]) if isinstance(wc, (list, tuple)) or type(wc).__name__ == "MultiValue" else float(wc)
-        ww = float(ww[0]) if isinstance(ww, (list, tuple)) or type(ww).__name__ == "MultiValue" else float(ww)
+        from cutremain_monai.io.dicom import _multi
+
+        wc, ww = _multi(image_ds.WindowCenter), _multi(image_ds.WindowWidth)
         voi = [hd.pr.SoftcopyVOILUTTransformation(window_center=wc, window_width=ww)]
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[image_ds],

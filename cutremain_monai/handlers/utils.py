@@ -1,0 +1,26 @@
+"""Helpers shared by the handlers: the process rank, and the trained network with its best weights."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+__all__ = ["rank", "best_model"]
+
+
+def rank() -> int:
+    """This process's rank under torch.distributed, 0 when not distributed."""
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def best_model(network: torch.nn.Module, checkpoint: str | None = None) -> torch.nn.Module:
+    """An eval-mode copy of ``network`` (DDP unwrapped) with the weights of ``checkpoint`` when it exists
+    (a plain state dict, or MONAI's ``{"model": ...}`` checkpoint)."""
+    net = network.module if hasattr(network, "module") else network
+    model = copy.deepcopy(net).eval()
+    if checkpoint and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
+    return model
