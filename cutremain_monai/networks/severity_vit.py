@@ -1,0 +1,102 @@
+"""SeverityViT: COVID-19 severity and lesion localisation on chest X-rays (the seed paper's model).
+
+DenseNet-121 features taken before transition layer 3 (``(B, 1024, 16, 16)`` for a 256x256 input, MONAI's
+``DenseNet121``), a 1x1 convolution to the embedding size, a class token and learned positional embeddings, a
+transformer encoder (MONAI ``TransformerBlock``; ViT-B/16 sizes by default, :data:`SMALL` for a CPU), a map head of
+four 2x upsampling convolution blocks back to the input size, a sigmoid, multiplied by the lung mask, then
+:class:`~cutremain_monai.networks.lung_zone_pool.LungZoneMaxPool` over the Brixia zone map. Outputs the six zone
+probabilities ``(B, 6)`` (trained with binary cross-entropy against the binarised zone scores) and the lesion
+probability map ``(B, 1, H, W)``.
+
+Feature-extractor weights load from a file path when the user has them (nothing is downloaded); otherwise the
+network starts from random weights. ``freeze_features`` stops their gradients.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from monai.networks.blocks import TransformerBlock
+from monai.networks.nets import DenseNet121
+from torch import nn
+
+from cutremain_monai.networks.lung_zone_pool import LungZoneMaxPool
+
+__all__ = ["SeverityViT", "VIT_B16", "SMALL"]
+
+VIT_B16 = {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072}
+SMALL = {"embed_dim": 192, "depth": 4, "num_heads": 3, "mlp_dim": 768}
+
+
+def _up_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SeverityViT(nn.Module):
+    """Args:
+        in_channels: image channels (1 for X-rays).
+        img_size: input side (256 in the paper); the token grid is ``img_size // 16``.
+        embed_dim / depth / num_heads / mlp_dim: transformer sizes (:data:`VIT_B16` default, :data:`SMALL`).
+        feature_weights: path to a state dict of MONAI ``DenseNet121`` (or of its ``features``) to start from.
+        freeze_features: keep the DenseNet features fixed.
+    """
+
+    def __init__(self, in_channels: int = 1, img_size: int = 256, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_dim: int = 3072, dropout: float = 0.0, feature_weights: str | None = None,
+                 freeze_features: bool = False):
+        super().__init__()
+        if img_size % 16:
+            raise ValueError(f"img_size must be a multiple of 16, got {img_size}")
+        densenet = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=1)
+        # everything before transition3: conv0 .. denseblock3 -> 1024 channels at 1/16 of the input
+        names = ["conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "denseblock2", "transition2", "denseblock3"]
+        self.features = nn.Sequential(OrderedDict((n, getattr(densenet.features, n)) for n in names))
+        if feature_weights:
+            self._load_features(feature_weights)
+        if freeze_features:
+            for p in self.features.parameters():
+                p.requires_grad_(False)
+        self.grid = img_size // 16
+        self.embed = nn.Conv2d(1024, embed_dim, kernel_size=1)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid + 1, embed_dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.blocks = nn.ModuleList([TransformerBlock(embed_dim, mlp_dim, num_heads, dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim)
+        chans = [embed_dim, 256, 128, 64, 32]
+        self.head = nn.Sequential(*[_up_block(a, b) for a, b in zip(chans[:-1], chans[1:])], nn.Conv2d(32, 1, 1))
+        self.pool = LungZoneMaxPool()
+
+    def _load_features(self, path: str) -> None:
+        """Accepts a state dict of ``DenseNet121`` (``features.*`` keys) or of its ``features``; every weight of
+        the layers used must be present (a ``ValueError`` names the file and the first missing key)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")} or state
+        wanted = self.features.state_dict()
+        missing = [k for k in wanted if k not in state]
+        if missing:
+            raise ValueError(f"{path}: not DenseNet-121 feature weights (missing {missing[0]} and {len(missing) - 1} more)")
+        self.features.load_state_dict({k: state[k] for k in wanted})
+
+    def lesion_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Lesion probability map ``(B, 1, H, W)`` before the lung mask."""
+        f = self.embed(self.features(x))  # (B, D, g, g)
+        b, d, g, _ = f.shape
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), f.flatten(2).transpose(1, 2)], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        tokens = self.norm(tokens)[:, 1:]  # drop the class token for the map
+        grid = tokens.transpose(1, 2).reshape(b, d, g, g)
+        return torch.sigmoid(self.head(grid))
+
+    def forward(self, x: torch.Tensor, lung_mask: torch.Tensor, zones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x, lung_mask, zones: (B, 1, H, W)`` -> (zone probabilities ``(B, 6)``, lesion map ``(B, 1, H, W)``)."""
+        prob = self.lesion_map(x) * (lung_mask > 0).to(x.dtype)
+        return self.pool(prob, zones), prob
