@@ -18,24 +18,46 @@ import numpy as np
 
 from cutremain_monai.io.datalist import kfold_by_group, split_by_group
 
-__all__ = ["run_bundle", "train_and_test", "cross_validate", "summarise"]
+__all__ = ["bundle_configs", "bundle_files", "run_bundle", "train_and_test", "cross_validate", "summarise", "per_class_table",
+           "gamma_curve"]
 
 logger = logging.getLogger(__name__)
 
 
-def _configs(bundle: str, names: Sequence[str]) -> list[str]:
-    cdir = os.path.join(bundle, "configs")
-    return [os.path.join(cdir, n) for n in names]
+def _common_dir(bundle: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(os.path.normpath(bundle))), "common", "configs")
+
+
+def bundle_configs(bundle: str, names: Sequence[str]) -> list[str]:
+    """The config files for ``names`` in MONAI's merge order: for each name the shared
+    ``bundles/common/configs/classification_<name>`` (when it exists) and then the bundle's own ``<name>`` (when it
+    exists), e.g. ``["train.yaml", "cpu.yaml", "evaluate.yaml"]`` -> common/classification_train, bundle/train,
+    bundle/cpu, common/classification_evaluate. (The prefix keeps file names unique: ``ckpt_export`` stores the
+    configs by name.)"""
+    out = []
+    for name in names:
+        candidates = (os.path.join(_common_dir(bundle), "classification_" + name), os.path.join(bundle, "configs", name))
+        found = [p for p in candidates if os.path.exists(p)]
+        if not found:
+            raise FileNotFoundError(f"config {name!r} is neither in {bundle}/configs nor in {_common_dir(bundle)}")
+        out += found
+    return out
+
+
+def bundle_files(bundle: str) -> dict:
+    """``meta_file`` and ``logging_file`` for ``ConfigWorkflow`` (the bundle's own logging.conf, else the shared one)."""
+    own = os.path.join(bundle, "configs", "logging.conf")
+    return {"meta_file": os.path.join(bundle, "configs", "metadata.json"),
+            "logging_file": own if os.path.exists(own) else os.path.join(_common_dir(bundle), "logging.conf")}
 
 
 def run_bundle(bundle: str, configs: Sequence[str], **overrides):
-    """Run ``configs`` of ``bundle`` through ``monai.bundle.ConfigWorkflow``; returns the workflow."""
+    """Run ``configs`` (names, see :func:`bundle_configs`) of ``bundle`` through ``monai.bundle.ConfigWorkflow``;
+    returns the workflow."""
     from monai.bundle import ConfigWorkflow
 
-    cdir = os.path.join(bundle, "configs")
-    wf = ConfigWorkflow(config_file=_configs(bundle, configs), meta_file=os.path.join(cdir, "metadata.json"),
-                        logging_file=os.path.join(cdir, "logging.conf"), workflow_type="train",
-                        bundle_root=bundle, **overrides)
+    wf = ConfigWorkflow(config_file=bundle_configs(bundle, configs), workflow_type="train", bundle_root=bundle,
+                        **bundle_files(bundle), **overrides)
     wf.initialize()
     wf.run()
     wf.finalize()

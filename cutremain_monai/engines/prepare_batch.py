@@ -23,18 +23,29 @@ class BoxBatchPrepare(PrepareBatch):
         batch_transform: a callable on the collated batch dict (e.g. ``SupCutmixd``), or None.
         label_mode: ``"binary"`` -> float ``(B, 1)``; ``"multilabel"`` -> float ``(B, K)``; ``"multiclass"`` -> long
             ``(B,)`` class indices (one-hot/mixed float targets pass through as float ``(B, K)``).
+        num_classes: multi-class only: with a ``batch_transform``, class indices are one-hot encoded to float
+            ``(B, K)`` first, so a mix of two samples yields class probabilities (which ``CrossEntropyLoss`` takes)
+            rather than an averaged class index.
     """
 
-    def __init__(self, batch_transform=None, label_mode: str = "binary", image_key: str = IMAGE, label_key: str = LABEL):
+    def __init__(self, batch_transform=None, label_mode: str = "binary", image_key: str = IMAGE, label_key: str = LABEL,
+                 num_classes: int | None = None):
         if label_mode not in ("binary", "multilabel", "multiclass"):
             raise ValueError(f"label_mode must be binary, multilabel or multiclass, got {label_mode!r}")
         self.batch_transform = batch_transform
         self.label_mode = label_mode
         self.image_key = image_key
         self.label_key = label_key
+        self.num_classes = num_classes
+        if label_mode == "multiclass" and batch_transform is not None and not num_classes:
+            raise ValueError("label_mode 'multiclass' with a batch_transform needs num_classes (labels are one-hot encoded before mixing)")
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs: Any):
         if self.batch_transform is not None and self.label_key in batchdata:
+            if self.label_mode == "multiclass":
+                y = torch.as_tensor(batchdata[self.label_key])
+                if not y.is_floating_point():
+                    batchdata = {**batchdata, self.label_key: torch.nn.functional.one_hot(y.long().reshape(-1), self.num_classes).float()}
             batchdata = self.batch_transform(batchdata)
         image = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
         if self.label_key not in batchdata:

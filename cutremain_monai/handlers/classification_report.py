@@ -1,5 +1,6 @@
 """Evaluator handler: AUC-ROC, F1 and accuracy over the whole (distributed) evaluation set, the F1 threshold
-protocol, and the ROC curve as a PNG.
+protocol, and the ROC curve as a PNG; binary, multi-class (per-class one-vs-rest AUC / F1, the paper's Table 3)
+and multi-label (per-class AUC, mAP, CF1, OF1, Tables 4-5) by ``mode``.
 
 MONAI's ``ROCAUC`` handler gives the AUC; this adds F1 and accuracy at a threshold chosen on validation (saved as
 ``threshold.json`` whenever validation AUC improves, the same epoch the best checkpoint is kept) and applied
@@ -17,7 +18,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from cutremain_monai.handlers.utils import rank
-from cutremain_monai.metrics.classification import binary_metrics, roc_points
+from cutremain_monai.metrics.classification import binary_metrics, multiclass_metrics, multilabel_metrics, roc_points
 
 __all__ = ["ClassificationReport"]
 
@@ -38,10 +39,18 @@ class ClassificationReport:
         prefix: metric name prefix (``val`` / ``test``).
         threshold: a fixed threshold; ``threshold_file``: read it from there; neither: choose it on this data.
         pred_key / label_key: keys in the (decollated) engine output; predictions are probabilities.
+        mode: ``binary`` | ``multiclass`` (softmax probabilities, class-index or one-hot labels; no threshold) |
+            ``multilabel`` (one threshold per class, saved as a list).
+        class_names: names for the per-class entries (multi-class / multi-label).
     """
 
-    def __init__(self, output_dir: str, prefix: str = "val", threshold: float | None = None, threshold_file: str | None = None,
-                 pred_key: str = "pred", label_key: str = "label", save_roc: bool = True):
+    def __init__(self, output_dir: str, prefix: str = "val", threshold=None, threshold_file: str | None = None,
+                 pred_key: str = "pred", label_key: str = "label", save_roc: bool = True, mode: str = "binary",
+                 class_names=None):
+        if mode not in ("binary", "multiclass", "multilabel"):
+            raise ValueError(f"mode must be binary, multiclass or multilabel, got {mode!r}")
+        self.mode = mode
+        self.class_names = list(class_names) if class_names is not None else None
         self.output_dir = output_dir
         self.prefix = prefix
         self.threshold = threshold
@@ -67,28 +76,41 @@ class ClassificationReport:
         out = engine.state.output
         items = out if isinstance(out, list) else [out]
         for o in items:
-            self._preds.append(torch.as_tensor(o[self.pred_key]).detach().float().reshape(-1, 1).cpu())
-            self._labels.append(torch.as_tensor(o[self.label_key]).detach().float().reshape(-1, 1).cpu())
+            p = torch.as_tensor(o[self.pred_key]).detach().float().reshape(1, -1).cpu()
+            y = torch.as_tensor(o[self.label_key]).detach().float().reshape(1, -1).cpu()
+            if self.mode == "multiclass" and y.shape[1] == 1 and p.shape[1] > 1:  # class index -> one-hot
+                y = torch.nn.functional.one_hot(y.long().reshape(-1), p.shape[1]).float()
+            self._preds.append(p)
+            self._labels.append(y)
 
-    def _fixed_threshold(self) -> float | None:
+    def _fixed_threshold(self):
         if self.threshold is not None:
-            return float(self.threshold)
+            return self.threshold if isinstance(self.threshold, (list, tuple)) else float(self.threshold)
         if self.threshold_file:
             if not os.path.exists(self.threshold_file):
                 raise FileNotFoundError(f"threshold file {self.threshold_file} not found: train (with validation) first")
             with open(self.threshold_file) as f:
-                return float(json.load(f)["threshold"])
+                saved = json.load(f)
+            return saved["thresholds"] if self.mode == "multilabel" else float(saved["threshold"])
         return None
+
+    def _metrics(self, labels: torch.Tensor, preds: torch.Tensor) -> dict:
+        if self.mode == "binary":
+            return binary_metrics(labels.numpy().reshape(-1), preds.numpy().reshape(-1), self._fixed_threshold())
+        if self.mode == "multiclass":
+            return multiclass_metrics(labels.numpy(), preds.numpy(), self.class_names)
+        return multilabel_metrics(labels.numpy() > 0.5, preds.numpy(), self.class_names, self._fixed_threshold())
 
     def __call__(self, engine: Engine) -> None:
         preds = _gather(torch.cat(self._preds)) if self._preds else torch.zeros(0, 1)
         labels = _gather(torch.cat(self._labels)) if self._labels else torch.zeros(0, 1)
-        y, p = labels.numpy().reshape(-1), preds.numpy().reshape(-1)
-        if len(y) == 0:
+        if len(labels) == 0:
             return
-        m = binary_metrics(y, p, self._fixed_threshold())
-        for k in ("auc", "f1", "accuracy", "threshold"):
-            engine.state.metrics[f"{self.prefix}_{k}"] = m[k]
+        y, p = labels.numpy(), preds.numpy()
+        m = self._metrics(labels, preds)
+        for k in ("auc", "f1", "accuracy", "threshold", "map", "cf1", "of1"):
+            if k in m:
+                engine.state.metrics[f"{self.prefix}_{k}"] = m[k]
         if rank() != 0:
             return
         os.makedirs(self.output_dir, exist_ok=True)
@@ -97,9 +119,10 @@ class ClassificationReport:
         improved = np.isfinite(m["auc"]) and m["auc"] > self.best_auc
         if improved:
             self.best_auc = m["auc"]
-            if self.threshold is None and self.threshold_file is None:
+            if self.threshold is None and self.threshold_file is None and self.mode != "multiclass":
+                chosen = {"thresholds": m["thresholds"]} if self.mode == "multilabel" else {"threshold": m["threshold"]}
                 with open(os.path.join(self.output_dir, "threshold.json"), "w") as f:
-                    json.dump({"threshold": m["threshold"], "chosen_on": self.prefix, "epoch": getattr(engine.state, "epoch", None), "auc": m["auc"]}, f)
+                    json.dump({**chosen, "chosen_on": self.prefix, "epoch": getattr(engine.state, "epoch", None), "auc": m["auc"]}, f)
             if self.save_roc and np.isfinite(m["auc"]):
                 self._plot(y, p, m)
 
@@ -109,14 +132,21 @@ class ClassificationReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fpr, tpr = roc_points(y, p)
-        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-        ax.plot(fpr, tpr, label=f"AUC {m['auc']:.3f}")
+        fig, ax = plt.subplots(figsize=(4, 4) if self.mode == "binary" else (6, 5), dpi=100)
+        if self.mode == "binary":
+            fpr, tpr = roc_points(y, p)
+            ax.plot(fpr, tpr, label=f"AUC {m['auc']:.3f}")
+        else:
+            y2 = y.reshape(len(y), -1) > 0.5
+            for c, (name, v) in enumerate(m["per_class"].items()):
+                if np.isfinite(v["auc"]):
+                    fpr, tpr = roc_points(y2[:, c], p.reshape(len(p), -1)[:, c])
+                    ax.plot(fpr, tpr, lw=1, label=f"{name} {v['auc']:.2f}")
         ax.plot([0, 1], [0, 1], "--", color="grey")
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
         ax.set_title(f"ROC ({self.prefix}, n={m['n']})")
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize=6 if self.mode != "binary" else None)
         fig.tight_layout()
         fig.savefig(os.path.join(self.output_dir, f"{self.prefix}_roc.png"))
         plt.close(fig)

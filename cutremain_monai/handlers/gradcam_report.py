@@ -19,7 +19,8 @@ __all__ = ["GradCAMReport"]
 
 class GradCAMReport:
     def __init__(self, network: torch.nn.Module, dataset, output_dir: str, checkpoint: str | None = None,
-                 target_layer: str = "layer4", max_images: int = 16, device=None, enabled: bool = True):
+                 target_layer: str = "layer4", max_images: int = 16, device=None, enabled: bool = True,
+                 label_mode: str = "binary", class_names=None):
         self.network = network
         self.dataset = dataset
         self.output_dir = output_dir
@@ -28,7 +29,28 @@ class GradCAMReport:
         self.max_images = max_images
         self.device = device
         self.enabled = enabled
+        self.label_mode = label_mode
+        self.class_names = list(class_names) if class_names is not None else None
         self.result: dict = {}
+
+    def _class(self, sample) -> int | None:
+        """The class whose map is drawn: binary -> the single logit; multi-class -> the labelled class; multi-label
+        -> the class named by the first box label (else the first positive label)."""
+        if self.label_mode == "binary":
+            return None
+        y = torch.as_tensor(sample["label"]).reshape(-1)
+        if self.label_mode == "multiclass":
+            return int(y.argmax()) if y.numel() > 1 else int(y[0])
+        names = self.class_names or []
+        for lab in sample.get("box_labels", []) or []:
+            if lab in names:
+                return names.index(lab)
+        return int(y.argmax())
+
+    def _prob(self, logits: torch.Tensor, c: int | None) -> float:
+        if self.label_mode == "multiclass":
+            return float(torch.softmax(logits, 1)[0, c])
+        return float(torch.sigmoid(logits).reshape(-1)[0 if c is None else c])
 
     def attach(self, engine: Engine) -> None:
         if self.enabled and not engine.has_event_handler(self, Events.COMPLETED):
@@ -47,21 +69,28 @@ class GradCAMReport:
                 if mask is None or float(torch.as_tensor(mask).sum()) == 0 or n >= self.max_images:
                     continue
                 img = torch.as_tensor(s["image"]).float()[None].to(device)
-                cam = grad_cam(model, img, self.target_layer)[0, 0].cpu()
+                c = self._class(s)
+                cam = grad_cam(model, img, self.target_layer, class_idx=c)[0, 0].cpu()
                 e = energy_in_box(cam, torch.as_tensor(mask)[0])
                 energies.append(e)
                 with torch.no_grad():
-                    prob = float(torch.sigmoid(model(img)).reshape(-1)[0])
+                    prob = self._prob(model(img), c)
                 ys, xs = np.nonzero(np.asarray(torch.as_tensor(mask)[0]) > 0)
                 box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
                 save_overlay(os.path.join(overlay_dir, f"cam_{n:03d}.png"), s["image"][0], cam, [box],
-                             title=f"y={float(torch.as_tensor(s['label']).reshape(-1)[0]):.0f} p={prob:.2f} in-box {e:.2f}")
+                             title=f"{self._title(s, c)} p={prob:.2f} in-box {e:.2f}")
                 n += 1
-        self.result = {"cam_energy_in_box": float(np.nanmean(energies)) if energies else float("nan"), "images": n}
+        finite = [e for e in energies if np.isfinite(e)]
+        self.result = {"cam_energy_in_box": float(np.mean(finite)) if finite else float("nan"), "images": n}
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, "cam_report.json"), "w") as f:
             json.dump(self.result, f, indent=1)
         return self.result
+
+    def _title(self, s, c) -> str:
+        if c is None:
+            return f"y={float(torch.as_tensor(s['label']).reshape(-1)[0]):.0f}"
+        return f"{self.class_names[c] if self.class_names else c}"
 
     def __call__(self, engine: Engine) -> None:
         if not self.enabled or rank() != 0:

@@ -128,7 +128,11 @@ class MLflowRegistry:
                     with open(path) as f:
                         values = json.load(f)
                     stem = os.path.splitext(os.path.basename(path))[0].replace("_metrics", "")
-                    mlflow.log_metrics({f"final_{stem}_{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and np.isfinite(v)})
+                    flat = dict(values)
+                    for cls, per in (values.get("per_class") or {}).items():  # per-class metrics: final_val_<class>_auc
+                        flat.update({f"{_metric_key(cls)}_{k}": v for k, v in per.items()})
+                    mlflow.log_metrics({f"final_{stem}_{k}": float(v) for k, v in flat.items()
+                                        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})
             import glob
 
             paths = [p for pattern in self.artifacts for p in (sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern])]
@@ -153,3 +157,8 @@ class MLflowRegistry:
                 version = getattr(info, "registered_model_version", None)
                 self.registered_version = str(version) if version is not None else None
         logger.info("MLflow run %s, registered model %s version %s", self.run_id, self.model_name, self.registered_version)
+
+
+def _metric_key(name: str) -> str:
+    """MLflow metric names allow alphanumerics, ``_ - . /`` and spaces; anything else becomes ``_``."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in str(name))

@@ -5,9 +5,17 @@ is the threshold protocol (chosen on validation, applied unchanged to test) and 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
-__all__ = ["best_f1_threshold", "binary_metrics"]
+__all__ = ["best_f1_threshold", "binary_metrics", "multiclass_metrics", "multilabel_metrics", "mean_auc", "roc_points"]
 
 
 def best_f1_threshold(y_true, y_score) -> float:
@@ -44,3 +52,92 @@ def binary_metrics(y_true, y_score, threshold: float | None = None) -> dict:
 def roc_points(y_true, y_score):
     fpr, tpr, _ = roc_curve(np.asarray(y_true).reshape(-1).astype(int), np.asarray(y_score).reshape(-1))
     return fpr, tpr
+
+
+def _auc_or_nan(y, p) -> float:
+    y = np.asarray(y).astype(int)
+    return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def _nanmean(values) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else float("nan")
+
+
+def mean_auc(y_true, y_score) -> float:
+    """Mean one-vs-rest AUC over the columns of ``(N, K)`` targets that hold both classes (a column with only
+    negatives, common for rare findings in a small validation set, is left out instead of making the mean NaN)."""
+    y = np.asarray(y_true).reshape(len(y_true), -1)
+    p = np.asarray(y_score, dtype=np.float64).reshape(len(y_score), -1)
+    return _nanmean([_auc_or_nan(y[:, k], p[:, k]) for k in range(y.shape[1])])
+
+
+def multiclass_metrics(y_true, y_prob, class_names=None) -> dict:
+    """Single-label K-class metrics in the layout of the Cut&Remain paper's Table 3: per-class one-vs-rest AUC-ROC
+    and F1 (prediction = arg max of the probabilities), their macro means and the accuracy.
+
+    ``y_true``: ``(N,)`` class indices or ``(N, K)`` one-hot; ``y_prob``: ``(N, K)`` probabilities.
+    """
+    p = np.asarray(y_prob, dtype=np.float64)
+    k = p.shape[1]
+    y = np.asarray(y_true)
+    y = y.reshape(len(y), -1).argmax(1) if y.ndim == 2 and y.shape[1] == k and k > 1 else y.reshape(-1).astype(int)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} class names for {k} classes")
+    pred = p.argmax(1)
+    f1s = f1_score(y, pred, labels=list(range(k)), average=None, zero_division=0)
+    per_class = {n: {"auc": _auc_or_nan(y == c, p[:, c]), "f1": float(f1s[c]), "support": int((y == c).sum())}
+                 for c, n in enumerate(names)}
+    return {
+        "auc": _nanmean([v["auc"] for v in per_class.values()]),
+        "f1": float(np.mean(f1s)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "n": int(len(y)),
+        "per_class": per_class,
+    }
+
+
+def multilabel_metrics(y_true, y_prob, class_names=None, thresholds=None) -> dict:
+    """Multi-label metrics of ChestX-ray14 papers (the Cut&Remain paper's Tables 4 and 5).
+
+    Per class: AUC-ROC, average precision and F1 at that class's threshold. Summary: mean AUC (over classes with
+    both labels present), mAP (mean AP over classes with a positive), CF1 = 2 CP CR / (CP + CR) from the per-class
+    mean precision CP and recall CR, and OF1 from the overall (micro) precision and recall, the definitions of
+    Chen et al. (ML-GCN) that Table 5 uses. ``thresholds``: one per class, or None to choose each on these labels
+    by best F1 (validation; pass the saved ones on test). ``accuracy`` is the exact-match (subset) accuracy.
+    """
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(y_prob, dtype=np.float64)
+    if y.shape != p.shape or y.ndim != 2:
+        raise ValueError(f"labels {y.shape} and probabilities {p.shape} must both be (N, K)")
+    k = y.shape[1]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} class names for {k} classes")
+    if thresholds is None:
+        thresholds = [best_f1_threshold(y[:, c], p[:, c]) for c in range(k)]
+    t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    if len(t) != k:
+        raise ValueError(f"{len(t)} thresholds for {k} classes")
+    pred = (p >= t[None]).astype(int)
+    cp = precision_score(y, pred, average="macro", zero_division=0)
+    cr = recall_score(y, pred, average="macro", zero_division=0)
+    per_class = {}
+    for c, n in enumerate(names):
+        per_class[n] = {"auc": _auc_or_nan(y[:, c], p[:, c]),
+                        "ap": float(average_precision_score(y[:, c], p[:, c])) if y[:, c].any() else float("nan"),
+                        "f1": float(f1_score(y[:, c], pred[:, c], zero_division=0)), "threshold": float(t[c]),
+                        "positives": int(y[:, c].sum())}
+    return {
+        "auc": _nanmean([v["auc"] for v in per_class.values()]),
+        "map": _nanmean([v["ap"] for v in per_class.values()]),
+        "cf1": float(2 * cp * cr / (cp + cr)) if cp + cr > 0 else 0.0,
+        "of1": float(f1_score(y, pred, average="micro", zero_division=0)),
+        "f1": float(2 * cp * cr / (cp + cr)) if cp + cr > 0 else 0.0,  # = CF1, the class-averaged F1
+        "accuracy": float(accuracy_score(y, pred)),
+        "thresholds": [float(v) for v in t],
+        "n": int(len(y)),
+        "per_class": per_class,
+    }

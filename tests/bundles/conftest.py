@@ -33,17 +33,24 @@ def tiny_datalist(tmp_path, task="clavicle", n=(6, 4, 4)) -> str:
     return path
 
 
+def config_arg(bundle: str, names) -> str:
+    """The ``--config_file`` argument for ``names`` of ``bundle`` (shared configs first, as the docs write it)."""
+    from cutremain_monai.engines.experiment import bundle_configs
+
+    return "[" + ",".join(f"'{p}'" for p in bundle_configs(os.path.join(BUNDLES, bundle), names)) + "]"
+
+
 def run_bundle(bundle: str, configs, tmp_path, **overrides):
     from monai.bundle import ConfigWorkflow
 
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    cdir = os.path.join(BUNDLES, bundle, "configs")
-    files = [os.path.join(cdir, c) for c in configs]
+    from cutremain_monai.engines.experiment import bundle_configs, bundle_files
+
+    root = os.path.join(BUNDLES, bundle)
     settings = {"bundle_root": os.path.join(BUNDLES, bundle), "output_dir": str(tmp_path / "out"),
                 "datalist_task": None, "tracking_uri": "sqlite:///" + str(tmp_path / "mlruns.db"), **TINY}
     settings.update(overrides)
-    wf = ConfigWorkflow(config_file=files, meta_file=os.path.join(cdir, "metadata.json"),
-                        logging_file=os.path.join(cdir, "logging.conf"), workflow_type="train", **settings)
+    wf = ConfigWorkflow(config_file=bundle_configs(root, configs), workflow_type="train", **bundle_files(root), **settings)
     wf.initialize()
     result = wf.run()
     wf.finalize()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundles.conftest import BUNDLES, run_bundle, tiny_datalist
+from tests.bundles.conftest import BUNDLES, config_arg, run_bundle, tiny_datalist
 from tests.conftest import ROOT, SHARED_MONAI
 
 CPU = ["train.yaml", "cpu.yaml"]
@@ -88,7 +88,7 @@ def test_resume_matches_uninterrupted(tmp_path):
 def test_ddp_two_cpu_processes(tmp_path):
     data = tiny_datalist(tmp_path)
     out = tmp_path / "ddp"
-    cfg = "['{0}/train.yaml','{0}/cpu.yaml','{0}/multi_gpu_train.yaml']".format(os.path.join(BUNDLES, "clavicle_fracture", "configs"))
+    cfg = config_arg("clavicle_fracture", ["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "monai.bundle", "run",
            "--config_file", cfg, "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(out),
            "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "1",
@@ -119,7 +119,7 @@ def test_verify_metadata_and_export(tmp_path):
     ts = tmp_path / "model.ts"
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
                            "--ckpt_file", str(ckpt), "--meta_file", os.path.join(cdir, "metadata.json"),
-                           "--config_file", "['{0}/train.yaml','{0}/cpu.yaml']".format(cdir), "--network_depth", "10",
+                           "--config_file", config_arg("clavicle_fracture", CPU), "--network_depth", "10",
                            "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     scripted = torch.jit.load(str(ts))
@@ -135,7 +135,7 @@ def test_tracking_mlflow_flag_logs_epochs_and_registers_once(tmp_path):
     data = tiny_datalist(tmp_path)
     cdir = os.path.join(BUNDLES, "clavicle_fracture", "configs")
     db = "sqlite:///" + str(tmp_path / "track.db")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"['{cdir}/train.yaml','{cdir}/cpu.yaml']",
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg("clavicle_fracture", CPU),
            "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(tmp_path / "out"),
            "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "2", "--batch_size", "8",
            "--cam_images", "2", "--tracking", "mlflow", "--tracking_uri", db, "--experiment_name", "tracked"]
