@@ -83,7 +83,33 @@ def _experiment(args) -> int:
     if args.kind == "cv":
         cross_validate(args.bundle, items, output, augs, folds=args.folds, seed=args.seed, **overrides)
         print(open(os.path.join(output, "cv_table.md")).read())
+        if os.path.exists(os.path.join(output, "cv_per_class.md")):
+            print(open(os.path.join(output, "cv_per_class.md")).read())
         print(f"results: {output}/cv_table.md, cv_table.csv, cv_results.csv")
+    return 0
+
+
+def _gamma(args) -> int:
+    from cutremain_monai.engines.experiment import gamma_curve
+
+    gammas = [float(v) for v in args.gammas.split(",") if v.strip()]
+    overrides = json.loads(args.overrides) if args.overrides else {}
+    output = args.output or os.path.join(args.bundle, "outputs", "gamma")
+    from cutremain_monai.io.datalist import load_datalist
+    from cutremain_monai.io.loader import split_readable
+
+    clean = {}
+    for section in ("training", "validation", "test"):
+        clean[section], bad = split_readable(load_datalist(args.datalist, section, task=args.task))
+        for path, reason in bad:
+            print(f"set aside (unreadable): {path}: {reason}")
+    os.makedirs(output, exist_ok=True)
+    datalist = os.path.abspath(os.path.join(output, "datalist.json"))
+    with open(datalist, "w") as f:
+        json.dump(clean, f)
+    gamma_curve(args.bundle, datalist, output, gammas, task=None, metric=args.metric, seed=args.seed, **overrides)
+    print(open(os.path.join(output, "gamma_table.md")).read())
+    print(f"results: {output}/gamma_table.md, gamma_results.csv, gamma_curve.png")
     return 0
 
 
@@ -119,17 +145,19 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_samples)
 
-    p = sub.add_parser("experiment", help="k-fold cross-validation of augmentations on a bundle")
-    p.add_argument("kind", choices=["cv"])
+    p = sub.add_parser("experiment", help="k-fold cross-validation of augmentations (cv) or the annotation-budget curve (gamma)")
+    p.add_argument("kind", choices=["cv", "gamma"])
     p.add_argument("--bundle", required=True)
     p.add_argument("--datalist", help="datalist JSON (default: dicom_samples/datalist.json)", default="dicom_samples/datalist.json")
     p.add_argument("--task", default=None, help="section of a multi-task datalist (e.g. clavicle)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--augmentations", default="none,cut_remain,sup_cutout,sup_mixup,sup_cutmix")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gammas", default="0,0.2,0.4,0.6,0.8,1.0", help="gamma: fractions of training images whose boxes are used")
+    p.add_argument("--metric", default="auc", help="gamma: the test metric on the curve (auc, f1, accuracy, map, of1)")
     p.add_argument("--overrides", help='JSON of bundle overrides, e.g. \'{"epochs": 10, "image_size": [128, 128]}\'')
     p.add_argument("-o", "--output")
-    p.set_defaults(func=_experiment)
+    p.set_defaults(func=lambda a: _gamma(a) if a.kind == "gamma" else _experiment(a))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -38,3 +38,63 @@ def test_feature_distances():
     assert d["pairs"] == 2
     with pytest.raises(ValueError, match="layer 'nope' not found"):
         pooled_features(net, x[None], "nope")
+
+
+# multi-label: 6 samples x 3 classes; class 2 has no positives (its AUC is undefined and is left out of the mean)
+YL = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]])
+PL = np.array([[0.9, 0.2, 0.1], [0.3, 0.7, 0.2], [0.6, 0.4, 0.3], [0.2, 0.1, 0.6], [0.4, 0.6, 0.1], [0.7, 0.8, 0.2]])
+
+
+def test_multilabel_metrics_against_sklearn():
+    from sklearn.metrics import average_precision_score, precision_score, recall_score
+
+    from cutremain_monai.metrics.classification import multilabel_metrics
+
+    t = [0.5, 0.5, 0.5]
+    m = multilabel_metrics(YL, PL, ["a", "b", "c"], thresholds=t)
+    pred = (PL >= 0.5).astype(int)
+    aucs = [roc_auc_score(YL[:, c], PL[:, c]) for c in (0, 1)]
+    assert m["auc"] == pytest.approx(np.mean(aucs)) and np.isnan(m["per_class"]["c"]["auc"])
+    assert m["map"] == pytest.approx(np.mean([average_precision_score(YL[:, c], PL[:, c]) for c in (0, 1)]))
+    cp = precision_score(YL, pred, average="macro", zero_division=0)
+    cr = recall_score(YL, pred, average="macro", zero_division=0)
+    assert m["cf1"] == pytest.approx(2 * cp * cr / (cp + cr))
+    assert m["of1"] == pytest.approx(f1_score(YL, pred, average="micro"))
+    # by hand: class a: pred [1,0,1,0,0,1] vs [1,0,1,0,1,0] -> TP 2 FP 1 FN 1; b: pred [0,1,0,0,1,1] vs [0,1,1,0,0,1]
+    # -> TP 2 FP 1 FN 1; c: pred [0,0,0,1,0,0], no positives -> TP 0 FP 1. Micro: TP 4, FP 3, FN 2 -> 8 / 13
+    assert m["of1"] == pytest.approx(8 / 13)
+    assert m["per_class"]["a"]["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(2 / 6)
+    chosen = multilabel_metrics(YL, PL, ["a", "b", "c"])  # thresholds chosen per class by best F1
+    assert chosen["thresholds"][0] == best_f1_threshold(YL[:, 0], PL[:, 0]) and chosen["thresholds"][2] == 0.5
+    with pytest.raises(ValueError, match="2 thresholds for 3 classes"):
+        multilabel_metrics(YL, PL, thresholds=[0.5, 0.5])
+
+
+def test_multiclass_metrics_against_sklearn():
+    from cutremain_monai.metrics.classification import multiclass_metrics
+
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
+    p = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6], [0.3, 0.4, 0.3],
+                  [0.5, 0.3, 0.2], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1], [0.4, 0.1, 0.5]])
+    m = multiclass_metrics(y, p, ["normal", "A", "B"])
+    for c, n in enumerate(["normal", "A", "B"]):
+        assert m["per_class"][n]["auc"] == pytest.approx(roc_auc_score(y == c, p[:, c]))
+    f1s = f1_score(y, p.argmax(1), average=None)
+    assert [m["per_class"][n]["f1"] for n in ("normal", "A", "B")] == pytest.approx(list(f1s))
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    assert m["accuracy"] == pytest.approx(5 / 8)  # wrong: sample 3 (-> A), 4 (-> normal), 7 (-> B)
+    onehot = np.eye(3)[y]
+    assert multiclass_metrics(onehot, p)["auc"] == pytest.approx(m["auc"])
+
+
+def test_mean_auc_handler_metric_skips_undefined_classes():
+    from cutremain_monai.handlers.mean_auc import MeanAUCMetric
+
+    metric = MeanAUCMetric()
+    metric(torch.as_tensor(PL), torch.as_tensor(YL))
+    expected = np.mean([roc_auc_score(YL[:, c], PL[:, c]) for c in (0, 1)])
+    assert metric.aggregate() == pytest.approx(expected)  # MONAI's ROCAUCMetric gives NaN here (class c)
+    metric.reset()
+    metric(torch.as_tensor(PL[:, :1]), torch.zeros(6, 1))
+    with pytest.warns(UserWarning, match="mean AUC undefined"):
+        assert metric.aggregate() == 0.0

@@ -97,9 +97,9 @@ def cross_validate(bundle: str, items: list[dict], output_dir: str, augmentation
             m = train_and_test(bundle, dl_path, out, extra_configs, augmentation=aug, seed=seed,
                                register_model=False, experiment_name=f"cv_{os.path.basename(os.path.normpath(bundle))}",
                                run_name=f"fold{k}_{aug}", **overrides)
-            rows.append({"fold": k, "augmentation": aug, **{key: m.get(key) for key in ("auc", "f1", "accuracy", "threshold", "n", "positives", "cam_energy_in_box")}})
+            rows.append({"fold": k, "augmentation": aug, **{key: m.get(key) for key in _ROW_KEYS}, "per_class": m.get("per_class")})
             with open(os.path.join(output_dir, "cv_results.csv"), "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w = csv.DictWriter(f, fieldnames=["fold", "augmentation", *_ROW_KEYS], extrasaction="ignore")
                 w.writeheader()
                 w.writerows(rows)
     table = summarise(rows, augmentations)
@@ -109,9 +109,98 @@ def cross_validate(bundle: str, items: list[dict], output_dir: str, augmentation
         w = csv.writer(f)
         w.writerow(["augmentation", "auc_mean", "auc_std", "f1_mean", "f1_std", "accuracy_mean", "accuracy_std", "cam_energy_in_box_mean", "folds"])
         w.writerows(table["rows"])
+    if any(r.get("per_class") for r in rows):
+        with open(os.path.join(output_dir, "cv_per_class.md"), "w") as f:
+            f.write(per_class_table(rows, augmentations))
     if tracking:
         _log_table(output_dir, bundle, table)
     return rows
+
+
+_ROW_KEYS = ("auc", "f1", "accuracy", "threshold", "map", "cf1", "of1", "n", "positives", "cam_energy_in_box")
+
+
+def per_class_table(rows: list[dict], augmentations: Sequence[str], metrics: Sequence[str] = ("auc", "f1")) -> str:
+    """Per-class metrics (mean over folds, NaN folds left out) in the layout of the paper's Table 3: one row per
+    augmentation, one column per class and metric."""
+    names = next(list(r["per_class"]) for r in rows if r.get("per_class"))
+    head = [f"{n} {m.upper()}" for n in names for m in metrics]
+    lines = ["| augmentation | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for aug in augmentations:
+        cells = []
+        for n in names:
+            for m in metrics:
+                v = np.asarray([float(r["per_class"][n].get(m, np.nan)) for r in rows if r["augmentation"] == aug and r.get("per_class")])
+                v = v[np.isfinite(v)]
+                cells.append(f"{v.mean():.3f}" if len(v) else "n/a")
+        lines.append(f"| {aug} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gamma_curve(bundle: str, datalist: str, output_dir: str, gammas: Sequence[float], task: str | None = None,
+                extra_configs: Sequence[str] = ("cpu.yaml",), metric: str = "auc", seed: int = 0, tracking: bool = True,
+                **overrides) -> list[dict]:
+    """The annotation-budget curve (the paper's Figure 7): train Cut&Remain at each ``gamma`` (the fraction of
+    training images whose boxes are used; 0 = no box used, the baseline) on the datalist's training section, choose
+    the checkpoint on validation, report on test. Writes ``gamma_results.csv``, ``gamma_table.md`` and
+    ``gamma_curve.png`` (``metric`` against gamma) and logs them to MLflow. Samples chosen at a smaller gamma stay
+    chosen at a larger one (``CutRemaind``'s seeded choice is nested), so the curve measures added annotation."""
+    os.makedirs(output_dir, exist_ok=True)
+    rows = []
+    for g in gammas:
+        if not 0.0 <= float(g) <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {g}")
+        out = os.path.join(output_dir, f"gamma_{float(g):.2f}")
+        logger.info("gamma %.2f", g)
+        m = train_and_test(bundle, datalist, out, extra_configs, task=task, augmentation="cut_remain", gamma=float(g),
+                           seed=seed, register_model=False, run_name=f"gamma_{float(g):.2f}",
+                           experiment_name=f"gamma_{os.path.basename(os.path.normpath(bundle))}", **overrides)
+        rows.append({"gamma": float(g), **{k: m.get(k) for k in _ROW_KEYS if m.get(k) is not None}})
+    keys = ["gamma"] + [k for k in _ROW_KEYS if any(k in r for r in rows)]
+    with open(os.path.join(output_dir, "gamma_results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    shown = [k for k in ("auc", "f1", "accuracy", "map", "of1", "cam_energy_in_box") if k in keys]
+    lines = ["| gamma | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    lines += ["| " + f"{r['gamma']:.2f} | " + " | ".join(f"{float(r[k]):.3f}" if r.get(k) is not None else "n/a" for k in shown) + " |" for r in rows]
+    with open(os.path.join(output_dir, "gamma_table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot_gamma(rows, metric, os.path.join(output_dir, "gamma_curve.png"), os.path.basename(os.path.normpath(bundle)))
+    if tracking:
+        import mlflow
+
+        from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
+
+        mlflow.set_tracking_uri(default_tracking_uri(output_dir))
+        mlflow.set_experiment(f"gamma_{os.path.basename(os.path.normpath(bundle))}")
+        with mlflow.start_run(run_name="gamma_curve"):
+            mlflow.log_param("gammas", ",".join(f"{r['gamma']:.2f}" for r in rows))
+            for i, r in enumerate(rows):
+                mlflow.log_metrics({f"test_{k}": float(r[k]) for k in shown if r.get(k) is not None and np.isfinite(float(r[k]))}, step=i)
+            for name in ("gamma_results.csv", "gamma_table.md", "gamma_curve.png"):
+                mlflow.log_artifact(os.path.join(output_dir, name))
+    return rows
+
+
+def _plot_gamma(rows: list[dict], metric: str, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = [r["gamma"] for r in rows]
+    v = [float(r.get(metric, np.nan)) if r.get(metric) is not None else np.nan for r in rows]
+    fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=100)
+    ax.plot(g, v, "o-")
+    ax.set_xlabel("gamma (fraction of training images with boxes used)")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"{title}: annotation budget")
+    ax.set_xlim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def summarise(rows: list[dict], augmentations: Sequence[str]) -> dict:

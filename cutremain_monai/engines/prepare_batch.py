@@ -41,6 +41,8 @@ class BoxBatchPrepare(PrepareBatch):
             raise ValueError("label_mode 'multiclass' with a batch_transform needs num_classes (labels are one-hot encoded before mixing)")
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs: Any):
+        if self.label_key in batchdata:
+            batchdata = {**batchdata, self.label_key: _label_tensor(batchdata[self.label_key])}
         if self.batch_transform is not None and self.label_key in batchdata:
             if self.label_mode == "multiclass":
                 y = torch.as_tensor(batchdata[self.label_key])
@@ -58,3 +60,11 @@ class BoxBatchPrepare(PrepareBatch):
         elif not label.is_floating_point():
             label = label.long().reshape(-1)
         return image, label.to(device=device, non_blocking=non_blocking, **kwargs)
+
+
+def _label_tensor(label) -> torch.Tensor:
+    """Collated labels as one tensor: PyTorch's default collate turns per-sample label lists (multi-label vectors
+    stored as JSON lists) into a list of K tensors of shape ``(B,)``; those are stacked to ``(B, K)``."""
+    if isinstance(label, (list, tuple)) and label and isinstance(label[0], torch.Tensor) and label[0].ndim == 1:
+        return torch.stack([torch.as_tensor(v) for v in label], dim=1)
+    return torch.as_tensor(label)
