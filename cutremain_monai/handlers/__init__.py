@@ -4,7 +4,8 @@ from cutremain_monai.handlers.classification_report import ClassificationReport
 from cutremain_monai.handlers.gradcam_report import GradCAMReport
 from cutremain_monai.handlers.mean_auc import MeanAUC, MeanAUCMetric
 from cutremain_monai.handlers.mlflow_registry import MLflowRegistry, default_tracking_uri
-from cutremain_monai.handlers.reproducibility import EpochSeed, StopAfterEpochs, latest_checkpoint
+from cutremain_monai.handlers.severity_report import SeverityReport
+from cutremain_monai.handlers.reproducibility import EpochSeed, StopAfterEpochs, last_checkpoints, latest_checkpoint
 
-__all__ = ["ClassificationReport", "GradCAMReport", "MeanAUC", "MeanAUCMetric", "MLflowRegistry", "default_tracking_uri", "EpochSeed",
-           "StopAfterEpochs", "latest_checkpoint"]
+__all__ = ["ClassificationReport", "GradCAMReport", "MeanAUC", "MeanAUCMetric", "MLflowRegistry", "SeverityReport", "default_tracking_uri", "EpochSeed",
+           "StopAfterEpochs", "last_checkpoints", "latest_checkpoint"]

@@ -48,6 +48,10 @@ class MLflowRegistry:
         model_name: registered model name (None: log the model without registering).
         network: the trained network (DDP-wrapped is fine); ``checkpoint``: best weights to load before logging.
         input_shape: shape of the input example (one sample, with batch axis).
+        wrap: optional callable applied to the (best) network before logging, for networks with several inputs
+            (e.g. :class:`cutremain_monai.networks.PackedSeverityViT`: one tensor in, so MLflow can sign it).
+        serialization_format: MLflow's ``"pt2"`` (``torch.export``) or ``"pickle"``; None: MLflow's default. Models
+            with data-dependent control flow (the zone pooling's empty-zone report) need ``"pickle"``.
         params: hyperparameters to log (scalars / short lists; nested dicts are flattened).
         artifacts: files, folders or glob patterns to log if they exist at the end (ROC PNG, CAM overlays, the
             resolved config that ``--tracking`` saves as ``config_*.json``).
@@ -58,7 +62,10 @@ class MLflowRegistry:
     def __init__(self, tracking_uri: str, experiment_name: str = "cutremain", run_name: str | None = None,
                  model_name: str | None = None, network: torch.nn.Module | None = None, checkpoint: str | None = None,
                  input_shape: Sequence[int] = (1, 1, 224, 224), params: Mapping | None = None,
-                 artifacts: Sequence[str] = (), metrics_files: Sequence[str] = (), enabled: bool = True):
+                 artifacts: Sequence[str] = (), metrics_files: Sequence[str] = (), enabled: bool = True, wrap=None,
+                 serialization_format: str | None = None):
+        self.wrap = wrap
+        self.serialization_format = serialization_format
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_name = run_name
@@ -143,6 +150,8 @@ class MLflowRegistry:
                     mlflow.log_artifact(path)
             if self.network is not None:
                 model = best_model(self.network, self.checkpoint).cpu()
+                if self.wrap is not None:
+                    model = self.wrap(model).eval()
                 example = torch.zeros(self.input_shape, dtype=torch.float32)
                 with torch.no_grad():
                     out = model(example)
@@ -152,6 +161,7 @@ class MLflowRegistry:
                 info = mlflow.pytorch.log_model(
                     model, name="model", signature=signature, input_example=example.numpy(),
                     registered_model_name=self.model_name,
+                    **({"serialization_format": self.serialization_format} if self.serialization_format else {}),
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
                 )
                 version = getattr(info, "registered_model_version", None)

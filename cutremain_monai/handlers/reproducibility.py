@@ -58,6 +58,14 @@ class StopAfterEpochs:
             engine.terminate()
 
 
+def last_checkpoints(ckpt_dir: str, n: int = 3, pattern: str = "checkpoint_epoch=*.pt") -> list[str]:
+    """The ``n`` checkpoints with the highest epoch numbers in ``ckpt_dir``, oldest first (empty when none)."""
+    def epoch(f):
+        m = re.search(r"=(\d+)\.pt$", f)
+        return int(m.group(1)) if m else -1
+    return sorted(glob.glob(os.path.join(ckpt_dir, pattern)), key=epoch)[-n:] if n > 0 else []
+
+
 def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint_epoch=*.pt") -> str | None:
     """The checkpoint with the highest epoch number in ``ckpt_dir`` (MONAI ``CheckpointSaver`` names), or None."""
     files = glob.glob(os.path.join(ckpt_dir, pattern))

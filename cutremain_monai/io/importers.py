@@ -247,7 +247,9 @@ def import_brixia(
     """Brixia zone-score manifest (``../shared/data/covid/manifest.csv``) to items.
 
     ``zone_scores`` are the rater's zone scores A-F binarised (score > 0 -> 1, as the COVID severity paper does),
-    ``zone_scores_raw`` the 0-3 scores, ``label`` the binarised global score (0-6); ``lung_mask`` the mask path.
+    ``zone_scores_raw`` the 0-3 scores, ``label`` the binarised global score (0-6); ``lung_mask`` the mask path;
+    ``zone_scores_other`` the other rater's binarised zones (S <-> J) where the manifest has them, for the
+    rater-agreement figures printed beside the model's.
     """
     cols = [f"{rater}_{z}" for z in BRIXIA_ZONES]
     out = []
@@ -268,6 +270,9 @@ def import_brixia(
                 continue
             binarised = [int(s > 0) for s in raw]
             extra = {"zone_scores": binarised, "zone_scores_raw": raw}
+            other = "J" if rater == "S" else "S"
+            if all(f"{other}_{z}" in row and row[f"{other}_{z}"] != "" for z in BRIXIA_ZONES):
+                extra["zone_scores_other"] = [int(int(row[f"{other}_{z}"]) > 0) for z in BRIXIA_ZONES]  # rater comparison
             if mask:
                 extra["lung_mask"] = os.path.abspath(os.path.join(root, mask))
             group = pseudonym(row.get("cohen_patientid") or row["filename"])

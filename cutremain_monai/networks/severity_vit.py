@@ -23,7 +23,7 @@ from torch import nn
 
 from cutremain_monai.networks.lung_zone_pool import LungZoneMaxPool
 
-__all__ = ["SeverityViT", "VIT_B16", "SMALL"]
+__all__ = ["SeverityViT", "PackedSeverityViT", "VIT_B16", "SMALL"]
 
 VIT_B16 = {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072}
 SMALL = {"embed_dim": 192, "depth": 4, "num_heads": 3, "mlp_dim": 768}
@@ -45,12 +45,15 @@ class SeverityViT(nn.Module):
         embed_dim / depth / num_heads / mlp_dim: transformer sizes (:data:`VIT_B16` default, :data:`SMALL`).
         feature_weights: path to a state dict of MONAI ``DenseNet121`` (or of its ``features``) to start from.
         freeze_features: keep the DenseNet features fixed.
+        return_map: ``forward`` returns (zone probabilities, lesion map); False: the zone probabilities only (what
+            MONAI's trainer/evaluator and the loss take; the map is then :meth:`masked_map`).
     """
 
     def __init__(self, in_channels: int = 1, img_size: int = 256, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_dim: int = 3072, dropout: float = 0.0, feature_weights: str | None = None,
-                 freeze_features: bool = False):
+                 freeze_features: bool = False, return_map: bool = True):
         super().__init__()
+        self.return_map = return_map
         if img_size % 16:
             raise ValueError(f"img_size must be a multiple of 16, got {img_size}")
         densenet = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=1)
@@ -96,7 +99,26 @@ class SeverityViT(nn.Module):
         grid = tokens.transpose(1, 2).reshape(b, d, g, g)
         return torch.sigmoid(self.head(grid))
 
-    def forward(self, x: torch.Tensor, lung_mask: torch.Tensor, zones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x, lung_mask, zones: (B, 1, H, W)`` -> (zone probabilities ``(B, 6)``, lesion map ``(B, 1, H, W)``)."""
-        prob = self.lesion_map(x) * (lung_mask > 0).to(x.dtype)
-        return self.pool(prob, zones), prob
+    def masked_map(self, x: torch.Tensor, lung_mask: torch.Tensor) -> torch.Tensor:
+        """Lesion probability map ``(B, 1, H, W)`` multiplied by the lung mask."""
+        return self.lesion_map(x) * (lung_mask > 0).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, lung_mask: torch.Tensor, zones: torch.Tensor):
+        """``x, lung_mask, zones: (B, 1, H, W)`` -> (zone probabilities ``(B, 6)``, lesion map ``(B, 1, H, W)``),
+        or the zone probabilities alone with ``return_map=False``."""
+        prob = self.masked_map(x, lung_mask)
+        zone_prob = self.pool(prob, zones)
+        return (zone_prob, prob) if self.return_map else zone_prob
+
+
+class PackedSeverityViT(nn.Module):
+    """One-tensor front of :class:`SeverityViT` for model registries and TorchScript-style serving:
+    ``(B, 3, H, W)`` = image, lung mask, zone map (as float) -> zone probabilities ``(B, 6)``."""
+
+    def __init__(self, model: SeverityViT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        out = self.model(packed[:, :1], packed[:, 1:2], packed[:, 2:3].round().long())
+        return out[0] if isinstance(out, tuple) else out

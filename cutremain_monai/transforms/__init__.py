@@ -13,6 +13,7 @@ from cutremain_monai.transforms.boxes import (
 )
 from cutremain_monai.transforms.cut_remain import CutRemain, CutRemaind, CutRemainD, CutRemainDict, gamma_selected
 from cutremain_monai.transforms.hide_and_seek import HideAndSeek, HideAndSeekd, HideAndSeekD, HideAndSeekDict, dataset_mean
+from cutremain_monai.transforms.severity_preprocess import GaussianBlur3x3, GaussianBlur3x3d, LungMask, LungMaskd
 from cutremain_monai.transforms.lung_zones import LungZones, LungZonesd, LungZonesD, LungZonesDict, split_lung_zones
 from cutremain_monai.transforms.split_halves import SplitHalves, SplitHalvesd, SplitHalvesD, SplitHalvesDict
 from cutremain_monai.transforms.sup_mix import (
@@ -33,6 +34,7 @@ from cutremain_monai.transforms.sup_mix import (
 __all__ = [
     "BoxesToMask", "BoxesToMaskd", "BoxesToMaskD", "BoxesToMaskDict", "SwapBoxAxesd", "SwapBoxAxesD",
     "SwapBoxAxesDict", "aspect_ratio_boxes", "boxes_to_mask",
+    "GaussianBlur3x3", "GaussianBlur3x3d", "LungMask", "LungMaskd",
     "CutRemain", "CutRemaind", "CutRemainD", "CutRemainDict", "gamma_selected",
     "HideAndSeek", "HideAndSeekd", "HideAndSeekD", "HideAndSeekDict", "dataset_mean",
     "LungZones", "LungZonesd", "LungZonesD", "LungZonesDict", "split_lung_zones",

@@ -10,6 +10,9 @@ from tests.conftest import ROOT, SAMPLES
 
 BUNDLES = os.path.join(ROOT, "bundles")
 TINY = {"image_size": [64, 64], "network_depth": 10, "epochs": 1, "batch_size": 8, "num_workers": 0, "cam_images": 2}
+# covid_severity: the small transformer at 64 px (a multiple of 16), two epochs so the ensemble has two members
+COVID_TINY = {"image_size": 64, "epochs": 2, "batch_size": 4, "num_workers": 0, "overlays": 2, "seg_image_size": 64,
+              "seg_epochs": 1, "seg_batch_size": 4}
 
 
 def tiny_datalist(tmp_path, task="clavicle", n=(6, 4, 4)) -> str:
@@ -33,14 +36,14 @@ def tiny_datalist(tmp_path, task="clavicle", n=(6, 4, 4)) -> str:
     return path
 
 
-def config_arg(bundle: str, names) -> str:
+def config_arg(bundle: str, names, shared="classification") -> str:
     """The ``--config_file`` argument for ``names`` of ``bundle`` (shared configs first, as the docs write it)."""
     from cutremain_monai.engines.experiment import bundle_configs
 
-    return "[" + ",".join(f"'{p}'" for p in bundle_configs(os.path.join(BUNDLES, bundle), names)) + "]"
+    return "[" + ",".join(f"'{p}'" for p in bundle_configs(os.path.join(BUNDLES, bundle), names, shared)) + "]"
 
 
-def run_bundle(bundle: str, configs, tmp_path, **overrides):
+def run_bundle(bundle: str, configs, tmp_path, shared="classification", tiny=None, **overrides):
     from monai.bundle import ConfigWorkflow
 
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
@@ -48,9 +51,9 @@ def run_bundle(bundle: str, configs, tmp_path, **overrides):
 
     root = os.path.join(BUNDLES, bundle)
     settings = {"bundle_root": os.path.join(BUNDLES, bundle), "output_dir": str(tmp_path / "out"),
-                "datalist_task": None, "tracking_uri": "sqlite:///" + str(tmp_path / "mlruns.db"), **TINY}
+                "datalist_task": None, "tracking_uri": "sqlite:///" + str(tmp_path / "mlruns.db"), **(TINY if tiny is None else tiny)}
     settings.update(overrides)
-    wf = ConfigWorkflow(config_file=bundle_configs(root, configs), workflow_type="train", **bundle_files(root), **settings)
+    wf = ConfigWorkflow(config_file=bundle_configs(root, configs, shared), workflow_type="train", **bundle_files(root), **settings)
     wf.initialize()
     result = wf.run()
     wf.finalize()

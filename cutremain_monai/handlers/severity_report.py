@@ -1,0 +1,103 @@
+"""Evaluator handler for the COVID severity model: global-score MSE / MAE / Pearson / R² and mean zone AUC over the
+whole (distributed) evaluation set, beside the same figures between the two raters on the same images, and
+lesion-map overlays with the zone grid.
+
+Writes ``{prefix}_metrics.json`` (model, per-zone AUC, rater agreement) and ``{prefix}_severity_table.md`` every
+epoch on rank 0, and, when the mean zone AUC improves, overlays of the first ``overlays`` samples of ``dataset``
+under ``{prefix}_overlays/`` (the best checkpoint's maps during training; the evaluated model's on test).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from cutremain_monai.handlers.classification_report import _gather
+from cutremain_monai.handlers.utils import rank
+from cutremain_monai.localization.severity_overlay import save_severity_overlay
+from cutremain_monai.metrics.severity import rater_agreement, severity_metrics, severity_table
+
+__all__ = ["SeverityReport"]
+
+logger = logging.getLogger(__name__)
+
+
+class SeverityReport:
+    """Args:
+        output_dir / prefix: where and under which name (``val`` / ``test``) the report goes.
+        items: the evaluated datalist items (for the rater comparison: ``zone_scores`` vs ``zone_scores_other``).
+        network / dataset / overlays: draw overlays of that many dataset samples with this network (0: none).
+    """
+
+    def __init__(self, output_dir: str, prefix: str = "val", items: list | None = None, network=None, dataset=None,
+                 overlays: int = 8, pred_key: str = "pred", label_key: str = "label"):
+        self.output_dir, self.prefix = output_dir, prefix
+        self.items = items or []
+        self.network, self.dataset, self.overlays = network, dataset, overlays
+        self.pred_key, self.label_key = pred_key, label_key
+        self.best = -np.inf
+        self._p: list = []
+        self._y: list = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: (self._p.clear(), self._y.clear()))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _collect(self, engine: Engine) -> None:
+        out = engine.state.output
+        for o in out if isinstance(out, list) else [out]:
+            p = o[self.pred_key]
+            p = p[0] if isinstance(p, (tuple, list)) else p
+            self._p.append(torch.as_tensor(p).detach().float().reshape(1, -1).cpu())
+            self._y.append(torch.as_tensor(o[self.label_key]).detach().float().reshape(1, -1).cpu())
+
+    def __call__(self, engine: Engine) -> None:
+        if not self._p:
+            return
+        p, y = _gather(torch.cat(self._p)).numpy(), _gather(torch.cat(self._y)).numpy()
+        m = severity_metrics(y, p)
+        raters = rater_agreement(self.items)
+        for k in ("mse", "mae", "pearson", "r2", "mean_zone_auc"):
+            engine.state.metrics[f"{self.prefix}_{k}"] = m[k]
+        if rank() != 0:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(os.path.join(self.output_dir, f"{self.prefix}_metrics.json"), "w") as f:
+            json.dump({**m, "raters": raters}, f, indent=1)
+        with open(os.path.join(self.output_dir, f"{self.prefix}_severity_table.md"), "w") as f:
+            f.write(severity_table(m, raters))
+        score = m["mean_zone_auc"] if np.isfinite(m["mean_zone_auc"]) else -m["mse"]
+        if score > self.best:
+            self.best = score
+            self.draw()
+
+    def draw(self) -> int:
+        if not self.overlays or self.network is None or self.dataset is None:
+            return 0
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        if hasattr(net, "members"):  # a checkpoint ensemble: average the members' maps
+            members = list(net.members)
+        else:
+            members = [net]
+        device = next(members[0].parameters()).device
+        n = 0
+        for i in range(min(self.overlays, len(self.dataset))):
+            s = self.dataset[i]
+            x = torch.as_tensor(s["image"]).float()[None].to(device)
+            mask = torch.as_tensor(s["lung_mask"]).float()[None].to(device)
+            zones = torch.as_tensor(s["zones"]).long()[None].to(device)
+            with torch.no_grad():
+                maps = torch.stack([m.eval().masked_map(x, mask) for m in members]).mean(0)
+                probs = members[0].pool(maps, zones)
+            labels = s.get("zone_scores")
+            save_severity_overlay(os.path.join(self.output_dir, f"{self.prefix}_overlays", f"overlay_{i:03d}.png"),
+                                  s["image"][0], maps[0, 0].cpu(), s["zones"][0], probs[0].cpu(), labels,
+                                  title=f"global {float(probs.sum()):.1f}" + (f" / ref {int(np.sum(labels))}" if labels is not None else ""))
+            n += 1
+        return n
