@@ -46,6 +46,8 @@ def _import(args) -> int:
         items = importers.import_yolo(args.images, args.source)
     elif fmt == "brixia":
         items = importers.import_brixia(args.source, args.images, rater=args.rater)
+    elif fmt == "lungmasks":
+        items = importers.import_lung_masks(args.source, args.images)
     else:  # argparse restricts choices
         raise ValueError(fmt)
     split = tuple(float(v) for v in args.split.split(","))
@@ -129,9 +131,9 @@ def main(argv=None) -> int:
     p.set_defaults(func=_ingest)
 
     p = sub.add_parser("import", help="convert an annotation format to a datalist")
-    p.add_argument("format", choices=["csv", "nih", "coco", "fracatlas", "yolo", "brixia"])
+    p.add_argument("format", choices=["csv", "nih", "coco", "fracatlas", "yolo", "brixia", "lungmasks"])
     p.add_argument("source", help="CSV / JSON file (for yolo: the labels folder)")
-    p.add_argument("--images", help="image folder (brixia: the dataset root)")
+    p.add_argument("--images", help="image folder (brixia: the dataset root; lungmasks: the manifest's folder by default)")
     p.add_argument("--bbox", help="nih: BBox_List_2017.csv[.gz]")
     p.add_argument("--region", help="fracatlas: keep this region (hip, shoulder)")
     p.add_argument("--rater", default="S", help="brixia: rater prefix (S or J)")

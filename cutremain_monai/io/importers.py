@@ -278,3 +278,27 @@ def import_brixia(
             group = pseudonym(row.get("cohen_patientid") or row["filename"])
             out.append(_finish(os.path.join(root, "images", row["filename"]), sum(binarised), [], [], group, **extra))
     return out
+
+
+def import_lung_masks(manifest_csv: str, root: str | None = None, image_column: str = "filename", mask_column: str = "mask",
+                      patient_column: str = "patientid", image_dir: str = "images") -> list[dict]:
+    """Images with lung masks for the lung-segmentation stage (``../shared/data/covid/lungseg_extra/manifest.csv``:
+    ``filename`` in ``images/``, ``mask`` relative to the manifest's folder, ``patientid``). Items carry ``image``,
+    ``lung_mask`` and a pseudonymous patient ``group``; ``label`` is 0 (unused). A row whose image or mask file is
+    missing is an error naming the line."""
+    root = root or os.path.dirname(os.path.abspath(manifest_csv))
+    out = []
+    with open(manifest_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        for lineno, row in enumerate(reader, start=2):
+            try:
+                image = os.path.join(root, image_dir, row[image_column])
+                mask = os.path.join(root, row[mask_column])
+            except KeyError as e:
+                raise ValueError(f"{manifest_csv}:{lineno}: missing column {e}") from e
+            for what, p in (("image", image), ("mask", mask)):
+                if not os.path.exists(p):
+                    raise FileNotFoundError(f"{manifest_csv}:{lineno}: {what} file {p} not found")
+            out.append(_finish(os.path.abspath(image), 0, [], [], pseudonym(row.get(patient_column) or row[image_column]),
+                               lung_mask=os.path.abspath(mask)))
+    return out
