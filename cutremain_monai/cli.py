@@ -115,6 +115,34 @@ def _gamma(args) -> int:
     return 0
 
 
+def _self_train(args) -> int:
+    from cutremain_monai.engines.self_training import progressive_self_training, read_schedule
+    from cutremain_monai.io.datalist import load_datalist
+    from cutremain_monai.io.loader import split_readable
+
+    cfg = read_schedule(args.bundle)
+    schedule = [float(v) for v in args.schedule.split(",")] if args.schedule else cfg["schedule"]
+    unl_path = args.unlabelled or cfg.get("unlabelled_datalist")
+    if not unl_path:
+        raise SystemExit("self-train: give --unlabelled (a datalist of images with lung masks)")
+    unlabelled = []
+    for section in ("training", "validation", "test"):
+        try:
+            unlabelled += load_datalist(unl_path, section, task=cfg.get("unlabelled_task"))
+        except KeyError:
+            pass
+    unlabelled, bad = split_readable(unlabelled)
+    for path, reason in bad:
+        print(f"set aside (unreadable): {path}: {reason}")
+    overrides = json.loads(args.overrides) if args.overrides else {}
+    output = args.output or os.path.join(args.bundle, "outputs", "self_training")
+    progressive_self_training(args.bundle, os.path.abspath(args.datalist), unlabelled, output, schedule=schedule,
+                              pseudo_threshold=float(cfg.get("pseudo_threshold", 0.5)), seed=args.seed,
+                              round_overrides=cfg.get("round_overrides") or {}, **overrides)
+    print(open(os.path.join(output, "self_training.md")).read())
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cutremain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,7 +176,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=_samples)
 
     p = sub.add_parser("experiment", help="k-fold cross-validation of augmentations (cv) or the annotation-budget curve (gamma)")
-    p.add_argument("kind", choices=["cv", "gamma"])
+    p.add_argument("kind", choices=["cv", "gamma", "self-train"])
     p.add_argument("--bundle", required=True)
     p.add_argument("--datalist", help="datalist JSON (default: dicom_samples/datalist.json)", default="dicom_samples/datalist.json")
     p.add_argument("--task", default=None, help="section of a multi-task datalist (e.g. clavicle)")
@@ -156,10 +184,12 @@ def main(argv=None) -> int:
     p.add_argument("--augmentations", default="none,cut_remain,sup_cutout,sup_mixup,sup_cutmix")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gammas", default="0,0.2,0.4,0.6,0.8,1.0", help="gamma: fractions of training images whose boxes are used")
+    p.add_argument("--unlabelled", help="self-train: datalist of unlabelled images with lung masks")
+    p.add_argument("--schedule", help="self-train: shares of the unlabelled images per round, e.g. 0.3,0.6,1.0 (default: the bundle's self_training.yaml)")
     p.add_argument("--metric", default="auc", help="gamma: the test metric on the curve (auc, f1, accuracy, map, of1)")
     p.add_argument("--overrides", help='JSON of bundle overrides, e.g. \'{"epochs": 10, "image_size": [128, 128]}\'')
     p.add_argument("-o", "--output")
-    p.set_defaults(func=lambda a: _gamma(a) if a.kind == "gamma" else _experiment(a))
+    p.set_defaults(func=lambda a: {"gamma": _gamma, "self-train": _self_train}.get(a.kind, _experiment)(a))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -119,6 +119,7 @@ def test_brixia_real_binarisation():
         assert it["zone_scores"] == [int(r[f"S_{z}_bin"]) for z in "ABCDEF"]  # the manifest's own binarisation
         assert it["label"] == int(r["S_global_bin_0_6"])
         assert os.path.exists(it["lung_mask"]) and os.path.exists(it["image"])
+        assert it["zone_scores_other"] == [int(r[f"J_{z}_bin"]) for z in "ABCDEF"]  # rater J for the comparison
     j = importers.import_brixia(os.path.join(root, "manifest.csv"), root, rater="J")
     assert [i["zone_scores_raw"] for i in j] == [[int(rows[os.path.basename(i["image"])][f"J_{z}"]) for z in "ABCDEF"] for i in j]
 

@@ -37,3 +37,38 @@ def test_errors_and_flag():
     assert out["zones_ok"] is False and int(out["zones"].sum()) == 0
     with pytest.raises(LungZoneError, match="empty"):
         split_lung_zones(np.zeros((10, 10)))
+
+
+@pytest.mark.real_data
+def test_real_v7_masks_give_six_zones():
+    """Every V7 lung mask of the Brixia-scored images (255 = lung; 127 markup excluded) at 256 px: the zone map has
+    the six zones, each lung's upper zone lies above its lower zone, and image-left zones are left of image-right."""
+    import os
+
+    from monai.transforms import Resize
+
+    from cutremain_monai.io.importers import import_brixia
+    from cutremain_monai.io.loader import load_xray
+    from cutremain_monai.transforms import LungMask
+    from tests.conftest import shared_data
+
+    root = shared_data("covid")
+    items = import_brixia(os.path.join(root, "manifest.csv"), root)
+    ok, failed = 0, []
+    for it in items:
+        mask = Resize((256, 256), mode="nearest")(LungMask()(load_xray(it["lung_mask"]).as_tensor()))
+        try:
+            z = split_lung_zones(mask)
+        except LungZoneError as e:
+            failed.append((os.path.basename(it["lung_mask"]), str(e)))
+            continue
+        assert set(np.unique(z)) == {0, 1, 2, 3, 4, 5, 6}
+        rows = {k: np.nonzero(z == k)[0].mean() for k in range(1, 7)}
+        cols = {k: np.nonzero(z == k)[1].mean() for k in range(1, 7)}
+        assert rows[1] < rows[2] < rows[3] and rows[4] < rows[5] < rows[6]
+        assert cols[1] < cols[4]
+        lung = np.asarray(mask[0]) > 0
+        assert not (z > 0)[~lung].any()  # zones only inside the lung
+        assert (z > 0).sum() >= 0.95 * lung.sum()  # all of it but specks outside the two largest components
+        ok += 1
+    assert ok >= 0.9 * len(items), failed  # the rest are named (single merged lung without a midline gap)

@@ -1,0 +1,153 @@
+"""covid_severity bundle: one short run per config on the synthetic chest samples (dicom_samples/covid), the
+checkpoint ensemble, MLflow registration, lung segmentation, folder inference, self-training, DDP, metadata."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.bundles.conftest import BUNDLES, COVID_TINY, config_arg, run_bundle, tiny_datalist
+from tests.conftest import ROOT, SAMPLES, SHARED_MONAI
+
+CPU = ["train.yaml", "cpu.yaml"]
+ZONES = "ABCDEF"
+
+
+def covid(tmp_path, configs, **kw):
+    return run_bundle("covid_severity", configs, tmp_path, shared=None, tiny=COVID_TINY, **kw)
+
+
+@pytest.fixture
+def covid_data(tmp_path):
+    return tiny_datalist(tmp_path, "covid", n=(6, 3, 3))
+
+
+@pytest.mark.slow
+def test_train_ensemble_evaluate_register(tmp_path, covid_data):
+    covid(tmp_path, CPU, datalist=covid_data, register_model=True, experiment_name="covid_test")
+    out = tmp_path / "out"
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("checkpoint_epoch=*.pt"))
+    assert ckpts == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"] and (out / "checkpoints" / "model.pt").exists()
+    val = json.load(open(out / "val_metrics.json"))
+    assert {"mse", "mae", "pearson", "r2", "mean_zone_auc", "zone_auc"} <= set(val) and val["n"] == 3
+    assert len(list((out / "val_overlays").glob("*.png"))) == 2
+    covid(tmp_path, CPU + ["evaluate.yaml"], datalist=covid_data)
+    test = json.load(open(out / "test_metrics.json"))
+    assert test["n"] == 3 and "| model | 3 |" in open(out / "test_severity_table.md").read()
+    # the evaluated model is the mean of the last two epochs' models: recompute one sample by hand
+    from monai.bundle import ConfigParser
+
+    from cutremain_monai.engines.experiment import bundle_configs
+    from cutremain_monai.io import load_datalist
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(os.path.join(BUNDLES, "covid_severity"), CPU, shared=None))
+    parser.update({"bundle_root": os.path.join(BUNDLES, "covid_severity"), **COVID_TINY})
+    net, pre = parser.get_parsed_content("network_def"), parser.get_parsed_content("train#preprocessing")
+    s = pre(load_datalist(covid_data, "test")[0])
+    probs = []
+    for c in ckpts:
+        net.load_state_dict(torch.load(out / "checkpoints" / c, weights_only=True)["model"])
+        with torch.no_grad():
+            probs.append(net.eval()(s["image"][None], s["lung_mask"][None], s["zones"][None].long()))
+    mean = torch.stack(probs).mean(0)[0]
+    labels = np.asarray(load_datalist(covid_data, "test")[0]["zone_scores"]) > 0
+    assert json.load(open(out / "test_metrics.json"))["n"] == 3 and mean.shape == (6,) and labels.shape == (6,)
+    # MLflow: registered model loads and takes the packed (image, mask, zones) tensor
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlruns.db"))
+    run = client.search_runs([client.get_experiment_by_name("covid_test").experiment_id])[0]
+    assert "final_val_mean_zone_auc" in run.data.metrics and run.data.params["image_size"] == "64"
+    mlflow.set_tracking_uri("sqlite:///" + str(tmp_path / "mlruns.db"))
+    model = mlflow.pytorch.load_model("models:/covid_severity/1")
+    packed = torch.cat([s["image"], s["lung_mask"], s["zones"].float()])[None]
+    best = torch.load(out / "checkpoints" / "model.pt", weights_only=True)  # a single-object save: the bare state dict
+    net.load_state_dict(best.get("model", best))
+    with torch.no_grad():
+        torch.testing.assert_close(model(packed), net(s["image"][None], s["lung_mask"][None], s["zones"][None].long()))
+
+
+@pytest.mark.slow
+def test_lung_seg_then_inference(tmp_path, covid_data):
+    seg_out = tmp_path / "seg"
+    covid(tmp_path, ["lung_seg.yaml", "cpu.yaml"], seg_datalist=covid_data, seg_datalist_task=None, output_dir=str(seg_out))
+    covid(tmp_path, ["lung_seg.yaml", "cpu.yaml", "lung_seg_evaluate.yaml"], seg_datalist=covid_data,
+          seg_datalist_task=None, output_dir=str(seg_out))
+    dice = float(open(seg_out / "metrics.csv").read().strip().split(",")[1])
+    assert 0.0 <= dice <= 1.0
+    assert len(list(csv.reader(open(seg_out / "test_dice_raw.csv")))) == 4  # header + 3 test images
+    covid(tmp_path, CPU, datalist=covid_data, register_model=False)
+    folder = os.path.join(SAMPLES, "covid")
+    n_images = len([f for f in os.listdir(folder) if f.endswith(".dcm")])
+    # masks from files
+    covid(tmp_path, CPU + ["inference.yaml"], datalist=covid_data, input_dir=folder, mask_dir=folder, mask_suffix="_lungs")
+    rows = list(csv.DictReader(open(tmp_path / "out" / "inference" / "severity.csv")))
+    assert len(rows) == n_images and all(r["error"] == "" and r["mask_source"] == "file" for r in rows)
+    r = rows[0]
+    p = [float(r[f"p_{z}"]) for z in ZONES]
+    assert float(r["global_score"]) == pytest.approx(sum(p), abs=1e-3)
+    assert [int(r[f"zone_{z}"]) for z in ZONES] == [int(v >= 0.5) for v in p]
+    assert (tmp_path / "out" / "inference" / r["overlay"]).exists()
+    # masks from the (1-epoch) segmenter: every image has a row, failures carry their reason
+    covid(tmp_path, CPU + ["inference.yaml"], datalist=covid_data, input_dir=folder, mask_suffix="_lungs",
+          seg_checkpoint=str(seg_out / "checkpoints" / "model.pt"), inference_dir=str(tmp_path / "inf2"))
+    rows = list(csv.DictReader(open(tmp_path / "inf2" / "severity.csv")))
+    assert len(rows) == n_images and all(r["mask_source"] == "segmented" for r in rows)
+    assert all(r["error"] == "" or "LungZoneError" in r["error"] for r in rows)
+
+
+@pytest.mark.slow
+def test_self_training_rounds(tmp_path, covid_data):
+    from cutremain_monai.engines.self_training import progressive_self_training, read_schedule
+    from cutremain_monai.io import load_datalist
+
+    assert read_schedule(os.path.join(BUNDLES, "covid_severity"))["schedule"] == [0.3, 0.6, 1.0]
+    with open(os.path.join(SAMPLES, "datalist.json")) as f:
+        extra = json.load(f)["covid"]["training"][-4:]  # images not in the tiny datalist: the unlabelled pool
+    for it in extra:
+        it["image"], it["lung_mask"] = os.path.join(SAMPLES, it["image"]), os.path.join(SAMPLES, it["lung_mask"])
+        it.pop("zone_scores")
+    held = load_datalist(covid_data, "test")[0]
+    leak = {**held, "group": held["group"]}  # same patient as a test image: must be left out
+    rows = progressive_self_training(os.path.join(BUNDLES, "covid_severity"), covid_data, extra + [leak],
+                                     str(tmp_path / "st"), schedule=[0.5, 1.0], configs=CPU, **{**COVID_TINY, "epochs": 1})
+    assert [r["round"] for r in rows] == [0, 1, 2] and [r["unlabelled_used"] for r in rows] == [0, 2, 4]
+    dl = json.load(open(tmp_path / "st" / "round2" / "datalist.json"))
+    pseudo = [it for it in dl["training"] if it.get("pseudo")]
+    assert len(pseudo) == 4 and held["image"] not in {it["image"] for it in pseudo}
+    for it in pseudo:
+        assert it["zone_scores"] == [int(p >= 0.5) for p in it["pseudo_probabilities"]]
+    assert "| 2 | 4 |" in open(tmp_path / "st" / "self_training.md").read()
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, covid_data):
+    out = tmp_path / "ddp"
+    args = []
+    for k, v in COVID_TINY.items():
+        args += [f"--{k}", str(v)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m", "monai.bundle", "run",
+           "--config_file", config_arg("covid_severity", ["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"], shared=None),
+           "--bundle_root", os.path.join(BUNDLES, "covid_severity"), "--output_dir", str(out), "--datalist", covid_data,
+           "--datalist_task", "None", "--register_model", "False", *args, "--epochs", "1", "--overlays", "0"]
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.load(open(out / "val_metrics.json"))["n"] == 3  # gathered from both ranks
+    assert len(list((out / "checkpoints").glob("checkpoint_epoch=*.pt"))) == 1
+
+
+def test_verify_metadata():
+    schema = os.path.join(SHARED_MONAI, "meta_schema_20240725.json")
+    if not os.path.exists(schema):
+        pytest.skip("offline metadata schema not available")
+    meta = os.path.join(BUNDLES, "covid_severity", "configs", "metadata.json")
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta, "--filepath", schema],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert "metadata is verified with no error" in proc.stdout + proc.stderr
