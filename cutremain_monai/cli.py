@@ -64,21 +64,27 @@ def _samples(args) -> int:
     return 0
 
 
-def _experiment(args) -> int:
-    from cutremain_monai.engines.experiment import cross_validate
+def _readable_items(datalist: str, task: str | None) -> list[dict]:
+    """Every section's items, with the files that cannot be read set aside and named (never silently dropped)."""
     from cutremain_monai.io.datalist import load_datalist
+    from cutremain_monai.io.loader import split_readable
 
     items = []
     for section in ("training", "validation", "test"):
         try:
-            items += load_datalist(args.datalist, section, task=args.task)
+            items += load_datalist(datalist, section, task=task)
         except KeyError:
             pass
-    from cutremain_monai.io.loader import split_readable
-
     items, bad = split_readable(items)
     for path, reason in bad:
         print(f"set aside (unreadable): {path}: {reason}")
+    return items
+
+
+def _experiment(args) -> int:
+    from cutremain_monai.engines.experiment import cross_validate
+
+    items = _readable_items(args.datalist, args.task)
     overrides = json.loads(args.overrides) if args.overrides else {}
     augs = [a.strip() for a in args.augmentations.split(",") if a.strip()]
     output = args.output or os.path.join(args.bundle, "outputs", "cv")
@@ -117,28 +123,19 @@ def _gamma(args) -> int:
 
 def _self_train(args) -> int:
     from cutremain_monai.engines.self_training import progressive_self_training, read_schedule
-    from cutremain_monai.io.datalist import load_datalist
-    from cutremain_monai.io.loader import split_readable
 
     cfg = read_schedule(args.bundle)
     schedule = [float(v) for v in args.schedule.split(",")] if args.schedule else cfg["schedule"]
     unl_path = args.unlabelled or cfg.get("unlabelled_datalist")
     if not unl_path:
         raise SystemExit("self-train: give --unlabelled (a datalist of images with lung masks)")
-    unlabelled = []
-    for section in ("training", "validation", "test"):
-        try:
-            unlabelled += load_datalist(unl_path, section, task=cfg.get("unlabelled_task"))
-        except KeyError:
-            pass
-    unlabelled, bad = split_readable(unlabelled)
-    for path, reason in bad:
-        print(f"set aside (unreadable): {path}: {reason}")
+    unlabelled = _readable_items(unl_path, cfg.get("unlabelled_task"))
     overrides = json.loads(args.overrides) if args.overrides else {}
     output = args.output or os.path.join(args.bundle, "outputs", "self_training")
     progressive_self_training(args.bundle, os.path.abspath(args.datalist), unlabelled, output, schedule=schedule,
                               pseudo_threshold=float(cfg.get("pseudo_threshold", 0.5)), seed=args.seed,
-                              round_overrides=cfg.get("round_overrides") or {}, **overrides)
+                              round_overrides={**(cfg.get("round_overrides") or {}), **json.loads(args.round_overrides or "{}")},
+                              **overrides)
     print(open(os.path.join(output, "self_training.md")).read())
     return 0
 
@@ -186,6 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--gammas", default="0,0.2,0.4,0.6,0.8,1.0", help="gamma: fractions of training images whose boxes are used")
     p.add_argument("--unlabelled", help="self-train: datalist of unlabelled images with lung masks")
     p.add_argument("--schedule", help="self-train: shares of the unlabelled images per round, e.g. 0.3,0.6,1.0 (default: the bundle's self_training.yaml)")
+    p.add_argument("--round-overrides", help="self-train: JSON of overrides for the student rounds only, e.g. '{\"epochs\": 6}'")
     p.add_argument("--metric", default="auc", help="gamma: the test metric on the curve (auc, f1, accuracy, map, of1)")
     p.add_argument("--overrides", help='JSON of bundle overrides, e.g. \'{"epochs": 10, "image_size": [128, 128]}\'')
     p.add_argument("-o", "--output")

@@ -51,6 +51,8 @@ def load_datalist(path: PathLike, section: str = "training", task: str | None = 
     path = os.fspath(path)
     with open(path) as f:
         data = json.load(f)
+    if isinstance(task, str) and task.strip().lower() in ("", "none", "null"):
+        task = None  # `--datalist_task None` on the monai.bundle command line arrives as text (or is dropped)
     if task is not None:
         if task not in data:
             raise KeyError(f"{path}: no task '{task}' (have {sorted(k for k, v in data.items() if isinstance(v, dict))})")
