@@ -12,7 +12,6 @@ import logging
 import os
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from monai.transforms import Compose, HistogramNormalize, NormalizeIntensity, Resize
 

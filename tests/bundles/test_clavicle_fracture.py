@@ -133,7 +133,6 @@ def test_tracking_mlflow_flag_logs_epochs_and_registers_once(tmp_path):
     """`monai.bundle run --tracking mlflow`: MONAI's handler logs per-epoch values and the resolved config, ours
     adds params/artifacts and registers the model in the same run."""
     data = tiny_datalist(tmp_path)
-    cdir = os.path.join(BUNDLES, "clavicle_fracture", "configs")
     db = "sqlite:///" + str(tmp_path / "track.db")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg("clavicle_fracture", CPU),
            "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(tmp_path / "out"),

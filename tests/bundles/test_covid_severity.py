@@ -49,15 +49,22 @@ def test_train_ensemble_evaluate_register(tmp_path, covid_data):
     parser.read_config(bundle_configs(os.path.join(BUNDLES, "covid_severity"), CPU, shared=None))
     parser.update({"bundle_root": os.path.join(BUNDLES, "covid_severity"), **COVID_TINY})
     net, pre = parser.get_parsed_content("network_def"), parser.get_parsed_content("train#preprocessing")
-    s = pre(load_datalist(covid_data, "test")[0])
-    probs = []
+    test_items = load_datalist(covid_data, "test")
+    samples = [pre(it) for it in test_items]
+    members = []
     for c in ckpts:
-        net.load_state_dict(torch.load(out / "checkpoints" / c, weights_only=True)["model"])
-        with torch.no_grad():
-            probs.append(net.eval()(s["image"][None], s["lung_mask"][None], s["zones"][None].long()))
-    mean = torch.stack(probs).mean(0)[0]
-    labels = np.asarray(load_datalist(covid_data, "test")[0]["zone_scores"]) > 0
-    assert json.load(open(out / "test_metrics.json"))["n"] == 3 and mean.shape == (6,) and labels.shape == (6,)
+        m = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
+        m.load_state_dict(torch.load(out / "checkpoints" / c, weights_only=True)["model"])
+        members.append(m.eval())
+    with torch.no_grad():
+        probs = np.stack([torch.stack([m(s["image"][None], s["lung_mask"][None], s["zones"][None].long())[0] for m in members]).mean(0).numpy()
+                          for s in samples])
+    from cutremain_monai.metrics.severity import severity_metrics
+
+    expected = severity_metrics([it["zone_scores"] for it in test_items], probs)
+    assert test["mse"] == pytest.approx(expected["mse"], rel=1e-4)  # the evaluator used the mean of the 2 members
+    assert test["mae"] == pytest.approx(expected["mae"], rel=1e-4)
+    s = samples[0]
     # MLflow: registered model loads and takes the packed (image, mask, zones) tensor
     import mlflow
 
@@ -69,6 +76,7 @@ def test_train_ensemble_evaluate_register(tmp_path, covid_data):
     packed = torch.cat([s["image"], s["lung_mask"], s["zones"].float()])[None]
     best = torch.load(out / "checkpoints" / "model.pt", weights_only=True)  # a single-object save: the bare state dict
     net.load_state_dict(best.get("model", best))
+    net.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(packed), net(s["image"][None], s["lung_mask"][None], s["zones"][None].long()))
 
