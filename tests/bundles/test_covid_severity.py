@@ -159,3 +159,27 @@ def test_verify_metadata():
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta, "--filepath", schema],
                           capture_output=True, text=True, cwd=ROOT)
     assert "metadata is verified with no error" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_tracking_mlflow_flag(tmp_path, covid_data):
+    """`monai.bundle run --tracking mlflow`: per-epoch validation metric, artifacts and the registered model in one run."""
+    db = "sqlite:///" + str(tmp_path / "t.db")
+    cdir = os.path.join(BUNDLES, "covid_severity", "configs")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg("covid_severity", CPU, shared=None),
+           "--meta_file", os.path.join(cdir, "metadata.json"), "--logging_file", os.path.join(BUNDLES, "common", "configs", "logging.conf"),
+           "--bundle_root", os.path.join(BUNDLES, "covid_severity"), "--output_dir", str(tmp_path / "out"),
+           "--datalist", covid_data, "--datalist_task", "null", "--image_size", "64", "--epochs", "2", "--batch_size", "4",
+           "--tracking", "mlflow", "--tracking_uri", db]
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=db, registry_uri=db)
+    runs = client.search_runs([client.get_experiment_by_name("covid_severity").experiment_id])
+    assert len(runs) == 1
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_mean_zone_auc")] == [1, 2]
+    names = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert {"val_overlays", "val_severity_table.md"} <= names and any(n.startswith("config_") for n in names)
+    assert client.search_model_versions("name='covid_severity'")[0].run_id == runs[0].info.run_id
