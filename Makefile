@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install bench samples clean
 
-$(STAMP): setup.cfg constraints.txt
+$(STAMP): setup.cfg setup.py constraints.txt cutremain_monai/networks/_zone_pool.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# constraints.txt pins torch to the CPU wheel; a GPU user installs CUDA torch first (README).

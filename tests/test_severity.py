@@ -52,11 +52,12 @@ def test_zone_bce_matches_torch_and_unwraps_tuples():
 
 
 def test_prepare_batch_binarises_and_stacks():
-    batch = {"image": torch.rand(2, 1, 8, 8), "lung_mask": torch.ones(2, 1, 8, 8), "zones": torch.ones(2, 1, 8, 8),
+    batch = {"image": torch.rand(2, 1, 8, 8), "lung_mask": torch.ones(2, 1, 8, 8), "zones": torch.full((2, 1, 8, 8), 2.9999),
              "zone_scores": [torch.tensor([3, 0]), torch.tensor([0, 1]), torch.tensor([2, 0]), torch.tensor([0, 0]),
                              torch.tensor([1, 0]), torch.tensor([0, 2])]}  # default collate of two 6-lists
     image, label, (mask, zones), kw = SeverityPrepareBatch()(batch)
-    assert label.tolist() == [[1, 0, 1, 0, 1, 0], [0, 1, 0, 0, 0, 1]] and zones.dtype == torch.int64 and kw == {}
+    assert label.tolist() == [[1, 0, 1, 0, 1, 0], [0, 1, 0, 0, 0, 1]] and kw == {}
+    assert zones.dtype == torch.uint8 and (zones == 3).all()  # rounded, and uint8 for the fused pooling kernel
 
 
 def test_checkpoint_ensemble_averages(tmp_path):

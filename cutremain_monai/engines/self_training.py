@@ -65,7 +65,8 @@ def pseudo_label(bundle: str, items: list[dict], ckpt_dir: str, configs: Sequenc
             bad.append((it["image"], "lung mask does not hold two lungs"))
             continue
         with torch.no_grad():
-            p = model(s["image"][None].float(), s["lung_mask"][None].float(), s["zones"][None].long())[0]
+            zones = torch.as_tensor(s["zones"])[None].to(torch.uint8)
+            p = model(s["image"][None].float(), s["lung_mask"][None].float(), zones)[0]
         labels = [int(v >= threshold) for v in p.tolist()]
         out.append({**it, "zone_scores": labels, "label": sum(labels), "pseudo": True,
                     "pseudo_probabilities": [round(float(v), 4) for v in p.tolist()]})

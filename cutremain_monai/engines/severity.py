@@ -33,7 +33,10 @@ class SeverityPrepareBatch(PrepareBatch):
 
         image = to(batchdata[self.image_key], torch.float32)
         mask = to(batchdata[self.mask_key], torch.float32)
-        zones = to(batchdata[self.zones_key], torch.int64)
+        zones = torch.as_tensor(batchdata[self.zones_key])
+        if zones.is_floating_point():  # a zone map that went through float transforms: 2.9999 is zone 3
+            zones = zones.round()
+        zones = to(zones, torch.uint8)  # uint8: the fused CPU zone-pool kernel reads it directly
         label = batchdata.get(self.label_key)
         if label is not None:
             if isinstance(label, (list, tuple)):  # default collate of per-sample lists: 6 tensors of (B,)

@@ -80,7 +80,7 @@ def predict_severity_folder(network: torch.nn.Module, input_dir: str, output_dir
                 row["mask_source"] = "segmented"
             else:
                 raise FileNotFoundError("no lung mask: give mask_dir or a trained lung-segmentation checkpoint")
-            zones = torch.as_tensor(split_lung_zones(mask)).long()[None]
+            zones = torch.as_tensor(split_lung_zones(mask))[None]
         except (LungZoneError, OSError, ValueError) as e:  # one bad image never stops the folder
             row["error"] = f"{type(e).__name__}: {e}"
             rows.append(row)

@@ -91,7 +91,7 @@ class SeverityReport:
             s = self.dataset[i]
             x = torch.as_tensor(s["image"]).float()[None].to(device)
             mask = torch.as_tensor(s["lung_mask"]).float()[None].to(device)
-            zones = torch.as_tensor(s["zones"]).long()[None].to(device)
+            zones = torch.as_tensor(s["zones"]).to(torch.uint8)[None].to(device)
             with torch.no_grad():
                 maps = torch.stack([m.eval().masked_map(x, mask) for m in members]).mean(0)
                 probs = members[0].pool(maps, zones)

@@ -120,5 +120,5 @@ class PackedSeverityViT(nn.Module):
         self.model = model
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        out = self.model(packed[:, :1], packed[:, 1:2], packed[:, 2:3].round().long())
+        out = self.model(packed[:, :1], packed[:, 1:2], packed[:, 2:3].round().to(torch.uint8))
         return out[0] if isinstance(out, tuple) else out
