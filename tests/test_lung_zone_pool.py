@@ -123,3 +123,24 @@ def test_kernel_nan_out_of_range_and_layouts():
             lung_zone_max_pool(prob, bad if use_kernel else bad.long(), use_kernel=use_kernel)
     with pytest.raises(RuntimeError, match="needs float32 maps and uint8 zones"):
         lung_zone_max_pool(prob.double(), zones, use_kernel=True)
+
+
+@needs_kernel
+def test_scalar_and_simd_paths_agree():
+    """The per-pixel loop (CPUs without AVX2) against the AVX2 run path, called on the raw kernel."""
+    from cutremain_monai.networks import _zone_pool
+
+    g = torch.Generator().manual_seed(3)
+    zones = torch.cat([_lung_zone_maps(3, 80, 5), torch.randint(0, 7, (2, 1, 80, 80), generator=g).to(torch.uint8)])
+    prob = torch.rand(zones.shape, generator=g)
+    prob[0, 0, 40, 20] = float("nan")
+    results = []
+    for simd in (True, False):
+        out, empty = torch.empty(5, 6), torch.empty(5, 6, dtype=torch.bool)
+        bad = _zone_pool.zone_max_u8(prob.data_ptr(), zones.data_ptr(), 5, 80 * 80, 6, out.data_ptr(),
+                                     empty.data_ptr(), 2, simd)
+        assert bad == 0
+        results.append((out, empty))
+    torch.testing.assert_close(results[0][0], results[1][0], equal_nan=True)
+    assert torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[1][0], lung_zone_max_pool(prob, zones.long(), use_kernel=False), equal_nan=True)

@@ -9,10 +9,11 @@
  * Machines without AVX2 (or not x86) use the scalar loop; the build is optional (setup.py), and Python falls
  * back to scatter_reduce when this module is missing.
  *
- * zone_max_u8(prob_ptr, zones_ptr, batch, n_pixels, n_zones, out_ptr, empty_ptr, n_threads) -> status
+ * zone_max_u8(prob_ptr, zones_ptr, batch, n_pixels, n_zones, out_ptr, empty_ptr, n_threads[, simd]) -> status
  *   prob: float32 (batch, n_pixels) C-contiguous; zones: uint8 (batch, n_pixels) C-contiguous;
  *   out: float32 (batch, n_zones): column z - 1 holds the maximum over the pixels of zone z, 0 when it is empty;
  *   empty: bool/uint8 (batch, n_zones), 1 where zone z has no pixel. Zone 0 (outside the lungs) is skipped.
+ *   simd: False forces the scalar loop (tests compare the two paths on AVX2 machines).
  *   status: 0, or 1 when a zone value exceeds n_zones (those pixels are ignored; the caller raises).
  */
 #define PY_SSIZE_T_CLEAN
@@ -107,12 +108,12 @@ __attribute__((target("avx2"))) static int image_avx2(const float *p, const uint
 #endif
 
 static int zone_max_u8(const float *prob, const uint8_t *zones, int64_t batch, int64_t n, int64_t nz, float *out,
-                       uint8_t *empty, int n_threads) {
+                       uint8_t *empty, int n_threads, int simd) {
     int bad = 0;
     int use_avx2 = 0;
 #if HAVE_X86
     __builtin_cpu_init();
-    use_avx2 = __builtin_cpu_supports("avx2");
+    use_avx2 = simd && __builtin_cpu_supports("avx2");
 #endif
 #pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad) if (batch > 1 && n_threads > 1)
     for (int64_t b = 0; b < batch; ++b) {
@@ -135,8 +136,9 @@ static int zone_max_u8(const float *prob, const uint8_t *zones, int64_t batch, i
 static PyObject *py_zone_max_u8(PyObject *self, PyObject *args) {
     unsigned long long prob, zones, out, empty;
     long long batch, n, nz;
-    int n_threads;
-    if (!PyArg_ParseTuple(args, "KKLLLKKi", &prob, &zones, &batch, &n, &nz, &out, &empty, &n_threads)) return NULL;
+    int n_threads, simd = 1;
+    if (!PyArg_ParseTuple(args, "KKLLLKKi|p", &prob, &zones, &batch, &n, &nz, &out, &empty, &n_threads, &simd))
+        return NULL;
     if (batch < 0 || n < 0 || nz < 1 || nz > 254 || n_threads < 1) {
         PyErr_SetString(PyExc_ValueError, "zone_max_u8: bad sizes");
         return NULL;
@@ -144,7 +146,7 @@ static PyObject *py_zone_max_u8(PyObject *self, PyObject *args) {
     int bad;
     Py_BEGIN_ALLOW_THREADS
     bad = zone_max_u8((const float *)(uintptr_t)prob, (const uint8_t *)(uintptr_t)zones, batch, n, nz,
-                      (float *)(uintptr_t)out, (uint8_t *)(uintptr_t)empty, n_threads);
+                      (float *)(uintptr_t)out, (uint8_t *)(uintptr_t)empty, n_threads, simd);
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(bad);
 }
