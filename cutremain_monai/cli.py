@@ -29,6 +29,9 @@ def _ingest(args) -> int:
     return 0
 
 
+NEAR_DUPLICATE_DEFAULTS = {"brixia": 0.95, "lungmasks": 0.95}
+
+
 def _import(args) -> int:
     from cutremain_monai.io import importers
     from cutremain_monai.io.datalist import save_datalist, split_by_group
@@ -50,9 +53,31 @@ def _import(args) -> int:
         items = importers.import_lung_masks(args.source, args.images)
     else:  # argparse restricts choices
         raise ValueError(fmt)
+    threshold = args.near_duplicates
+    if threshold is None:  # the Cohen collection is known to hold copies under other patient ids
+        threshold = NEAR_DUPLICATE_DEFAULTS.get(fmt, 0.0)
+    summary = {}
+    if threshold > 0:
+        import csv
+
+        from cutremain_monai.data.near_duplicates import merge_near_duplicate_groups
+
+        groups_before = len({str(i.get("group") or i["image"]) for i in items})
+        items, pairs, bad = merge_near_duplicate_groups(items, threshold)
+        report = os.path.splitext(args.output)[0] + ".near_duplicates.csv"
+        os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
+        with open(report, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["image_a", "image_b", "r", "same_group_before"])
+            w.writeheader()
+            w.writerows(pairs)
+        for path, reason in bad:
+            print(f"near-duplicate check skipped (unreadable): {path}: {reason}")
+        summary = {"near_duplicate_pairs": len(pairs), "near_duplicate_threshold": threshold,
+                   "groups": f"{groups_before} -> {len({i['group'] for i in items})}", "near_duplicate_report": report}
     split = tuple(float(v) for v in args.split.split(","))
     save_datalist(split_by_group(items, split, args.seed), args.output)
-    print(json.dumps({"items": len(items), "boxes": sum(len(i["boxes"]) for i in items), "output": args.output}))
+    print(json.dumps({"items": len(items), "boxes": sum(len(i["boxes"]) for i in items), "output": args.output,
+                      **summary}))
     return 0
 
 
@@ -135,6 +160,8 @@ def _self_train(args) -> int:
     progressive_self_training(args.bundle, os.path.abspath(args.datalist), unlabelled, output, schedule=schedule,
                               pseudo_threshold=float(cfg.get("pseudo_threshold", 0.5)), seed=args.seed,
                               round_overrides={**(cfg.get("round_overrides") or {}), **json.loads(args.round_overrides or "{}")},
+                              near_duplicate_threshold=(args.near_duplicates if args.near_duplicates is not None
+                                                        else float(cfg.get("near_duplicate_threshold", 0.95))),
                               **overrides)
     print(open(os.path.join(output, "self_training.md")).read())
     return 0
@@ -164,6 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--rater", default="S", help="brixia: rater prefix (S or J)")
     p.add_argument("--split", default="0.7,0.15,0.15")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--near-duplicates", type=float, default=None, metavar="R",
+                   help="merge the split groups of images whose thumbnails correlate at |r| >= R (0: off; default "
+                        "0.95 for brixia and lungmasks, off for the others); pairs go to <output>.near_duplicates.csv")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=_import)
 
@@ -184,6 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--unlabelled", help="self-train: datalist of unlabelled images with lung masks")
     p.add_argument("--schedule", help="self-train: shares of the unlabelled images per round, e.g. 0.3,0.6,1.0 (default: the bundle's self_training.yaml)")
     p.add_argument("--round-overrides", help="self-train: JSON of overrides for the student rounds only, e.g. '{\"epochs\": 6}'")
+    p.add_argument("--near-duplicates", type=float, default=None, metavar="R",
+                   help="self-train: leave out unlabelled images that near-duplicate a validation/test image (|r| >= R; "
+                        "0: off; default: the bundle's self_training.yaml, else 0.95)")
     p.add_argument("--metric", default="auc", help="gamma: the test metric on the curve (auc, f1, accuracy, map, of1)")
     p.add_argument("--overrides", help='JSON of bundle overrides, e.g. \'{"epochs": 10, "image_size": [128, 128]}\'')
     p.add_argument("-o", "--output")

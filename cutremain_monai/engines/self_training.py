@@ -82,15 +82,37 @@ def _evaluate(bundle, configs, datalist, out, overrides) -> dict:
 def progressive_self_training(bundle: str, datalist: str, unlabelled: list[dict], output_dir: str,
                               schedule: Sequence[float] = (0.3, 0.6, 1.0), pseudo_threshold: float = 0.5,
                               configs: Sequence[str] = ("train.yaml", "cpu.yaml"), seed: int = 0,
-                              round_overrides: dict | None = None, **overrides) -> list[dict]:
-    """Run the rounds; ``datalist`` has training / validation / test sections of labelled items."""
+                              round_overrides: dict | None = None, near_duplicate_threshold: float | None = 0.95,
+                              **overrides) -> list[dict]:
+    """Run the rounds; ``datalist`` has training / validation / test sections of labelled items.
+
+    Leakage filter on the unlabelled pool: an image whose patient group is in the validation or test section is
+    left out, and so is an image that near-duplicates a validation / test image (thumbnail ``|r| >=
+    near_duplicate_threshold``; ``None`` or 0 turns that check off) - public collections hold the same radiograph
+    under other patient ids. Each left-out image is logged with its reason."""
     from cutremain_monai.io.datalist import load_datalist
 
     os.makedirs(output_dir, exist_ok=True)
     sections = {s: load_datalist(datalist, s) for s in ("training", "validation", "test")}
     held = {it.get("group") for s in ("validation", "test") for it in sections[s]}
     pool = [it for it in unlabelled if it.get("group") not in held]
-    logger.info("unlabelled: %d usable, %d left out (patient in validation/test)", len(pool), len(unlabelled) - len(pool))
+    n_patient = len(unlabelled) - len(pool)
+    if n_patient:
+        logger.warning("unlabelled: %d left out (patient in validation/test)", n_patient)
+    left_out: list = []
+    if near_duplicate_threshold:
+        from cutremain_monai.data.near_duplicates import drop_near_duplicates_of
+
+        pool, left_out = drop_near_duplicates_of(pool, sections["validation"] + sections["test"],
+                                                 near_duplicate_threshold)
+        for path, reason in left_out:
+            logger.warning("unlabelled: left out %s: %s", path, reason)
+    logger.info("unlabelled: %d usable of %d", len(pool), len(unlabelled))
+    with open(os.path.join(output_dir, "unlabelled_left_out.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "reason"])
+        w.writerows([(it["image"], "patient group in validation/test") for it in unlabelled if it.get("group") in held])
+        w.writerows(left_out)
     random.Random(seed).shuffle(pool)
     common = {"register_model": False, "seed": seed, **overrides}
     rows = []

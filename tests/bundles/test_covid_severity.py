@@ -123,7 +123,16 @@ def test_self_training_rounds(tmp_path, covid_data):
         it.pop("zone_scores")
     held = load_datalist(covid_data, "test")[0]
     leak = {**held, "group": held["group"]}  # same patient as a test image: must be left out
-    rows = progressive_self_training(os.path.join(BUNDLES, "covid_severity"), covid_data, extra + [leak],
+    # the same radiograph as a test image, resized and saved as PNG under another patient: must be left out too
+    from PIL import Image
+
+    from cutremain_monai.io.loader import load_xray
+
+    arr = (load_xray(held["image"]).numpy()[0] * 255).astype("uint8")
+    copy_path = str(tmp_path / "copy_of_test_image.png")
+    Image.fromarray(arr).resize((arr.shape[1] * 3 // 4, arr.shape[0] * 3 // 4), Image.LANCZOS).save(copy_path)
+    copy = {**held, "image": copy_path, "group": "another-patient-id"}
+    rows = progressive_self_training(os.path.join(BUNDLES, "covid_severity"), covid_data, extra + [leak, copy],
                                      str(tmp_path / "st"), schedule=[0.5, 1.0], configs=CPU, **{**COVID_TINY, "epochs": 1})
     assert [r["round"] for r in rows] == [0, 1, 2] and [r["unlabelled_used"] for r in rows] == [0, 2, 4]
     dl = json.load(open(tmp_path / "st" / "round2" / "datalist.json"))
@@ -132,6 +141,10 @@ def test_self_training_rounds(tmp_path, covid_data):
     for it in pseudo:
         assert it["zone_scores"] == [int(p >= 0.5) for p in it["pseudo_probabilities"]]
     assert "| 2 | 4 |" in open(tmp_path / "st" / "self_training.md").read()
+    with open(tmp_path / "st" / "unlabelled_left_out.csv") as f:
+        left_out = {r["image"]: r["reason"] for r in csv.DictReader(f)}
+    assert left_out[held["image"]] == "patient group in validation/test"
+    assert left_out[copy_path].startswith(f"near-duplicate of held-out image {os.path.basename(held['image'])}")
 
 
 @pytest.mark.slow
