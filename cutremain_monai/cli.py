@@ -29,7 +29,8 @@ def _ingest(args) -> int:
     return 0
 
 
-NEAR_DUPLICATE_DEFAULTS = {"brixia": 0.95, "lungmasks": 0.95}
+# collections known to hold the same radiograph twice (under other patient ids, or with no patient ids at all)
+NEAR_DUPLICATE_DEFAULTS = {"brixia": 0.85, "lungmasks": 0.85, "fracatlas": 0.85}
 
 
 def _import(args) -> int:
@@ -161,7 +162,7 @@ def _self_train(args) -> int:
                               pseudo_threshold=float(cfg.get("pseudo_threshold", 0.5)), seed=args.seed,
                               round_overrides={**(cfg.get("round_overrides") or {}), **json.loads(args.round_overrides or "{}")},
                               near_duplicate_threshold=(args.near_duplicates if args.near_duplicates is not None
-                                                        else float(cfg.get("near_duplicate_threshold", 0.95))),
+                                                        else float(cfg.get("near_duplicate_threshold", 0.85))),
                               **overrides)
     print(open(os.path.join(output, "self_training.md")).read())
     return 0
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--near-duplicates", type=float, default=None, metavar="R",
                    help="merge the split groups of images whose thumbnails correlate at |r| >= R (0: off; default "
-                        "0.95 for brixia and lungmasks, off for the others); pairs go to <output>.near_duplicates.csv")
+                        "0.85 for brixia, lungmasks and fracatlas, off for the others); pairs go to <output>.near_duplicates.csv")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=_import)
 
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--round-overrides", help="self-train: JSON of overrides for the student rounds only, e.g. '{\"epochs\": 6}'")
     p.add_argument("--near-duplicates", type=float, default=None, metavar="R",
                    help="self-train: leave out unlabelled images that near-duplicate a validation/test image (|r| >= R; "
-                        "0: off; default: the bundle's self_training.yaml, else 0.95)")
+                        "0: off; default: the bundle's self_training.yaml, else 0.85)")
     p.add_argument("--metric", default="auc", help="gamma: the test metric on the curve (auc, f1, accuracy, map, of1)")
     p.add_argument("--overrides", help='JSON of bundle overrides, e.g. \'{"epochs": 10, "image_size": [128, 128]}\'')
     p.add_argument("-o", "--output")

@@ -82,7 +82,7 @@ def _evaluate(bundle, configs, datalist, out, overrides) -> dict:
 def progressive_self_training(bundle: str, datalist: str, unlabelled: list[dict], output_dir: str,
                               schedule: Sequence[float] = (0.3, 0.6, 1.0), pseudo_threshold: float = 0.5,
                               configs: Sequence[str] = ("train.yaml", "cpu.yaml"), seed: int = 0,
-                              round_overrides: dict | None = None, near_duplicate_threshold: float | None = 0.95,
+                              round_overrides: dict | None = None, near_duplicate_threshold: float | None = 0.85,
                               **overrides) -> list[dict]:
     """Run the rounds; ``datalist`` has training / validation / test sections of labelled items.
 
