@@ -1,8 +1,8 @@
 """LungZoneMaxPool on a batch of 16 probability maps at 256x256 against a bare ``amax`` over the whole map, in one
 run (forward only, 2 threads, calls interleaved, medians).
 
-Zone maps are what the pipeline feeds the pool: ``split_lung_zones`` (LungZonesd) on two-lung masks (ellipses
-jittered per image), uint8 as the transform and ``SeverityPrepareBatch`` give them. Also printed, for context:
+Zone maps are what the pipeline feeds the pool: ``split_lung_zones`` (LungZonesd) on the phantoms' two-lung masks
+(``phantom_lung_zone_maps``), uint8 as the transform and ``SeverityPrepareBatch`` give them. Also printed, for context:
 the ``scatter_reduce`` path (CUDA / no compiled kernel) on the same maps, and the kernel on random zone maps
 (runs of one pixel, the kernel's worst case; not a map LungZonesd can make).
 Last line: one JSON object with ``zone_pool_vs_amax`` (target: at most 1.5).
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cutremain_monai.networks.lung_zone_pool import LungZoneMaxPool, fused_kernel_available  # noqa: E402
-from cutremain_monai.transforms.lung_zones import split_lung_zones  # noqa: E402
+from cutremain_monai.data.phantoms import phantom_lung_zone_maps  # noqa: E402
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
@@ -36,25 +36,11 @@ def interleaved(fns: dict, repeats: int) -> dict:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def lung_zone_maps(batch=16, size=256, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    maps = []
-    for _ in range(batch):
-        m = np.zeros((size, size), bool)
-        for cx in (0.3, 0.7):
-            x0, y0 = cx * size + rng.uniform(-8, 8), size * 0.5 + rng.uniform(-10, 10)
-            a, b = size * rng.uniform(0.12, 0.16), size * rng.uniform(0.3, 0.38)
-            m |= ((xx - x0) / a) ** 2 + ((yy - y0) / b) ** 2 <= 1
-        maps.append(split_lung_zones(m))
-    return torch.as_tensor(np.stack(maps))[:, None]
-
-
 def main():
     torch.set_num_threads(2)
     torch.manual_seed(0)
     prob = torch.rand(16, 1, 256, 256)
-    zones = lung_zone_maps()
+    zones = torch.as_tensor(phantom_lung_zone_maps(16, 256))[:, None]
     random_zones = torch.randint(0, 7, (16, 1, 256, 256), dtype=torch.uint8)
     pool = LungZoneMaxPool(warn_empty=False)
     scatter = LungZoneMaxPool(warn_empty=False, use_kernel=False)

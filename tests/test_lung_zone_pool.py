@@ -1,12 +1,11 @@
 import logging
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from cutremain_monai.networks.lung_zone_pool import LungZoneMaxPool, fused_kernel_available, lung_zone_max_pool
-from cutremain_monai.transforms.lung_zones import split_lung_zones
+from cutremain_monai.data.phantoms import phantom_lung_zone_maps
 
 PATHS = [False, pytest.param(True, marks=pytest.mark.skipif(not fused_kernel_available(), reason="no C kernel"))]
 needs_kernel = pytest.mark.skipif(not fused_kernel_available(), reason="the C kernel was not built (no compiler)")
@@ -57,16 +56,7 @@ def test_module_reports_empty_and_errors(caplog):
 
 
 def _lung_zone_maps(batch, size, seed):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    maps = []
-    for _ in range(batch):
-        m = np.zeros((size, size), bool)
-        for cx in (0.3, 0.7):
-            a, b = size * rng.uniform(0.1, 0.16), size * rng.uniform(0.25, 0.38)
-            m |= ((xx - cx * size - rng.uniform(-4, 4)) / a) ** 2 + ((yy - size / 2) / b) ** 2 <= 1
-        maps.append(split_lung_zones(m))
-    return torch.as_tensor(np.stack(maps))[:, None]
+    return torch.as_tensor(phantom_lung_zone_maps(batch, size, seed))[:, None]
 
 
 @needs_kernel

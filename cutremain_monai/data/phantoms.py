@@ -163,6 +163,16 @@ def _lungs(yy, xx, h, w, rng):
     return mask
 
 
+def phantom_lung_zone_maps(n: int, size: int = 256, seed: int = 0) -> np.ndarray:
+    """``(n, size, size)`` uint8 Brixia zone maps (0 outside, 1..6) of the phantoms' two-ellipse lungs, jittered
+    per map: the zone maps ``LungZonesd`` makes, for tests and the zone-pooling benchmark."""
+    from cutremain_monai.transforms.lung_zones import split_lung_zones
+
+    rng = np.random.default_rng(seed)
+    yy, xx = _grid(size, size)
+    return np.stack([split_lung_zones(_lungs(yy, xx, size, size, rng)) for _ in range(n)])
+
+
 def _thorax(rng, h, w, rib_amp):
     """Body, two dark lungs and ribs: the common base of the chest phantoms. Returns (yy, xx, image, lungs)."""
     yy, xx, img = _body(rng, h, w)

@@ -63,3 +63,16 @@ def test_clavicle_fracture_is_inside_its_box():
         inside = img[y0:y1, x0:x1]
         # the gap is darker than the clavicle band around it: a real dip in the box
         assert inside.max() - inside.min() > 0.15
+
+
+def test_phantom_lung_zone_maps():
+    from cutremain_monai.data.phantoms import phantom_lung_zone_maps
+    from cutremain_monai.transforms.lung_zones import split_lung_zones
+
+    maps = phantom_lung_zone_maps(3, 96, seed=4)
+    assert maps.shape == (3, 96, 96) and maps.dtype == np.uint8
+    for m in maps:
+        assert set(np.unique(m).tolist()) == set(range(7))
+        np.testing.assert_array_equal(split_lung_zones(m > 0), m)  # the zoning of its own lung mask
+    assert not np.array_equal(maps[0], maps[1])  # jittered per map
+    np.testing.assert_array_equal(phantom_lung_zone_maps(3, 96, seed=4), maps)  # seeded
