@@ -89,7 +89,10 @@ def test_lung_seg_then_inference(tmp_path, covid_data):
           seg_datalist_task=None, output_dir=str(seg_out))
     dice = float(open(seg_out / "metrics.csv").read().strip().split(",")[1])
     assert 0.0 <= dice <= 1.0
-    assert len(list(csv.reader(open(seg_out / "test_dice_raw.csv")))) == 4  # header + 3 test images
+    raw = list(csv.reader(open(seg_out / "test_dice_raw.csv")))
+    assert len(raw) == 4  # header + 3 test images, each row named by its file
+    test_files = {os.path.basename(it["image"]) for it in json.load(open(covid_data))["test"]}
+    assert {os.path.basename(r[0]) for r in raw[1:]} == test_files
     covid(tmp_path, CPU, datalist=covid_data, register_model=False)
     folder = os.path.join(SAMPLES, "covid")
     n_images = len([f for f in os.listdir(folder) if f.endswith(".dcm")])
