@@ -23,6 +23,7 @@ def _ingest(args) -> int:
         split=split,
         quarantine_dir=args.quarantine_dir,
         progress=not args.no_progress,
+        near_duplicates=args.near_duplicates or None,
     )
     print(report.summary())
     print(f"datalist: {args.output}")
@@ -59,22 +60,11 @@ def _import(args) -> int:
         threshold = NEAR_DUPLICATE_DEFAULTS.get(fmt, 0.0)
     summary = {}
     if threshold > 0:
-        import csv
+        from cutremain_monai.data.near_duplicates import group_near_duplicates_for_split
 
-        from cutremain_monai.data.near_duplicates import merge_near_duplicate_groups
-
-        groups_before = len({str(i.get("group") or i["image"]) for i in items})
-        items, pairs, bad = merge_near_duplicate_groups(items, threshold)
-        report = os.path.splitext(args.output)[0] + ".near_duplicates.csv"
-        os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
-        with open(report, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["image_a", "image_b", "r", "same_group_before"])
-            w.writeheader()
-            w.writerows(pairs)
+        items, summary, bad = group_near_duplicates_for_split(items, threshold, args.output)
         for path, reason in bad:
             print(f"near-duplicate check skipped (unreadable): {path}: {reason}")
-        summary = {"near_duplicate_pairs": len(pairs), "near_duplicate_threshold": threshold,
-                   "groups": f"{groups_before} -> {len({i['group'] for i in items})}", "near_duplicate_report": report}
     split = tuple(float(v) for v in args.split.split(","))
     save_datalist(split_by_group(items, split, args.seed), args.output)
     print(json.dumps({"items": len(items), "boxes": sum(len(i["boxes"]) for i in items), "output": args.output,
@@ -180,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--split", help="train,val,test fractions for a patient-wise split, e.g. 0.7,0.15,0.15")
     p.add_argument("--quarantine-dir", help="copy files that could not be used there")
+    p.add_argument("--near-duplicates", type=float, default=None, metavar="R",
+                   help="with --split: also keep images whose thumbnails correlate at |r| >= R (0.85 suits X-rays) "
+                        "in one group, whatever their PatientID; pairs go to <output>.near_duplicates.csv")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_ingest)
 

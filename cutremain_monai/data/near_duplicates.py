@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 __all__ = ["THUMB", "DEFAULT_THRESHOLD", "thumbnail", "fingerprints", "near_duplicate_pairs",
-           "merge_near_duplicate_groups", "drop_near_duplicates_of"]
+           "merge_near_duplicate_groups", "drop_near_duplicates_of", "group_near_duplicates_for_split"]
 
 logger = logging.getLogger(__name__)
 THUMB = 32
@@ -144,3 +144,23 @@ def drop_near_duplicates_of(pool: Sequence[dict], held: Sequence[dict], threshol
     left_out = [(str(pool[n][key]), f"near-duplicate of held-out image {os.path.basename(str(held[h][key]))} "
                  f"(r={r:.4f})") for n, (h, r) in sorted(hits.items())]
     return kept, left_out
+
+
+def group_near_duplicates_for_split(items: Sequence[dict], threshold: float, datalist_path: str
+                                    ) -> tuple[list[dict], dict, list[tuple[str, str]]]:
+    """:func:`merge_near_duplicate_groups` for a datalist about to be split: also writes the pairs found to
+    ``<datalist stem>.near_duplicates.csv`` and returns a summary (pairs, threshold, groups before -> after,
+    report path) for the datalist's log, plus the unreadable files."""
+    import csv
+
+    groups_before = len({str(it.get("group") or it["image"]) for it in items})
+    merged, pairs, bad = merge_near_duplicate_groups(items, threshold)
+    report = os.path.splitext(datalist_path)[0] + ".near_duplicates.csv"
+    os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
+    with open(report, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image_a", "image_b", "r", "same_group_before"])
+        w.writeheader()
+        w.writerows(pairs)
+    summary = {"near_duplicate_pairs": len(pairs), "near_duplicate_threshold": threshold,
+               "groups": f"{groups_before} -> {len({it['group'] for it in merged})}", "near_duplicate_report": report}
+    return merged, summary, bad

@@ -36,6 +36,7 @@ class IngestReport:
     quarantined: list = field(default_factory=list)  # (file, reason)
     box_warnings: list = field(default_factory=list)  # (file, message)
     files_seen: int = 0
+    near_duplicates: dict = field(default_factory=dict)  # summary of the near-duplicate grouping, when asked for
 
     def summary(self) -> str:
         lines = [
@@ -45,6 +46,10 @@ class IngestReport:
             f"quarantined: {len(self.quarantined)}",
             f"box warnings: {len(self.box_warnings)}",
         ]
+        if self.near_duplicates:
+            n = self.near_duplicates
+            lines.append(f"near-duplicate pairs: {n['near_duplicate_pairs']} (|r| >= {n['near_duplicate_threshold']}), "
+                         f"groups {n['groups']}, pairs in {n['near_duplicate_report']}")
         reasons: dict[str, int] = {}
         for _, r in self.quarantined:
             key = r.split(" (")[0]
@@ -84,6 +89,7 @@ def ingest(
     report_path: str | None = None,
     progress: bool = True,
     seed: int = 0,
+    near_duplicates: float | None = None,
 ) -> IngestReport:
     """Walk ``root``, write the datalist to ``output`` and the quarantine report (CSV) beside it.
 
@@ -92,6 +98,9 @@ def ingest(
         gsps: read boxes from Grayscale Softcopy Presentation States found in the tree.
         split: (train, val, test) fractions for a patient-wise split; default: everything under ``training``.
         quarantine_dir: copy quarantined files there (the originals are never moved or deleted).
+        near_duplicates: with ``split``, merge the patient groups of images whose thumbnails correlate at
+            ``|r| >=`` this (the same radiograph exported twice under different PatientIDs); see
+            :mod:`cutremain_monai.data.near_duplicates`.
     """
     from tqdm import tqdm
 
@@ -160,8 +169,15 @@ def ingest(
                 item["label"] = int(len(item["boxes"]) > 0)
         items.append(item)
     report.images = len(items)
+    near = {}
+    if split and near_duplicates:
+        from cutremain_monai.data.near_duplicates import group_near_duplicates_for_split
+
+        items, near, _ = group_near_duplicates_for_split(items, near_duplicates, output)  # all readable here
+        report.near_duplicates = near
     datalist = split_by_group(items, split, seed) if split else {"training": items, "validation": [], "test": []}
-    datalist["ingest"] = {"root": os.path.abspath(root), "files_seen": report.files_seen, "quarantined": len(report.quarantined)}
+    datalist["ingest"] = {"root": os.path.abspath(root), "files_seen": report.files_seen,
+                          "quarantined": len(report.quarantined), **near}
     save_datalist(datalist, output)
     report_path = report_path or os.path.splitext(output)[0] + "_quarantine.csv"
     with open(report_path, "w", newline="") as f:

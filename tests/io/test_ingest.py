@@ -143,3 +143,33 @@ def test_gsps_pairing_and_split(tmp_path):
     assert [r["reason"] for r in rows if r["file"].endswith("orphan_pr.dcm")] == [
         "presentation state references no usable image in the batch"
     ]
+
+
+def test_near_duplicates_across_patient_ids(tmp_path):
+    """The same radiograph exported under two PatientIDs (and re-windowed: other stored values) ends up in one
+    split group with --near-duplicates; without it the two patients can land in different sections."""
+    from scipy.ndimage import gaussian_filter
+
+    root = tmp_path / "pacs"
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        img = gaussian_filter(rng.normal(size=(64, 48)), 3)
+        px = ((img - img.min()) / (img.max() - img.min()) * 4000).astype(np.uint16)
+        write_dx(str(root / f"img{i}.dcm"), px, uid_seed=f"nd{i}", patient_id=f"PAT{i}")
+        if i == 0:  # the copy: another patient id, stored values halved plus an offset
+            write_dx(str(root / "copy.dcm"), (px // 2 + 100).astype(np.uint16), uid_seed="nd-copy", patient_id="OTHER")
+    out = tmp_path / "dl.json"
+    assert cli_main(["ingest", str(root), "-o", str(out), "--split", "0.5,0.25,0.25", "--no-progress",
+                     "--near-duplicates", "0.85"]) == 0
+    data = json.load(open(out))
+    where = {os.path.basename(it["image"]): (s, it["group"]) for s in ("training", "validation", "test")
+             for it in data[s]}
+    assert len(where) == 9 and where["img0.dcm"] == where["copy.dcm"]
+    assert len({g for _, g in where.values()}) == 8
+    assert data["ingest"]["near_duplicate_pairs"] == 1 and data["ingest"]["groups"] == "9 -> 8"
+    with open(tmp_path / "dl.near_duplicates.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {rows[0]["image_a"], rows[0]["image_b"]} == {"img0.dcm", "copy.dcm"} and float(rows[0]["r"]) > 0.99
+    text = open(out).read() + open(tmp_path / "dl.near_duplicates.csv").read()
+    assert "PAT0" not in text and "OTHER" not in text  # group keys stay pseudonyms
