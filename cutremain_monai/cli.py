@@ -56,7 +56,7 @@ def _import(args) -> int:
     else:  # argparse restricts choices
         raise ValueError(fmt)
     threshold = args.near_duplicates
-    if threshold is None:  # the Cohen collection is known to hold copies under other patient ids
+    if threshold is None:
         threshold = NEAR_DUPLICATE_DEFAULTS.get(fmt, 0.0)
     summary = {}
     if threshold > 0:

@@ -100,13 +100,17 @@ def _find(parent: dict, x):
     return x
 
 
-def merge_near_duplicate_groups(items: Sequence[dict], threshold: float = DEFAULT_THRESHOLD, key: str = "image",
-                                group_key: str = "group") -> tuple[list[dict], list[dict], list[tuple[str, str]]]:
+def merge_near_duplicate_groups(items: Sequence[dict], threshold: float = DEFAULT_THRESHOLD
+                                ) -> tuple[list[dict], list[dict], list[tuple[str, str]]]:
     """Items with the ``group`` of near-duplicates merged (the smallest group key of a merged set wins, an item's
-    own group key before an image path, so keys stay pseudonymous and stable), the pairs found (file names and ``r``; no patient ids), and the unreadable
-    files (their items keep their own group). Items without a group count as their own group (their path)."""
+    own group key before an image path, so keys stay pseudonymous and stable), the pairs found (file names and
+    ``r``; no patient ids), and the unreadable files (their items keep their own group). Items without a group
+    count as their own group (their path), as in ``split_by_group``."""
+    from cutremain_monai.io.datalist import group_keys
+
+    key, group_key = "image", "group"
     items = [dict(it) for it in items]
-    groups = [str(it.get(group_key) or it[key]) for it in items]
+    groups = group_keys(items)
     explicit = {str(it[group_key]) for it in items if it.get(group_key)}
     rank = {g: (g not in explicit, g) for g in groups}  # a real group key wins over an image path
     thumbs, read, bad = fingerprints(items, key)
@@ -153,7 +157,8 @@ def group_near_duplicates_for_split(items: Sequence[dict], threshold: float, dat
     report path) for the datalist's log, plus the unreadable files."""
     import csv
 
-    groups_before = len({str(it.get("group") or it["image"]) for it in items})
+    from cutremain_monai.io.datalist import group_keys
+
     merged, pairs, bad = merge_near_duplicate_groups(items, threshold)
     report = os.path.splitext(datalist_path)[0] + ".near_duplicates.csv"
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
@@ -162,5 +167,6 @@ def group_near_duplicates_for_split(items: Sequence[dict], threshold: float, dat
         w.writeheader()
         w.writerows(pairs)
     summary = {"near_duplicate_pairs": len(pairs), "near_duplicate_threshold": threshold,
-               "groups": f"{groups_before} -> {len({it['group'] for it in merged})}", "near_duplicate_report": report}
+               "groups": f"{len(set(group_keys(items)))} -> {len(set(group_keys(merged)))}",
+               "near_duplicate_report": report}
     return merged, summary, bad

@@ -96,22 +96,21 @@ def progressive_self_training(bundle: str, datalist: str, unlabelled: list[dict]
     sections = {s: load_datalist(datalist, s) for s in ("training", "validation", "test")}
     held = {it.get("group") for s in ("validation", "test") for it in sections[s]}
     pool = [it for it in unlabelled if it.get("group") not in held]
-    n_patient = len(unlabelled) - len(pool)
-    if n_patient:
-        logger.warning("unlabelled: %d left out (patient in validation/test)", n_patient)
-    left_out: list = []
+    left_out = [(it["image"], "patient group in validation/test") for it in unlabelled if it.get("group") in held]
+    if left_out:
+        logger.warning("unlabelled: %d left out (patient in validation/test)", len(left_out))
     if near_duplicate_threshold:
         from cutremain_monai.data.near_duplicates import drop_near_duplicates_of
 
-        pool, left_out = drop_near_duplicates_of(pool, sections["validation"] + sections["test"],
-                                                 near_duplicate_threshold)
-        for path, reason in left_out:
+        pool, copies = drop_near_duplicates_of(pool, sections["validation"] + sections["test"],
+                                               near_duplicate_threshold)
+        for path, reason in copies:
             logger.warning("unlabelled: left out %s: %s", path, reason)
+        left_out += copies
     logger.info("unlabelled: %d usable of %d", len(pool), len(unlabelled))
     with open(os.path.join(output_dir, "unlabelled_left_out.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "reason"])
-        w.writerows([(it["image"], "patient group in validation/test") for it in unlabelled if it.get("group") in held])
         w.writerows(left_out)
     random.Random(seed).shuffle(pool)
     common = {"register_model": False, "seed": seed, **overrides}

@@ -19,7 +19,7 @@ from monai.config import PathLike
 
 from cutremain_monai.constants import BOX_LABELS, BOXES, DATALIST_SECTIONS, GROUP, IMAGE, LABEL
 
-__all__ = ["load_datalist", "save_datalist", "validate_item", "split_by_group", "kfold_by_group", "datalist_hash"]
+__all__ = ["load_datalist", "save_datalist", "validate_item", "split_by_group", "kfold_by_group", "datalist_hash", "group_keys"]
 
 
 def validate_item(item: dict, where: str = "item") -> dict:
@@ -93,7 +93,8 @@ def save_datalist(datalist: dict, path: PathLike, relative_to: PathLike | None =
         json.dump(out, f, indent=1)
 
 
-def _groups(items: Sequence[dict]) -> list[str]:
+def group_keys(items: Sequence[dict]) -> list[str]:
+    """The split group of each item: its ``group`` (a patient pseudonym), else its image path."""
     return [str(it.get(GROUP) or it[IMAGE]) for it in items]
 
 
@@ -103,7 +104,7 @@ def split_by_group(
     """Split items into training/validation/test so that no ``group`` (patient) spans two sections."""
     if not np.isclose(sum(fractions), 1.0) or len(fractions) != 3:
         raise ValueError(f"fractions must be three numbers summing to 1, got {fractions}")
-    groups = sorted(set(_groups(items)))
+    groups = sorted(set(group_keys(items)))
     rng = np.random.default_rng(seed)
     rng.shuffle(groups)
     n = len(groups)
@@ -113,20 +114,20 @@ def split_by_group(
     assign.update({g: 1 for g in groups[n_train : n_train + n_val]})
     assign.update({g: 2 for g in groups[n_train + n_val :]})
     out: dict[str, list[dict]] = {s: [] for s in DATALIST_SECTIONS}
-    for it, g in zip(items, _groups(items)):
+    for it, g in zip(items, group_keys(items)):
         out[DATALIST_SECTIONS[assign[g]]].append(it)
     return out
 
 
 def kfold_by_group(items: Sequence[dict], folds: int = 5, seed: int = 0) -> list[tuple[list[dict], list[dict]]]:
     """``folds`` (train, held-out) pairs; every group is held out exactly once, never split across the two."""
-    groups = sorted(set(_groups(items)))
+    groups = sorted(set(group_keys(items)))
     if folds < 2 or folds > len(groups):
         raise ValueError(f"folds must be in 2..{len(groups)} (number of groups), got {folds}")
     rng = np.random.default_rng(seed)
     rng.shuffle(groups)
     fold_of = {g: i % folds for i, g in enumerate(groups)}
-    gs = _groups(items)
+    gs = group_keys(items)
     return [
         ([it for it, g in zip(items, gs) if fold_of[g] != k], [it for it, g in zip(items, gs) if fold_of[g] == k])
         for k in range(folds)

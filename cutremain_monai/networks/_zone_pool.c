@@ -151,18 +151,8 @@ static PyObject *py_zone_max_u8(PyObject *self, PyObject *args) {
     return PyLong_FromLong(bad);
 }
 
-static PyObject *py_has_avx2(PyObject *self, PyObject *args) {
-#if HAVE_X86
-    __builtin_cpu_init();
-    return PyBool_FromLong(__builtin_cpu_supports("avx2"));
-#else
-    Py_RETURN_FALSE;
-#endif
-}
-
 static PyMethodDef methods[] = {
     {"zone_max_u8", py_zone_max_u8, METH_VARARGS, "Per-zone maxima of float32 maps over uint8 zone maps."},
-    {"has_avx2", py_has_avx2, METH_NOARGS, "Whether the AVX2 path runs on this CPU."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_zone_pool", "Fused CPU lung-zone max pooling.", -1,

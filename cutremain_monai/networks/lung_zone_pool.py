@@ -61,8 +61,10 @@ def _scatter_pool(prob: torch.Tensor, zones: torch.Tensor) -> torch.Tensor:
     b = prob.shape[0]
     index = zones.reshape(b, -1)
     index = index if index.dtype == torch.int64 else index.long()
-    if index.device.type == "cpu" and index.numel() and (int(index.min()) < 0 or int(index.max()) > NUM_ZONES):
-        raise _out_of_range()
+    if index.device.type == "cpu" and index.numel():
+        lo, hi = torch.aminmax(index)
+        if int(lo) < 0 or int(hi) > NUM_ZONES:
+            raise _out_of_range()
     # start from -inf: a zone that receives no pixel stays -inf, which marks it empty without a counting pass
     out = torch.full((b, NUM_ZONES + 1), float("-inf"), dtype=prob.dtype, device=prob.device)
     return out.scatter_reduce(1, index, prob.reshape(b, -1), reduce="amax", include_self=False)
