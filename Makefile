@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install bench samples clean
 
-$(STAMP): setup.cfg setup.py constraints.txt cutremain_monai/networks/_zone_pool.c
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# constraints.txt pins torch to the CPU wheel; a GPU user installs CUDA torch first (README).
@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(PY) -m cutremain_monai.demo
 
 test: $(STAMP)
+	$(PY) -m ruff check cutremain_monai tests benchmarks
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(STAMP)

@@ -55,6 +55,12 @@ def _import(args) -> int:
         items = importers.import_lung_masks(args.source, args.images)
     else:  # argparse restricts choices
         raise ValueError(fmt)
+    # images (and masks) that do not decode were left out by the importer: report them, never drop them silently
+    quarantined = list(getattr(items, "quarantined", []))
+    report = importers.write_quarantine(importers.quarantine_path(args.output), quarantined)
+    for path, reason in quarantined:
+        print(f"quarantined (cannot decode): {path}: {reason}")
+    items = list(items)
     threshold = args.near_duplicates
     if threshold is None:
         threshold = NEAR_DUPLICATE_DEFAULTS.get(fmt, 0.0)
@@ -68,7 +74,7 @@ def _import(args) -> int:
     split = tuple(float(v) for v in args.split.split(","))
     save_datalist(split_by_group(items, split, args.seed), args.output)
     print(json.dumps({"items": len(items), "boxes": sum(len(i["boxes"]) for i in items), "output": args.output,
-                      **summary}))
+                      "quarantined": len(quarantined), "quarantine_report": report, **summary}))
     return 0
 
 

@@ -57,7 +57,7 @@ def test_prepare_batch_binarises_and_stacks():
                              torch.tensor([1, 0]), torch.tensor([0, 2])]}  # default collate of two 6-lists
     image, label, (mask, zones), kw = SeverityPrepareBatch()(batch)
     assert label.tolist() == [[1, 0, 1, 0, 1, 0], [0, 1, 0, 0, 0, 1]] and kw == {}
-    assert zones.dtype == torch.uint8 and (zones == 3).all()  # rounded, and uint8 for the fused pooling kernel
+    assert zones.dtype == torch.uint8 and (zones == 3).all()  # rounded, and uint8 (what LungZonesd makes)
 
 
 def test_checkpoint_ensemble_averages(tmp_path):

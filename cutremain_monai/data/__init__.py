@@ -1,0 +1,1 @@
+from cutremain_monai.data.folder import folder_datalist  # noqa: F401

@@ -11,15 +11,20 @@ from collections.abc import Sequence
 from cutremain_monai.transforms import CutRemaind, HideAndSeekd, SupCutmixd, SupCutoutd, SupMixupd
 from cutremain_monai.transforms.boxes import ASPECT_FACTORS
 
-__all__ = ["AUGMENTATIONS", "sample_augmentation", "batch_augmentation"]
+__all__ = ["AUGMENTATIONS", "check_augmentation", "sample_augmentation", "batch_augmentation"]
 
 AUGMENTATIONS = ("none", "cut_remain", "sup_cutout", "sup_mixup", "sup_cutmix", "hide_and_seek")
 
 
-def _check(name: str) -> str:
+def check_augmentation(name: str) -> str:
+    """``name`` when it is a known augmentation, else a ``ValueError`` listing them (the bundles call it first:
+    their configs switch transforms on by name, and a misspelt name would otherwise train without one)."""
     if name not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {name!r}")
     return name
+
+
+_check = check_augmentation
 
 
 def sample_augmentation(

@@ -24,42 +24,30 @@ __all__ = ["bundle_configs", "bundle_files", "run_bundle", "train_and_test", "cr
 logger = logging.getLogger(__name__)
 
 
-def _common_dir(bundle: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(os.path.normpath(bundle))), "common", "configs")
-
-
-def bundle_configs(bundle: str, names: Sequence[str], shared: str | None = "classification") -> list[str]:
-    """The config files for ``names`` in MONAI's merge order: for each name the shared one in
-    ``bundles/common/configs`` (``<shared>_<name>``, else ``<name>``, when it exists) and then the bundle's own
-    ``<name>`` (when it exists), e.g. ``["train.yaml", "cpu.yaml", "evaluate.yaml"]`` -> common/classification_train,
-    bundle/train, bundle/cpu, common/classification_evaluate. ``shared=None`` for a bundle with its own workflow
-    (covid_severity), which still takes the generic ``multi_gpu_train.yaml``. (Shared names differ from the bundle's:
-    ``ckpt_export`` stores the configs by file name.)"""
+def bundle_configs(bundle: str, names: Sequence[str]) -> list[str]:
+    """The bundle's config files for ``names`` in MONAI's merge order, e.g. ``["train.yaml", "cpu.yaml",
+    "evaluate.yaml"]`` -> ``<bundle>/configs/train.yaml``, ... (each bundle is self-contained)."""
     out = []
-    common = _common_dir(bundle)
     for name in names:
-        prefixed = [os.path.join(common, f"{shared}_{name}")] if shared else []
-        shared_file = next((p for p in [*prefixed, os.path.join(common, name)] if os.path.exists(p)), None)
-        found = [p for p in (shared_file, os.path.join(bundle, "configs", name)) if p and os.path.exists(p)]
-        if not found:
-            raise FileNotFoundError(f"config {name!r} is neither in {bundle}/configs nor in {common}")
-        out += found
+        path = os.path.join(bundle, "configs", name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config {name!r} is not in {bundle}/configs")
+        out.append(path)
     return out
 
 
 def bundle_files(bundle: str) -> dict:
-    """``meta_file`` and ``logging_file`` for ``ConfigWorkflow`` (the bundle's own logging.conf, else the shared one)."""
-    own = os.path.join(bundle, "configs", "logging.conf")
+    """``meta_file`` and ``logging_file`` of the bundle, for ``ConfigWorkflow``."""
     return {"meta_file": os.path.join(bundle, "configs", "metadata.json"),
-            "logging_file": own if os.path.exists(own) else os.path.join(_common_dir(bundle), "logging.conf")}
+            "logging_file": os.path.join(bundle, "configs", "logging.conf")}
 
 
-def run_bundle(bundle: str, configs: Sequence[str], shared: str | None = "classification", **overrides):
-    """Run ``configs`` (names, see :func:`bundle_configs`) of ``bundle`` through ``monai.bundle.ConfigWorkflow``;
-    returns the workflow."""
+def run_bundle(bundle: str, configs: Sequence[str], workflow_type: str = "train", **overrides):
+    """Run ``configs`` (file names in ``<bundle>/configs``) of ``bundle`` through ``monai.bundle.ConfigWorkflow``
+    with ``bundle_root`` set to the bundle; returns the workflow."""
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=bundle_configs(bundle, configs, shared), workflow_type="train", bundle_root=bundle,
+    wf = ConfigWorkflow(config_file=bundle_configs(bundle, configs), workflow_type=workflow_type, bundle_root=bundle,
                         **bundle_files(bundle), **overrides)
     wf.initialize()
     wf.run()

@@ -36,7 +36,7 @@ def _parser(bundle: str, configs: Sequence[str], overrides: dict):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(bundle_configs(bundle, configs, shared=None))
+    parser.read_config(bundle_configs(bundle, configs))
     parser.update({"bundle_root": bundle, **overrides})
     return parser
 
@@ -74,7 +74,7 @@ def pseudo_label(bundle: str, items: list[dict], ckpt_dir: str, configs: Sequenc
 
 
 def _evaluate(bundle, configs, datalist, out, overrides) -> dict:
-    run_bundle(bundle, [*configs, "evaluate.yaml"], shared=None, datalist=datalist, datalist_task=None, output_dir=out, **overrides)
+    run_bundle(bundle, [*configs, "evaluate.yaml"], datalist=datalist, datalist_task=None, output_dir=out, **overrides)
     with open(os.path.join(out, "test_metrics.json")) as f:
         return json.load(f)
 
@@ -116,7 +116,7 @@ def progressive_self_training(bundle: str, datalist: str, unlabelled: list[dict]
     common = {"register_model": False, "seed": seed, **overrides}
     rows = []
     teacher = os.path.join(output_dir, "round0")
-    run_bundle(bundle, configs, shared=None, datalist=datalist, datalist_task=None, output_dir=teacher, **common)
+    run_bundle(bundle, configs, datalist=datalist, datalist_task=None, output_dir=teacher, **common)
     m = _evaluate(bundle, configs, datalist, teacher, common)
     rows.append({"round": 0, "unlabelled_used": 0, "set_aside": 0, **{k: m[k] for k in ("mse", "mae", "pearson", "r2", "mean_zone_auc")}})
     for r, share in enumerate(schedule, start=1):
@@ -133,7 +133,7 @@ def progressive_self_training(bundle: str, datalist: str, unlabelled: list[dict]
         with open(dl, "w") as f:
             json.dump({"training": sections["training"] + pseudo, "validation": sections["validation"], "test": sections["test"]}, f)
         init = os.path.join(teacher, "checkpoints", "model.pt")
-        run_bundle(bundle, configs, shared=None, datalist=dl, datalist_task=None, output_dir=student, init_checkpoint=init,
+        run_bundle(bundle, configs, datalist=dl, datalist_task=None, output_dir=student, init_checkpoint=init,
                    **{**common, **(round_overrides or {})})
         m = _evaluate(bundle, configs, dl, student, {**common, **(round_overrides or {})})
         rows.append({"round": r, "unlabelled_used": len(pseudo), "set_aside": len(bad),

@@ -36,7 +36,7 @@ class SeverityPrepareBatch(PrepareBatch):
         zones = torch.as_tensor(batchdata[self.zones_key])
         if zones.is_floating_point():  # a zone map that went through float transforms: 2.9999 is zone 3
             zones = zones.round()
-        zones = to(zones, torch.uint8)  # uint8: the fused CPU zone-pool kernel reads it directly
+        zones = to(zones, torch.uint8)  # uint8: what LungZonesd makes (zones 0..6)
         label = batchdata.get(self.label_key)
         if label is not None:
             if isinstance(label, (list, tuple)):  # default collate of per-sample lists: 6 tensors of (B,)

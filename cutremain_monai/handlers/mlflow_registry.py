@@ -47,7 +47,8 @@ class MLflowRegistry:
         tracking_uri / experiment_name / run_name: where to log.
         model_name: registered model name (None: log the model without registering).
         network: the trained network (DDP-wrapped is fine); ``checkpoint``: best weights to load before logging.
-        input_shape: shape of the input example (one sample, with batch axis).
+        input_shape: shape of the input example (one sample, with batch axis; logged with a batch of 2 unless
+            ``serialization_format`` is ``"pickle"``, so that ``torch.export`` keeps the batch axis dynamic).
         wrap: optional callable applied to the (best) network before logging, for networks with several inputs
             (e.g. :class:`cutremain_monai.networks.PackedSeverityViT`: one tensor in, so MLflow can sign it).
         serialization_format: MLflow's ``"pt2"`` (``torch.export``) or ``"pickle"``; None: MLflow's default. Models
@@ -56,6 +57,7 @@ class MLflowRegistry:
         artifacts: files, folders or glob patterns to log if they exist at the end (ROC PNG, CAM overlays, the
             resolved config that ``--tracking`` saves as ``config_*.json``).
         metrics_files: JSON files of final metrics to log as metrics.
+        metrics: values to log as metrics at the end (e.g. how many items the datasets set aside).
         enabled: switch (``False`` makes the handler a no-op).
     """
 
@@ -63,7 +65,8 @@ class MLflowRegistry:
                  model_name: str | None = None, network: torch.nn.Module | None = None, checkpoint: str | None = None,
                  input_shape: Sequence[int] = (1, 1, 224, 224), params: Mapping | None = None,
                  artifacts: Sequence[str] = (), metrics_files: Sequence[str] = (), enabled: bool = True, wrap=None,
-                 serialization_format: str | None = None):
+                 serialization_format: str | None = None, metrics: Mapping | None = None):
+        self.metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         self.wrap = wrap
         self.serialization_format = serialization_format
         self.tracking_uri = tracking_uri
@@ -130,6 +133,8 @@ class MLflowRegistry:
             params = {k: v for k, v in self._flat_params().items() if k not in existing}
             if params:
                 mlflow.log_params(params)
+            if self.metrics:
+                mlflow.log_metrics(self.metrics)
             for path in self.metrics_files:
                 if os.path.exists(path):
                     with open(path) as f:
@@ -152,7 +157,10 @@ class MLflowRegistry:
                 model = best_model(self.network, self.checkpoint).cpu()
                 if self.wrap is not None:
                     model = self.wrap(model).eval()
-                example = torch.zeros(self.input_shape, dtype=torch.float32)
+                shape = self.input_shape
+                if self.serialization_format != "pickle":  # pt2 (MLflow's default): torch.export makes a batch
+                    shape = (max(2, shape[0]),) + shape[1:]  # of 1 static, so the model would take one image only
+                example = torch.zeros(shape, dtype=torch.float32)
                 with torch.no_grad():
                     out = model(example)
                 signature = infer_signature(example.numpy(), out.numpy())

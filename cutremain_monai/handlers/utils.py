@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from cutremain_monai.networks.ensemble import checkpoint_state
+
 __all__ = ["rank", "best_model"]
 
 
@@ -21,6 +23,5 @@ def best_model(network: torch.nn.Module, checkpoint: str | None = None) -> torch
     net = network.module if hasattr(network, "module") else network
     model = copy.deepcopy(net).eval()
     if checkpoint and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
+        model.load_state_dict(checkpoint_state(checkpoint))
     return model

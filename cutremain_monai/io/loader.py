@@ -1,33 +1,98 @@
-"""``LoadXrayd``: one loader for DICOM and ordinary image files (PNG/JPEG/...), in one image frame.
+"""``LoadXrayd``: one loader for DICOM, ordinary image files (PNG/JPEG/...) and NIfTI / MHA / NRRD, in one frame.
 
-DICOM goes through :class:`~cutremain_monai.io.dicom.XrayDicomReader` (display pipeline, [0, 1]); other files
-through MONAI's ``PILReader`` without its transpose (``reverse_indexing=False``), converted to grey and scaled to
-[0, 1] by their bit depth. Both give a ``(1, H, W)`` float32 MetaTensor, row 0 at the top, so boxes in
+* DICOM goes through :class:`~cutremain_monai.io.dicom.XrayDicomReader` (display pipeline, [0, 1]).
+* PNG / JPEG / BMP / TIFF are read with PIL, converted to grey and scaled to [0, 1] by their bit depth (MONAI's
+  ``PILReader`` would transpose them).
+* NIfTI (``.nii``, ``.nii.gz``) through MONAI's ``NibabelReader``; MetaImage / NRRD (``.mha``, ``.mhd``,
+  ``.nrrd``, ``.nhdr``) through :class:`SimpleITKReader`, a MONAI ``ImageReader`` on SimpleITK (MONAI's own
+  ``ITKReader`` needs the ``itk`` package, which this project does not install; SimpleITK is a dependency).
+  These are what segmentation tools export lung masks as.
+
+Every route gives a ``(1, H, W)`` float32 MetaTensor, row 0 at the top, x = column, so boxes and masks in
 stored-image pixels mean the same thing for every format.
+
+**Voxel order of NIfTI / MHA / NRRD.** In these files the first voxel axis ``i`` (the fastest on disk, ITK's
+``x``) runs along a row, i.e. it is the column; ``j`` (``y``) is the row. MONAI's readers return ``[i, j]``
+(``x`` first, "reversed indexing" relative to numpy), so the loader swaps the two axes: a mask ``a[row, col]``
+written with ``SimpleITK.WriteImage(SimpleITK.GetImageFromArray(a), ...)`` reads back equal to ``a``, and a
+nibabel user who writes ``nibabel.Nifti1Image(a.T, affine)`` (nibabel arrays are ``[i, j]``) gets ``a`` back too.
+The direction cosines / affine are not applied (as for PNG: the stored pixel grid is the image). A volume with one
+slice (``x, y, 1``) is a 2-D image; a volume with more slices, or more than one component per pixel, raises a
+``ValueError`` naming the file.
+
+**Intensity of NIfTI / MHA / NRRD** (chosen so that a mask gives the same binary lung mask as its PNG, see
+:class:`~cutremain_monai.transforms.severity_preprocess.LungMask`, which thresholds a mask in [0, 1] at 0.75):
+
+* values already in [0, 1] (``{0, 1}`` label masks, booleans, float probability maps or images) are kept;
+* other non-negative whole numbers (``{0, 255}`` masks, 8-/12-/16-bit images, whatever the array dtype) are
+  divided by 255 when they fit in 8 bits, else by 65535 when they fit in 16 bits (as a PNG is divided by its
+  bit depth; so the V7 masks' markup value 127 stays about 0.5, not lung), else by their maximum;
+* anything else (negative or fractional values beyond 1) is min-max scaled to [0, 1].
+
+So ``{0, 1}``, ``{0, 255}`` and ``{0, 255}``-PNG masks of the same lung give the same lung mask. A multi-label map
+(say 1 = right lung, 2 = left lung) is NOT a lung mask under this rule (2/255 is below any threshold): merge its
+labels first.
+
+Metadata: ``filename_or_obj``; for NIfTI / MHA / NRRD also ``pixel_spacing`` (row, column, as for DICOM),
+``pixel_spacing_source``, ``spatial_shape`` and an affine with the spacing. Nothing else from the file header is
+kept (NIfTI ``descrip`` / ``db_name`` and MetaImage / NRRD key-value fields can hold anything, patient names
+included).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
+from monai.config import KeysCollection, PathLike
 from monai.data import MetaTensor
+from monai.data.image_reader import ImageReader
 from monai.transforms import MapTransform
+from monai.utils import ensure_tuple
 
 from cutremain_monai.io.dicom import XrayDicomReader
 
-__all__ = ["load_xray", "LoadXrayd", "LoadXrayD", "LoadXrayDict", "is_dicom_path"]
+__all__ = [
+    "load_xray",
+    "LoadXrayd",
+    "LoadXrayD",
+    "LoadXrayDict",
+    "is_dicom_path",
+    "is_volume_path",
+    "SimpleITKReader",
+    "decode_image",
+    "split_readable",
+    "RASTER_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "ITK_SUFFIXES",
+]
 
-_RASTER = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def _suffix(path: str) -> str:
+    name = os.path.basename(os.fspath(path)).lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return os.path.splitext(name)[1]
+
+
+def is_volume_path(path: str) -> bool:
+    """NIfTI / MetaImage / NRRD by suffix (``.nii``, ``.nii.gz``, ``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr``)."""
+    return _suffix(path) in NIFTI_SUFFIXES + ITK_SUFFIXES
 
 
 def is_dicom_path(path: str) -> bool:
-    """DICOM by suffix (.dcm/.dicom/.dic or none, as PACS exports name files), else by the DICM magic."""
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix in _RASTER:
+    """DICOM by suffix (.dcm/.dicom/.dic or none, as PACS exports name files), else by the DICM magic.
+
+    Raster (PNG/JPEG/...) and NIfTI / MHA / NRRD suffixes are never DICOM.
+    """
+    suffix = _suffix(path)
+    if suffix in RASTER_SUFFIXES or suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
         return False
     if suffix in (".dcm", ".dicom", ".dic", ""):
         return True
@@ -36,10 +101,143 @@ def is_dicom_path(path: str) -> bool:
     return head[128:132] == b"DICM"
 
 
+class SimpleITKReader(ImageReader):
+    """MONAI ``ImageReader`` for the files SimpleITK reads (here: MetaImage ``.mha``/``.mhd``, NRRD).
+
+    Like MONAI's ``ITKReader`` (which needs the ``itk`` package), ``get_data`` returns the array with ITK's axis
+    order ``(x, y[, z])`` (components, if any, last) unless ``reverse_indexing=True``, which gives numpy's
+    ``([z,] y, x)``. The metadata holds ``spacing``, ``origin``, ``direction`` (ITK, LPS), ``affine``,
+    ``original_affine``, ``spatial_shape`` and ``original_channel_dim``; never the file's key-value fields.
+    """
+
+    def __init__(self, reverse_indexing: bool = False, suffixes: Sequence[str] = ITK_SUFFIXES):
+        super().__init__()
+        self.reverse_indexing = reverse_indexing
+        self.suffixes = tuple(s.lower() for s in suffixes)
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        return all(_suffix(str(f)) in self.suffixes for f in ensure_tuple(filename))
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs):
+        import SimpleITK as sitk
+
+        return [sitk.ReadImage(os.fspath(p)) for p in ensure_tuple(data)]
+
+    def _one(self, im) -> tuple[np.ndarray, dict]:
+        import SimpleITK as sitk
+
+        arr = sitk.GetArrayFromImage(im)  # numpy order: ([z,] y, x[, c])
+        ndim = im.GetDimension()
+        ncomp = im.GetNumberOfComponentsPerPixel()
+        if not self.reverse_indexing:
+            axes = list(range(ndim))[::-1] + ([ndim] if ncomp > 1 else [])
+            arr = arr.transpose(axes)
+        spacing = np.asarray(im.GetSpacing(), dtype=np.float64)
+        origin = np.asarray(im.GetOrigin(), dtype=np.float64)
+        direction = np.asarray(im.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
+        affine = np.eye(ndim + 1)
+        affine[:ndim, :ndim] = direction @ np.diag(spacing)
+        affine[:ndim, ndim] = origin
+        size = np.asarray(im.GetSize())
+        meta = {
+            "spacing": spacing,
+            "origin": origin,
+            "direction": direction,
+            "affine": affine,
+            "original_affine": affine.copy(),
+            "spatial_shape": size if not self.reverse_indexing else size[::-1].copy(),
+            "original_channel_dim": -1 if ncomp > 1 else float("nan"),
+            "space": "LPS",
+        }
+        return arr, meta
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        out = [self._one(i) for i in ensure_tuple(img)]
+        if len(out) == 1:
+            return out[0]
+        shapes = {a.shape for a, _ in out}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot stack images of different shapes {sorted(shapes)}")
+        meta = dict(out[0][1])
+        meta["original_channel_dim"] = 0
+        return np.stack([a for a, _ in out]), meta
+
+
+def _to_unit(a: np.ndarray, path: str) -> np.ndarray:
+    """Stored values to [0, 1] by the rule in the module doc (dtype-independent)."""
+    if a.dtype == bool:
+        return a.astype(np.float32)
+    if a.size == 0:
+        raise ValueError(f"{path}: empty image")
+    a = a.astype(np.float64, copy=False)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{path}: image holds NaN or infinite values")
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return a.astype(np.float32)
+    if lo >= 0.0 and np.array_equal(a, np.floor(a)):
+        top = 255.0 if hi <= 255 else 65535.0 if hi <= 65535 else hi
+        return (a / top).astype(np.float32)
+    return ((a - lo) / (hi - lo)).astype(np.float32)  # hi > lo here: equal values lie in [0, 1] or are whole
+
+
+def _read_volume(path: str) -> tuple[np.ndarray, dict]:
+    """NIfTI / MHA / NRRD -> ``(1, H, W)`` float32 in [0, 1] and the kept metadata (see module doc)."""
+    try:
+        if _suffix(path) in NIFTI_SUFFIXES:
+            from monai.data import NibabelReader
+
+            reader = NibabelReader()
+            arr, header = reader.get_data(reader.read(path))
+            pixdim = np.asarray(header.get("pixdim", [1.0] * 8), dtype=np.float64)
+            xy_spacing, source = pixdim[1:3], "NIfTI pixdim"
+            dtype = np.asarray(arr).dtype
+            multi = bool(dtype.fields) or (not np.isnan(float(header.get("original_channel_dim", float("nan"))))
+                                            and np.asarray(arr).shape[-1] > 1)
+        else:
+            reader = SimpleITKReader()
+            img = reader.read(path)
+            arr, header = reader.get_data(img)
+            xy_spacing, source = np.asarray(header["spacing"][:2], dtype=np.float64), "ITK spacing"
+            multi = img[0].GetNumberOfComponentsPerPixel() > 1
+    except Exception as e:  # reader libraries raise anything (RuntimeError, ImageFileError, EOFError, ...)
+        raise OSError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    arr = np.asarray(arr)
+    if multi:
+        raise ValueError(f"{path}: {arr.shape[-1] if not arr.dtype.fields else len(arr.dtype.fields)} components "
+                         "per pixel; a radiograph or mask must have one grey channel")
+    shape = arr.shape
+    if arr.ndim < 2:
+        raise ValueError(f"{path}: a {arr.ndim}-D image; expected a 2-D radiograph or mask")
+    extra = tuple(range(2, arr.ndim))
+    if any(shape[k] != 1 for k in extra):
+        dims = " x ".join(str(s) for s in shape)
+        raise ValueError(f"{path}: a {arr.ndim}-D volume of size {dims} (x, y, z...): only 2-D images are "
+                         "read (a volume with one slice is accepted)")
+    a = arr.reshape(shape[:2]).T  # (x, y) -> (row, column)
+    out = _to_unit(a, path)[None]
+    spacing = None
+    if np.all(np.isfinite(xy_spacing)) and np.all(xy_spacing > 0):
+        spacing = [float(xy_spacing[1]), float(xy_spacing[0])]  # (row, column), as pixel_spacing of DICOM
+    affine = np.eye(4)
+    if spacing is not None:
+        affine[0, 0], affine[1, 1] = spacing
+    meta = {
+        "pixel_spacing": spacing,
+        "pixel_spacing_source": source if spacing is not None else None,
+        "spatial_shape": np.asarray(a.shape),
+        "original_channel_dim": 0,
+        "affine": affine,
+    }
+    return out, meta
+
+
 def load_xray(path: str, reader: XrayDicomReader | None = None) -> MetaTensor:
-    """``(1, H, W)`` float32 MetaTensor in [0, 1] with ``filename_or_obj`` in its metadata."""
+    """``(1, H, W)`` float32 MetaTensor in [0, 1] with ``filename_or_obj`` in its metadata (see module doc)."""
     path = os.fspath(path)
-    if is_dicom_path(path):
+    if is_volume_path(path):
+        arr, meta = _read_volume(path)
+    elif is_dicom_path(path):
         reader = reader or XrayDicomReader()
         arr, meta = reader.get_data(reader.read(path))
     else:
@@ -66,7 +264,8 @@ def load_xray(path: str, reader: XrayDicomReader | None = None) -> MetaTensor:
 class LoadXrayd(MapTransform):
     """Dictionary loader: replaces each path under ``keys`` by its ``(1, H, W)`` image (see module doc).
 
-    Errors name the file (``DicomReadError`` for DICOM; ``OSError`` from PIL is re-raised with the path).
+    Errors name the file (``DicomReadError`` for DICOM; ``OSError`` from PIL or the NIfTI / ITK readers is
+    re-raised with the path; ``ValueError`` for a 3-D volume or a multi-component image).
     """
 
     def __init__(self, keys: KeysCollection = "image", window="auto", allow_missing_keys: bool = False):
@@ -82,6 +281,8 @@ class LoadXrayd(MapTransform):
             try:
                 d[key] = load_xray(os.fspath(value), self.reader)
             except OSError as e:
+                if os.fspath(value) in str(e):
+                    raise
                 raise OSError(f"{value}: cannot read image ({e})") from e
         return d
 
@@ -89,24 +290,53 @@ class LoadXrayd(MapTransform):
 LoadXrayD = LoadXrayDict = LoadXrayd
 
 
-def split_readable(items: list[dict], key: str = "image") -> tuple[list[dict], list[tuple[str, str]]]:
+def decode_image(path: str) -> tuple[int, int]:
+    """Decode ``path`` completely, through :func:`load_xray` as training will; return its ``(H, W)``.
+
+    Raises whatever the decoder raises. PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is switched off meanwhile, so a
+    truncated JPEG / PNG fails here even when some library has switched it on (PIL's header check alone, or that
+    switch, would let it through with grey rows at the bottom).
+    """
+    from PIL import ImageFile
+
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img = load_xray(os.fspath(path))
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    return int(img.shape[-2]), int(img.shape[-1])
+
+
+def split_readable(
+    items: list[dict], key: str | Sequence[str] = "image", sizes: dict | None = None
+) -> tuple[list[dict], list[tuple[str, str]]]:
     """Decode every item's image once: ``(readable items, [(path, reason), ...])``.
 
-    Lets a training run set a damaged file aside with its reason (e.g. FracAtlas' truncated IMG0004098.jpg)
-    instead of dying in the middle of an epoch.
+    Lets a run set a damaged file aside with its reason (e.g. FracAtlas' truncated IMG0004098.jpg) instead of
+    dying in the middle of an epoch. ``key`` may name several keys (e.g. ``("image", "lung_mask")``): the first
+    is required, the others are checked where an item has them, and the reason then says which key of which
+    image failed. ``sizes``, when given, is filled with ``path -> (H, W)`` of every file decoded.
     """
-    from PIL import Image
-
+    keys = [key] if isinstance(key, str) else list(key)
     ok, bad = [], []
     for it in items:
-        path = it[key]
-        try:
-            if is_dicom_path(path):
-                load_xray(path)
-            else:
-                with Image.open(path) as im:
-                    im.load()  # header checks are not enough: truncated JPEGs fail only here
+        failed = None
+        for n, k in enumerate(keys):
+            path = it[k] if n == 0 else it.get(k)
+            if n > 0 and not path:
+                continue
+            path = os.fspath(path)
+            try:
+                size = decode_image(path)
+            except Exception as e:  # any decoder error sets this one item aside
+                reason = f"{type(e).__name__}: {e}"
+                failed = (path, reason if n == 0 else f"{k} of {os.fspath(it[keys[0]])}: {reason}")
+                break
+            if sizes is not None:
+                sizes[path] = size
+        if failed is None:
             ok.append(it)
-        except Exception as e:  # any decoder error sets this one file aside
-            bad.append((path, f"{type(e).__name__}: {e}"))
+        else:
+            bad.append(failed)
     return ok, bad

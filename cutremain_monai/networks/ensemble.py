@@ -14,10 +14,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["CheckpointEnsemble"]
+__all__ = ["CheckpointEnsemble", "checkpoint_state"]
 
 
-def _state(path: str) -> dict:
+def checkpoint_state(path: str) -> dict:
+    """The model weights in ``path``: a MONAI ``CheckpointSaver`` file (``{"model": ..., "optimizer": ...}``) or a
+    bare state dict. The one place the project reads a checkpoint outside MONAI's ``CheckpointLoader``."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state["model"] if isinstance(state, dict) and "model" in state else state
 
@@ -37,7 +39,7 @@ class CheckpointEnsemble(nn.Module):
         for path in checkpoints:
             m = copy.deepcopy(base)
             try:
-                m.load_state_dict(_state(path))
+                m.load_state_dict(checkpoint_state(path))
             except RuntimeError as e:
                 raise ValueError(f"{path}: does not match the network ({str(e).splitlines()[0]})") from e
             self.members.append(m)

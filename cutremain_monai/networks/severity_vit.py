@@ -118,6 +118,14 @@ class PackedSeverityViT(nn.Module):
     def __init__(self, model: SeverityViT):
         super().__init__()
         self.model = model
+        self._register_load_state_dict_pre_hook(self._prefix_keys)
+
+    @staticmethod
+    def _prefix_keys(state_dict, prefix, *args) -> None:
+        """Accept the wrapped model's own checkpoint (keys without ``model.``), so ``ckpt_export`` and
+        ``verify_net_in_out`` take the training checkpoint as it is."""
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "model.")]:
+            state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         out = self.model(packed[:, :1], packed[:, 1:2], packed[:, 2:3].round().to(torch.uint8))

@@ -10,6 +10,7 @@ with a per-image grid size and mean fill.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -25,30 +26,26 @@ DEFAULT_GRID_SIZES = (0, 16, 32, 44, 56)
 
 
 def _load_image(path: str):
-    """DICOM through our reader (display pipeline, [0, 1]); other formats through MONAI's ``LoadImage``."""
-    import os
+    """The training loader (:func:`cutremain_monai.io.loader.load_xray`): DICOM through the display pipeline,
+    PNG / JPEG / ... scaled by their bit depth, NIfTI / MHA / NRRD by the loader's rule; all ``(1, H, W)`` in
+    [0, 1], the scale the network is trained on (PNG / JPEG used to come in unscaled, 0-255)."""
+    from cutremain_monai.io.loader import load_xray
 
-    from monai.transforms import LoadImage
-
-    from cutremain_monai.io.dicom import read_xray_dicom
-
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix in (".dcm", ".dicom", ""):
-        return read_xray_dicom(path)[0]
-    return LoadImage(image_only=True, ensure_channel_first=True, reverse_indexing=False)(path)
+    return load_xray(path)
 
 
 def dataset_mean(items: Iterable, image_key: str = IMAGE, loader=None) -> float:
     """Mean pixel value over a datalist (items with image paths, or loaded arrays), weighted by pixel count.
 
     Compute it over the training images after the same intensity preprocessing as training, so the fill of
-    hidden patches matches what the network sees.
+    hidden patches matches what the network sees. Paths are read with ``loader`` (default: the training loader
+    :func:`~cutremain_monai.io.loader.load_xray`, [0, 1] for DICOM and raster files alike).
     """
     load = loader or _load_image
     total, count = 0.0, 0
     for it in items:
         img = it[image_key] if isinstance(it, Mapping) else it
-        if isinstance(img, str):
+        if isinstance(img, (str, os.PathLike)):
             img = load(img)
         arr = torch.as_tensor(np.asarray(img), dtype=torch.float64)
         total += float(arr.sum())

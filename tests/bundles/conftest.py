@@ -36,24 +36,26 @@ def tiny_datalist(tmp_path, task="clavicle", n=(6, 4, 4)) -> str:
     return path
 
 
-def config_arg(bundle: str, names, shared="classification") -> str:
-    """The ``--config_file`` argument for ``names`` of ``bundle`` (shared configs first, as the docs write it)."""
-    from cutremain_monai.engines.experiment import bundle_configs
+def config_arg(names) -> str:
+    """The ``--config_file`` argument for ``names``, relative to the bundle's folder (run with ``cwd`` there, as the
+    bundle docs write it)."""
+    return "[" + ",".join(f"'configs/{n}'" for n in names) + "]"
 
-    return "[" + ",".join(f"'{p}'" for p in bundle_configs(os.path.join(BUNDLES, bundle), names, shared)) + "]"
 
-
-def run_bundle(bundle: str, configs, tmp_path, shared="classification", tiny=None, **overrides):
+def run_bundle(bundle: str, configs, tmp_path, tiny=None, workflow_type="train", root=None, **overrides):
+    """One ``ConfigWorkflow`` run of ``configs`` of ``bundle`` (under ``root``, default the repository's bundles),
+    outputs in ``tmp_path/out``; returns ``(workflow, run result)``."""
     from monai.bundle import ConfigWorkflow
 
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     from cutremain_monai.engines.experiment import bundle_configs, bundle_files
 
-    root = os.path.join(BUNDLES, bundle)
-    settings = {"bundle_root": os.path.join(BUNDLES, bundle), "output_dir": str(tmp_path / "out"),
-                "datalist_task": None, "tracking_uri": "sqlite:///" + str(tmp_path / "mlruns.db"), **(TINY if tiny is None else tiny)}
+    path = os.path.join(root or BUNDLES, bundle)
+    settings = {"bundle_root": path, "output_dir": str(tmp_path / "out"), "datalist_task": None,
+                "tracking_uri": "sqlite:///" + str(tmp_path / "mlruns.db"), **(TINY if tiny is None else tiny)}
     settings.update(overrides)
-    wf = ConfigWorkflow(config_file=bundle_configs(root, configs, shared), workflow_type="train", **bundle_files(root), **settings)
+    wf = ConfigWorkflow(config_file=bundle_configs(path, configs), workflow_type=workflow_type, **bundle_files(path),
+                        **settings)
     wf.initialize()
     result = wf.run()
     wf.finalize()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.bundles.conftest import BUNDLES, config_arg, run_bundle, tiny_datalist
-from tests.conftest import ROOT, SHARED_MONAI
+from tests.conftest import ROOT
 
 CPU = ["train.yaml", "cpu.yaml"]
 
@@ -35,6 +35,7 @@ def test_train_register_evaluate_infer(tmp_path, clavicle_data):
     run = runs[0]
     assert run.data.params["augmentation"] == "cut_remain" and len(run.data.params["datalist_hash"]) == 16
     assert "final_val_auc" in run.data.metrics and "final_cam_report_images" in run.data.metrics
+    assert run.data.metrics["set_aside_training"] == 0 and run.data.metrics["set_aside_validation"] == 0
     versions = client.search_model_versions("name='clavicle_fracture'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
     model = mlflow.pytorch.load_model(f"models:/clavicle_fracture/{versions[0].version}")
@@ -53,6 +54,16 @@ def test_train_register_evaluate_infer(tmp_path, clavicle_data):
     assert len(rows) == 120 and all(0 <= float(r["probability"]) <= 1 for r in rows)
     assert all(float(r["probability"]) == pytest.approx(max(float(r["left"]), float(r["right"])), abs=1e-6) for r in rows)
     assert len(list((out / "inference" / "cam").glob("*.png"))) == 240
+    # the folder's presentation states are recognised by SOP class and listed, not scored
+    skipped = list(csv.DictReader(open(out / "inference" / "skipped.csv")))
+    assert len(skipped) == 120 and all("presentation state" in r["reason"] for r in skipped)
+    # inference and evaluation share one pipeline: the same probabilities for the test images
+    evaluated = {os.path.basename(r["file"]): r for r in csv.DictReader(open(out / "test_predictions.csv"))}
+    inferred = {os.path.basename(r["file"]): r for r in rows}
+    assert len(evaluated) == 4
+    for name, r in evaluated.items():
+        for col in ("probability", "left", "right", "prediction"):
+            assert float(inferred[name][col]) == pytest.approx(float(r[col]), abs=1e-5), (name, col)
 
 
 @pytest.mark.slow
@@ -88,44 +99,19 @@ def test_resume_matches_uninterrupted(tmp_path):
 def test_ddp_two_cpu_processes(tmp_path):
     data = tiny_datalist(tmp_path)
     out = tmp_path / "ddp"
-    cfg = config_arg("clavicle_fracture", ["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"])
+    cfg = config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "monai.bundle", "run",
            "--config_file", cfg, "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(out),
            "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "1",
            "--batch_size", "4", "--cam_images", "0", "--register_model", "False",
            "--tracking_uri", "sqlite:///" + str(tmp_path / "ddp.db")]
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=os.path.join(BUNDLES, "clavicle_fracture"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "checkpoints" / "model.pt").exists()
     assert len(list((out / "checkpoints").glob("checkpoint_epoch=*.pt"))) == 1  # written once, by rank 0
     m = json.load(open(out / "val_metrics.json"))
     assert m["n"] == 8  # all 4 validation images (8 halves) gathered from both ranks
-
-
-def test_verify_metadata_and_export(tmp_path):
-    schema = os.path.join(SHARED_MONAI, "meta_schema_20240725.json")
-    if not os.path.exists(schema):
-        pytest.skip("offline metadata schema not available")
-    cdir = os.path.join(BUNDLES, "clavicle_fracture", "configs")
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", os.path.join(cdir, "metadata.json"),
-                           "--filepath", schema], capture_output=True, text=True, cwd=ROOT)
-    assert "metadata is verified with no error" in proc.stdout + proc.stderr
-    from cutremain_monai.networks import resnet
-
-    net = resnet(10).eval()
-    ckpt = tmp_path / "model.pt"
-    torch.save(net.state_dict(), ckpt)
-    ts = tmp_path / "model.ts"
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
-                           "--ckpt_file", str(ckpt), "--meta_file", os.path.join(cdir, "metadata.json"),
-                           "--config_file", config_arg("clavicle_fracture", CPU), "--network_depth", "10",
-                           "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture")], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    scripted = torch.jit.load(str(ts))
-    x = torch.rand(2, 1, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(x), net(x))
 
 
 @pytest.mark.slow
@@ -134,12 +120,12 @@ def test_tracking_mlflow_flag_logs_epochs_and_registers_once(tmp_path):
     adds params/artifacts and registers the model in the same run."""
     data = tiny_datalist(tmp_path)
     db = "sqlite:///" + str(tmp_path / "track.db")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg("clavicle_fracture", CPU),
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg(CPU),
            "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(tmp_path / "out"),
            "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "2", "--batch_size", "8",
            "--cam_images", "2", "--tracking", "mlflow", "--tracking_uri", db, "--experiment_name", "tracked"]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # a fresh shell, not this test process
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=dict(clean, PYTHONPATH=ROOT))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.join(BUNDLES, "clavicle_fracture"), timeout=600, env=dict(clean, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr[-3000:]
     import mlflow
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from tests.bundles.conftest import BUNDLES, COVID_TINY, config_arg, run_bundle, tiny_datalist
-from tests.conftest import ROOT, SAMPLES, SHARED_MONAI
+from tests.conftest import ROOT, SAMPLES
 
 CPU = ["train.yaml", "cpu.yaml"]
 ZONES = "ABCDEF"
 
 
 def covid(tmp_path, configs, **kw):
-    return run_bundle("covid_severity", configs, tmp_path, shared=None, tiny=COVID_TINY, **kw)
+    return run_bundle("covid_severity", configs, tmp_path, tiny=COVID_TINY, **kw)
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_train_ensemble_evaluate_register(tmp_path, covid_data):
     from cutremain_monai.io import load_datalist
 
     parser = ConfigParser()
-    parser.read_config(bundle_configs(os.path.join(BUNDLES, "covid_severity"), CPU, shared=None))
+    parser.read_config(bundle_configs(os.path.join(BUNDLES, "covid_severity"), CPU))
     parser.update({"bundle_root": os.path.join(BUNDLES, "covid_severity"), **COVID_TINY})
     net, pre = parser.get_parsed_content("network_def"), parser.get_parsed_content("train#preprocessing")
     test_items = load_datalist(covid_data, "test")
@@ -94,6 +94,7 @@ def test_lung_seg_then_inference(tmp_path, covid_data):
     test_files = {os.path.basename(it["image"]) for it in json.load(open(covid_data))["test"]}
     assert {os.path.basename(r[0]) for r in raw[1:]} == test_files
     covid(tmp_path, CPU, datalist=covid_data, register_model=False)
+    covid(tmp_path, CPU + ["evaluate.yaml"], datalist=covid_data)
     folder = os.path.join(SAMPLES, "covid")
     n_images = len([f for f in os.listdir(folder) if f.endswith(".dcm")])
     # masks from files
@@ -105,11 +106,18 @@ def test_lung_seg_then_inference(tmp_path, covid_data):
     assert float(r["global_score"]) == pytest.approx(sum(p), abs=1e-3)
     assert [int(r[f"zone_{z}"]) for z in ZONES] == [int(v >= 0.5) for v in p]
     assert (tmp_path / "out" / "inference" / r["overlay"]).exists()
+    # inference and evaluation share one pipeline and one ensemble: the same zone probabilities for the test images
+    evaluated = {os.path.basename(r["file"]): r for r in csv.DictReader(open(tmp_path / "out" / "test_severity.csv"))}
+    inferred = {os.path.basename(r["file"]): r for r in rows}
+    assert len(evaluated) == 3
+    for name, e in evaluated.items():
+        for z in ZONES:
+            assert float(inferred[name][f"p_{z}"]) == pytest.approx(float(e[f"p_{z}"]), abs=1e-5), (name, z)
     # masks from the (1-epoch) segmenter: every image has a row, failures carry their reason
     covid(tmp_path, CPU + ["inference.yaml"], datalist=covid_data, input_dir=folder, mask_suffix="_lungs",
           seg_checkpoint=str(seg_out / "checkpoints" / "model.pt"), inference_dir=str(tmp_path / "inf2"))
     rows = list(csv.DictReader(open(tmp_path / "inf2" / "severity.csv")))
-    assert len(rows) == n_images and all(r["mask_source"] == "segmented" for r in rows)
+    assert len(rows) == n_images and all(r["mask_source"] == "segmented" for r in rows if not r["error"])
     assert all(r["error"] == "" or "LungZoneError" in r["error"] for r in rows)
 
 
@@ -157,24 +165,14 @@ def test_ddp_two_cpu_processes(tmp_path, covid_data):
     for k, v in COVID_TINY.items():
         args += [f"--{k}", str(v)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m", "monai.bundle", "run",
-           "--config_file", config_arg("covid_severity", ["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"], shared=None),
+           "--config_file", config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"]),
            "--bundle_root", os.path.join(BUNDLES, "covid_severity"), "--output_dir", str(out), "--datalist", covid_data,
            "--datalist_task", "None", "--register_model", "False", *args, "--epochs", "1", "--overlays", "0"]
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=os.path.join(BUNDLES, "covid_severity"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.load(open(out / "val_metrics.json"))["n"] == 3  # gathered from both ranks
     assert len(list((out / "checkpoints").glob("checkpoint_epoch=*.pt"))) == 1
-
-
-def test_verify_metadata():
-    schema = os.path.join(SHARED_MONAI, "meta_schema_20240725.json")
-    if not os.path.exists(schema):
-        pytest.skip("offline metadata schema not available")
-    meta = os.path.join(BUNDLES, "covid_severity", "configs", "metadata.json")
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta, "--filepath", schema],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert "metadata is verified with no error" in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
@@ -182,13 +180,13 @@ def test_tracking_mlflow_flag(tmp_path, covid_data):
     """`monai.bundle run --tracking mlflow`: per-epoch validation metric, artifacts and the registered model in one run."""
     db = "sqlite:///" + str(tmp_path / "t.db")
     cdir = os.path.join(BUNDLES, "covid_severity", "configs")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg("covid_severity", CPU, shared=None),
-           "--meta_file", os.path.join(cdir, "metadata.json"), "--logging_file", os.path.join(BUNDLES, "common", "configs", "logging.conf"),
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg(CPU),
+           "--meta_file", os.path.join(cdir, "metadata.json"), "--logging_file", os.path.join(cdir, "logging.conf"),
            "--bundle_root", os.path.join(BUNDLES, "covid_severity"), "--output_dir", str(tmp_path / "out"),
            "--datalist", covid_data, "--datalist_task", "null", "--image_size", "64", "--epochs", "2", "--batch_size", "4",
            "--tracking", "mlflow", "--tracking_uri", db]
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.join(BUNDLES, "covid_severity"), timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import mlflow
 

@@ -148,3 +148,137 @@ def test_split_readable_sets_aside_truncated(pngs):
     ok, bad = split_readable([{"image": str(pngs / "a.png")}, {"image": str(pngs / "t.png")}])
     assert [i["image"] for i in ok] == [str(pngs / "a.png")]
     assert bad[0][0] == str(pngs / "t.png") and bad[0][1]
+
+
+def _truncated_jpeg(path, size=(48, 40)):
+    """A JPEG whose header is intact (PIL opens it, reports its size) but whose scan data is cut."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0]), dtype=np.uint8)).save(path, quality=90)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: int(len(data) * 0.7)])
+    with Image.open(path) as im:  # the header check alone does not catch it
+        assert im.size == size
+    return str(path)
+
+
+def _good_jpeg(path, size=(48, 40)):
+    Image.fromarray(np.full((size[1], size[0]), 128, np.uint8)).save(path)
+    return str(path)
+
+
+def _assert_flagged(items, bad_path, n_kept):
+    assert isinstance(items, importers.ImportedItems)
+    assert len(items) == n_kept and bad_path not in [i["image"] for i in items]
+    assert [q[0] for q in items.quarantined] == [os.path.abspath(bad_path)]
+    assert "truncated" in items.quarantined[0][1]
+
+
+def test_fracatlas_and_csv_flag_truncated_jpeg(tmp_path, caplog):
+    _good_jpeg(tmp_path / "IMG0000001.jpg")
+    bad = _truncated_jpeg(tmp_path / "IMG0000002.jpg")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text('image_id,region,fractured,fracture_bboxes_xywh\nIMG0000001.jpg,hip,1,"[[1, 2, 100, 10]]"\n'
+                        "IMG0000002.jpg,hip,0,[]\n")
+    with caplog.at_level("WARNING", logger="cutremain_monai.io.importers"):
+        items = importers.import_fracatlas_manifest(str(manifest), str(tmp_path))
+    _assert_flagged(items, bad, 1)
+    assert items[0]["boxes"] == [[1, 2, 48, 12]]  # size from the decoded image: the box is clipped to 48 px
+    assert "IMG0000002.jpg" in caplog.text and "1 file(s) left out" in caplog.text
+    assert len(importers.import_fracatlas_manifest(str(manifest), str(tmp_path), check_images=False)) == 2
+
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,label,x0,y0,x1,y1,box_label\nIMG0000001.jpg,1,1,2,10,12,fracture\nIMG0000002.jpg,0,,,,,\n")
+    _assert_flagged(importers.import_csv(str(boxes)), bad, 1)
+    assert len(importers.import_csv(str(boxes), check_sizes=False)) == 2  # as ingest reads a boxes file
+
+
+def test_cli_import_writes_quarantine_csv(tmp_path, capsys):
+    from cutremain_monai.cli import main
+
+    _good_jpeg(tmp_path / "IMG0000001.jpg")
+    _good_jpeg(tmp_path / "IMG0000003.jpg", size=(40, 48))
+    bad = _truncated_jpeg(tmp_path / "IMG0000002.jpg")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("image_id,region,fractured,fracture_bboxes_xywh\nIMG0000001.jpg,hip,0,[]\n"
+                        "IMG0000002.jpg,hip,0,[]\nIMG0000003.jpg,hip,0,[]\n")
+    out = tmp_path / "work" / "hip.json"
+    assert main(["import", "fracatlas", str(manifest), "--images", str(tmp_path), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads(text.strip().splitlines()[-1])
+    assert summary["items"] == 2 and summary["quarantined"] == 1
+    report = tmp_path / "work" / "hip_quarantine.csv"  # the name cutremain ingest gives its report
+    assert summary["quarantine_report"] == str(report)
+    rows = list(csv.DictReader(open(report)))
+    assert list(rows[0]) == ["file", "status", "reason"]
+    assert [(r["file"], r["status"]) for r in rows] == [(bad, "quarantined")] and "truncated" in rows[0]["reason"]
+    assert f"quarantined (cannot decode): {bad}" in text
+    datalist = json.load(open(out))
+    listed = [os.path.basename(i["image"]) for s in ("training", "validation", "test") for i in datalist[s]]
+    assert sorted(listed) == ["IMG0000001.jpg", "IMG0000003.jpg"]
+    # the csv importer through the cli, and an empty report when nothing is wrong
+    (tmp_path / "ok.csv").write_text("IMG0000001.jpg,0\nIMG0000003.jpg,1\n")
+    assert main(["import", "csv", str(tmp_path / "ok.csv"), "-o", str(tmp_path / "ok.json")]) == 0
+    assert list(csv.reader(open(tmp_path / "ok_quarantine.csv"))) == [["file", "status", "reason"]]
+    (tmp_path / "bad.csv").write_text("IMG0000001.jpg,0\nIMG0000002.jpg,1\n")
+    assert main(["import", "csv", str(tmp_path / "bad.csv"), "-o", str(tmp_path / "bad.json")]) == 0
+    assert [r["file"] for r in csv.DictReader(open(tmp_path / "bad_quarantine.csv"))] == [bad]
+
+
+def test_other_importers_flag_undecodable_files(tmp_path):
+    _good_jpeg(tmp_path / "a.jpg")
+    bad = _truncated_jpeg(tmp_path / "b.jpg")
+    # YOLO: the truncated image has labels; it is flagged, not an error about its size
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "a.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    (labels / "b.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    items = importers.import_yolo(str(tmp_path), str(labels))
+    _assert_flagged(items, bad, 1)
+    np.testing.assert_allclose(items[0]["boxes"], [[12, 10, 36, 30]])
+    # COCO
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}], "categories": [], "annotations": []}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    _assert_flagged(importers.import_coco(str(tmp_path / "coco.json"), str(tmp_path)), bad, 1)
+    # NIH
+    (tmp_path / "de.csv").write_text("Image Index,Finding Labels,Patient ID\na.jpg,No Finding,1\nb.jpg,Mass,2\n")
+    _assert_flagged(importers.import_nih_cxr14(str(tmp_path / "de.csv"), str(tmp_path)), bad, 1)
+    # lung masks: a truncated mask flags its row, named as the mask of its image
+    root = tmp_path / "seg"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for n in ("x", "y", "z"):
+        _good_jpeg(root / "images" / f"{n}.jpg")
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(root / "masks" / "x.png")
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(root / "masks" / "z.png")
+    bad_mask = _truncated_jpeg(root / "masks" / "y.jpg")
+    _truncated_jpeg(root / "images" / "z.jpg")
+    (root / "manifest.csv").write_text("filename,mask,patientid\nx.jpg,masks/x.png,p1\ny.jpg,masks/y.jpg,p2\n"
+                                       "z.jpg,masks/z.png,p3\n")
+    items = importers.import_lung_masks(str(root / "manifest.csv"))
+    assert [os.path.basename(i["image"]) for i in items] == ["x.jpg"]
+    assert [q[0] for q in items.quarantined] == [bad_mask, str(root / "images" / "z.jpg")]
+    assert items.quarantined[0][1].startswith(f"lung mask of {root / 'images' / 'y.jpg'}: OSError")
+    # Brixia: the same rule for its image and lung mask
+    zones = ",".join(f"S_{z}" for z in "ABCDEF")
+    (root / "brixia.csv").write_text(f"filename,v7_lung_mask,{zones}\n" + "".join(
+        f"{n}.jpg,masks/{m},0,1,2,3,0,1\n" for n, m in (("x", "x.png"), ("y", "y.jpg"), ("z", "z.png"))))
+    items = importers.import_brixia(str(root / "brixia.csv"), str(root))
+    assert [os.path.basename(i["image"]) for i in items] == ["x.jpg"]
+    assert [q[0] for q in items.quarantined] == [bad_mask, str(root / "images" / "z.jpg")]
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("folder", ["fracture", "fracatlas"])
+def test_fracatlas_real_truncated_file_is_flagged(folder, tmp_path):
+    """FracAtlas' IMG0004098.jpg (a shoulder image) is truncated in its public source: it must be set aside."""
+    root = shared_data(folder)
+    bad = os.path.join(root, "images", "IMG0004098.jpg")
+    assert os.path.exists(bad)
+    items = importers.import_fracatlas_manifest(os.path.join(root, "manifest.csv"), os.path.join(root, "images"),
+                                                "shoulder")
+    assert [q[0] for q in items.quarantined] == [os.path.abspath(bad)]
+    assert "image file is truncated" in items.quarantined[0][1]
+    assert items and bad not in [i["image"] for i in items]
+    with open(os.path.join(root, "manifest.csv"), newline="") as f:
+        shoulder = [r for r in csv.DictReader(f) if "shoulder" in r["region"].split("|")]
+    assert len(items) == len(shoulder) - 1  # nothing else dropped

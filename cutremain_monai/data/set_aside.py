@@ -1,0 +1,130 @@
+"""``SetAsideDataset``: a MONAI ``CacheDataset`` that sets unreadable items aside instead of dying on them.
+
+MONAI's ``CacheDataset`` runs the deterministic head of the transform chain (loading, resizing, ...) for every
+cached item when it is built, and an exception there (a truncated JPEG, a missing file, a DICOM without pixel
+data such as a presentation state listed as an image, a lung mask without two lungs) ends the whole run. This
+subclass runs that head once per item inside a ``try``: an item that fails is left out of the dataset, logged with
+its file and reason, listed in ``set_aside`` and written to a CSV report (``set_aside.csv`` in the bundle's output
+folder, one row per item with its section); the rest train, validate or infer as usual. Items past the cache share
+(``cache_rate < 1``) are screened the same way and their result discarded (they are decoded again when drawn: the
+price of not holding them in memory). A section where every item fails raises, naming the report.
+
+Only failures of the deterministic head are caught: an error in a random transform after it is a bug, not a bad
+file, and is raised as usual.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.data import CacheDataset
+from monai.transforms import Compose, RandomizableTrait, Transform
+from monai.transforms.utils import convert_to_contiguous
+
+__all__ = ["SetAsideDataset", "SetAsideError", "REPORT_FIELDS", "read_set_aside"]
+
+logger = logging.getLogger(__name__)
+REPORT_FIELDS = ("section", "file", "reason")
+
+
+class SetAsideError(RuntimeError):
+    """Every item of a section was set aside."""
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _reason(e: BaseException) -> str:
+    """The original error behind MONAI's ``RuntimeError("applying transform ...")`` wrappers, as one line."""
+    while isinstance(e, RuntimeError) and e.__cause__ is not None and str(e).startswith("applying transform"):
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}".replace("\n", " ")
+
+
+def read_set_aside(path: str) -> list[dict]:
+    """Rows of a ``set_aside.csv`` report (empty when it does not exist)."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class SetAsideDataset(CacheDataset):
+    """Args:
+        data / transform / cache_rate / num_workers / progress / copy_cache / as_contiguous: as ``CacheDataset``
+            (``transform`` must be a ``Compose``; ``hash_as_key`` and ``runtime_cache`` are not supported).
+        section: name of the datalist section in the report (``training``, ``validation``, ``test``, ``inference``).
+        report: CSV path of the set-aside report; rows of other sections already in it are kept. ``None``: no file.
+        file_key: the item key named in the report (its path); falls back to the first string value.
+        allow_empty: when every item fails, return an empty dataset instead of raising.
+    """
+
+    def __init__(self, data: Sequence, transform: Compose | Callable, cache_rate: float = 1.0, num_workers: int | None = 0,
+                 progress: bool = False, copy_cache: bool = True, as_contiguous: bool = True, section: str = "training",
+                 report: str | None = None, file_key: str = "image", allow_empty: bool = False):
+        self.section = section
+        self.report = report
+        self.file_key = file_key
+        self.allow_empty = allow_empty
+        self.set_aside: list[dict] = []
+        if not isinstance(transform, Compose):
+            transform = Compose(transform)
+        super().__init__(data=data, transform=transform, cache_rate=cache_rate, num_workers=num_workers,
+                         progress=progress, copy_cache=copy_cache, as_contiguous=as_contiguous)
+
+    def _name(self, item) -> str:
+        if isinstance(item, dict):
+            value = item.get(self.file_key)
+            if value is None:
+                value = next((v for v in item.values() if isinstance(v, (str, os.PathLike))), None)
+            return os.fspath(value) if value is not None else "<item without a file>"
+        return str(item)
+
+    def _head(self, item):
+        first_random = self.transform.get_index_of_first(
+            lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
+        out = self.transform(item, end=first_random, threading=True)
+        return convert_to_contiguous(out, memory_format=torch.contiguous_format) if self.as_contiguous else out
+
+    def set_data(self, data: Sequence) -> None:
+        data = list(data)
+        cache_target = min(int(self.set_num), int(len(data) * self.set_rate), len(data))
+        kept, cache, self.set_aside = [], [], []
+        for item in data:
+            try:
+                out = self._head(item)
+            except Exception as e:  # one bad file never ends the run: it is set aside with its reason
+                reason = _reason(e)
+                self.set_aside.append({"section": self.section, "file": self._name(item), "reason": reason})
+                logger.warning("%s: set aside %s (%s)", self.section, self._name(item), reason)
+                continue
+            kept.append(item)
+            if len(cache) < cache_target:
+                cache.append(out)
+        self.data = kept
+        self.cache_num = len(cache)
+        self._cache = cache
+        self._write_report()
+        if data and not kept and not self.allow_empty:
+            raise SetAsideError(f"{self.section}: all {len(data)} items were set aside"
+                                + (f" (reasons in {self.report})" if self.report else f": first {self.set_aside[0]}"))
+        if self.set_aside:
+            logger.warning("%s: %d of %d items set aside%s", self.section, len(self.set_aside), len(data),
+                           f", listed in {self.report}" if self.report else "")
+
+    def _write_report(self) -> None:
+        if not self.report or _rank() != 0:
+            return
+        rows = [r for r in read_set_aside(self.report) if r.get("section") != self.section] + self.set_aside
+        os.makedirs(os.path.dirname(os.path.abspath(self.report)), exist_ok=True)
+        with open(self.report, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
+            w.writeheader()
+            w.writerows(rows)

@@ -1,0 +1,227 @@
+"""Evaluator handlers that write per-image predictions: ``ClassificationPredictions`` (the classification bundles)
+and ``SeverityPredictions`` (covid_severity), used by ``evaluate.yaml`` (test section) and ``inference.yaml``
+(a folder), so both write the same rows from the same pipeline.
+
+MONAI's ``ClassificationSaver`` writes one row per network input; these add what a reader of the results needs:
+samples of one image (the two halves of ``SplitHalvesd``) joined into one row (image probability = the maximum over
+the halves: a fracture on either side makes the image positive), the validation-chosen threshold applied, the
+class names as columns, files set aside by the dataset listed with their reason (nothing silently dropped),
+Grad-CAM / lesion-map overlays, and rank-0-only writing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+from ignite.engine import Engine, Events
+
+from cutremain_monai.constants import BRIXIA_ZONES
+from cutremain_monai.handlers.utils import rank
+from cutremain_monai.localization.cam import grad_cam, save_overlay
+from cutremain_monai.localization.severity_overlay import save_severity_overlay
+
+__all__ = ["ClassificationPredictions", "SeverityPredictions"]
+
+logger = logging.getLogger(__name__)
+
+
+def _samples(engine: Engine) -> list[tuple[dict, dict]]:
+    """(batch item, output item) pairs of the current iteration (decollated engine state)."""
+    batch, out = engine.state.batch, engine.state.output
+    batch = batch if isinstance(batch, list) else [batch]
+    out = out if isinstance(out, list) else [out]
+    return list(zip(batch, out))
+
+
+def _file_name(item: dict, id_key: str, path_key: str) -> str:
+    value = item.get(id_key) or item.get(path_key)
+    if value is None:
+        raise KeyError(f"prediction rows need '{id_key}' or '{path_key}' in the samples (CopyItemsd the image path)")
+    return str(value)
+
+
+def _write(path: str, fields: Sequence[str], rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields), restval="", extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+class _PredictionsBase:
+    def __init__(self, output_dir: str, filename: str, id_key: str, path_key: str, set_aside: Sequence[dict] | None,
+                 enabled: bool):
+        self.output_dir = output_dir
+        self.filename = filename
+        self.id_key, self.path_key = id_key, path_key
+        self.set_aside = list(set_aside or [])
+        self.enabled = enabled
+        self.rows: list[dict] = []
+        self.path = os.path.join(output_dir, filename)
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _reset(self, engine: Engine) -> None:
+        self._seen: dict = {}
+
+    def _error_rows(self) -> list[dict]:
+        return [{"file": r["file"], "error": r["reason"]} for r in self.set_aside]
+
+
+class ClassificationPredictions(_PredictionsBase):
+    """Args:
+        output_dir / filename: the CSV (``predictions.csv``, ``test_predictions.csv``).
+        label_mode: ``binary`` (columns ``probability``, ``prediction`` at the validation threshold, ``left`` /
+            ``right`` per half) | ``multiclass`` (``p_<class>`` of the half with the highest abnormal probability
+            ``1 - p_<class 0>``, ``prediction`` its class, ``left`` / ``right`` the per-half classes) |
+            ``multilabel`` (``p_<class>`` max over halves, ``prediction`` the classes at or above their thresholds).
+        class_names: column names; threshold_file: ``threshold.json`` chosen on validation (else ``threshold``).
+        id_key / path_key / half_key: sample keys naming the image and the half.
+        set_aside: the dataset's ``set_aside`` rows, written as rows with their error.
+        network / cam / target_layer: Grad-CAM overlay PNG per sample under ``<output_dir>/cam/``.
+    """
+
+    def __init__(self, output_dir: str, filename: str = "predictions.csv", label_mode: str = "binary",
+                 class_names: Sequence[str] | None = None, threshold: float = 0.5, threshold_file: str | None = None,
+                 id_key: str = "image_id", path_key: str = "image_path", half_key: str = "half",
+                 set_aside: Sequence[dict] | None = None, network: torch.nn.Module | None = None, cam: bool = False,
+                 target_layer: str = "layer4", enabled: bool = True):
+        if label_mode not in ("binary", "multiclass", "multilabel"):
+            raise ValueError(f"label_mode must be binary, multiclass or multilabel, got {label_mode!r}")
+        super().__init__(output_dir, filename, id_key, path_key, set_aside, enabled)
+        self.label_mode = label_mode
+        self.names = list(class_names or [])
+        self.threshold, self.threshold_file = threshold, threshold_file
+        self.half_key = half_key
+        self.network, self.cam, self.target_layer = network, cam, target_layer
+        self._seen: dict = {}
+
+    def _thresholds(self):
+        threshold, thresholds = self.threshold, None
+        if self.threshold_file and os.path.exists(self.threshold_file):
+            with open(self.threshold_file) as f:
+                saved = json.load(f)
+            threshold = float(saved.get("threshold", threshold))
+            thresholds = saved.get("thresholds")
+        return threshold, thresholds
+
+    def _collect(self, engine: Engine) -> None:
+        for item, out in _samples(engine):
+            name = _file_name(item, self.id_key, self.path_key)
+            half = item.get(self.half_key) or "image"
+            prob = torch.as_tensor(out["pred"]).detach().float().reshape(-1).cpu()
+            self._seen.setdefault(name, {})[half] = prob
+            if self.cam and rank() == 0 and self.network is not None:
+                self._overlay(name, half, torch.as_tensor(item["image"]), prob)
+
+    def _overlay(self, name: str, half: str, image: torch.Tensor, prob: torch.Tensor) -> None:
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        device = next(net.parameters()).device
+        c = None if self.label_mode == "binary" else int(prob.argmax())
+        cam = grad_cam(net, image.float()[None].to(device), self.target_layer, class_idx=c)[0, 0].cpu()
+        title = f"p={float(prob[0]):.2f}" if c is None else f"{self.names[c] if self.names else c} p={float(prob[c]):.2f}"
+        stem = name.replace("/", "__").replace(os.sep, "__")
+        save_overlay(os.path.join(self.output_dir, "cam", f"{stem}_{half}.png"), image[0], cam, title=title)
+
+    def _row(self, name: str, halves: dict, threshold: float, thresholds) -> dict:
+        parts = [halves[k] for k in ("left", "right") if k in halves] or list(halves.values())
+        probs = torch.stack(parts)
+        split = "left" in halves and "right" in halves
+        row: dict = {"file": name, "error": ""}
+        cls = [f"p_{n}" for n in self.names]
+        if self.label_mode == "binary":
+            p = float(probs.max())
+            row.update(probability=round(p, 6), prediction=int(p >= threshold))
+            if split:
+                row.update(left=round(float(halves["left"][0]), 6), right=round(float(halves["right"][0]), 6))
+        elif self.label_mode == "multiclass":
+            k = int((1 - probs[:, 0]).argmax())
+            pred = probs.argmax(1).tolist()
+
+            def label(i: int):
+                return self.names[i] if self.names else i
+
+            row.update({c: round(float(v), 6) for c, v in zip(cls, probs[k])})
+            row.update(probability=round(float(1 - probs[k, 0]), 6), prediction=label(pred[k]))
+            if split:
+                row.update(left=label(int(halves["left"].argmax())), right=label(int(halves["right"].argmax())))
+        else:
+            pmax = probs.amax(0)
+            t = thresholds if thresholds is not None else [threshold] * len(pmax)
+            row.update({c: round(float(v), 6) for c, v in zip(cls, pmax)})
+            row.update(probability=round(float(pmax.max()), 6),
+                       prediction="|".join(n for n, v, tt in zip(self.names, pmax.tolist(), t) if v >= tt))
+        return row
+
+    def __call__(self, engine: Engine) -> None:
+        if rank() != 0:
+            return
+        threshold, thresholds = self._thresholds()
+        self.rows = [self._row(n, h, threshold, thresholds) for n, h in self._seen.items()] + self._error_rows()
+        cols = [] if self.label_mode == "binary" else [f"p_{n}" for n in self.names]
+        _write(self.path, ["file", "probability", "prediction", "left", "right", *cols, "error"], self.rows)
+        logger.info("wrote %d predictions to %s (%d set aside)", len(self._seen), self.path, len(self.set_aside))
+
+
+class SeverityPredictions(_PredictionsBase):
+    """Per image: the six zone probabilities ``p_A..p_F``, zone labels at ``threshold``, the global score (sum of
+    probabilities) and the binary global score, where the lung mask came from (``mask_source``), and an overlay of
+    the lesion map inside the lungs with the zone grid (``overlays/``; ``network`` may be a checkpoint ensemble,
+    whose members' maps are averaged)."""
+
+    def __init__(self, output_dir: str, filename: str = "severity.csv", threshold: float = 0.5,
+                 id_key: str = "image_id", path_key: str = "image_path", set_aside: Sequence[dict] | None = None,
+                 network: torch.nn.Module | None = None, overlays: bool = True, enabled: bool = True):
+        super().__init__(output_dir, filename, id_key, path_key, set_aside, enabled)
+        self.threshold = threshold
+        self.network, self.overlays = network, overlays
+        self._seen: dict = {}
+
+    def _members(self) -> list:
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        return list(net.members) if hasattr(net, "members") else [net]
+
+    def _collect(self, engine: Engine) -> None:
+        for item, out in _samples(engine):
+            name = _file_name(item, self.id_key, self.path_key)
+            p = out["pred"]
+            probs = torch.as_tensor(p[0] if isinstance(p, (tuple, list)) else p).detach().float().reshape(-1).cpu()
+            labels = (probs >= self.threshold).int()
+            row = {"file": name, "error": "", "mask_source": item.get("mask_source", "")}
+            row.update({f"p_{z}": round(float(v), 6) for z, v in zip(BRIXIA_ZONES, probs)})
+            row.update({f"zone_{z}": int(v) for z, v in zip(BRIXIA_ZONES, labels)})
+            row.update(global_score=round(float(probs.sum()), 4), global_binary=int(labels.sum()))
+            if self.overlays and self.network is not None and rank() == 0:
+                row["overlay"] = self._overlay(name, item, probs)
+            self._seen[name] = row
+
+    def _overlay(self, name: str, item: dict, probs: torch.Tensor) -> str:
+        members = self._members()
+        device = next(members[0].parameters()).device
+        x = torch.as_tensor(item["image"]).float()[None].to(device)
+        mask = torch.as_tensor(item["lung_mask"]).float()[None].to(device)
+        with torch.no_grad():
+            lesion = torch.stack([m.eval().masked_map(x, mask) for m in members]).mean(0)[0, 0].cpu()
+        rel = os.path.join("overlays", name.replace("/", "__").replace(os.sep, "__") + ".png")
+        save_severity_overlay(os.path.join(self.output_dir, rel), x[0, 0].cpu(), lesion,
+                              torch.as_tensor(item["zones"])[0], probs, None, title=f"global {float(probs.sum()):.1f}")
+        return rel
+
+    def __call__(self, engine: Engine) -> None:
+        if rank() != 0:
+            return
+        self.rows = list(self._seen.values()) + self._error_rows()
+        fields = ["file", *[f"p_{z}" for z in BRIXIA_ZONES], *[f"zone_{z}" for z in BRIXIA_ZONES], "global_score",
+                  "global_binary", "mask_source", "overlay", "error"]
+        _write(self.path, fields, self.rows)
+        logger.info("wrote %d rows to %s (%d set aside)", len(self._seen), self.path, len(self.set_aside))

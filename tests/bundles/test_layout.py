@@ -1,0 +1,195 @@
+"""Every bundle is a self-contained MONAI bundle in the model-zoo layout: the files are there, the configs refer to
+nothing outside the bundle, the YAML shared by the classification bundles stays identical, and the model-zoo
+checks pass (verify_metadata offline, verify_net_in_out, ckpt_export + torch.jit.load against the checkpoint,
+ConfigWorkflow.check_properties for train and infer). Each bundle also trains one short epoch from a copy of its
+folder outside the repository, on a datalist with a truncated image, a missing file and a non-image DICOM, and
+names all three in set_aside.csv."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.bundles.conftest import BUNDLES, COVID_TINY, TINY, config_arg, tiny_datalist
+from tests.conftest import ROOT, SAMPLES, SHARED_MONAI
+
+CLASSIFICATION = ["clavicle_fracture", "femur_fracture", "cxr14"]
+ALL = CLASSIFICATION + ["covid_severity"]
+MARKER = "# ==== shared classification workflow"
+TASKS = {"clavicle_fracture": "clavicle", "femur_fracture": "pelvis", "cxr14": "chest", "covid_severity": "covid"}
+
+
+def _env():
+    return dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, PYTHONPATH=ROOT,
+                OMP_NUM_THREADS="2")
+
+
+def _args(settings: dict) -> list[str]:
+    out = []
+    for k, v in settings.items():
+        out += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    return out
+
+
+def _tiny(bundle):
+    return COVID_TINY if bundle == "covid_severity" else TINY
+
+
+@pytest.mark.parametrize("bundle", ALL)
+def test_model_zoo_layout(bundle):
+    root = os.path.join(BUNDLES, bundle)
+    for f in ("configs/metadata.json", "configs/train.yaml", "configs/evaluate.yaml", "configs/inference.yaml",
+              "configs/multi_gpu_train.yaml", "configs/logging.conf", "configs/cpu.yaml", "docs/README.md", "LICENSE",
+              "models/README.md"):
+        assert os.path.isfile(os.path.join(root, f)), f"{bundle}: {f} missing"
+    for name in os.listdir(os.path.join(root, "configs")):
+        text = open(os.path.join(root, "configs", name)).read()
+        code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())  # comments may name other bundles
+        assert "bundles/" not in code and "common" not in code and "../" not in code, f"{bundle}/configs/{name}"
+    meta = json.load(open(os.path.join(root, "configs", "metadata.json")))
+    assert "eval_metrics" not in meta or all(v != 0.0 for v in meta["eval_metrics"].values())  # no placeholders
+
+
+def test_shared_classification_yaml_identical():
+    texts = {b: open(os.path.join(BUNDLES, b, "configs", "train.yaml")).read() for b in CLASSIFICATION}
+    shared = {b: t[t.index(MARKER):] for b, t in texts.items()}
+    assert len(set(shared.values())) == 1, "the shared section of train.yaml differs between bundles"
+    task = {b: t[: t.index(MARKER)] for b, t in texts.items()}
+    assert len(set(task.values())) == 3  # and the task sections do differ
+    for name in ("evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf", "cpu.yaml"):
+        files = {open(os.path.join(BUNDLES, b, "configs", name)).read() for b in CLASSIFICATION}
+        assert len(files) == 1, f"{name} differs between the classification bundles"
+
+
+@pytest.mark.parametrize("bundle", ALL)
+def test_check_properties(tmp_path, bundle):
+    from monai.bundle import ConfigWorkflow
+
+    from cutremain_monai.engines.experiment import bundle_configs, bundle_files
+
+    root = os.path.join(BUNDLES, bundle)
+    dl = tiny_datalist(tmp_path, TASKS[bundle], n=(2, 2, 2))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(json.load(open(dl))["test"][0]["image"], folder)
+    settings = {**_tiny(bundle), "datalist": dl, "datalist_task": None, "input_dir": str(folder),
+                "output_dir": str(tmp_path / "out")}
+    if bundle == "covid_severity":  # its evaluator holds the checkpoint ensemble: give it one checkpoint
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(bundle_configs(root, ["train.yaml", "cpu.yaml"]))
+        parser.update({"bundle_root": root, **_tiny(bundle)})
+        torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+        settings.update(ensemble_last=0, model_path=str(tmp_path / "model.pt"))
+    for kind, names in (("train", ["train.yaml", "cpu.yaml"]), ("infer", ["train.yaml", "cpu.yaml", "inference.yaml"])):
+        wf = ConfigWorkflow(config_file=bundle_configs(root, names), workflow_type=kind, bundle_root=root,
+                            **bundle_files(root), **settings)
+        wf.initialize()
+        assert wf.check_properties() == [], f"{bundle} {kind}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", ALL)
+def test_verify_metadata_net_in_out_and_export(tmp_path, bundle):
+    root = os.path.join(BUNDLES, bundle)
+    meta = os.path.join(root, "configs", "metadata.json")
+    schema = os.path.join(SHARED_MONAI, "meta_schema_20240725.json")
+    if os.path.exists(schema):  # offline copy; MONAI would download it otherwise
+        proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta,
+                               "--filepath", schema], capture_output=True, text=True, cwd=root, env=_env())
+        assert "metadata is verified with no error" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    from monai.bundle import ConfigParser
+
+    covid = bundle == "covid_severity"
+    net_id = "packed_network_def" if covid else "network_def"
+    size = json.load(open(meta))["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    overrides = {"image_size": size[0]} if covid else {"network_depth": 10, "image_size": size}
+    parser = ConfigParser()
+    parser.read_config([os.path.join(root, "configs", n) for n in ("train.yaml", "cpu.yaml")])
+    parser.update({"bundle_root": root, **overrides})
+    net = parser.get_parsed_content("network_def", instantiate=True).eval()
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)  # a training checkpoint as the bundle writes it (best: bare state dict)
+    cfg = config_arg(["train.yaml", "cpu.yaml"])
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", net_id, "--meta_file", meta,
+                           "--config_file", cfg, "--n", "1", *_args(overrides)], capture_output=True, text=True,
+                          cwd=root, env=_env(), timeout=600)
+    assert proc.returncode == 0 and "data shape of network is verified with no error" in proc.stdout + proc.stderr, \
+        proc.stderr[-3000:]
+    # ckpt_export to a copy's models/model.ts (the model-zoo place), then TorchScript equals the checkpoint
+    copy = tmp_path / bundle
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("outputs"))
+    ts = copy / "models" / "model.ts"
+    trace = ["--use_trace", "True", "--input_shape", json.dumps([1, 3, size[0], size[1]])] if covid else []
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", net_id, "--filepath", "models/model.ts",
+                           "--ckpt_file", str(ckpt), "--meta_file", "configs/metadata.json", "--config_file", cfg,
+                           *trace, *_args(overrides)], capture_output=True, text=True, cwd=copy, env=_env(), timeout=600)
+    assert proc.returncode == 0 and ts.exists(), proc.stderr[-3000:]
+    scripted = torch.jit.load(str(ts))
+    torch.manual_seed(0)
+    if covid:
+        from cutremain_monai.data.phantoms import phantom_lung_zone_maps
+        from cutremain_monai.networks import PackedSeverityViT
+
+        zones = torch.as_tensor(phantom_lung_zone_maps(2, size[0]))[:, None].float()
+        x = torch.cat([torch.rand(2, 1, *size), (zones > 0).float(), zones], 1)
+        reference = PackedSeverityViT(net).eval()
+    else:
+        x, reference = torch.rand(2, 1, *size), net
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), reference(x))
+
+
+def _bad_items(tmp_path, bundle) -> tuple[list[dict], list[str]]:
+    """A truncated JPEG, a missing file and a presentation state (a DICOM without pixels) as training items."""
+    import numpy as np
+    from PIL import Image
+
+    good = tmp_path / "good.jpg"
+    Image.fromarray((np.random.default_rng(0).random((64, 128)) * 255).astype("uint8")).save(good)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 2])
+    gsps = next(os.path.join(SAMPLES, "clavicle", f) for f in sorted(os.listdir(os.path.join(SAMPLES, "clavicle")))
+                if f.endswith("_gsps.dcm"))
+    paths = [str(truncated), str(tmp_path / "missing.dcm"), gsps]
+    label = {"femur_fracture": 0, "cxr14": [0] * 14}.get(bundle, 0)
+    extra = {"lung_mask": os.path.join(SAMPLES, "covid", "covid_000_lungs.png"), "zone_scores": [0] * 6} \
+        if bundle == "covid_severity" else {}
+    return [{"image": p, "label": label, "boxes": [], "box_labels": [], **extra} for p in paths], paths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", ALL)
+def test_copy_outside_repository_trains_and_sets_bad_files_aside(tmp_path, bundle):
+    copy = tmp_path / "elsewhere" / bundle
+    shutil.copytree(os.path.join(BUNDLES, bundle), copy, ignore=shutil.ignore_patterns("outputs"))
+    n = (6, 3, 3) if bundle in ("femur_fracture", "covid_severity") else (6, 4, 4)
+    dl = tiny_datalist(tmp_path, TASKS[bundle], n=n)
+    data = json.load(open(dl))
+    bad, paths = _bad_items(tmp_path, bundle)
+    data["training"] += bad
+    with open(dl, "w") as f:
+        json.dump({k: data[k] for k in ("training", "validation", "test")}, f)
+    settings = {**_tiny(bundle), "epochs": 1, "register_model": "False", "datalist": dl, "datalist_task": "null"}
+    if bundle != "covid_severity":
+        settings["cam_images"] = 0
+    else:
+        settings["overlays"] = 0
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg(["train.yaml", "cpu.yaml"]),
+                           *_args(settings)], capture_output=True, text=True, cwd=copy, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Not all config files are in" not in proc.stdout + proc.stderr
+    out = copy / "outputs" / ("severity" if bundle == "covid_severity" else "cut_remain")
+    assert (out / "checkpoints" / "model.pt").exists() and (out / "val_metrics.json").exists()
+    rows = list(csv.DictReader(open(out / "set_aside.csv")))
+    assert [r["file"] for r in rows] == paths and {r["section"] for r in rows} == {"training"}
+    reasons = [r["reason"] for r in rows]
+    assert "truncated" in reasons[0] and "No such file" in reasons[1] and "no PixelData" in reasons[2]
+    assert all(p in r for p, r in zip(paths, reasons))  # each reason names its file
