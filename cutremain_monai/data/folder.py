@@ -252,6 +252,9 @@ def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: s
         if not os.path.isdir(folder):
             raise NotADirectoryError(f"{what} is not a folder: {folder}")
     mask_dir = os.fspath(mask_dir) if mask_dir is not None else None
+    if mask_dir is not None and not mask_suffix and os.path.realpath(mask_dir) == os.path.realpath(input_dir):
+        raise ValueError(f"mask folder {mask_dir} is the input folder: give mask_suffix (e.g. '_lungs') so masks "
+                         "and images can be told apart")
     masks_inside = mask_dir is not None and _inside(mask_dir, input_dir)
     mask_reason = mask_key.replace("_", " ")
 

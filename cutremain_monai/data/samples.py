@@ -13,7 +13,11 @@ __all__ = ["default_dataset_dir"]
 
 
 def default_dataset_dir() -> str:
-    """``<checkout>/dicom_samples`` when it exists beside the installed package, else ``""`` (set ``dataset_dir``)."""
+    """``<checkout>/dicom_samples`` when it exists beside the installed package; else a ``FileNotFoundError``
+    that says to set ``dataset_dir`` (or ``datalist`` / ``input_dir``)."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.path.join(here, "dicom_samples")
-    return path if os.path.isdir(path) else ""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no dicom_samples/ beside the installed package ({path}): set dataset_dir "
+                                "(or datalist / input_dir) on the command line")
+    return path

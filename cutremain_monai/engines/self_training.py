@@ -45,15 +45,10 @@ def pseudo_label(bundle: str, items: list[dict], ckpt_dir: str, configs: Sequenc
                  threshold: float = 0.5, **overrides) -> tuple[list[dict], list[tuple[str, str]]]:
     """Zone pseudo-labels for ``items`` (need ``image`` and ``lung_mask``) from the ensemble of the last
     ``ensemble_last`` checkpoints in ``ckpt_dir``; returns (labelled copies, [(image, reason)] set aside)."""
-    from cutremain_monai.handlers.reproducibility import last_checkpoints
-    from cutremain_monai.networks.ensemble import CheckpointEnsemble
-
-    parser = _parser(bundle, configs, {**overrides, "zone_errors": "flag"})
-    preprocess = parser.get_parsed_content("train#preprocessing")
-    net = parser.get_parsed_content("network_def")
-    n = int(parser.get_parsed_content("ensemble_last"))
-    ckpts = last_checkpoints(ckpt_dir, max(1, n)) or [os.path.join(ckpt_dir, "model.pt")]
-    model = CheckpointEnsemble(net, ckpts, what=ckpt_dir).eval()
+    parser = _parser(bundle, configs, {**overrides, "zone_errors": "flag", "ckpt_dir": ckpt_dir})
+    preprocess = parser.get_parsed_content("preprocessing")  # the bundle's one chain
+    model = parser.get_parsed_content("eval_network").eval()  # the ensemble evaluate.yaml and inference.yaml use
+    device = next(model.parameters()).device
     out, bad = [], []
     for it in items:
         try:
@@ -65,8 +60,8 @@ def pseudo_label(bundle: str, items: list[dict], ckpt_dir: str, configs: Sequenc
             bad.append((it["image"], "lung mask does not hold two lungs"))
             continue
         with torch.no_grad():
-            zones = torch.as_tensor(s["zones"])[None].to(torch.uint8)
-            p = model(s["image"][None].float(), s["lung_mask"][None].float(), zones)[0]
+            zones = torch.as_tensor(s["zones"])[None].to(device=device, dtype=torch.uint8)
+            p = model(s["image"][None].float().to(device), s["lung_mask"][None].float().to(device), zones)[0].cpu()
         labels = [int(v >= threshold) for v in p.tolist()]
         out.append({**it, "zone_scores": labels, "label": sum(labels), "pseudo": True,
                     "pseudo_probabilities": [round(float(v), 4) for v in p.tolist()]})

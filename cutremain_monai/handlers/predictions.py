@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 def _samples(engine: Engine) -> list[tuple[dict, dict]]:
     """(batch item, output item) pairs of the current iteration (decollated engine state)."""
     batch, out = engine.state.batch, engine.state.output
-    batch = batch if isinstance(batch, list) else [batch]
-    out = out if isinstance(out, list) else [out]
+    if not isinstance(batch, list) or not isinstance(out, list):
+        raise TypeError("prediction rows need a decollated batch and output (the evaluator's decollate=True)")
     return list(zip(batch, out))
 
 
@@ -70,6 +70,10 @@ class _PredictionsBase:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        loader = getattr(engine, "data_loader", None)
+        if loader is not None and len(loader) == 0:  # MONAI does not start an engine on no data: write the rows now
+            self._seen = {}
+            self(engine)
 
     def _reset(self, engine: Engine) -> None:
         self._seen: dict = {}

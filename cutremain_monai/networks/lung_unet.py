@@ -68,6 +68,11 @@ class SegmentLungsd(MapTransform):
         self.device = device
         self._net: torch.nn.Module | None = None
 
+    def __getstate__(self) -> dict:  # DataLoader workers load their own copy (a CUDA model cannot be forked)
+        state = dict(self.__dict__)
+        state["_net"] = None
+        return state
+
     def _network(self, name: str) -> torch.nn.Module:
         if self._net is None:
             if not self.checkpoint or not os.path.exists(self.checkpoint):

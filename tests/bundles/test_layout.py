@@ -94,16 +94,23 @@ def test_check_properties(tmp_path, bundle):
         assert wf.check_properties() == [], f"{bundle} {kind}"
 
 
+@pytest.mark.parametrize("bundle", ALL)
+def test_verify_metadata(bundle):
+    schema = os.path.join(SHARED_MONAI, "meta_schema_20240725.json")
+    if not os.path.exists(schema):  # MONAI would download it, which these machines cannot do
+        pytest.skip(f"offline metadata schema not available: {schema}")
+    root = os.path.join(BUNDLES, bundle)
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+                           os.path.join(root, "configs", "metadata.json"), "--filepath", schema],
+                          capture_output=True, text=True, cwd=root, env=_env())
+    assert "metadata is verified with no error" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bundle", ALL)
-def test_verify_metadata_net_in_out_and_export(tmp_path, bundle):
+def test_net_in_out_and_export(tmp_path, bundle):
     root = os.path.join(BUNDLES, bundle)
     meta = os.path.join(root, "configs", "metadata.json")
-    schema = os.path.join(SHARED_MONAI, "meta_schema_20240725.json")
-    if os.path.exists(schema):  # offline copy; MONAI would download it otherwise
-        proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta,
-                               "--filepath", schema], capture_output=True, text=True, cwd=root, env=_env())
-        assert "metadata is verified with no error" in proc.stdout + proc.stderr, proc.stderr[-2000:]
     from monai.bundle import ConfigParser
 
     covid = bundle == "covid_severity"
@@ -177,7 +184,9 @@ def test_copy_outside_repository_trains_and_sets_bad_files_aside(tmp_path, bundl
     data["training"] += bad
     with open(dl, "w") as f:
         json.dump({k: data[k] for k in ("training", "validation", "test")}, f)
-    settings = {**_tiny(bundle), "epochs": 1, "register_model": "False", "datalist": dl, "datalist_task": "null"}
+    db = "sqlite:///" + str(tmp_path / "mlruns.db")
+    settings = {**_tiny(bundle), "epochs": 1, "register_model": "True", "datalist": dl, "datalist_task": "null",
+                "tracking_uri": db, "experiment_name": "copy"}
     if bundle != "covid_severity":
         settings["cam_images"] = 0
     else:
@@ -193,3 +202,41 @@ def test_copy_outside_repository_trains_and_sets_bad_files_aside(tmp_path, bundl
     reasons = [r["reason"] for r in rows]
     assert "truncated" in reasons[0] and "No such file" in reasons[1] and "no PixelData" in reasons[2]
     assert all(p in r for p, r in zip(paths, reasons))  # each reason names its file
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=db)
+    run = client.search_runs([client.get_experiment_by_name("copy").experiment_id])[0]
+    assert run.data.metrics["set_aside_training"] == 3 and run.data.metrics["set_aside_validation"] == 0
+    assert "set_aside.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.parametrize("bundle", ["clavicle_fracture", "covid_severity"])
+def test_inference_when_no_file_can_be_read(tmp_path, bundle):
+    """A folder where nothing can be scored still answers: predictions with every file's error, skipped.csv."""
+    from monai.bundle import ConfigParser
+
+    from tests.bundles.conftest import run_bundle
+
+    root = os.path.join(BUNDLES, bundle)
+    parser = ConfigParser()
+    parser.read_config([os.path.join(root, "configs", n) for n in ("train.yaml", "cpu.yaml")])
+    parser.update({"bundle_root": root, **_tiny(bundle)})
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    shutil.copy(os.path.join(SAMPLES, "covid", "covid_000.dcm"), folder / "IM0001")  # no mask, no segmenter
+    gsps = next(f for f in sorted(os.listdir(os.path.join(SAMPLES, "clavicle"))) if f.endswith("_gsps.dcm"))
+    shutil.copy(os.path.join(SAMPLES, "clavicle", gsps), folder / "PS0001")
+    extra = {"ensemble_last": 0, "seg_checkpoint": str(tmp_path / "none.pt")} if bundle == "covid_severity" else {}
+    if bundle == "clavicle_fracture":
+        (folder / "IM0001").unlink()
+        (folder / "IM0002").write_bytes(open(os.path.join(SAMPLES, "clavicle", gsps), "rb").read()[:300])
+    run_bundle(bundle, ["train.yaml", "cpu.yaml", "inference.yaml"], tmp_path, tiny=_tiny(bundle), workflow_type="infer",
+               input_dir=str(folder), model_path=str(tmp_path / "model.pt"), **extra)
+    out = tmp_path / "out" / "inference"
+    rows = list(csv.DictReader(open(out / ("severity.csv" if bundle == "covid_severity" else "predictions.csv"))))
+    skipped = {r["file"]: r["reason"] for r in csv.DictReader(open(out / "skipped.csv"))}
+    assert "presentation state" in skipped["PS0001"]
+    errors = {r["file"]: r["error"] for r in rows}
+    assert all(errors.values()) and set(errors) | set(skipped) == {p.name for p in folder.iterdir()}
