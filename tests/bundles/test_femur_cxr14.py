@@ -17,6 +17,17 @@ CXR14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nod
          "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
 
 
+def _same_rows(evaluated_csv, inferred_rows, columns, n):
+    """Inference and evaluation share one pipeline: the same probabilities and predictions for the test images."""
+    evaluated = {os.path.basename(r["file"]): r for r in csv.DictReader(open(evaluated_csv))}
+    inferred = {os.path.basename(r["file"]): r for r in inferred_rows}
+    assert len(evaluated) == n
+    for name, e in evaluated.items():
+        for col in [*columns, "probability"]:
+            assert float(inferred[name][col]) == pytest.approx(float(e[col]), abs=1e-5), (name, col)
+        assert inferred[name]["prediction"] == e["prediction"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("augmentation", ["cut_remain", "sup_cutmix"])
 def test_femur_train_evaluate_infer(tmp_path, augmentation):
@@ -38,6 +49,7 @@ def test_femur_train_evaluate_infer(tmp_path, augmentation):
     p = [float(r[f"p_{c}"]) for c in ("normal", "trochanteric", "neck")]
     assert sum(p) == pytest.approx(1, abs=1e-4) and r["prediction"] in ("normal", "trochanteric", "neck")
     assert r["left"] in ("normal", "trochanteric", "neck") and r["right"] in ("normal", "trochanteric", "neck")
+    _same_rows(out / "test_predictions.csv", rows, [f"p_{c}" for c in ("normal", "trochanteric", "neck")], 3)
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlruns.db"))
@@ -67,6 +79,7 @@ def test_cxr14_train_evaluate_infer(tmp_path):
     probs = [float(r[f"p_{c}"]) for c in CXR14]
     expected = [c for c, p, t in zip(CXR14, probs, thresholds) if p >= t]
     assert r["prediction"].split("|") == expected or (r["prediction"] == "" and not expected)
+    _same_rows(out / "test_predictions.csv", rows, [f"p_{c}" for c in CXR14], 4)
 
 
 @pytest.mark.slow
