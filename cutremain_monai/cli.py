@@ -164,6 +164,18 @@ def _self_train(args) -> int:
     return 0
 
 
+def _erase(args) -> int:
+    from cutremain_monai.engines.erasing import adversarial_erasing
+
+    overrides = json.loads(args.overrides) if args.overrides else {}
+    output = args.output or os.path.join(args.bundle, "outputs", "erasing")
+    adversarial_erasing(os.path.abspath(args.bundle), os.path.abspath(args.datalist), output, rounds=args.rounds, q=args.q,
+                        delta=args.delta, max_auc_drop=args.max_auc_drop, task=args.task, max_boxes=args.max_boxes, **overrides)
+    print(open(os.path.join(output, "erasing_rounds.md")).read())
+    print(f"results: {output}/mined_datalist.json (mined boxes), masks/, erasing_rounds.csv")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cutremain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,8 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_samples)
 
-    p = sub.add_parser("experiment", help="k-fold cross-validation of augmentations (cv) or the annotation-budget curve (gamma)")
-    p.add_argument("kind", choices=["cv", "gamma", "self-train"])
+    p = sub.add_parser("experiment", help="k-fold cross-validation of augmentations (cv), the annotation-budget curve "
+                       "(gamma), progressive self-training (self-train) or adversarial-erasing region mining (erase)")
+    p.add_argument("kind", choices=["cv", "gamma", "self-train", "erase"])
     p.add_argument("--bundle", required=True)
     p.add_argument("--datalist", help="datalist JSON (default: dicom_samples/datalist.json)", default="dicom_samples/datalist.json")
     p.add_argument("--task", default=None, help="section of a multi-task datalist (e.g. clavicle)")
@@ -217,10 +230,15 @@ def main(argv=None) -> int:
     p.add_argument("--near-duplicates", type=float, default=None, metavar="R",
                    help="self-train: leave out unlabelled images that near-duplicate a validation/test image (|r| >= R; "
                         "0: off; default: the bundle's self_training.yaml, else 0.85)")
+    p.add_argument("--rounds", type=int, default=3, help="erase: erasing rounds")
+    p.add_argument("--q", type=float, default=0.2, help="erase: share of the CAM's top pixels mined per round")
+    p.add_argument("--delta", type=float, default=None, help="erase: mine the min-max CAM at or above this instead of top-q")
+    p.add_argument("--max-auc-drop", type=float, default=0.05, help="erase: stop when validation AUC falls by more than this")
+    p.add_argument("--max-boxes", type=int, default=1, help="erase: mined boxes per image (largest components)")
     p.add_argument("--metric", default="auc", help="gamma: the test metric on the curve (auc, f1, accuracy, map, of1)")
     p.add_argument("--overrides", help='JSON of bundle overrides, e.g. \'{"epochs": 10, "image_size": [128, 128]}\'')
     p.add_argument("-o", "--output")
-    p.set_defaults(func=lambda a: {"gamma": _gamma, "self-train": _self_train}.get(a.kind, _experiment)(a))
+    p.set_defaults(func=lambda a: {"gamma": _gamma, "self-train": _self_train, "erase": _erase}.get(a.kind, _experiment)(a))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

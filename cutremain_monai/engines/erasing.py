@@ -1,0 +1,199 @@
+"""Adversarial-erasing rounds over a classification bundle (seed 002's AE region mining), run by
+``cutremain experiment erase``.
+
+Round t trains the bundle (its own configs, through :func:`~cutremain_monai.engines.experiment.run_bundle`) on the
+images of round t, takes the CAM of the ground-truth class of every positive training sample (each half, for
+bundles that split images) through the bundle's one preprocessing chain, marks its top ``q`` share of pixels (or
+the pixels at or above ``delta`` of the min-max map), adds the region to the image's union of mined regions, and
+fills the union with the training images' mean intensity (in [0, 1], :func:`dataset_mean`) for round t + 1.
+Validation images stay as they are, so a falling validation AUC shows over-erasing: when a round's AUC is more than
+``max_auc_drop`` below the previous round's, its regions are not used and the rounds stop.
+
+Outputs under ``output_dir``: ``round<t>/`` (the bundle's outputs and the round's datalist), ``images/round<t>/``
+(the erased training images, 16-bit PNG), ``masks/`` (the union per image, 8-bit PNG), ``mined_datalist.json`` (the
+training items with the mined boxes, the largest components of the union, as ``boxes`` with ``box_labels``, and
+``mined: true``; validation and test unchanged), and ``erasing_rounds.csv`` / ``.md`` (AUC and mined share per
+round, and why the rounds stopped).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cutremain_monai.engines.experiment import bundle_configs, run_bundle
+from cutremain_monai.io.datalist import load_datalist
+from cutremain_monai.io.loader import load_xray
+from cutremain_monai.localization.cam import cam
+from cutremain_monai.localization.erasing import mined_boxes, top_region
+from cutremain_monai.networks.ensemble import checkpoint_state
+from cutremain_monai.transforms.hide_and_seek import dataset_mean
+
+__all__ = ["adversarial_erasing", "positive_classes"]
+
+logger = logging.getLogger(__name__)
+
+
+def positive_classes(label, label_mode: str) -> list[int]:
+    """The classes whose CAM is mined for a sample: binary -> [0] (the one logit) when positive; multi-class ->
+    the labelled class unless it is class 0 (normal); multi-label -> every positive class."""
+    y = np.asarray(torch.as_tensor(label).detach().cpu() if isinstance(label, torch.Tensor) else label, dtype=float).reshape(-1)
+    if label_mode == "binary":
+        return [0] if y.size and y[0] > 0.5 else []
+    if label_mode == "multiclass":
+        c = int(y.argmax()) if y.size > 1 else int(y[0])
+        return [c] if c != 0 else []
+    return [int(i) for i in np.flatnonzero(y > 0.5)]
+
+
+def _parser(bundle: str, configs: Sequence[str], overrides: dict):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle, configs))
+    parser.update({"bundle_root": bundle, **overrides})
+    return parser
+
+
+def _region_for(item: dict, preprocess, model, label_mode: str, q: float, delta: float | None, layer_pool: str,
+                shape: tuple[int, int]) -> np.ndarray:
+    """The round's mined region of one image at its native size (union over its positive samples and classes)."""
+    samples = preprocess(dict(item))
+    samples = samples if isinstance(samples, list) else [samples]
+    h, w = shape
+    region = np.zeros((h, w), dtype=bool)
+    device = next(model.parameters()).device
+    for s in samples:
+        classes = positive_classes(s["label"], label_mode)
+        if not classes:
+            continue
+        half = s.get("half")
+        x0, x1 = {"left": (0, w // 2), "right": (w // 2, w)}.get(half, (0, w))
+        x = torch.as_tensor(s["image"]).float()[None].to(device)
+        maps = cam(model, x, target=[classes[0]] if len(classes) == 1 else None, pool=layer_pool)
+        for c in classes:
+            m = maps[0, 0] if maps.shape[1] == 1 else maps[0, c]
+            r = top_region(m.cpu(), q=q, delta=delta)
+            r = F.interpolate(torch.as_tensor(r, dtype=torch.float32)[None, None], size=(h, x1 - x0), mode="nearest")[0, 0]
+            region[:, x0:x1] |= r.numpy() > 0.5
+    return region
+
+
+def _save_png16(path: str, image: np.ndarray) -> str:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.clip(np.rint(image * 65535), 0, 65535).astype(np.uint16)).save(path)
+    return path
+
+
+def _stem(path: str, seen: dict) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    n = seen.get(stem, 0)
+    seen[stem] = n + 1
+    return stem if n == 0 else f"{stem}_{n}"
+
+
+def adversarial_erasing(bundle: str, datalist: str, output_dir: str, rounds: int = 3, q: float = 0.2,
+                        delta: float | None = None, max_auc_drop: float = 0.05, configs: Sequence[str] = ("train.yaml", "cpu.yaml"),
+                        task: str | None = None, max_boxes: int = 1, min_area: int = 4, box_label=None,
+                        pool: str = "avgpool", **overrides) -> list[dict]:
+    """Run the rounds (module doc); returns one row per round trained: ``round``, ``val_auc``, ``mined_share``
+    (mean share of a positive image's pixels in the union after the round), ``used`` and ``note``."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    os.makedirs(output_dir, exist_ok=True)
+    sections = {s: load_datalist(datalist, s, task=task) for s in ("training", "validation", "test")}
+    originals = sections["training"]
+    settings = {"augmentation": "none", "register_model": False, "cam_images": 0, **overrides}
+    parser0 = _parser(bundle, configs, settings)
+    label_mode = parser0.get_parsed_content("label_mode")
+    class_names = parser0.get_parsed_content("class_names")
+    fill = dataset_mean(originals)
+    logger.info("erasing fill value (training mean in [0, 1]): %.4f", fill)
+    seen: dict = {}
+    stems = [_stem(it["image"], seen) for it in originals]
+    union: dict[int, np.ndarray] = {}
+    current = [dict(it) for it in originals]
+    rows, prev_auc = [], None
+    for t in range(1, rounds + 1):
+        rdir = os.path.join(output_dir, f"round{t}")
+        dl = os.path.join(rdir, "datalist.json")
+        os.makedirs(rdir, exist_ok=True)
+        with open(dl, "w") as f:
+            json.dump({"training": current, "validation": sections["validation"], "test": sections["test"]}, f)
+        out = os.path.join(rdir, "bundle")
+        run_bundle(bundle, configs, datalist=dl, datalist_task=None, output_dir=out, **settings)
+        with open(os.path.join(out, "val_metrics.json")) as f:
+            auc = float(json.load(f)["auc"])
+        row = {"round": t, "val_auc": round(auc, 4), "used": True, "note": ""}
+        if prev_auc is not None and auc < prev_auc - max_auc_drop:
+            row.update(used=False, note=f"validation AUC fell by {prev_auc - auc:.3f} > {max_auc_drop}: over-erased, stopped")
+            row["mined_share"] = rows[-1]["mined_share"] if rows else 0.0
+            rows.append(row)
+            logger.info("erasing round %d: %s", t, row["note"])
+            break
+        parser = _parser(bundle, configs, {**settings, "output_dir": out})
+        preprocess = parser.get_parsed_content("preprocessing")
+        model = parser.get_parsed_content("network_def", instantiate=True)
+        model.load_state_dict(checkpoint_state(parser.get_parsed_content("model_path")))
+        model.eval()
+        shares = []
+        nxt = []
+        for i, (orig, it) in enumerate(zip(originals, current)):
+            if not positive_classes(orig.get("label", 0), label_mode):  # erase positives only
+                nxt.append(it)
+                continue
+            image = load_xray(orig["image"]).numpy()[0]
+            region = _region_for(it, preprocess, model, label_mode, q, delta, pool, image.shape)
+            if region.any() or i in union:
+                union[i] = union.get(i, np.zeros(image.shape, dtype=bool)) | region
+            if i not in union:
+                nxt.append(it)
+                continue
+            shares.append(float(union[i].mean()))
+            erased = image.copy()
+            erased[union[i]] = fill
+            path = _save_png16(os.path.join(output_dir, "images", f"round{t + 1}", stems[i] + ".png"), erased)
+            nxt.append({**it, "image": path})
+        row["mined_share"] = round(float(np.mean(shares)), 4) if shares else 0.0
+        rows.append(row)
+        logger.info("erasing round %d: val AUC %.3f, mined share %.3f", t, auc, row["mined_share"])
+        prev_auc, current = auc, nxt
+    _write_outputs(output_dir, originals, stems, union, sections, rows, max_boxes, min_area,
+                   box_label if box_label is not None else (class_names[0] if label_mode == "binary" else "mined"))
+    return rows
+
+
+def _write_outputs(output_dir, originals, stems, union, sections, rows, max_boxes, min_area, box_label) -> None:
+    from PIL import Image
+
+    mined = []
+    for i, it in enumerate(originals):
+        if i not in union:
+            mined.append(dict(it))
+            continue
+        path = os.path.join(output_dir, "masks", stems[i] + ".png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(union[i].astype(np.uint8) * 255).save(path)
+        boxes = mined_boxes(union[i], max_boxes=max_boxes, min_area=min_area)
+        mined.append({**it, "boxes": boxes.tolist(), "box_labels": [box_label] * len(boxes), "mined": True,
+                      "mined_mask": path})
+    with open(os.path.join(output_dir, "mined_datalist.json"), "w") as f:
+        json.dump({"training": mined, "validation": sections["validation"], "test": sections["test"]}, f, indent=1)
+    with open(os.path.join(output_dir, "erasing_rounds.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["round", "val_auc", "mined_share", "used", "note"])
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["| round | validation AUC | mined share of a positive image | used | note |", "|---|---|---|---|---|"]
+    lines += [f"| {r['round']} | {r['val_auc']:.3f} | {r['mined_share']:.3f} | {'yes' if r['used'] else 'no'} | {r['note']} |"
+              for r in rows]
+    with open(os.path.join(output_dir, "erasing_rounds.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
