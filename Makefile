@@ -11,6 +11,9 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# constraints.txt pins torch to the CPU wheel; a GPU user installs CUDA torch first (README).
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	# zennit (reference LRP for the tests) without its torchvision requirement: PyPI's torchvision is a CUDA build
+	# that does not import beside the CPU torch wheel, and zennit needs it only for torchvision's own models.
+	$(PY) -m pip install -q --no-deps "zennit==0.5.1"
 	touch $(STAMP)
 
 install: $(STAMP)

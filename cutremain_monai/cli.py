@@ -46,7 +46,7 @@ def _import(args) -> int:
     elif fmt == "coco":
         items = importers.import_coco(args.source, args.images)
     elif fmt == "fracatlas":
-        items = importers.import_fracatlas_manifest(args.source, args.images, args.region)
+        items = importers.import_fracatlas_manifest(args.source, args.images, args.region, block_size=args.blocks)
     elif fmt == "yolo":
         items = importers.import_yolo(args.images, args.source)
     elif fmt == "brixia":
@@ -176,6 +176,21 @@ def _erase(args) -> int:
     return 0
 
 
+def _localize(args) -> int:
+    from cutremain_monai.engines.localize import _table_md, localize
+
+    overrides = json.loads(args.overrides) if args.overrides else {}
+    output = args.output or os.path.join(args.bundle, "outputs", "localization")
+    table = localize(os.path.abspath(args.bundle), args.checkpoint, os.path.abspath(args.datalist), output,
+                     section=args.section, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                     task=args.task, tau_section=None if args.tau_section in ("", "none") else args.tau_section,
+                     tracking_uri=args.tracking_uri, overlays=args.overlays, **overrides)
+    print(_table_md(table))
+    print(f"results: {output}/{args.section}_localization.csv, {args.section}_localization_table.md, "
+          f"{args.section}_localization_overlays/")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cutremain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", help="image folder (brixia: the dataset root; lungmasks: the manifest's folder by default)")
     p.add_argument("--bbox", help="nih: BBox_List_2017.csv[.gz]")
     p.add_argument("--region", help="fracatlas: keep this region (hip, shoulder)")
+    p.add_argument("--blocks", type=int, default=None, metavar="N",
+                   help="fracatlas: split by blocks of N consecutive image numbers (no patient ids; 25 suits FracAtlas)")
     p.add_argument("--rater", default="S", help="brixia: rater prefix (S or J)")
     p.add_argument("--split", default="0.7,0.15,0.15")
     p.add_argument("--seed", type=int, default=0)
@@ -208,6 +225,21 @@ def main(argv=None) -> int:
                         "0.85 for brixia, lungmasks and fracatlas, off for the others); pairs go to <output>.near_duplicates.csv")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=_import)
+
+    p = sub.add_parser("localize", help="maps (CAM, Grad-CAM, Grad-CAM++, LRP) of a trained bundle model on a datalist "
+                       "section, scored against the boxes: per-image CSV, table, overlays, MLflow")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--checkpoint", required=True, help="the model's weights (e.g. outputs/<run>/checkpoints/model.pt)")
+    p.add_argument("--datalist", required=True)
+    p.add_argument("--task", default=None)
+    p.add_argument("--section", default="test")
+    p.add_argument("--tau-section", default="validation", help="section that chooses Loc. Acc.'s threshold (none: max over tau)")
+    p.add_argument("--methods", default="cam,gradcam,lrp", help="comma-separated: cam, gradcam, gradcam_pp, lrp")
+    p.add_argument("--overlays", type=int, default=16, help="cases drawn (methods side by side)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI to log the table and overlays to")
+    p.add_argument("--overrides", help='JSON of bundle overrides (the training settings: image_size, network_depth, ...)')
+    p.add_argument("-o", "--output")
+    p.set_defaults(func=_localize)
 
     p = sub.add_parser("samples", help="generate the synthetic DICOM phantoms")
     p.add_argument("-o", "--output", default="dicom_samples")

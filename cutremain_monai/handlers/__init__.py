@@ -3,10 +3,11 @@
 from cutremain_monai.handlers.classification_report import ClassificationReport
 from cutremain_monai.handlers.gradcam_report import GradCAMReport
 from cutremain_monai.handlers.mean_auc import MeanAUC, MeanAUCMetric
+from cutremain_monai.handlers.localization_report import LocalizationReport
 from cutremain_monai.handlers.mlflow_registry import MLflowRegistry, default_tracking_uri
 from cutremain_monai.handlers.predictions import ClassificationPredictions, SeverityPredictions
 from cutremain_monai.handlers.severity_report import SeverityReport
 from cutremain_monai.handlers.reproducibility import EpochSeed, StopAfterEpochs, last_checkpoints, latest_checkpoint
 
-__all__ = ["ClassificationPredictions", "SeverityPredictions", "ClassificationReport", "GradCAMReport", "MeanAUC", "MeanAUCMetric", "MLflowRegistry", "SeverityReport", "default_tracking_uri", "EpochSeed",
+__all__ = ["LocalizationReport", "ClassificationPredictions", "SeverityPredictions", "ClassificationReport", "GradCAMReport", "MeanAUC", "MeanAUCMetric", "MLflowRegistry", "SeverityReport", "default_tracking_uri", "EpochSeed",
            "StopAfterEpochs", "last_checkpoints", "latest_checkpoint"]

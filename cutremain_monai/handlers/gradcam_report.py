@@ -12,14 +12,15 @@ import torch
 from ignite.engine import Engine, Events
 
 from cutremain_monai.handlers.utils import best_model, rank
-from cutremain_monai.localization.cam import energy_in_box, grad_cam, save_overlay
+from cutremain_monai.localization.cam import energy_in_box, save_overlay
+from cutremain_monai.localization.grad_cam import grad_cam
 
 __all__ = ["GradCAMReport"]
 
 
 class GradCAMReport:
     def __init__(self, network: torch.nn.Module, dataset, output_dir: str, checkpoint: str | None = None,
-                 target_layer: str = "layer4", max_images: int = 16, device=None, enabled: bool = True,
+                 target_layer: str = "layer3", max_images: int = 16, device=None, enabled: bool = True,
                  label_mode: str = "binary", class_names=None):
         self.network = network
         self.dataset = dataset
@@ -70,7 +71,7 @@ class GradCAMReport:
                     continue
                 img = torch.as_tensor(s["image"]).float()[None].to(device)
                 c = self._class(s)
-                cam = grad_cam(model, img, self.target_layer, class_idx=c)[0, 0].cpu()
+                cam = grad_cam(model, img, target=c, layer=self.target_layer)[0, 0].cpu()
                 e = energy_in_box(cam, torch.as_tensor(mask)[0])
                 energies.append(e)
                 with torch.no_grad():

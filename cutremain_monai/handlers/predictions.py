@@ -22,7 +22,8 @@ from ignite.engine import Engine, Events
 
 from cutremain_monai.constants import BRIXIA_ZONES
 from cutremain_monai.handlers.utils import rank
-from cutremain_monai.localization.cam import grad_cam, save_overlay
+from cutremain_monai.localization.cam import save_overlay
+from cutremain_monai.localization.grad_cam import grad_cam
 from cutremain_monai.localization.severity_overlay import save_severity_overlay
 
 __all__ = ["ClassificationPredictions", "SeverityPredictions"]
@@ -99,7 +100,7 @@ class ClassificationPredictions(_PredictionsBase):
                  class_names: Sequence[str] | None = None, threshold: float = 0.5, threshold_file: str | None = None,
                  id_key: str = "image_id", path_key: str = "image_path", half_key: str = "half",
                  set_aside: Sequence[dict] | None = None, network: torch.nn.Module | None = None, cam: bool = False,
-                 target_layer: str = "layer4", enabled: bool = True):
+                 target_layer: str = "layer3", enabled: bool = True):
         if label_mode not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"label_mode must be binary, multiclass or multilabel, got {label_mode!r}")
         super().__init__(output_dir, filename, id_key, path_key, set_aside, enabled)
@@ -132,7 +133,7 @@ class ClassificationPredictions(_PredictionsBase):
         net = self.network.module if hasattr(self.network, "module") else self.network
         device = next(net.parameters()).device
         c = None if self.label_mode == "binary" else int(prob.argmax())
-        cam = grad_cam(net, image.float()[None].to(device), self.target_layer, class_idx=c)[0, 0].cpu()
+        cam = grad_cam(net, image.float()[None].to(device), target=c, layer=self.target_layer)[0, 0].cpu()
         title = f"p={float(prob[0]):.2f}" if c is None else f"{self.names[c] if self.names else c} p={float(prob[c]):.2f}"
         stem = name.replace("/", "__").replace(os.sep, "__")
         save_overlay(os.path.join(self.output_dir, "cam", f"{stem}_{half}.png"), image[0], cam, title=title)

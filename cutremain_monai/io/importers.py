@@ -266,11 +266,14 @@ def import_coco(coco_json: str, image_dir: str, positive_categories: list[str] |
 
 
 def import_fracatlas_manifest(manifest_csv: str, image_dir: str, region: str | None = None,
-                               check_images: bool = True) -> ImportedItems:
+                               check_images: bool = True, block_size: int | None = None) -> ImportedItems:
     """The FracAtlas manifest in ``../shared/data/fracture`` (``fractured``, ``fracture_bboxes_xywh``, ``region``).
 
     ``region`` keeps rows whose ``|``-joined region flags contain it (``"hip"``, ``"shoulder"``). Images that do
     not decode (FracAtlas ships a truncated ``IMG0004098.jpg``) go to ``quarantined`` (``check_images``).
+    ``block_size``: FracAtlas has no patient ids and neighbouring image numbers are often one patient, so the split
+    group of ``IMG0001234.jpg`` becomes its block of consecutive numbers (``1234 // block_size``; 25 suits it);
+    ``None`` keeps one group per image.
     """
     out, quarantined = [], []
     with open(manifest_csv, newline="") as f:
@@ -291,7 +294,13 @@ def import_fracatlas_manifest(manifest_csv: str, image_dir: str, region: str | N
             else:
                 size = _image_size(path)
             xyxy = xywh_to_xyxy(boxes) if boxes else np.zeros((0, 4))
-            out.append(_finish(path, label, xyxy, ["fracture"] * len(xyxy), pseudonym(row["image_id"]), size))
+            key = row["image_id"]
+            if block_size:
+                digits = "".join(ch for ch in os.path.splitext(key)[0] if ch.isdigit())
+                if not digits:
+                    raise ValueError(f"{manifest_csv}:{lineno}: image_id {key!r} has no image number for block_size")
+                key = f"block{int(digits) // int(block_size)}"
+            out.append(_finish(path, label, xyxy, ["fracture"] * len(xyxy), pseudonym(key), size))
     return _done(manifest_csv, out, quarantined)
 
 

@@ -282,3 +282,25 @@ def test_fracatlas_real_truncated_file_is_flagged(folder, tmp_path):
     with open(os.path.join(root, "manifest.csv"), newline="") as f:
         shoulder = [r for r in csv.DictReader(f) if "shoulder" in r["region"].split("|")]
     assert len(items) == len(shoulder) - 1  # nothing else dropped
+
+
+def test_fracatlas_blocks_of_image_numbers(tmp_path):
+    """--blocks 25: IMG0000024 and IMG0000001 share a split group, IMG0000025 starts the next block."""
+    import csv as _csv
+
+    from PIL import Image
+
+    from cutremain_monai.io.importers import import_fracatlas_manifest
+
+    names = ["IMG0000001.jpg", "IMG0000024.jpg", "IMG0000025.jpg"]
+    for n in names:
+        Image.new("L", (8, 8), 128).save(tmp_path / n)
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = _csv.writer(f)
+        w.writerow(["image_id", "region", "fractured", "fracture_bboxes_xywh"])
+        for n in names:
+            w.writerow([n, "hand", 0, "[]"])
+    items = import_fracatlas_manifest(str(tmp_path / "m.csv"), str(tmp_path), block_size=25)
+    groups = [it["group"] for it in items]
+    assert groups[0] == groups[1] != groups[2]
+    assert len({it["group"] for it in import_fracatlas_manifest(str(tmp_path / "m.csv"), str(tmp_path))}) == 3

@@ -1,0 +1,265 @@
+"""Where the model looks, measured: maps of several methods for the boxed images of a datalist section, scored with
+the localisation metrics, written as a per-image CSV, a method x metric table, side-by-side overlays, and MLflow.
+
+Used by ``cutremain localize`` and by the classification bundles' ``evaluate.yaml`` (``LocalizationReport``), so
+both give the same table for the same model and images. Each image goes through the bundle's own chain in two
+parts, ``load_transforms`` (native resolution: halves, boxes in their pixels) and ``final_transforms`` (the model's
+input size); maps are computed at the model's size and brought back to the native sample size (bilinear) before
+scoring against the native boxes, so no box is rounded to a coarse grid. Only positive samples with a lesion box
+are scored, for the class they are positive for (binary: the one logit; multi-class: the labelled class;
+multi-label: the class named by the first lesion box, else the first positive class).
+
+Metrics (``cutremain_monai.metrics.localization``): energy in box, pointing game, IoU accuracy at 0.5 (largest
+component of the min-max map at 0.5), MaxBoxAcc (v1), and Loc. Acc. (IoU >= 0.4) at the threshold chosen on the
+validation section when one is given (never on the section reported), else reported as "max over tau" and marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cutremain_monai.metrics import localization as M
+
+__all__ = ["METHODS", "compute_map", "localize_items", "localize"]
+
+logger = logging.getLogger(__name__)
+METHODS = ("cam", "gradcam", "gradcam_pp", "lrp")
+
+
+def compute_map(method: str, model: torch.nn.Module, x: torch.Tensor, target: int, layer: str | None = None,
+                bounds=None) -> torch.Tensor:
+    """Raw ``(B, 1, H, W)`` map of ``method`` for class ``target`` at the input's size (not normalised)."""
+    if method == "cam":
+        from cutremain_monai.localization.cam import cam
+
+        return cam(model, x, target=target, normalise=False)
+    if method in ("gradcam", "gradcam_pp"):
+        from cutremain_monai.localization.grad_cam import DEFAULT_LAYER, grad_cam
+
+        return grad_cam(model, x, target=target, layer=layer or DEFAULT_LAYER, plus_plus=method == "gradcam_pp",
+                        normalise=False)
+    if method == "lrp":
+        from cutremain_monai.localization.lrp import lrp
+
+        return lrp(model, x, target=target, bounds=bounds)
+    raise ValueError(f"unknown localisation method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _target(sample: dict, label_mode: str, class_names: Sequence[str], lesion_labels) -> int | None:
+    y = np.asarray(torch.as_tensor(sample.get("label", 0)).detach().cpu(), dtype=float).reshape(-1)
+    if label_mode == "binary":
+        return 0 if y.size and y[0] > 0.5 else None
+    if label_mode == "multiclass":
+        c = int(y.argmax()) if y.size > 1 else int(y[0])
+        return c if c != 0 else None
+    for lab in sample.get("box_labels") or []:
+        if lab in class_names and (lesion_labels is None or lab in lesion_labels):
+            c = list(class_names).index(lab)
+            if y.size > c and y[c] > 0.5:
+                return c
+    pos = np.flatnonzero(y > 0.5)
+    return int(pos[0]) if pos.size else None
+
+
+def _lesion_boxes(sample: dict, lesion_labels) -> np.ndarray:
+    boxes = np.asarray(sample.get("boxes", []), dtype=np.float64).reshape(-1, 4)
+    labels = list(sample.get("box_labels") or [None] * len(boxes))
+    keep = [i for i, lab in enumerate(labels) if lesion_labels is None or lab in lesion_labels]
+    return boxes[keep]
+
+
+def _cases(items, load: Callable, final: Callable, label_mode, class_names, lesion_labels):
+    """(name, native image (H, W), native boxes, model input (1, h, w), target) per scored sample."""
+    for it in items:
+        try:
+            samples = load(dict(it))
+        except Exception as e:  # an unreadable image is named and left out, never ends the report
+            logger.warning("localisation: %s set aside (%s: %s)", it.get("image"), type(e).__name__, e)
+            continue
+        for s in samples if isinstance(samples, list) else [samples]:
+            boxes = _lesion_boxes(s, lesion_labels)
+            target = _target(s, label_mode, class_names, lesion_labels)
+            if target is None or len(boxes) == 0:
+                continue
+            native = torch.as_tensor(s["image"]).float()
+            x = final(dict(s))
+            x = x[0] if isinstance(x, list) else x
+            name = os.path.basename(str(it["image"])) + (f"#{s['half']}" if s.get("half") else "")
+            yield name, native[0].numpy(), boxes, torch.as_tensor(x["image"]).float(), target
+
+
+def _upsample(m: torch.Tensor, size) -> np.ndarray:
+    return F.interpolate(m[None, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def _maps(model, cases, methods, layer, bounds):
+    device = next(model.parameters()).device
+    out = []
+    for name, native, boxes, x, target in cases:
+        maps = {}
+        for method in methods:
+            m = compute_map(method, model, x[None].to(device), target, layer=layer, bounds=bounds)[0, 0].detach().cpu()
+            maps[method] = _upsample(m, native.shape)
+        out.append((name, native, boxes, target, maps))
+    return out
+
+
+def _score(results, methods, tau_from: dict | None) -> tuple[list[dict], dict, dict]:
+    rows, table, taus = [], {}, {}
+    for method in methods:
+        maps = [r[4][method] for r in results]
+        boxes = [r[2] for r in results]
+        if not maps:
+            table[method] = {}
+            continue
+        energy = M.energy_in_box(maps, boxes)
+        point = M.pointing_game(maps, boxes)
+        iou = M.iou_accuracy(maps, boxes, thresholds=(0.5,), iou=0.5)
+        mba = M.max_box_acc(maps, boxes, iou=0.5)
+        loc = M.loc_acc(maps, boxes, iou=0.4)
+        if tau_from and method in tau_from:
+            tau = tau_from[method]
+            loc_value, loc_note = M.loc_acc_at(maps, boxes, tau, iou=0.4)["accuracy"], f"tau {tau:.2f} from validation"
+        else:
+            tau = M.choose_tau(loc)
+            loc_value, loc_note = loc["max_over_tau"], "max over tau on this set"
+        taus[method] = M.choose_tau(loc)
+        table[method] = {"energy_in_box": energy["mean"], "pointing_game": point["hit_rate"],
+                         "iou_acc@0.5": float(iou["accuracy"][0]), "max_box_acc": mba["max_box_acc"],
+                         "loc_acc": float(loc_value), "loc_acc_tau": loc_note, "n": len(maps)}
+        for i, r in enumerate(results):
+            rows.append({"image": r[0], "method": method, "class": r[3], "energy_in_box": round(float(energy["per_image"][i]), 5),
+                         "pointing_hit": int(point["hits"][i]), "iou@0.5": round(float(iou["overlaps"][i, 0]), 5)})
+    return rows, table, taus
+
+
+def _table_md(table: dict) -> str:
+    lines = ["| method | energy in box | pointing game | IoU acc @0.5 | MaxBoxAcc | Loc. Acc. (IoU >= 0.4) | images |",
+             "|---|---|---|---|---|---|---|"]
+    for method, t in table.items():
+        if not t:
+            lines.append(f"| {method} | - | - | - | - | - | 0 |")
+            continue
+        lines.append(f"| {method} | {t['energy_in_box']:.3f} | {t['pointing_game']:.3f} | {t['iou_acc@0.5']:.3f} | "
+                     f"{t['max_box_acc']:.3f} | {t['loc_acc']:.3f} ({t['loc_acc_tau']}) | {t['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _overlays(results, methods, out_dir: str, limit: int) -> int:
+    from PIL import Image
+
+    from cutremain_monai.localization.cam import save_overlay
+
+    os.makedirs(out_dir, exist_ok=True)
+    for k, (name, native, boxes, _, maps) in enumerate(results[:limit]):
+        tiles = []
+        for method in methods:
+            m = maps[method]
+            lo, hi = float(m.min()), float(m.max())
+            norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+            path = os.path.join(out_dir, f".tile_{method}.png")
+            save_overlay(path, native, norm, boxes.tolist(), title=method)
+            tiles.append(Image.open(path).convert("RGB"))
+            os.remove(path)
+        w, h = sum(t.width for t in tiles), max(t.height for t in tiles)
+        grid = Image.new("RGB", (w, h))
+        x = 0
+        for t in tiles:
+            grid.paste(t, (x, 0))
+            x += t.width
+        grid.save(os.path.join(out_dir, f"case_{k:03d}_{name.replace('#', '_')}.png"))
+    return min(limit, len(results))
+
+
+def localize_items(model: torch.nn.Module, items: Sequence[dict], load: Callable, final: Callable, output_dir: str,
+                   methods: Sequence[str] = ("cam", "gradcam", "lrp"), label_mode: str = "binary",
+                   class_names: Sequence[str] = (), lesion_box_labels=None, prefix: str = "test",
+                   val_items: Sequence[dict] | None = None, layer: str | None = None, bounds=None, overlays: int = 16,
+                   tracking_uri: str | None = None, experiment_name: str = "localization", run_name: str | None = None) -> dict:
+    """Score ``methods`` on ``items`` (module doc); writes ``{prefix}_localization.csv``, ``{prefix}_localization_table.md``
+    and ``{prefix}_localization_overlays/``; returns the table ``{method: {metric: value}}``."""
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown localisation method {method!r}; choose from {', '.join(METHODS)}")
+    lesion = None if lesion_box_labels is None else set(lesion_box_labels)
+    model = model.eval()
+    taus = None
+    if val_items:
+        val = _maps(model, _cases(val_items, load, final, label_mode, class_names, lesion), methods, layer, bounds)
+        _, _, taus = _score(val, methods, None)
+    results = _maps(model, _cases(items, load, final, label_mode, class_names, lesion), methods, layer, bounds)
+    rows, table, _ = _score(results, methods, taus)
+    os.makedirs(output_dir, exist_ok=True)
+    csv_path = os.path.join(output_dir, f"{prefix}_localization.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "method", "class", "energy_in_box", "pointing_hit", "iou@0.5"])
+        w.writeheader()
+        w.writerows(rows)
+    md = os.path.join(output_dir, f"{prefix}_localization_table.md")
+    with open(md, "w") as f:
+        f.write(_table_md(table))
+    ov_dir = os.path.join(output_dir, f"{prefix}_localization_overlays")
+    _overlays(results, methods, ov_dir, overlays)
+    if tracking_uri:
+        _log_mlflow(tracking_uri, experiment_name, run_name or prefix, table, [csv_path, md], ov_dir)
+    logger.info("localisation (%d samples):\n%s", len(results), _table_md(table))
+    return table
+
+
+def _log_mlflow(uri, experiment, run_name, table, files, folder) -> None:
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=run_name):
+            mlflow.log_metrics({f"{m}_{k}".replace("@", "_at_"): float(v) for m, t in table.items() for k, v in t.items()
+                                if isinstance(v, (int, float)) and np.isfinite(v)})
+            for p in files:
+                mlflow.log_artifact(p)
+            if os.path.isdir(folder):
+                mlflow.log_artifacts(folder, artifact_path=os.path.basename(folder))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def localize(bundle: str, checkpoint: str, datalist: str, output_dir: str, section: str = "test",
+             methods: Sequence[str] = ("cam", "gradcam", "lrp"), configs: Sequence[str] = ("train.yaml", "cpu.yaml"),
+             task: str | None = None, tau_section: str | None = "validation", tracking_uri: str | None = None,
+             overlays: int = 16, bounds=(0.0, 1.0), **overrides) -> dict:
+    """``cutremain localize``: the bundle's network with ``checkpoint`` on ``section`` of ``datalist``. ``bounds``:
+    the input range for LRP's z^B rule (the classification bundles feed [0, 1] images)."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from cutremain_monai.engines.experiment import bundle_configs
+    from cutremain_monai.io.datalist import load_datalist
+    from cutremain_monai.networks.ensemble import checkpoint_state
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle, configs))
+    parser.update({"bundle_root": bundle, **overrides})
+    model = parser.get_parsed_content("network_def", instantiate=True)
+    model.load_state_dict(checkpoint_state(checkpoint))
+    load = Compose(parser.get_parsed_content("load_transforms"))
+    final = Compose(parser.get_parsed_content("final_transforms"))
+    items = load_datalist(datalist, section, task=task)
+    val_items = load_datalist(datalist, tau_section, task=task) if tau_section and tau_section != section else None
+    return localize_items(model, items, load, final, output_dir, methods=methods,
+                          label_mode=parser.get_parsed_content("label_mode"),
+                          class_names=parser.get_parsed_content("class_names"),
+                          lesion_box_labels=parser.get_parsed_content("lesion_box_labels"), prefix=section,
+                          val_items=val_items, layer=overrides.get("cam_layer"), bounds=bounds, overlays=overlays,
+                          tracking_uri=tracking_uri, experiment_name=f"localize_{os.path.basename(os.path.normpath(bundle))}")
