@@ -265,6 +265,18 @@ def import_coco(coco_json: str, image_dir: str, positive_categories: list[str] |
     return _done(coco_json, out, quarantined)
 
 
+def _checked_size(path: str, check_images: bool, quarantined: list) -> tuple[bool, tuple[int, int] | None]:
+    """``(True, size)``: the decoded size with ``check_images`` (a file that does not decode is added to
+    ``quarantined`` with its reason and gives ``(False, None)``), else the size from the header."""
+    if not check_images:
+        return True, _image_size(path)
+    size, reason = _decode(path)
+    if reason:
+        quarantined.append((os.path.abspath(path), reason))
+        return False, None
+    return True, size
+
+
 def import_fracatlas_manifest(manifest_csv: str, image_dir: str, region: str | None = None,
                                check_images: bool = True, block_size: int | None = None) -> ImportedItems:
     """The FracAtlas manifest in ``../shared/data/fracture`` (``fractured``, ``fracture_bboxes_xywh``, ``region``).
@@ -286,13 +298,9 @@ def import_fracatlas_manifest(manifest_csv: str, image_dir: str, region: str | N
             except (KeyError, ValueError) as e:
                 raise ValueError(f"{manifest_csv}:{lineno}: malformed row ({e})") from e
             path = os.path.join(image_dir, row["image_id"])
-            if check_images:
-                size, reason = _decode(path)
-                if reason:
-                    quarantined.append((os.path.abspath(path), reason))
-                    continue
-            else:
-                size = _image_size(path)
+            ok, size = _checked_size(path, check_images, quarantined)
+            if not ok:
+                continue
             xyxy = xywh_to_xyxy(boxes) if boxes else np.zeros((0, 4))
             key = row["image_id"]
             if block_size:
@@ -321,13 +329,9 @@ def import_yolo(
             continue
         path = os.path.join(image_dir, name)
         txt = os.path.join(label_dir, os.path.splitext(name)[0] + ".txt")
-        if check_images:
-            size, reason = _decode(path)
-            if reason:
-                quarantined.append((os.path.abspath(path), reason))
-                continue
-        else:
-            size = _image_size(path)
+        ok, size = _checked_size(path, check_images, quarantined)
+        if not ok:
+            continue
         boxes, labels, classes = [], [], []
         if os.path.exists(txt):
             with open(txt) as f:
