@@ -87,6 +87,19 @@ def _decode(path: str) -> tuple[tuple[int, int] | None, str | None]:
         return None, f"{type(e).__name__}: {e}"
 
 
+def _checked_size(path: str, check_images: bool, quarantined: list, header: bool = True) -> tuple[bool, tuple[int, int] | None]:
+    """``(True, size)``: the decoded size with ``check_images`` (a file that does not decode is added to
+    ``quarantined`` with its reason and gives ``(False, None)``), else the size from the header (``None`` when
+    ``header`` is false)."""
+    if not check_images:
+        return True, (_image_size(path) if header else None)
+    size, reason = _decode(path)
+    if reason:
+        quarantined.append((os.path.abspath(path), reason))
+        return False, None
+    return True, size
+
+
 def _done(source: str, items: list[dict], quarantined: list[tuple[str, str]]) -> ImportedItems:
     for file, reason in quarantined:
         logger.warning("%s: left out %s: %s", source, file, reason)
@@ -162,12 +175,9 @@ def import_csv(path: str, image_root: str | None = None, check_sizes: bool = Tru
                 item["box_labels"].append(row[6].strip() if len(row) == 7 else "lesion")
     out, quarantined = [], []
     for img, it in items.items():
-        size = None
-        if check_sizes:
-            size, reason = _decode(img)
-            if reason:
-                quarantined.append((os.path.abspath(img), reason))
-                continue
+        ok, size = _checked_size(img, check_sizes, quarantined, header=False)
+        if not ok:
+            continue
         out.append(_finish(img, it["label"], it["boxes"], it["box_labels"], pseudonym(img), size))
     return _done(path, out, quarantined)
 
@@ -250,12 +260,9 @@ def import_coco(coco_json: str, image_dir: str, positive_categories: list[str] |
     out, quarantined = [], []
     for img in coco.get("images", []):
         path = os.path.join(image_dir, img["file_name"])
-        decoded = None
-        if check_images:
-            decoded, reason = _decode(path)
-            if reason:
-                quarantined.append((os.path.abspath(path), reason))
-                continue
+        ok, decoded = _checked_size(path, check_images, quarantined, header=False)
+        if not ok:
+            continue
         a = anns.get(img["id"], [])
         names = [cats[x["category_id"]] for x in a]
         boxes = xywh_to_xyxy([x["bbox"] for x in a]) if a else np.zeros((0, 4))
@@ -263,18 +270,6 @@ def import_coco(coco_json: str, image_dir: str, positive_categories: list[str] |
         label = int(any(n in positive for n in names))
         out.append(_finish(path, label, boxes, names, pseudonym(img["file_name"]), size))
     return _done(coco_json, out, quarantined)
-
-
-def _checked_size(path: str, check_images: bool, quarantined: list) -> tuple[bool, tuple[int, int] | None]:
-    """``(True, size)``: the decoded size with ``check_images`` (a file that does not decode is added to
-    ``quarantined`` with its reason and gives ``(False, None)``), else the size from the header."""
-    if not check_images:
-        return True, _image_size(path)
-    size, reason = _decode(path)
-    if reason:
-        quarantined.append((os.path.abspath(path), reason))
-        return False, None
-    return True, size
 
 
 def import_fracatlas_manifest(manifest_csv: str, image_dir: str, region: str | None = None,
