@@ -154,18 +154,28 @@ def _fused_weight(conv: nn.Module, bn: nn.Module | None, conv_out: torch.Tensor)
 
 
 def _zb_input_relevance(conv, bn, conv_out, x, r0, low, high, epsilon, create_graph):
-    """The z^B rule through the (BN-fused) first convolution: relevance at its output ``r0`` -> input relevance."""
+    """The z^B rule through the (BN-fused) first convolution: relevance at its output ``r0`` -> input relevance.
+
+    The bound terms ``W+ low`` and ``W- high`` do not depend on the image (the bounds are scalars or per channel):
+    each is one batch-1 convolution broadcast over the batch. The three transposed convolutions ``W^T s``,
+    ``W+^T s``, ``W-^T s`` run as one, with the three weights stacked along the input channels (2-D convolutions
+    with zero padding; other layers take the vector-Jacobian route). Both keep the graph for ``create_graph``."""
     weight = _fused_weight(conv, bn, conv_out)
     w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
-    low_x, high_x = torch.broadcast_to(low, x.shape), torch.broadcast_to(high, x.shape)
-    z = conv._conv_forward(x, weight, None) - conv._conv_forward(low_x, w_pos, None) - conv._conv_forward(high_x, w_neg, None)
+    one = (1, *x.shape[1:])
+    low_1, high_1 = torch.broadcast_to(low, one), torch.broadcast_to(high, one)
+    z = conv._conv_forward(x, weight, None) - conv._conv_forward(low_1, w_pos, None) - conv._conv_forward(high_1, w_neg, None)
     s = r0 / _stabilise(z, epsilon)
-    # transposed convolutions W^T s, W+^T s, W-^T s as vector-Jacobian products of the (linear) convolution
-    probes = [torch.zeros_like(x, requires_grad=True) for _ in range(3)]
-    out = sum(
-        (conv._conv_forward(p, w, None) * s).sum() for p, w in zip(probes, (weight, w_pos, w_neg))
-    )
-    c, c_pos, c_neg = torch.autograd.grad(out, probes, create_graph=create_graph)
+    c_in = x.shape[1]
+    if isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        stacked = torch.cat([weight, w_pos, w_neg], dim=1)
+        c_all = torch.nn.grad.conv2d_input((x.shape[0], 3 * c_in, *x.shape[2:]), stacked, s, stride=conv.stride,
+                                           padding=conv.padding, dilation=conv.dilation, groups=1)
+        c, c_pos, c_neg = c_all[:, :c_in], c_all[:, c_in : 2 * c_in], c_all[:, 2 * c_in :]
+    else:  # transposed convolutions as vector-Jacobian products of the (linear) convolution
+        probes = [torch.zeros_like(x, requires_grad=True) for _ in range(3)]
+        out = sum((conv._conv_forward(p, w, None) * s).sum() for p, w in zip(probes, (weight, w_pos, w_neg)))
+        c, c_pos, c_neg = torch.autograd.grad(out, probes, create_graph=create_graph)
     return x * c - low * c_pos - high * c_neg
 
 
