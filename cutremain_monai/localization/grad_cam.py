@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from cutremain_monai.localization.cam import capture_output, check_output, evaluating, find_layer, finish, plain, selections
 
-__all__ = ["grad_cam", "grad_cam_pp", "DEFAULT_LAYER"]
+__all__ = ["grad_cam", "grad_cam_pp", "differentiable_grad_cam", "DEFAULT_LAYER"]
 
 DEFAULT_LAYER = "layer3"
 
@@ -104,3 +104,35 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, target=None, layer: str = 
 def grad_cam_pp(model: torch.nn.Module, x: torch.Tensor, target=None, layer: str = DEFAULT_LAYER, normalise: bool = True) -> torch.Tensor:
     """Grad-CAM++: :func:`grad_cam` with ``plus_plus=True``."""
     return grad_cam(model, x, target, layer=layer, plus_plus=True, normalise=normalise)
+
+
+def differentiable_grad_cam(model: torch.nn.Module, x: torch.Tensor, target, layer: str = DEFAULT_LAYER,
+                            normalise: bool = True, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM for training through it (GAIN's attention mining and extra supervision): ``(maps, logits)`` of
+    ONE forward in the model's current mode (train mode stays train mode).
+
+    Unlike :func:`grad_cam` (and the public GAIN implementations, which take the channel weights from a backward
+    hook, so they are constants), the gradient of the selected logits with respect to the layer is taken with
+    ``create_graph=True``: the maps are differentiable with respect to the weights through the activations AND the
+    channel weights ``w_k = mean_u dy/dA_k``. Maps ``(B, 1, H, W)`` (one class per image: ``target`` an int or one
+    per image) are ReLU(sum_k w_k A_k), bilinearly upsampled to the input; ``normalise`` divides each by its
+    maximum (+ ``eps``; a differentiable scale to [0, 1], the min of a ReLU map being 0 almost always). The
+    ``logits`` are the forward's, for the classification loss of the same step.
+    """
+    x = plain(x)
+    module = find_layer(model, layer)
+    with torch.enable_grad(), capture_output(module, grad=False) as store:
+        logits = model(x)
+    if store["calls"] != 1:
+        raise ValueError(f"layer {layer!r} ran {store['calls']} times in one forward; choose a layer that runs once")
+    acti = store["out"]
+    flat = check_output(logits, x.shape[0])
+    (sel,) = selections(target, x.shape[0], flat.shape[1], flat)
+    score = (flat * sel).sum()
+    (grad,) = torch.autograd.grad(score, acti, create_graph=True)
+    maps = _grad_cam_map(acti, grad)
+    maps = F.interpolate(maps, size=tuple(x.shape[2:]), mode="bilinear" if x.ndim == 4 else "trilinear", align_corners=False)
+    if normalise:
+        peak = maps.flatten(2).amax(-1).reshape(*maps.shape[:2], *([1] * (maps.ndim - 2)))
+        maps = maps / (peak + eps)
+    return maps, logits
