@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cutremain_monai.engines.experiment import bundle_configs, run_bundle
+from cutremain_monai.engines.experiment import bundle_parser, run_bundle
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.io.loader import load_xray
 from cutremain_monai.localization.cam import cam
@@ -51,15 +51,6 @@ def positive_classes(label, label_mode: str) -> list[int]:
         c = int(y.argmax()) if y.size > 1 else int(y[0])
         return [c] if c != 0 else []
     return [int(i) for i in np.flatnonzero(y > 0.5)]
-
-
-def _parser(bundle: str, configs: Sequence[str], overrides: dict):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(bundle_configs(bundle, configs))
-    parser.update({"bundle_root": bundle, **overrides})
-    return parser
 
 
 def _region_for(item: dict, preprocess, model, label_mode: str, q: float, delta: float | None, layer_pool: str,
@@ -113,7 +104,7 @@ def adversarial_erasing(bundle: str, datalist: str, output_dir: str, rounds: int
     sections = {s: load_datalist(datalist, s, task=task) for s in ("training", "validation", "test")}
     originals = sections["training"]
     settings = {"augmentation": "none", "register_model": False, "cam_images": 0, **overrides}
-    parser0 = _parser(bundle, configs, settings)
+    parser0 = bundle_parser(bundle, configs, **settings)
     label_mode = parser0.get_parsed_content("label_mode")
     class_names = parser0.get_parsed_content("class_names")
     fill = dataset_mean(originals)
@@ -140,7 +131,7 @@ def adversarial_erasing(bundle: str, datalist: str, output_dir: str, rounds: int
             rows.append(row)
             logger.info("erasing round %d: %s", t, row["note"])
             break
-        parser = _parser(bundle, configs, {**settings, "output_dir": out})
+        parser = bundle_parser(bundle, configs, **{**settings, "output_dir": out})
         preprocess = parser.get_parsed_content("preprocessing")
         model = parser.get_parsed_content("network_def", instantiate=True)
         model.load_state_dict(checkpoint_state(parser.get_parsed_content("model_path")))

@@ -18,7 +18,7 @@ import numpy as np
 
 from cutremain_monai.io.datalist import kfold_by_group, split_by_group
 
-__all__ = ["bundle_configs", "bundle_files", "run_bundle", "train_and_test", "cross_validate", "summarise", "per_class_table",
+__all__ = ["bundle_configs", "bundle_files", "bundle_parser", "run_bundle", "train_and_test", "cross_validate", "summarise", "per_class_table",
            "gamma_curve"]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,17 @@ def bundle_files(bundle: str) -> dict:
     """``meta_file`` and ``logging_file`` of the bundle, for ``ConfigWorkflow``."""
     return {"meta_file": os.path.join(bundle, "configs", "metadata.json"),
             "logging_file": os.path.join(bundle, "configs", "logging.conf")}
+
+
+def bundle_parser(bundle: str, configs: Sequence[str], **overrides):
+    """A ``monai.bundle.ConfigParser`` over ``configs`` of ``bundle`` with ``bundle_root`` and ``overrides`` set, for
+    runners that take pieces of a bundle (its preprocessing, network, evaluation model) rather than running it."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle, configs))
+    parser.update({"bundle_root": bundle, **overrides})
+    return parser
 
 
 def run_bundle(bundle: str, configs: Sequence[str], workflow_type: str = "train", **overrides):

@@ -253,16 +253,13 @@ def localize(bundle: str, checkpoint: str, datalist: str, output_dir: str, secti
              overlays: int = 16, bounds=(0.0, 1.0), **overrides) -> dict:
     """``cutremain localize``: the bundle's network with ``checkpoint`` on ``section`` of ``datalist``. ``bounds``:
     the input range for LRP's z^B rule (the classification bundles feed [0, 1] images)."""
-    from monai.bundle import ConfigParser
     from monai.transforms import Compose
 
-    from cutremain_monai.engines.experiment import bundle_configs
+    from cutremain_monai.engines.experiment import bundle_parser
     from cutremain_monai.io.datalist import load_datalist
     from cutremain_monai.networks.ensemble import checkpoint_state
 
-    parser = ConfigParser()
-    parser.read_config(bundle_configs(bundle, configs))
-    parser.update({"bundle_root": bundle, **overrides})
+    parser = bundle_parser(bundle, configs, **overrides)
     model = parser.get_parsed_content("network_def", instantiate=True)
     model.load_state_dict(checkpoint_state(checkpoint))
     load = Compose(parser.get_parsed_content("load_transforms"))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cutremain_monai.engines.experiment import bundle_configs, run_bundle
+from cutremain_monai.engines.experiment import bundle_parser, run_bundle
 
 __all__ = ["pseudo_label", "progressive_self_training", "read_schedule"]
 
@@ -32,20 +32,11 @@ def read_schedule(bundle: str) -> dict:
     return dict(ConfigParser.load_config_file(os.path.join(bundle, "configs", "self_training.yaml"))["self_training"])
 
 
-def _parser(bundle: str, configs: Sequence[str], overrides: dict):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(bundle_configs(bundle, configs))
-    parser.update({"bundle_root": bundle, **overrides})
-    return parser
-
-
 def pseudo_label(bundle: str, items: list[dict], ckpt_dir: str, configs: Sequence[str] = ("train.yaml",),
                  threshold: float = 0.5, **overrides) -> tuple[list[dict], list[tuple[str, str]]]:
     """Zone pseudo-labels for ``items`` (need ``image`` and ``lung_mask``) from the ensemble of the last
     ``ensemble_last`` checkpoints in ``ckpt_dir``; returns (labelled copies, [(image, reason)] set aside)."""
-    parser = _parser(bundle, configs, {**overrides, "zone_errors": "flag", "ckpt_dir": ckpt_dir})
+    parser = bundle_parser(bundle, configs, **{**overrides, "zone_errors": "flag", "ckpt_dir": ckpt_dir})
     preprocess = parser.get_parsed_content("preprocessing")  # the bundle's one chain
     model = parser.get_parsed_content("eval_network").eval()  # the ensemble evaluate.yaml and inference.yaml use
     device = next(model.parameters()).device
