@@ -22,8 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from monai.data import CacheDataset
-from monai.transforms import Compose, RandomizableTrait, Transform
-from monai.transforms.utils import convert_to_contiguous
+from monai.transforms import Compose
 
 __all__ = ["SetAsideDataset", "SetAsideError", "REPORT_FIELDS", "read_set_aside"]
 
@@ -87,19 +86,14 @@ class SetAsideDataset(CacheDataset):
             return os.fspath(value) if value is not None else "<item without a file>"
         return str(item)
 
-    def _head(self, item):
-        first_random = self.transform.get_index_of_first(
-            lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
-        out = self.transform(item, end=first_random, threading=True)
-        return convert_to_contiguous(out, memory_format=torch.contiguous_format) if self.as_contiguous else out
-
     def set_data(self, data: Sequence) -> None:
         data = list(data)
         cache_target = min(int(self.set_num), int(len(data) * self.set_rate), len(data))
         kept, cache, self.set_aside = [], [], []
-        for item in data:
+        self.data = data  # CacheDataset's own _load_cache_item runs the deterministic head of item i
+        for i, item in enumerate(data):
             try:
-                out = self._head(item)
+                out = self._load_cache_item(i)
             except Exception as e:  # one bad file never ends the run: it is set aside with its reason
                 reason = _reason(e)
                 self.set_aside.append({"section": self.section, "file": self._name(item), "reason": reason})
