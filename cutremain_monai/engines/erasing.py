@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cutremain_monai.engines.experiment import bundle_parser, run_bundle
+from cutremain_monai.engines.localize import positive_classes
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.io.loader import load_xray
 from cutremain_monai.localization.cam import cam
@@ -36,21 +37,9 @@ from cutremain_monai.localization.erasing import mined_boxes, top_region
 from cutremain_monai.networks.ensemble import checkpoint_state
 from cutremain_monai.transforms.hide_and_seek import dataset_mean
 
-__all__ = ["adversarial_erasing", "positive_classes"]
+__all__ = ["adversarial_erasing"]
 
 logger = logging.getLogger(__name__)
-
-
-def positive_classes(label, label_mode: str) -> list[int]:
-    """The classes whose CAM is mined for a sample: binary -> [0] (the one logit) when positive; multi-class ->
-    the labelled class unless it is class 0 (normal); multi-label -> every positive class."""
-    y = np.asarray(torch.as_tensor(label).detach().cpu() if isinstance(label, torch.Tensor) else label, dtype=float).reshape(-1)
-    if label_mode == "binary":
-        return [0] if y.size and y[0] > 0.5 else []
-    if label_mode == "multiclass":
-        c = int(y.argmax()) if y.size > 1 else int(y[0])
-        return [c] if c != 0 else []
-    return [int(i) for i in np.flatnonzero(y > 0.5)]
 
 
 def _region_for(item: dict, preprocess, model, label_mode: str, q: float, delta: float | None, layer_pool: str,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from cutremain_monai.metrics import localization as M
 
-__all__ = ["METHODS", "compute_map", "localize_items", "localize"]
+__all__ = ["METHODS", "compute_map", "positive_classes", "localize_items", "localize"]
 
 logger = logging.getLogger(__name__)
 METHODS = ("cam", "gradcam", "gradcam_pp", "lrp")
@@ -52,20 +52,31 @@ def compute_map(method: str, model: torch.nn.Module, x: torch.Tensor, target: in
     raise ValueError(f"unknown localisation method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def _target(sample: dict, label_mode: str, class_names: Sequence[str], lesion_labels) -> int | None:
-    y = np.asarray(torch.as_tensor(sample.get("label", 0)).detach().cpu(), dtype=float).reshape(-1)
+def positive_classes(label, label_mode: str) -> list[int]:
+    """The classes whose CAM is mined for a sample: binary -> [0] (the one logit) when positive; multi-class ->
+    the labelled class unless it is class 0 (normal); multi-label -> every positive class."""
+    y = np.asarray(torch.as_tensor(label).detach().cpu() if isinstance(label, torch.Tensor) else label, dtype=float).reshape(-1)
     if label_mode == "binary":
-        return 0 if y.size and y[0] > 0.5 else None
+        return [0] if y.size and y[0] > 0.5 else []
     if label_mode == "multiclass":
         c = int(y.argmax()) if y.size > 1 else int(y[0])
-        return c if c != 0 else None
-    for lab in sample.get("box_labels") or []:
-        if lab in class_names and (lesion_labels is None or lab in lesion_labels):
-            c = list(class_names).index(lab)
-            if y.size > c and y[c] > 0.5:
-                return c
-    pos = np.flatnonzero(y > 0.5)
-    return int(pos[0]) if pos.size else None
+        return [c] if c != 0 else []
+    return [int(i) for i in np.flatnonzero(y > 0.5)]
+
+
+def _target(sample: dict, label_mode: str, class_names: Sequence[str], lesion_labels) -> int | None:
+    """The class explained for a sample: its positive class (:func:`positive_classes`); for multi-label, the one
+    named by its first lesion box when that class is positive, else the first positive class."""
+    classes = positive_classes(sample.get("label", 0), label_mode)
+    if not classes:
+        return None
+    if label_mode == "multilabel":
+        for lab in sample.get("box_labels") or []:
+            if lab in class_names and (lesion_labels is None or lab in lesion_labels):
+                c = list(class_names).index(lab)
+                if c in classes:
+                    return c
+    return classes[0]
 
 
 def _lesion_boxes(sample: dict, lesion_labels) -> np.ndarray:
@@ -167,7 +178,7 @@ def _table_md(table: dict) -> str:
 def _overlays(results, methods, out_dir: str, limit: int) -> int:
     from PIL import Image
 
-    from cutremain_monai.localization.cam import save_overlay
+    from cutremain_monai.localization.cam import overlay_image
 
     os.makedirs(out_dir, exist_ok=True)
     for k, (name, native, boxes, _, maps) in enumerate(results[:limit]):
@@ -176,10 +187,7 @@ def _overlays(results, methods, out_dir: str, limit: int) -> int:
             m = maps[method]
             lo, hi = float(m.min()), float(m.max())
             norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-            path = os.path.join(out_dir, f".tile_{method}.png")
-            save_overlay(path, native, norm, boxes.tolist(), title=method)
-            tiles.append(Image.open(path).convert("RGB"))
-            os.remove(path)
+            tiles.append(overlay_image(native, norm, boxes.tolist(), title=method))
         w, h = sum(t.width for t in tiles), max(t.height for t in tiles)
         grid = Image.new("RGB", (w, h))
         x = 0
@@ -201,12 +209,16 @@ def localize_items(model: torch.nn.Module, items: Sequence[dict], load: Callable
         if method not in METHODS:
             raise ValueError(f"unknown localisation method {method!r}; choose from {', '.join(METHODS)}")
     lesion = None if lesion_box_labels is None else set(lesion_box_labels)
-    model = model.eval()
-    taus = None
-    if val_items:
-        val = _maps(model, _cases(val_items, load, final, label_mode, class_names, lesion), methods, layer, bounds)
-        _, _, taus = _score(val, methods, None)
-    results = _maps(model, _cases(items, load, final, label_mode, class_names, lesion), methods, layer, bounds)
+    was_training = model.training
+    model.eval()
+    try:
+        taus = None
+        if val_items:
+            val = _maps(model, _cases(val_items, load, final, label_mode, class_names, lesion), methods, layer, bounds)
+            _, _, taus = _score(val, methods, None)
+        results = _maps(model, _cases(items, load, final, label_mode, class_names, lesion), methods, layer, bounds)
+    finally:
+        model.train(was_training)
     rows, table, _ = _score(results, methods, taus)
     os.makedirs(output_dir, exist_ok=True)
     csv_path = os.path.join(output_dir, f"{prefix}_localization.csv")

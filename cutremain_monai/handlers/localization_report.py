@@ -39,12 +39,10 @@ class LocalizationReport:
         from cutremain_monai.engines.localize import localize_items
 
         net = self.network.module if hasattr(self.network, "module") else self.network
-        was_training = net.training
         self.table = localize_items(net, self.items, self.load, self.final, self.output_dir, methods=self.methods,
                                     label_mode=self.label_mode, class_names=self.class_names,
                                     lesion_box_labels=self.lesion, prefix=self.prefix, val_items=self.val_items or None,
                                     layer=self.layer, bounds=self.bounds, overlays=self.overlays)
-        net.train(was_training)
         for method, t in self.table.items():
             for k, v in t.items():
                 if isinstance(v, float):

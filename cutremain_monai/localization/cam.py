@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from monai.visualize.visualizer import default_upsampler
 
-__all__ = ["cam", "cam_grid", "energy_in_box", "save_overlay"]
+__all__ = ["cam", "cam_grid", "energy_in_box", "overlay_image", "save_overlay"]
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -234,8 +234,9 @@ def energy_in_box(cam, box_mask) -> float:
     return float(cam[mask].sum() / total) if total > 0 else float("nan")
 
 
-def save_overlay(path: str, image, cam, boxes: Sequence[Sequence[float]] = (), title: str = "") -> str:
-    """Grey image + jet-coloured CAM (alpha 0.4) + green ground-truth boxes, as PNG (matplotlib's colormap)."""
+def overlay_image(image, cam, boxes: Sequence[Sequence[float]] = (), title: str = ""):
+    """Grey image + jet-coloured CAM (alpha 0.4) + green ground-truth boxes, as a PIL RGB image (matplotlib's
+    colormap)."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
@@ -252,6 +253,11 @@ def save_overlay(path: str, image, cam, boxes: Sequence[Sequence[float]] = (), t
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(0, 255, 0))
     if title:
         draw.text((2, 2), title, fill=(255, 255, 0))
+    return pil
+
+
+def save_overlay(path: str, image, cam, boxes: Sequence[Sequence[float]] = (), title: str = "") -> str:
+    """:func:`overlay_image` saved as PNG at ``path`` (folders made)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pil.save(path)
+    overlay_image(image, cam, boxes, title).save(path)
     return path
