@@ -172,16 +172,13 @@ def _classify_dicom(path: str) -> tuple[bool | None, str]:
 
 
 def _truncation(ds) -> str:
-    """A reason when the header read ended inside the file: an empty dataset, or a last element shorter than its
-    declared length (pydicom accepts such a short read without a word)."""
-    tags = list(ds.keys())
-    if not tags:
-        return "empty or truncated DICOM dataset"
-    raw = ds.get_item(tags[-1])
-    length, value = getattr(raw, "length", None), getattr(raw, "value", None)
-    if isinstance(value, (bytes, bytearray)) and length not in (None, 0xFFFFFFFF) and len(value) < length:
-        return "truncated DICOM file"
-    return ""
+    """A reason when the header read ended inside the file (:func:`cutremain_monai.io.dicom.short_read`)."""
+    from cutremain_monai.io.dicom import short_read
+
+    found = short_read(ds)
+    if found is None:
+        return ""
+    return "empty or truncated DICOM dataset" if found[0] == "empty" else "truncated DICOM file"
 
 
 def _split_suffix(name: str) -> tuple[str, str]:

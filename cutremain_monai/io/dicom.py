@@ -65,17 +65,31 @@ def read_dataset(path: PathLike):
     return ds
 
 
-def _check_truncation(ds, path: PathLike) -> None:
-    """pydicom accepts a short read of the last element's value without a word: detect it here."""
+def short_read(ds) -> tuple | None:
+    """How a header read ended inside the file, which pydicom accepts without a word: ``("empty",)`` for a dataset
+    with no element, ``("short", tag, bytes_read, declared_length)`` when the last element's raw value is shorter
+    than its declared length, else ``None``. Reads raw elements only (no value is decoded or validated)."""
     tags = list(ds.keys())
     if not tags:
-        raise DicomReadError(path, "empty DICOM dataset (truncated?)")
+        return ("empty",)
     raw = ds.get_item(tags[-1])
     length = getattr(raw, "length", None)
     value = getattr(raw, "value", None)
     if isinstance(value, (bytes, bytearray)) and length not in (None, 0xFFFFFFFF) and len(value) < length:
-        name = pydicom.datadict.keyword_for_tag(tags[-1]) or str(tags[-1])
-        raise DicomReadError(path, f"truncated file: {name} has {len(value)} of {length} bytes")
+        return ("short", tags[-1], len(value), length)
+    return None
+
+
+def _check_truncation(ds, path: PathLike) -> None:
+    """Raise :class:`DicomReadError` naming the file when the read ended inside it (:func:`short_read`)."""
+    found = short_read(ds)
+    if found is None:
+        return
+    if found[0] == "empty":
+        raise DicomReadError(path, "empty DICOM dataset (truncated?)")
+    _, tag, got, length = found
+    name = pydicom.datadict.keyword_for_tag(tag) or str(tag)
+    raise DicomReadError(path, f"truncated file: {name} has {got} of {length} bytes")
 
 
 def check_xray_image(ds, path: PathLike) -> None:
