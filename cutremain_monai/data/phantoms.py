@@ -24,7 +24,8 @@ import numpy as np
 
 from cutremain_monai.constants import BRIXIA_ZONES, CXR14_LABELS
 
-__all__ = ["Phantom", "render_clavicle", "render_pelvis", "render_chest", "render_covid", "generate_samples"]
+__all__ = ["Phantom", "render_clavicle", "render_pelvis", "render_chest", "render_covid", "generate_samples",
+           "burn_marker", "generate_shortcut_samples"]
 
 CLAVICLE_BOX_LABELS = ("fracture", "normal_region")
 PELVIS_CLASSES = ("normal", "trochanteric", "neck")
@@ -336,6 +337,60 @@ def generate_samples(out_dir: str, seed: int = 0, counts: dict | None = None, gs
             datalist[task]["class_names"] = list(CXR14_LABELS)
         elif task == "covid":
             datalist[task]["zone_names"] = list(BRIXIA_ZONES)
+    with open(os.path.join(out_dir, "datalist.json"), "w") as f:
+        json.dump(datalist, f, indent=1)
+    return datalist
+
+
+# a lead-letter "R" (5 x 7), the kind of burned-in side marker a classifier can learn instead of the lesion
+_GLYPH_R = np.array([[1, 1, 1, 1, 0], [1, 0, 0, 0, 1], [1, 0, 0, 0, 1], [1, 1, 1, 1, 0], [1, 0, 1, 0, 0],
+                     [1, 0, 0, 1, 0], [1, 0, 0, 0, 1]], dtype=np.float32)
+
+
+def burn_marker(img: np.ndarray, scale: int = 2, margin: int = 3, value: float = 0.95) -> tuple[np.ndarray, list[float]]:
+    """``img`` with a bright letter-tag burned into its bottom-right corner (the letter on a faint plate, as a lead
+    marker looks); returns the new image and the tag's box ``[x0, y0, x1, y1]`` (plate included)."""
+    glyph = np.kron(_GLYPH_R, np.ones((scale, scale), dtype=np.float32))
+    gh, gw = glyph.shape
+    h, w = img.shape
+    y1, x1 = h - margin, w - margin
+    y0, x0 = y1 - gh - 2, x1 - gw - 2
+    out = img.copy()
+    plate = out[y0:y1, x0:x1]
+    out[y0:y1, x0:x1] = np.maximum(plate, 0.55)
+    out[y0 + 1 : y0 + 1 + gh, x0 + 1 : x0 + 1 + gw] = np.where(glyph > 0, value, out[y0 + 1 : y0 + 1 + gh, x0 + 1 : x0 + 1 + gw])
+    return out, [float(x0), float(y0), float(x1), float(y1)]
+
+
+def generate_shortcut_samples(out_dir: str, n: int = 200, seed: int = 0, size: int = 128,
+                              split: tuple[float, float] = (0.6, 0.2), test_marker_rate: float = 0.5) -> dict:
+    """The "shortcut" clavicle set: full clavicle phantoms (half fractured) with a burned-in letter tag outside
+    every box. In ``training`` and ``validation`` the tag is on every positive image and on no negative one; in
+    ``test`` it is drawn independently of the label (probability ``test_marker_rate``), so a network that reads
+    the tag scores near chance there. Writes DX files and ``datalist.json`` (section ``shortcut``; items carry
+    ``marker`` (bool) and ``marker_box``) under ``out_dir``; returns the datalist."""
+    from cutremain_monai.io.dx_writer import make_uid, write_dx
+
+    os.makedirs(os.path.join(out_dir, "shortcut"), exist_ok=True)
+    n_train, n_val = int(round(split[0] * n)), int(round(split[1] * n))
+    sections: dict = {"training": [], "validation": [], "test": []}
+    for i in range(n):
+        r = np.random.default_rng([seed, hash_task("shortcut"), i])
+        ph = render_clavicle(r, size, fractured=bool(i % 2))
+        section = "training" if i < n_train else "validation" if i < n_train + n_val else "test"
+        marked = bool(ph.label) if section != "test" else bool(r.random() < test_marker_rate)
+        img, marker_box = burn_marker(ph.image) if marked else (ph.image, None)
+        if marker_box is None:
+            _, marker_box = burn_marker(ph.image)  # where the tag would be, for the energy share of unmarked images
+        name = f"shortcut/shortcut_{i:03d}.dcm"
+        uid_seed = f"{seed}-shortcut-{i}"
+        write_dx(os.path.join(out_dir, name), _quantise(img, 12, "MONOCHROME2"), bits_stored=12, anatomy="clavicle",
+                 uid_seed=uid_seed, instance_number=i + 1, study_uid=make_uid("study", uid_seed))
+        sections[section].append({"image": name, "label": ph.label, "boxes": [[round(float(v), 2) for v in b] for b in ph.boxes],
+                                  "box_labels": list(ph.box_labels), "group": f"shortcut-{i:03d}", "marker": marked,
+                                  "marker_box": marker_box})
+    datalist = {"description": "shortcut phantoms from cutremain_monai.data.phantoms.generate_shortcut_samples",
+                "seed": seed, "shortcut": {**sections, "box_label_names": list(CLAVICLE_BOX_LABELS)}}
     with open(os.path.join(out_dir, "datalist.json"), "w") as f:
         json.dump(datalist, f, indent=1)
     return datalist

@@ -41,6 +41,14 @@ class BoxBatchPrepare(PrepareBatch):
             raise ValueError("label_mode 'multiclass' with a batch_transform needs num_classes (labels are one-hot encoded before mixing)")
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs: Any):
+        d = self.prepare(batchdata, device, non_blocking, **kwargs)
+        return d[self.image_key], d[self.label_key]
+
+    def prepare(self, batchdata: dict, device=None, non_blocking: bool = False, mask_key: str | None = None,
+                **kwargs: Any) -> dict:
+        """``{image_key: image, label_key: label (or None), "mask": mask (or None)}`` on ``device``: the same image and
+        label as ``__call__``, and with ``mask_key`` the batch's mask after the batch transform (guided training
+        reads the box or lung masks of exactly the images it trains on)."""
         if self.label_key in batchdata:
             batchdata = {**batchdata, self.label_key: _label_tensor(batchdata[self.label_key])}
         if self.batch_transform is not None and self.label_key in batchdata:
@@ -50,8 +58,12 @@ class BoxBatchPrepare(PrepareBatch):
                     batchdata = {**batchdata, self.label_key: torch.nn.functional.one_hot(y.long().reshape(-1), self.num_classes).float()}
             batchdata = self.batch_transform(batchdata)
         image = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
+        mask = batchdata.get(mask_key) if mask_key else None
+        if mask is not None:
+            mask = torch.as_tensor(mask).to(device=device, non_blocking=non_blocking, **kwargs)
+        out = {self.image_key: image, self.label_key: None, "mask": mask}
         if self.label_key not in batchdata:
-            return image, None
+            return out
         label = torch.as_tensor(batchdata[self.label_key])
         if self.label_mode == "binary":
             label = label.float().reshape(-1, 1)
@@ -59,7 +71,8 @@ class BoxBatchPrepare(PrepareBatch):
             label = label.float().reshape(label.shape[0], -1)
         elif not label.is_floating_point():
             label = label.long().reshape(-1)
-        return image, label.to(device=device, non_blocking=non_blocking, **kwargs)
+        out[self.label_key] = label.to(device=device, non_blocking=non_blocking, **kwargs)
+        return out
 
 
 def _label_tensor(label) -> torch.Tensor:

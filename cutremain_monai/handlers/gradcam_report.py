@@ -1,6 +1,7 @@
-"""Trainer handler: at the end of training, Grad-CAM on validation samples that have boxes: overlay PNGs with the
-ground-truth boxes drawn, and the mean share of CAM energy inside the boxes (``cam_energy_in_box``), written to
-``cam_report.json`` and ``engine.state.metrics``. Rank 0 only. The best checkpoint is used when given."""
+"""Trainer handler: at the end of training, Grad-CAM (or, with ``method="lrp"``, the LRP map that ISNet trains) on
+validation samples that have boxes: overlay PNGs with the ground-truth boxes drawn, and the mean share of the map's
+non-negative energy inside the boxes (``cam_energy_in_box``), written to ``cam_report.json`` and
+``engine.state.metrics``. Rank 0 only. The best checkpoint is used when given."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ignite.engine import Engine, Events
 from cutremain_monai.handlers.utils import best_model, rank
 from cutremain_monai.localization.cam import energy_in_box, save_overlay
 from cutremain_monai.localization.grad_cam import grad_cam
+from cutremain_monai.localization.lrp import lrp
 
 __all__ = ["GradCAMReport"]
 
@@ -21,7 +23,11 @@ __all__ = ["GradCAMReport"]
 class GradCAMReport:
     def __init__(self, network: torch.nn.Module, dataset, output_dir: str, checkpoint: str | None = None,
                  target_layer: str = "layer3", max_images: int = 16, device=None, enabled: bool = True,
-                 label_mode: str = "binary", class_names=None):
+                 label_mode: str = "binary", class_names=None, method: str = "gradcam", bounds=(0.0, 1.0)):
+        if method not in ("gradcam", "lrp"):
+            raise ValueError(f"method must be 'gradcam' or 'lrp', got {method!r}")
+        self.method = method
+        self.bounds = bounds
         self.network = network
         self.dataset = dataset
         self.output_dir = output_dir
@@ -71,7 +77,7 @@ class GradCAMReport:
                     continue
                 img = torch.as_tensor(s["image"]).float()[None].to(device)
                 c = self._class(s)
-                cam = grad_cam(model, img, target=c, layer=self.target_layer)[0, 0].cpu()
+                cam = self._map(model, img, c)
                 e = energy_in_box(cam, torch.as_tensor(mask)[0])
                 energies.append(e)
                 with torch.no_grad():
@@ -82,11 +88,19 @@ class GradCAMReport:
                              title=f"{self._title(s, c)} p={prob:.2f} in-box {e:.2f}")
                 n += 1
         finite = [e for e in energies if np.isfinite(e)]
-        self.result = {"cam_energy_in_box": float(np.mean(finite)) if finite else float("nan"), "images": n}
+        self.result = {"cam_energy_in_box": float(np.mean(finite)) if finite else float("nan"), "images": n, "method": self.method}
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, "cam_report.json"), "w") as f:
             json.dump(self.result, f, indent=1)
         return self.result
+
+    def _map(self, model, img, c) -> torch.Tensor:
+        """The map of class ``c`` (None: the single logit), non-negative, scaled to [0, 1] by its maximum."""
+        if self.method == "gradcam":
+            return grad_cam(model, img, target=c, layer=self.target_layer)[0, 0].cpu()
+        heat = lrp(model, img, target=0 if c is None else c, bounds=self.bounds)[0, 0].detach().cpu().clamp_min(0)
+        peak = float(heat.max())
+        return heat / peak if peak > 0 else heat
 
     def _title(self, s, c) -> str:
         if c is None:

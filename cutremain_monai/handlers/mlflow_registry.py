@@ -58,6 +58,8 @@ class MLflowRegistry:
             resolved config that ``--tracking`` saves as ``config_*.json``).
         metrics_files: JSON files of final metrics to log as metrics.
         metrics: values to log as metrics at the end (e.g. how many items the datasets set aside).
+        histories: objects with a ``history`` list of ``(metric, value, step)`` (the guided step's loss terms per
+            iteration), logged with their steps at the end.
         enabled: switch (``False`` makes the handler a no-op).
     """
 
@@ -65,7 +67,8 @@ class MLflowRegistry:
                  model_name: str | None = None, network: torch.nn.Module | None = None, checkpoint: str | None = None,
                  input_shape: Sequence[int] = (1, 1, 224, 224), params: Mapping | None = None,
                  artifacts: Sequence[str] = (), metrics_files: Sequence[str] = (), enabled: bool = True, wrap=None,
-                 serialization_format: str | None = None, metrics: Mapping | None = None):
+                 serialization_format: str | None = None, metrics: Mapping | None = None, histories: Sequence = ()):
+        self.histories = [h for h in histories if h is not None]
         self.metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         self.wrap = wrap
         self.serialization_format = serialization_format
@@ -135,6 +138,7 @@ class MLflowRegistry:
                 mlflow.log_params(params)
             if self.metrics:
                 mlflow.log_metrics(self.metrics)
+            self._log_histories(client)
             for path in self.metrics_files:
                 if os.path.exists(path):
                     with open(path) as f:
@@ -175,6 +179,16 @@ class MLflowRegistry:
                 version = getattr(info, "registered_model_version", None)
                 self.registered_version = str(version) if version is not None else None
         logger.info("MLflow run %s, registered model %s version %s", self.run_id, self.model_name, self.registered_version)
+
+
+    def _log_histories(self, client) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [Metric(_metric_key(k), float(v), now, int(step)) for h in self.histories for k, v, step in getattr(h, "history", [])
+                if np.isfinite(v)]
+        for i in range(0, len(rows), 1000):  # MLflow's log_batch limit
+            client.log_batch(self.run_id, metrics=rows[i : i + 1000])
 
 
 def _metric_key(name: str) -> str:

@@ -109,7 +109,8 @@ def grad_cam_pp(model: torch.nn.Module, x: torch.Tensor, target=None, layer: str
 def differentiable_grad_cam(model: torch.nn.Module, x: torch.Tensor, target, layer: str = DEFAULT_LAYER,
                             normalise: bool = True, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM for training through it (GAIN's attention mining and extra supervision): ``(maps, logits)`` of
-    ONE forward in the model's current mode (train mode stays train mode).
+    ONE forward in the model's current mode (train mode stays train mode). ``target`` may also be a callable
+    ``logits (B, K) -> one class per image``, for a class chosen from this forward.
 
     Unlike :func:`grad_cam` (and the public GAIN implementations, which take the channel weights from a backward
     hook, so they are constants), the gradient of the selected logits with respect to the layer is taken with
@@ -127,6 +128,8 @@ def differentiable_grad_cam(model: torch.nn.Module, x: torch.Tensor, target, lay
         raise ValueError(f"layer {layer!r} ran {store['calls']} times in one forward; choose a layer that runs once")
     acti = store["out"]
     flat = check_output(logits, x.shape[0])
+    if callable(target):  # chosen from this forward's logits (e.g. GAIN's multi-label class of highest logit)
+        target = target(flat.detach())
     (sel,) = selections(target, x.shape[0], flat.shape[1], flat)
     score = (flat * sel).sum()
     (grad,) = torch.autograd.grad(score, acti, create_graph=True)

@@ -205,6 +205,7 @@ def lrp(
     create_graph: bool = False,
     stabilise: Literal["relu", "all"] = "relu",
     return_logits: bool = False,
+    objective=None,
 ):
     """LRP-epsilon relevance maps of ``model``'s raw logits at the input, LRP-Flex style (see the module docstring).
 
@@ -223,6 +224,9 @@ def lrp(
         stabilise: ``"relu"`` (LRP-Flex: epsilon where a ReLU follows) or ``"all"`` (also at BN / linear / average
             pool outputs that no ReLU consumes: zennit's Epsilon composite).
         return_logits: also return the logits of the same forward pass (differentiable, for a classification loss).
+        objective: instead of ``target``, a callable ``logits (B, K) -> (B,)`` whose value is explained (one map per
+            image, one backward pass): ISNet's "selective" map explains ``log(p_c + e) - log(1 - p_c + e)``, which
+            involves every logit.
 
     Returns:
         maps ``(B, K, *spatial)`` (``K`` classes for ``target=None``, else 1), summed over the input channels; with
@@ -328,12 +332,20 @@ def lrp(
     else:
         wrt = x_in
 
-    passes = _targets(target, logits.shape[0], logits.shape[1])
+    if objective is not None and target is not None:
+        raise ValueError("give either target or objective, not both")
+    passes = [None] if objective is not None else _targets(target, logits.shape[0], logits.shape[1])
     rows = torch.arange(logits.shape[0], device=logits.device)
     maps = []
     with torch.enable_grad():  # usable under torch.no_grad() (evaluation loops)
         for i, classes in enumerate(passes):
-            q = logits[rows, torch.as_tensor(classes, device=logits.device)].sum()
+            if classes is None:
+                q = objective(logits)
+                if q.shape != (logits.shape[0],):
+                    raise ValueError(f"objective must return one value per image ({logits.shape[0]},), got {tuple(q.shape)}")
+                q = q.sum()
+            else:
+                q = logits[rows, torch.as_tensor(classes, device=logits.device)].sum()
             keep = create_graph or return_logits or i < len(passes) - 1
             state.active = True
             try:

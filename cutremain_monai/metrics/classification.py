@@ -15,7 +15,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-__all__ = ["best_f1_threshold", "binary_metrics", "multiclass_metrics", "multilabel_metrics", "mean_auc", "roc_points"]
+__all__ = ["auc_ci", "best_f1_threshold", "binary_metrics", "multiclass_metrics", "multilabel_metrics", "mean_auc", "roc_points"]
 
 
 def best_f1_threshold(y_true, y_score) -> float:
@@ -57,6 +57,24 @@ def roc_points(y_true, y_score):
 def _auc_or_nan(y, p) -> float:
     y = np.asarray(y).astype(int)
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def auc_ci(y_true, y_score, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
+    """``(AUC, low, high)``: the ROC AUC with a percentile bootstrap interval (images resampled with replacement,
+    ``n_boot`` times; resamples with one class only are drawn again). NaN when ``y_true`` has one class."""
+    y = np.asarray(y_true).reshape(-1).astype(int)
+    p = np.asarray(y_score, dtype=np.float64).reshape(-1)
+    auc = _auc_or_nan(y, p)
+    if not np.isfinite(auc):
+        return auc, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    values = []
+    while len(values) < n_boot:
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() != y[idx].max():
+            values.append(roc_auc_score(y[idx], p[idx]))
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return auc, float(low), float(high)
 
 
 def _nanmean(values) -> float:

@@ -4,7 +4,8 @@
   (``1 - M``); box pixels are never touched.
 * ``SupMixup`` / ``SupMixupd`` (per batch, after collation): ``x~ = lam * M_A * x_A + (1 - lam) * M_B * x_B``,
   ``y~ = lam * y_A + (1 - lam) * y_B``, ``lam ~ Beta(alpha, alpha)``: both images are reduced to their own box
-  region (Cut&Remain) before mixing, so the mix only ever shows annotated regions.
+  region (Cut&Remain) before mixing, so the mix only ever shows annotated regions. ``SupMixupd`` sets the mixed
+  samples' ``box_mask`` to the union ``max(M_A, M_B)``; ``SupCutmixd`` leaves ``M_A`` (the labelled lesion).
 * ``SupCutmix`` / ``SupCutmixd`` (per batch): ``x~ = M_A * x_A + (1 - M_A) * x_B``, ``y~ = y_A`` (the paper's
   rule: the lesion of A is kept whole, B only supplies context). ``label_rule="area"`` instead weights the labels
   by the real kept area, ``lam = |M_A| / (H * W)``, ``y~ = lam * y_A + (1 - lam) * y_B`` (timm's
@@ -295,6 +296,11 @@ class _BatchMixd(Randomizable, MapTransform):
         for key in keys:
             d[key], new_labels = self.mixer(d[key], labels, masks, randomize=False, _effective=effective)
         d[self.label_key] = new_labels
+        if isinstance(self.mixer, SupMixup) and self.mixer._targets.numel():
+            # a mixed image shows both box regions: its mask (what guided training keeps relevance in) is the union
+            m = torch.as_tensor(masks)
+            src = self.mixer._source.to(m.device)
+            d[self.mask_key] = torch.maximum(m, m[src])
         return d
 
 

@@ -142,3 +142,53 @@ def test_tracking_mlflow_flag_logs_epochs_and_registers_once(tmp_path):
     assert {"val_roc.png", "cam_overlays", "threshold.json"} <= names or {"cam_overlays", "threshold.json"} <= names
     assert any(n.startswith("config_") for n in names)  # the resolved config, saved by MONAI
     assert client.search_model_versions("name='clavicle_fracture'")[0].run_id == run.info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("augmentation,guidance", [("none", "gain"), ("none", "isnet"), ("cut_remain", "isnet"), ("sup_mixup", "gain")])
+def test_each_guidance_runs_and_logs(tmp_path, augmentation, guidance):
+    """Epoch 1 plain (ISNet calibrates its band), epoch 2 guided; loss terms per epoch in the metrics and per
+    iteration in MLflow; the validation overlays show the guided method's own maps."""
+    data = tiny_datalist(tmp_path)
+    wf, _ = run_bundle("clavicle_fracture", CPU, tmp_path, datalist=data, augmentation=augmentation, guidance=guidance,
+                       num_copies=1, epochs=2, guidance_warmup_epochs=1, register_model=True, experiment_name="guided")
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    terms = ["loss_cl", "loss_heatmap"] if guidance == "isnet" else ["loss_cl", "loss_am", "loss_e"]
+    assert all(np.isfinite(trainer.state.metrics[f"guidance_{t}"]) for t in terms)
+    out = tmp_path / "out"
+    report = json.load(open(out / "cam_report.json"))
+    assert report["method"] == ("lrp" if guidance == "isnet" else "gradcam") and list((out / "cam_overlays").glob("*.png"))
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlruns.db"))
+    run = client.search_runs([client.get_experiment_by_name("guided").experiment_id])[0]
+    assert run.data.params["guidance"] == guidance and run.data.params["augmentation"] == augmentation
+    per_epoch = trainer.state.epoch_length
+    guided = list(range(per_epoch + 1, 2 * per_epoch + 1))  # every iteration of the guided epoch
+    for t in terms:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, f"train_{t}")]
+        # ISNet's calibration epoch runs its own step (LRP maps for the band), so L_cl is logged there too
+        assert steps == (list(range(1, per_epoch + 1)) if guidance == "isnet" and t == "loss_cl" else []) + guided
+    if guidance == "isnet":
+        c1, c2 = wf.parser.get_parsed_content("train#guided_step").band
+        assert 0 < c1 <= c2
+        saved = torch.load(sorted((out / "checkpoints").glob("checkpoint_epoch=*.pt"))[-1], weights_only=False)
+        assert saved["guidance"] == {"band": [c1, c2]}  # a resumed run keeps the band
+
+
+@pytest.mark.slow
+def test_isnet_ddp_two_cpu_processes(tmp_path):
+    """ISNet's double backward under DistributedDataParallel (gloo): both ranks get the same band."""
+    data = tiny_datalist(tmp_path)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m", "monai.bundle", "run",
+           "--config_file", config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"]),
+           "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(out),
+           "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "2", "--guidance", "isnet",
+           "--guidance_warmup_epochs", "1", "--batch_size", "4", "--cam_images", "0", "--register_model", "False",
+           "--tracking_uri", "sqlite:///" + str(tmp_path / "ddp.db")]
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=os.path.join(BUNDLES, "clavicle_fracture"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = torch.load(sorted((out / "checkpoints").glob("checkpoint_epoch=*.pt"))[-1], weights_only=False)
+    assert saved["guidance"]["band"][0] > 0

@@ -123,3 +123,19 @@ def test_gamma_curve_tiny(tmp_path):
     exp = client.get_experiment_by_name("gamma_femur_fracture")
     curve = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "gamma_curve"]
     assert len(curve) == 1 and "gamma_curve.png" in {a.path for a in client.list_artifacts(curve[0].info.run_id)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle,task,guidance,variant", [("femur_fracture", "pelvis", "gain", "selective"),
+                                                          ("femur_fracture", "pelvis", "isnet", "stochastic"),
+                                                          ("cxr14", "chest", "gain", "selective"),
+                                                          ("cxr14", "chest", "isnet", "selective")])
+def test_guidance_one_epoch(tmp_path, bundle, task, guidance, variant):
+    import numpy as np
+
+    data = tiny_datalist(tmp_path, task, n=(6, 3, 3))
+    wf, _ = run_bundle(bundle, CPU, tmp_path, datalist=data, guidance=guidance, isnet_variant=variant, guidance_warmup_epochs=0,
+                       isnet_band=[1.0, 25.0], augmentation="none", register_model=False)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    key = "guidance_loss_heatmap" if guidance == "isnet" else "guidance_loss_e"
+    assert trainer.state.epoch == 1 and np.isfinite(trainer.state.metrics[key])

@@ -1,0 +1,354 @@
+"""Guided training step for MONAI's ``SupervisedTrainer``: GAIN_ext ("AGN") and ISNet (Faster-ISNet form).
+
+:class:`GuidedTraining` is the trainer's ``iteration_update`` (and a handler, for its warm-up, band calibration
+and loss logging). MONAI's trainer has one loss of one forward; guidance needs a second backward inside the step
+(Grad-CAM or LRP with ``create_graph``), a second forward with BatchNorm frozen (GAIN's attention mining), masks
+from the batch, gradient clipping and a warm-up, which is what this adds. ``guidance="none"`` runs MONAI's own
+step unchanged. The losses are :mod:`cutremain_monai.engines.guidance`; the maps are
+:func:`~cutremain_monai.localization.grad_cam.differentiable_grad_cam` (gradients through the activations and the
+channel weights) and :func:`~cutremain_monai.localization.lrp.lrp` (LRP-Flex with ``create_graph=True``).
+
+* **GAIN_ext** (../shared/METHODS.md section 2): ``L = L_cl + alpha L_am + omega_e L_e``. The Grad-CAM ``A`` of the
+  labelled class (scaled by its maximum) gives ``I* = I - T(A) I``, ``T(A) = sigmoid(omega (A - sigma))``;
+  ``I*`` goes through the same network with every BatchNorm in eval mode (running statistics neither used from
+  the batch nor updated); ``L_am`` is the mean score (sigmoid, or softmax for multi-class) of the labelled class
+  on ``I*`` over images with a positive class (binary: label 1; multi-class: class != 0; multi-label: its
+  positive class of highest logit); ``L_e`` is the mean squared error between ``A`` and the mask over images that
+  have one.
+* **ISNet** (section 1): one LRP map per image, so the cost does not grow with the number of classes:
+  ``"selective"`` explains ``eta_c = log(p_c + e_s) - log(1 - p_c + e_s)`` (softmax ``p``, ``c`` the lowest logit,
+  as the Faster-ISNet code does; with a single logit ``eta`` is the logit itself, the sigmoid's log-odds);
+  ``"stochastic"`` explains the top logit with probability 0.5, otherwise a uniformly drawn other class.
+  ``L = (1 - P) L_cl + P L_H``; ``L_H`` (GWRP background score, hybrid foreground band) over images with a mask.
+  The band ``[C1, C2]`` is calibrated from the map totals ``sum |R|`` of the last warm-up epoch (Faster ISNet's
+  ``returnCut``) unless given. The ISNet step runs in float32 with autocast off; gradients are clipped (norm 1 by
+  default). At inference an ISNet-trained model is the plain network.
+
+Images without a mask contribute only their classification loss. A loss that is not finite stops the run with a
+``FloatingPointError`` naming the epoch, the iteration and the terms. The loss terms of every iteration are in
+``engine.state.output`` (``loss_cl``, ``loss_am``, ``loss_e``, ``loss_heatmap``), logged every ``log_interval``
+iterations, averaged over the epoch so far in ``engine.state.metrics`` (``guidance_*``: the epoch means when
+MONAI's ``MLFlowHandler`` logs the epoch), and kept per iteration in :attr:`GuidedTraining.history` for
+:class:`~cutremain_monai.handlers.MLflowRegistry` to log with their steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.utils.enums import CommonKeys as Keys
+
+from cutremain_monai.constants import BOX_MASK
+from cutremain_monai.engines.guidance import choose_band, gain_erase, isnet_heatmap_loss
+from cutremain_monai.localization.grad_cam import differentiable_grad_cam
+from cutremain_monai.localization.lrp import lrp
+
+__all__ = ["GuidedTraining", "GUIDANCE", "frozen_batchnorm", "selective_objective", "stochastic_targets", "labelled_class"]
+
+GUIDANCE = ("none", "gain", "isnet")
+logger = logging.getLogger(__name__)
+_TERMS = ("loss_cl", "loss_am", "loss_e", "loss_heatmap")
+
+
+@contextlib.contextmanager
+def frozen_batchnorm(model: torch.nn.Module):
+    """Every BatchNorm in eval mode inside (running statistics used, not updated); modes restored after."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in bns]
+    for m in bns:
+        m.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in zip(bns, modes):
+            m.train(flag)
+
+
+def selective_objective(eps: float = 0.01):
+    """ISNet's selective map: ``logits (B, K) -> eta_c (B,)`` with ``c`` the lowest logit of each image; for
+    ``K = 1`` the logit itself (the log-odds of the sigmoid)."""
+
+    def objective(logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] == 1:
+            return logits[:, 0]
+        p = torch.softmax(logits, dim=1)
+        c = logits.detach().argmin(dim=1, keepdim=True)
+        pc = p.gather(1, c)[:, 0]
+        return torch.log(pc + eps) - torch.log(1 - pc + eps)
+
+    return objective
+
+
+def stochastic_targets(logits: torch.Tensor, rng: np.random.Generator) -> list[int]:
+    """One class per image: the top logit with probability 0.5, else a uniformly drawn other class."""
+    b, k = logits.shape
+    top = logits.detach().argmax(dim=1).tolist()
+    if k == 1:
+        return [0] * b
+    out = []
+    for t in top:
+        if rng.random() < 0.5:
+            out.append(int(t))
+        else:
+            other = int(rng.integers(k - 1))
+            out.append(other + (other >= t))
+    return out
+
+
+def labelled_class(label: torch.Tensor, logits: torch.Tensor, label_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(class per image (B,), positive (B,) bool)``: the class whose Grad-CAM GAIN trains, and whether the image
+    has a positive (non-normal) class. Binary: the logit, positive when the label is > 0.5; multi-class: the
+    labelled class (argmax of a soft label), positive when != 0; multi-label: the positive class with the highest
+    logit (the top logit when none is positive)."""
+    b = logits.shape[0]
+    if label_mode == "binary":
+        return torch.zeros(b, dtype=torch.long, device=logits.device), label.reshape(b, -1)[:, 0] > 0.5
+    if label_mode == "multiclass":
+        c = label.argmax(dim=1) if label.is_floating_point() and label.ndim == 2 else label.reshape(-1).long()
+        return c, c != 0
+    pos = label.reshape(b, -1) > 0.5
+    scored = torch.where(pos, logits.detach(), torch.full_like(logits, -math.inf))
+    has = pos.any(dim=1)
+    c = torch.where(has, scored.argmax(dim=1), logits.detach().argmax(dim=1))
+    return c, has
+
+
+def _score(logits: torch.Tensor, classes: torch.Tensor, label_mode: str) -> torch.Tensor:
+    probs = torch.softmax(logits.float(), 1) if label_mode == "multiclass" else torch.sigmoid(logits.float())
+    return probs.gather(1, classes.view(-1, 1))[:, 0]
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    return network.module if hasattr(network, "module") and isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+
+
+class GuidedTraining:
+    """Args:
+        guidance: ``"none"`` (MONAI's step), ``"gain"`` or ``"isnet"``.
+        label_mode: ``"binary"`` | ``"multiclass"`` | ``"multilabel"`` (which score GAIN mines).
+        warmup_epochs: plain epochs before the guidance losses start (ISNet calibrates its band in the last one).
+        mask_key: batch key of the binary masks ``(B, 1, H, W)`` (``box_mask``, or ``lung_mask``).
+        layer: GAIN's Grad-CAM layer.
+        gain_sigma, gain_omega, gain_alpha, gain_omega_e: GAIN's soft-mask threshold and sharpness, and the weights
+            of ``L_am`` and ``L_e``.
+        isnet_p: ``P`` of ``(1 - P) L_cl + P L_H``. isnet_variant: ``"selective"`` | ``"stochastic"``.
+        isnet_band: ``(C1, C2)``; ``None`` calibrates it (needs ``warmup_epochs >= 1``).
+        isnet_epsilon: LRP epsilon. isnet_decay, isnet_e, isnet_w1, isnet_w2, isnet_foreground: the heatmap loss
+            (GWRP decay ``d``, ``E``, background / foreground weights, ``"hybrid"`` or ``"l2"``).
+        isnet_bounds: ``(low, high)`` of the input for the z^B rule (images in [0, 1] here).
+        clip_grad_norm: gradient clipping of guided steps (None: off).
+        log_interval: iterations between log lines of the loss terms.
+        seed: the stochastic variant's draws.
+    """
+
+    def __init__(self, guidance: str = "none", label_mode: str = "binary", warmup_epochs: int = 5,
+                 mask_key: str = BOX_MASK, layer: str = "layer3", gain_sigma: float = 0.5, gain_omega: float = 10.0,
+                 gain_alpha: float = 1.0, gain_omega_e: float = 10.0, isnet_p: float = 0.7,
+                 isnet_variant: str = "selective", isnet_band=None, isnet_epsilon: float = 0.01,
+                 isnet_decay: float = 0.0, isnet_e: float = 1.0, isnet_w1: float = 1.0, isnet_w2: float = 1.0,
+                 isnet_foreground: str = "hybrid", isnet_bounds=(0.0, 1.0), clip_grad_norm: float | None = 1.0,
+                 log_interval: int = 10, seed: int = 0):
+        if guidance not in GUIDANCE:
+            raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}, got {guidance!r}")
+        if label_mode not in ("binary", "multiclass", "multilabel"):
+            raise ValueError(f"label_mode must be binary, multiclass or multilabel, got {label_mode!r}")
+        if isnet_variant not in ("selective", "stochastic"):
+            raise ValueError(f"isnet_variant must be 'selective' or 'stochastic', got {isnet_variant!r}")
+        if not 0 <= isnet_p <= 1:
+            raise ValueError(f"isnet_p must be in [0, 1], got {isnet_p}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if guidance == "isnet" and isnet_band is None and warmup_epochs < 1:
+            raise ValueError("guidance 'isnet' calibrates C1, C2 in the last warm-up epoch: set warmup_epochs >= 1 or give isnet_band [C1, C2]")
+        self.guidance = guidance
+        self.label_mode = label_mode
+        self.warmup_epochs = int(warmup_epochs)
+        self.mask_key = mask_key
+        self.layer = layer
+        self.gain = dict(sigma=gain_sigma, omega=gain_omega, alpha=gain_alpha, omega_e=gain_omega_e)
+        self.isnet_p = float(isnet_p)
+        self.isnet_variant = isnet_variant
+        self.band: tuple[float, float] | None = None if isnet_band is None else (float(isnet_band[0]), float(isnet_band[1]))
+        self.isnet_epsilon = isnet_epsilon
+        self.loss_kwargs = dict(decay=isnet_decay, e=isnet_e, w1=isnet_w1, w2=isnet_w2, mode=isnet_foreground)
+        self.bounds = None if isnet_bounds is None else tuple(isnet_bounds)
+        self.clip_grad_norm = clip_grad_norm
+        self.log_interval = max(1, int(log_interval))
+        self._rng = np.random.default_rng(seed)
+        self._totals: list[float] = []
+        self._epoch_terms: dict[str, list[float]] = {}
+        self.history: list[tuple[str, float, int]] = []  # (metric, value, iteration)
+
+    # ---- state (saved with the checkpoint, so a resumed run keeps its band) ----
+    def state_dict(self) -> dict:
+        return {"band": None if self.band is None else list(self.band)}
+
+    def load_state_dict(self, state: dict) -> None:
+        band = state.get("band")
+        if band is not None:
+            self.band = (float(band[0]), float(band[1]))
+
+    # ---- handler part ----
+    def attach(self, engine: Engine) -> None:
+        if self.guidance == "none" or engine.has_event_handler(self._epoch_completed, Events.EPOCH_COMPLETED):
+            return
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _epoch_started(self, engine: Engine) -> None:
+        self._epoch_terms = {}
+        if self._calibrating(engine):
+            self._totals = []
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        if self._calibrating(engine):
+            totals = self._gather(self._totals, engine)
+            self.band = choose_band(totals)
+            logger.info("ISNet band from %d heatmap totals of epoch %d: C1 = %.4g, C2 = %.4g", len(totals),
+                        engine.state.epoch, *self.band)
+            engine.state.metrics["isnet_c1"], engine.state.metrics["isnet_c2"] = self.band
+
+    @staticmethod
+    def _gather(values: list[float], engine: Engine) -> list[float]:
+        """All ranks' totals (DDP), so every rank gets the same band."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            out: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(out, list(values))
+            return [v for part in out for v in part]
+        return list(values)
+
+    def active(self, engine: Engine) -> bool:
+        return self.guidance != "none" and engine.state.epoch > self.warmup_epochs
+
+    def _calibrating(self, engine: Engine) -> bool:
+        return self.guidance == "isnet" and self.band is None and engine.state.epoch == self.warmup_epochs
+
+    # ---- the step ----
+    def _prepare(self, engine: Engine, batchdata):
+        prep = engine.prepare_batch
+        if hasattr(prep, "prepare"):
+            d = prep.prepare(batchdata, engine.state.device, engine.non_blocking, mask_key=self.mask_key, **engine.to_kwargs)
+            return d["image"], d["label"], d.get("mask")
+        x, y = prep(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
+        mask = batchdata.get(self.mask_key) if isinstance(batchdata, dict) else None
+        return x, y, None if mask is None else torch.as_tensor(mask).to(x.device)
+
+    def __call__(self, engine: Engine, batchdata) -> dict:
+        calibrate = self._calibrating(engine)
+        if self.guidance == "none" or not (self.active(engine) or calibrate):
+            return engine._iteration(engine, batchdata)
+        x, y, mask = self._prepare(engine, batchdata)
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        b = x.shape[0]
+        if mask is None:
+            has_mask = torch.zeros(b, dtype=torch.bool, device=x.device)
+            mask = torch.zeros((b, 1, *x.shape[2:]), device=x.device)
+        else:
+            mask = (torch.as_tensor(mask).to(x.device).float() > 0.5).float()
+            if mask.shape[-2:] != x.shape[-2:]:
+                raise ValueError(f"'{self.mask_key}' is {tuple(mask.shape[-2:])} but the images are {tuple(x.shape[-2:])}: resize the masks with the images")
+            has_mask = mask.flatten(1).amax(1) > 0
+        engine.state.output = {Keys.IMAGE: x, Keys.LABEL: y}
+        network = engine.network
+        network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        use_amp = bool(engine.amp and engine.scaler is not None)
+        clip = None if calibrate else self.clip_grad_norm  # the calibration epoch is a plain epoch
+        terms: dict[str, torch.Tensor] = {}
+        try:
+            if self.guidance == "gain":
+                with torch.autocast("cuda", **engine.amp_kwargs) if use_amp else contextlib.nullcontext():
+                    loss, logits = self._gain_loss(engine, network, x, y, mask, has_mask, terms)
+            else:
+                loss, logits = self._isnet_loss(engine, network, x, y, mask, has_mask, terms, calibrate)
+            if not torch.isfinite(loss):
+                raise FloatingPointError("the total is not finite")
+        except FloatingPointError as err:
+            values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
+            raise FloatingPointError(f"{self.guidance} loss is not finite at epoch {engine.state.epoch}, iteration "
+                                     f"{engine.state.iteration} ({values}): {err}; check the images, lower the learning "
+                                     "rate or raise isnet_decay") from err
+        engine.state.output[Keys.PRED] = logits
+        engine.state.output[Keys.LOSS] = loss
+        if use_amp:
+            engine.scaler.scale(loss).backward()
+            if clip:
+                engine.scaler.unscale_(engine.optimizer)
+                torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
+            engine.optimizer.step()
+        self._record(engine, loss, terms)
+        return engine.state.output
+
+    def _record(self, engine: Engine, loss: torch.Tensor, terms: dict) -> None:
+        it = engine.state.iteration
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        engine.state.output[Keys.LOSS] = loss.detach()
+        for k, v in values.items():
+            engine.state.output[k] = v
+            self._epoch_terms.setdefault(k, []).append(v)
+            self.history.append((f"train_{k}", v, it))
+            # the epoch's running mean: complete when EPOCH_COMPLETED fires, whatever the handlers' order
+            engine.state.metrics[f"guidance_{k}"] = float(np.mean(self._epoch_terms[k]))
+        if self.guidance == "isnet" and self.band is not None:
+            engine.state.metrics["isnet_c1"], engine.state.metrics["isnet_c2"] = self.band
+        if values and (it % self.log_interval == 0 or it == 1):
+            logger.info("epoch %d iteration %d %s loss %.4f (%s)", engine.state.epoch, it, self.guidance, float(loss.detach()),
+                        ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+    @staticmethod
+    def _layer_name(network: torch.nn.Module, layer: str) -> str:
+        return f"module.{layer}" if isinstance(network, torch.nn.parallel.DistributedDataParallel) else layer
+
+    def _gain_loss(self, engine, network, x, y, mask, has_mask, terms):
+        g = self.gain
+        maps, logits = differentiable_grad_cam(network, x, target=lambda lg: labelled_class(y, lg, self.label_mode)[0],
+                                               layer=self._layer_name(network, self.layer))
+        classes, positive = labelled_class(y, logits, self.label_mode)
+        l_cl = engine.loss_function(logits, y).mean()
+        erased = gain_erase(x, maps, g["sigma"], g["omega"])
+        with frozen_batchnorm(network):
+            logits_e = network(erased)
+        zero = logits_e.sum() * 0.0
+        l_am = _score(logits_e, classes, self.label_mode)[positive].mean() if positive.any() else zero
+        l_e = ((maps[has_mask].float() - mask[has_mask]) ** 2).mean() if has_mask.any() else zero
+        terms.update(loss_cl=l_cl, loss_am=l_am, loss_e=l_e)
+        return l_cl + g["alpha"] * l_am + g["omega_e"] * l_e, logits
+
+    def _isnet_objective(self):
+        if self.isnet_variant == "selective":
+            return selective_objective()
+
+        def stochastic(logits: torch.Tensor) -> torch.Tensor:
+            t = torch.as_tensor(stochastic_targets(logits, self._rng), device=logits.device)
+            return logits.gather(1, t.view(-1, 1))[:, 0]
+
+        return stochastic
+
+    def _isnet_loss(self, engine, network, x, y, mask, has_mask, terms, calibrate):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            heat, logits = lrp(network, x.float(), objective=self._isnet_objective(), epsilon=self.isnet_epsilon,
+                               bounds=self.bounds, create_graph=not calibrate, return_logits=True)
+            l_cl = engine.loss_function(logits, y).mean()
+            terms["loss_cl"] = l_cl
+            if calibrate:  # the last plain epoch: collect the maps' totals for the band, train on L_cl alone
+                keep = has_mask if bool(has_mask.any()) else torch.ones_like(has_mask)
+                self._totals.extend(heat.detach().abs().flatten(1).sum(1)[keep].tolist())
+                return l_cl, logits
+            c1, c2 = self.band
+            if bool(has_mask.any()):
+                l_h = isnet_heatmap_loss(heat[has_mask], mask[has_mask], c1, c2, **self.loss_kwargs)
+            else:
+                l_h = heat.sum() * 0.0
+            terms["loss_heatmap"] = l_h
+            return (1 - self.isnet_p) * l_cl + self.isnet_p * l_h, logits

@@ -1,0 +1,132 @@
+"""The shortcut test (issue 13): does a method make the classifier read the lesion rather than a burned-in tag?
+
+:func:`~cutremain_monai.data.phantoms.generate_shortcut_samples` writes clavicle phantoms whose letter tag marks
+every positive image of the training and validation sections and is independent of the label in the test
+section. :func:`shortcut_experiment` trains the clavicle bundle once per method with the same seed and settings
+(whole images, no halves), then scores the best checkpoint (chosen on validation, as the bundle does): validation
+and test AUC (with a bootstrap 95% interval on test), the AUC of the test predictions against the TAG's presence
+(1.0: the network reads the tag; 0.5: it ignores it), and the share of the map's non-negative energy on the tag
+(test images that carry it) and in the lesion box (positive test images), for Grad-CAM and LRP.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["METHODS", "method_settings", "shortcut_experiment", "score_shortcut", "shortcut_table"]
+
+logger = logging.getLogger(__name__)
+
+# method -> (augmentation, guidance)
+METHODS = {"none": ("none", "none"), "cut_remain": ("cut_remain", "none"), "sup_cutout": ("sup_cutout", "none"),
+           "gain": ("none", "gain"), "isnet": ("none", "isnet"), "cut_remain+isnet": ("cut_remain", "isnet")}
+
+
+def method_settings(method: str) -> dict:
+    if method not in METHODS:
+        raise ValueError(f"unknown shortcut method {method!r}; choose from {', '.join(METHODS)}")
+    augmentation, guidance = METHODS[method]
+    return {"augmentation": augmentation, "guidance": guidance}
+
+
+def score_shortcut(bundle: str, datalist: str, checkpoint: str, **overrides) -> dict:
+    """Scores of one trained model on the shortcut datalist (see the module docstring)."""
+    from monai.transforms import Compose
+
+    from cutremain_monai.engines.experiment import bundle_parser
+    from cutremain_monai.engines.localize import compute_map
+    from cutremain_monai.io.datalist import load_datalist
+    from cutremain_monai.metrics.classification import auc_ci
+    from cutremain_monai.metrics.localization import energy_in_box
+    from cutremain_monai.networks.ensemble import checkpoint_state
+
+    parser = bundle_parser(bundle, ["train.yaml", "cpu.yaml"], **overrides)
+    model = parser.get_parsed_content("network_def", instantiate=True)
+    model.load_state_dict(checkpoint_state(checkpoint))
+    model.eval()
+    chain = Compose(parser.get_parsed_content("preprocessing"))
+    out: dict = {}
+    for section in ("validation", "test"):
+        items = load_datalist(datalist, section, task="shortcut")
+        samples = [chain(dict(it)) for it in items]
+        x = torch.stack([torch.as_tensor(s["image"]).float() for s in samples])
+        with torch.no_grad():
+            prob = torch.sigmoid(model(x)).reshape(-1).numpy()
+        y = np.asarray([int(it["label"]) for it in items])
+        auc, low, high = auc_ci(y, prob)
+        out[f"{section}_auc"] = auc
+        if section == "validation":
+            continue
+        out.update(test_auc_low=low, test_auc_high=high)
+        marked = np.asarray([bool(it["marker"]) for it in items])
+        out["tag_auc"] = auc_ci(marked, prob)[0]  # how well the prediction tells the tag's presence
+        stored = tuple(np.asarray(chain.transforms[1](dict(items[0]))["image"]).shape[-2:])  # LoadXrayd alone
+        if stored != tuple(x.shape[-2:]):  # boxes are in stored pixels: the experiment keeps the stored size
+            raise ValueError(f"the shortcut test scores maps at the stored size {stored}; image_size is {tuple(x.shape[-2:])}")
+        for method in ("gradcam", "lrp"):
+            maps = torch.cat([compute_map(method, model, x[i : i + 8], target=0, layer=parser.get_parsed_content("cam_layer"),
+                                          bounds=(0.0, 1.0)).detach() for i in range(0, len(x), 8)])
+            tag = energy_in_box(maps[marked], [[it["marker_box"]] for it, m in zip(items, marked) if m])
+            pos = y == 1
+            lesion = energy_in_box(maps[pos], [[b for b, lab in zip(it["boxes"], it["box_labels"]) if lab == "fracture"]
+                                               for it, p in zip(items, pos) if p])
+            out[f"{method}_tag_energy"] = tag["mean"]
+            out[f"{method}_lesion_energy"] = lesion["mean"]
+    return out
+
+
+def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = ("none", "cut_remain", "sup_cutout", "gain", "isnet"),
+                        n: int = 200, size: int = 128, epochs: int = 20, warmup_epochs: int = 5, seed: int = 0,
+                        data_dir: str | None = None, **overrides) -> list[dict]:
+    """Generate the shortcut set (once, under ``data_dir`` or ``output_dir/data``), train and score every method;
+    writes ``shortcut_results.csv`` / ``shortcut_table.md`` under ``output_dir`` and returns the rows."""
+    from cutremain_monai.data.phantoms import generate_shortcut_samples
+    from cutremain_monai.engines.experiment import train_and_test
+
+    for m in methods:
+        method_settings(m)
+    data_dir = os.path.abspath(data_dir or os.path.join(output_dir, "data"))
+    datalist = os.path.join(data_dir, "datalist.json")
+    if not os.path.exists(datalist):
+        generate_shortcut_samples(data_dir, n=n, seed=seed, size=size)
+    settings = dict(split_halves=False, image_size=[size, size], epochs=epochs, guidance_warmup_epochs=warmup_epochs,
+                    seed=seed, num_copies=2, register_model=False, cam_images=0, localization_report=False,
+                    datalist_task="shortcut", experiment_name="shortcut")
+    settings.update(overrides)
+    rows = []
+    for m in methods:
+        out = os.path.abspath(os.path.join(output_dir, m.replace("+", "_")))
+        logger.info("shortcut test: training %s", m)
+        train_and_test(bundle, datalist, out, task="shortcut", run_name=f"shortcut_{m}",
+                       **{**settings, **method_settings(m), "datalist_task": "shortcut"})
+        scores = score_shortcut(bundle, datalist, os.path.join(out, "checkpoints", "model.pt"),
+                                **{k: v for k, v in settings.items() if k in ("split_halves", "image_size", "network_depth", "cam_layer")},
+                                datalist=datalist, datalist_task="shortcut", output_dir=out)
+        rows.append({"method": m, **scores})
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "shortcut_results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(output_dir, "shortcut_table.md"), "w") as f:
+        f.write(shortcut_table(rows))
+    with open(os.path.join(output_dir, "shortcut_settings.json"), "w") as f:
+        json.dump({"n": n, "size": size, "methods": list(methods), **settings}, f, indent=1)
+    return rows
+
+
+def shortcut_table(rows: list[dict]) -> str:
+    lines = ["| method | val AUC | test AUC (95% CI) | AUC vs tag | Grad-CAM on tag | LRP on tag | Grad-CAM in lesion box | LRP in lesion box |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['validation_auc']:.3f} | {r['test_auc']:.3f} ({r['test_auc_low']:.3f}-{r['test_auc_high']:.3f}) "
+                     f"| {r['tag_auc']:.3f} | {r['gradcam_tag_energy']:.3f} | {r['lrp_tag_energy']:.3f} "
+                     f"| {r['gradcam_lesion_energy']:.3f} | {r['lrp_lesion_energy']:.3f} |")
+    return "\n".join(lines) + "\n"

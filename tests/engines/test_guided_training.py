@@ -1,0 +1,169 @@
+"""The guided training step (GAIN_ext, ISNet) inside MONAI's SupervisedTrainer, on a small ResNet."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+
+from cutremain_monai.engines.guided_training import (GuidedTraining, frozen_batchnorm, labelled_class, selective_objective,
+                                                     stochastic_targets)
+from cutremain_monai.engines.prepare_batch import BoxBatchPrepare
+from cutremain_monai.networks import resnet
+
+
+def _batches(n=4, b=4, size=32, seed=0, nan=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        img = torch.rand(b, 1, size, size, generator=g)
+        if nan:
+            img[0, 0, 0, 0] = float("nan")
+        mask = torch.zeros(b, 1, size, size)
+        mask[:, :, 8:20, 8:20] = 1
+        mask[-1] = 0  # one image per batch without a mask
+        out.append({"image": img, "label": torch.tensor([1, 0, 1, 0][:b]), "box_mask": mask})
+    return out
+
+
+def _trainer(step, epochs=2, data=None, label_mode="binary", classes=1, seed=0):
+    torch.manual_seed(seed)
+    net = resnet(18, num_classes=classes)
+    loss = torch.nn.CrossEntropyLoss() if label_mode == "multiclass" else torch.nn.BCEWithLogitsLoss()
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=epochs, train_data_loader=data or _batches(),
+                                network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9),
+                                loss_function=loss, prepare_batch=BoxBatchPrepare(label_mode=label_mode),
+                                iteration_update=step, train_handlers=[step] if step else [])
+    return trainer, net
+
+
+def test_selective_objective_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    p = torch.softmax(logits, 1)[0, 2]  # lowest logit: class 2
+    eta = math.log(float(p) + 0.01) - math.log(1 - float(p) + 0.01)
+    assert float(selective_objective(0.01)(logits)[0]) == pytest.approx(eta, rel=1e-6)
+    one = torch.tensor([[0.7], [-2.0]])
+    assert torch.equal(selective_objective()(one), one[:, 0])  # one logit: its log-odds
+
+
+def test_stochastic_targets_half_top_rest_uniform():
+    rng = np.random.default_rng(0)
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]]).repeat(4000, 1)
+    t = np.array(stochastic_targets(logits, rng))
+    share = np.bincount(t, minlength=4) / len(t)
+    assert share[1] == pytest.approx(0.5, abs=0.03)
+    assert share[[0, 2, 3]] == pytest.approx([1 / 6] * 3, abs=0.03)
+    assert stochastic_targets(torch.zeros(3, 1), rng) == [0, 0, 0]
+
+
+def test_labelled_class_rules():
+    logits = torch.tensor([[0.1, 3.0, 2.0], [1.0, 0.0, 0.5]])
+    c, pos = labelled_class(torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), logits, "multilabel")
+    assert c.tolist() == [2, 0] and pos.tolist() == [True, False]  # positive class; top logit when none
+    c, pos = labelled_class(torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]), logits, "multilabel")
+    assert c.tolist() == [1, 0]  # the positive class with the highest logit (row 2: 1.0 > 0.5)
+    c, pos = labelled_class(torch.tensor([2, 0]), logits, "multiclass")
+    assert c.tolist() == [2, 0] and pos.tolist() == [True, False]
+    c, pos = labelled_class(torch.tensor([[1.0], [0.0]]), logits[:, :1], "binary")
+    assert c.tolist() == [0, 0] and pos.tolist() == [True, False]
+
+
+def test_frozen_batchnorm_keeps_running_stats_and_modes():
+    net = resnet(18)
+    net.train()
+    before = net.bn1.running_mean.clone()
+    with frozen_batchnorm(net):
+        assert not net.bn1.training and net.layer1.training
+        net(torch.rand(2, 1, 32, 32))
+    assert torch.equal(net.bn1.running_mean, before) and net.bn1.training
+    net(torch.rand(2, 1, 32, 32))
+    assert not torch.equal(net.bn1.running_mean, before)
+
+
+def test_isnet_calibrates_band_then_trains_with_heatmap_loss():
+    step = GuidedTraining("isnet", warmup_epochs=1, log_interval=1)
+    trainer, _ = _trainer(step, epochs=2)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append((e.state.epoch, dict(e.state.output))))
+    trainer.run()
+    c1, c2 = step.band
+    assert 0 < c1 <= c2 <= 25 * c1
+    assert "loss_heatmap" not in seen[0][1]  # epoch 1: plain warm-up (MONAI's step)
+    active = [o for ep, o in seen if ep == 2]
+    assert all(o["loss_heatmap"] >= 0 and o["loss_cl"] > 0 for o in active)
+    for o in active:  # L = (1 - P) L_cl + P L_H
+        assert float(o["loss"]) == pytest.approx(0.3 * o["loss_cl"] + 0.7 * o["loss_heatmap"], rel=1e-5)
+    assert trainer.state.metrics["guidance_loss_heatmap"] == pytest.approx(np.mean([o["loss_heatmap"] for o in active]))
+    assert step.history[-1][2] == trainer.state.iteration and step.history[-1][0].startswith("train_loss_")
+    assert step.state_dict() == {"band": [c1, c2]}
+    other = GuidedTraining("isnet", warmup_epochs=1)
+    other.load_state_dict(step.state_dict())
+    assert other.band == (c1, c2)
+
+
+def _isnet_grad(p: float, band=(1.0, 25.0)):
+    step = GuidedTraining("isnet", warmup_epochs=0, isnet_band=band, isnet_p=p, clip_grad_norm=None)
+    trainer, net = _trainer(step, epochs=1, data=_batches(n=1))
+    trainer.state.epoch, trainer.state.iteration = 1, 1  # one step by hand: the weights stay those of the seed
+    step(trainer, _batches(n=1)[0])
+    return net.conv1.weight.grad.clone()
+
+
+def test_isnet_gradient_reaches_weights_and_depends_on_p():
+    g0, g5, g9 = _isnet_grad(0.0), _isnet_grad(0.5), _isnet_grad(0.9)
+    assert g5.abs().sum() > 0 and not torch.allclose(g5, g9) and not torch.allclose(g0, g5)
+    # P = 0: the plain classification gradient (same weights, same batch, one forward)
+    torch.manual_seed(0)
+    net = resnet(18)
+    batch = _batches(n=1)[0]
+    torch.nn.BCEWithLogitsLoss()(net(batch["image"]), batch["label"].float().view(-1, 1)).backward()
+    assert torch.allclose(g0, net.conv1.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_gain_step_terms_and_total():
+    step = GuidedTraining("gain", warmup_epochs=0, log_interval=1)
+    trainer, _ = _trainer(step, epochs=1)
+    outs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outs.append(dict(e.state.output)))
+    trainer.run()
+    for o in outs:
+        assert 0 <= o["loss_am"] <= 1 and o["loss_e"] >= 0
+        assert float(o["loss"]) == pytest.approx(o["loss_cl"] + o["loss_am"] + 10 * o["loss_e"], rel=1e-5)
+    assert set(k for k in trainer.state.metrics if k.startswith("guidance_")) == {"guidance_loss_cl", "guidance_loss_am", "guidance_loss_e"}
+
+
+def test_gain_multiclass_and_isnet_stochastic_multiclass_run():
+    data = [{**b, "label": torch.tensor([2, 0, 1, 0])} for b in _batches(n=2)]
+    for step in (GuidedTraining("gain", label_mode="multiclass", warmup_epochs=0),
+                 GuidedTraining("isnet", label_mode="multiclass", warmup_epochs=0, isnet_band=(1.0, 25.0), isnet_variant="stochastic")):
+        trainer, _ = _trainer(step, epochs=1, data=data, label_mode="multiclass", classes=3)
+        trainer.run()
+        assert np.isfinite(trainer.state.metrics["guidance_loss_cl"])
+
+
+def test_non_finite_loss_stops_with_clear_error():
+    step = GuidedTraining("isnet", warmup_epochs=0, isnet_band=(1.0, 25.0))
+    trainer, _ = _trainer(step, epochs=1, data=_batches(n=1, nan=True))
+    with pytest.raises(FloatingPointError, match=r"isnet loss is not finite at epoch 1, iteration 1 \(loss_cl"):
+        trainer.run()
+
+
+def test_bad_settings_raise():
+    with pytest.raises(ValueError, match="warmup_epochs >= 1 or give isnet_band"):
+        GuidedTraining("isnet", warmup_epochs=0)
+    with pytest.raises(ValueError, match="guidance must be one of none, gain, isnet"):
+        GuidedTraining("gradcam")
+    with pytest.raises(ValueError, match="isnet_variant"):
+        GuidedTraining("isnet", isnet_variant="all")
+
+
+def test_none_is_monai_step():
+    step = GuidedTraining("none")
+    t1, n1 = _trainer(step, epochs=1)
+    t1.run()
+    t2, n2 = _trainer(None, epochs=1)
+    t2.run()
+    for a, b in zip(n1.parameters(), n2.parameters()):
+        assert torch.equal(a, b)
