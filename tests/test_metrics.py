@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from cutremain_monai.metrics.classification import best_f1_threshold, binary_metrics
+from cutremain_monai.metrics.classification import auc_ci, best_f1_threshold, binary_metrics
 from cutremain_monai.metrics.feature_similarity import feature_distances, pooled_features
 from cutremain_monai.networks import resnet
 
@@ -98,3 +98,23 @@ def test_mean_auc_handler_metric_skips_undefined_classes():
     metric(torch.as_tensor(PL[:, :1]), torch.zeros(6, 1))
     with pytest.warns(UserWarning, match="mean AUC undefined"):
         assert metric.aggregate() == 0.0
+
+
+def test_auc_ci_bootstrap():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(40), np.ones(40)]
+    p = y + rng.normal(0, 0.8, 80)
+    auc, low, high = auc_ci(y, p, n_boot=500)
+    assert auc == pytest.approx(roc_auc_score(y, p)) and low < auc < high
+    # the percentile interval of the resampled AUCs, by hand with the same draws
+    r = np.random.default_rng(0)
+    values = []
+    while len(values) < 500:
+        idx = r.integers(0, 80, 80)
+        if y[idx].min() != y[idx].max():
+            values.append(roc_auc_score(y[idx], p[idx]))
+    assert (low, high) == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])))
+    wide = auc_ci(y[::4], p[::4], n_boot=500)
+    assert wide[2] - wide[1] > high - low  # fewer images, wider interval
+    assert auc_ci(y, y, n_boot=200) == (1.0, 1.0, 1.0)
+    assert all(np.isnan(v) for v in auc_ci(np.ones(5), np.arange(5)))

@@ -41,6 +41,7 @@ import math
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
 from cutremain_monai.constants import BOX_MASK
@@ -52,7 +53,6 @@ __all__ = ["GuidedTraining", "GUIDANCE", "frozen_batchnorm", "selective_objectiv
 
 GUIDANCE = ("none", "gain", "isnet")
 logger = logging.getLogger(__name__)
-_TERMS = ("loss_cl", "loss_am", "loss_e", "loss_heatmap")
 
 
 @contextlib.contextmanager
@@ -123,10 +123,6 @@ def _score(logits: torch.Tensor, classes: torch.Tensor, label_mode: str) -> torc
     return probs.gather(1, classes.view(-1, 1))[:, 0]
 
 
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return network.module if hasattr(network, "module") and isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
-
-
 class GuidedTraining:
     """Args:
         guidance: ``"none"`` (MONAI's step), ``"gain"`` or ``"isnet"``.
@@ -144,6 +140,9 @@ class GuidedTraining:
         clip_grad_norm: gradient clipping of guided steps (None: off).
         log_interval: iterations between log lines of the loss terms.
         seed: the stochastic variant's draws.
+        evaluator, key_metric_saver: the validation evaluator and its best-model ``CheckpointSaver``: when the guided
+            epochs start, their best score is forgotten, so the "best" model is a guided one and never a warm-up
+            (plain) epoch's, which a validation set with the same shortcut as training would otherwise prefer.
     """
 
     def __init__(self, guidance: str = "none", label_mode: str = "binary", warmup_epochs: int = 5,
@@ -152,7 +151,7 @@ class GuidedTraining:
                  isnet_variant: str = "selective", isnet_band=None, isnet_epsilon: float = 0.01,
                  isnet_decay: float = 0.0, isnet_e: float = 1.0, isnet_w1: float = 1.0, isnet_w2: float = 1.0,
                  isnet_foreground: str = "hybrid", isnet_bounds=(0.0, 1.0), clip_grad_norm: float | None = 1.0,
-                 log_interval: int = 10, seed: int = 0):
+                 log_interval: int = 10, seed: int = 0, evaluator=None, key_metric_saver=None):
         if guidance not in GUIDANCE:
             raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}, got {guidance!r}")
         if label_mode not in ("binary", "multiclass", "multilabel"):
@@ -183,15 +182,19 @@ class GuidedTraining:
         self._totals: list[float] = []
         self._epoch_terms: dict[str, list[float]] = {}
         self.history: list[tuple[str, float, int]] = []  # (metric, value, iteration)
+        self.evaluator = evaluator
+        self.key_metric_saver = key_metric_saver
 
     # ---- state (saved with the checkpoint, so a resumed run keeps its band) ----
     def state_dict(self) -> dict:
-        return {"band": None if self.band is None else list(self.band)}
+        return {"band": None if self.band is None else list(self.band), "rng": self._rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         band = state.get("band")
         if band is not None:
             self.band = (float(band[0]), float(band[1]))
+        if state.get("rng"):
+            self._rng.bit_generator.state = state["rng"]
 
     # ---- handler part ----
     def attach(self, engine: Engine) -> None:
@@ -202,16 +205,30 @@ class GuidedTraining:
 
     def _epoch_started(self, engine: Engine) -> None:
         self._epoch_terms = {}
+        if self.warmup_epochs and engine.state.epoch == self.warmup_epochs + 1:
+            self._forget_best()
         if self._calibrating(engine):
             self._totals = []
 
     def _epoch_completed(self, engine: Engine) -> None:
         if self._calibrating(engine):
             totals = self._gather(self._totals, engine)
+            if len(totals) < 2:
+                raise ValueError(f"ISNet calibration: epoch {engine.state.epoch} saw {len(totals)} image(s) with a "
+                                 f"'{self.mask_key}'; the band needs at least 2 (give isnet_band [C1, C2] instead)")
             self.band = choose_band(totals)
             logger.info("ISNet band from %d heatmap totals of epoch %d: C1 = %.4g, C2 = %.4g", len(totals),
                         engine.state.epoch, *self.band)
             engine.state.metrics["isnet_c1"], engine.state.metrics["isnet_c2"] = self.band
+
+    def _forget_best(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.state.best_metric = -1
+            self.evaluator.state.best_metric_epoch = -1
+        ckpt = getattr(self.key_metric_saver, "_key_metric_checkpoint", None)
+        if ckpt is not None:
+            ckpt.reset()
+            logger.info("guided epochs start: the best model is chosen among them (warm-up checkpoints no longer compete)")
 
     @staticmethod
     def _gather(values: list[float], engine: Engine) -> list[float]:
@@ -233,7 +250,7 @@ class GuidedTraining:
         prep = engine.prepare_batch
         if hasattr(prep, "prepare"):
             d = prep.prepare(batchdata, engine.state.device, engine.non_blocking, mask_key=self.mask_key, **engine.to_kwargs)
-            return d["image"], d["label"], d.get("mask")
+            return d[prep.image_key], d[prep.label_key], d.get("mask")
         x, y = prep(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
         mask = batchdata.get(self.mask_key) if isinstance(batchdata, dict) else None
         return x, y, None if mask is None else torch.as_tensor(mask).to(x.device)
@@ -250,6 +267,7 @@ class GuidedTraining:
             mask = torch.zeros((b, 1, *x.shape[2:]), device=x.device)
         else:
             mask = (torch.as_tensor(mask).to(x.device).float() > 0.5).float()
+            mask = mask.as_tensor() if hasattr(mask, "as_tensor") else mask
             if mask.shape[-2:] != x.shape[-2:]:
                 raise ValueError(f"'{self.mask_key}' is {tuple(mask.shape[-2:])} but the images are {tuple(x.shape[-2:])}: resize the masks with the images")
             has_mask = mask.flatten(1).amax(1) > 0
@@ -275,19 +293,24 @@ class GuidedTraining:
                                      "rate or raise isnet_decay") from err
         engine.state.output[Keys.PRED] = logits
         engine.state.output[Keys.LOSS] = loss
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)  # MONAI's iteration events, as its own step fires them
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if use_amp:
             engine.scaler.scale(loss).backward()
             if clip:
                 engine.scaler.unscale_(engine.optimizer)
                 torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
             loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
         self._record(engine, loss, terms)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # (MONAI decollates the output on this event)
         return engine.state.output
 
     def _record(self, engine: Engine, loss: torch.Tensor, terms: dict) -> None:
@@ -320,7 +343,8 @@ class GuidedTraining:
         with frozen_batchnorm(network):
             logits_e = network(erased)
         zero = logits_e.sum() * 0.0
-        l_am = _score(logits_e, classes, self.label_mode)[positive].mean() if positive.any() else zero
+        mined = positive & has_mask  # images without a mask: classification loss only
+        l_am = _score(logits_e, classes, self.label_mode)[mined].mean() if mined.any() else zero
         l_e = ((maps[has_mask].float() - mask[has_mask]) ** 2).mean() if has_mask.any() else zero
         terms.update(loss_cl=l_cl, loss_am=l_am, loss_e=l_e)
         return l_cl + g["alpha"] * l_am + g["omega_e"] * l_e, logits
@@ -342,9 +366,11 @@ class GuidedTraining:
             l_cl = engine.loss_function(logits, y).mean()
             terms["loss_cl"] = l_cl
             if calibrate:  # the last plain epoch: collect the maps' totals for the band, train on L_cl alone
-                keep = has_mask if bool(has_mask.any()) else torch.ones_like(has_mask)
-                self._totals.extend(heat.detach().abs().flatten(1).sum(1)[keep].tolist())
+                self._totals.extend(heat.detach().abs().flatten(1).sum(1)[has_mask].tolist())  # maps the loss will see
                 return l_cl, logits
+            if self.band is None:
+                raise ValueError(f"ISNet has no band [C1, C2] at epoch {engine.state.epoch}: it is calibrated in epoch "
+                                 f"{self.warmup_epochs} (the last warm-up epoch); give isnet_band, or resume from a checkpoint saved after it")
             c1, c2 = self.band
             if bool(has_mask.any()):
                 l_h = isnet_heatmap_loss(heat[has_mask], mask[has_mask], c1, c2, **self.loss_kwargs)

@@ -298,7 +298,7 @@ class _BatchMixd(Randomizable, MapTransform):
         d[self.label_key] = new_labels
         if isinstance(self.mixer, SupMixup) and self.mixer._targets.numel():
             # a mixed image shows both box regions: its mask (what guided training keeps relevance in) is the union
-            m = torch.as_tensor(masks)
+            m = effective[0]  # the masks the mix used (no_box="full": a box-less image counts whole)
             src = self.mixer._source.to(m.device)
             d[self.mask_key] = torch.maximum(m, m[src])
         return d

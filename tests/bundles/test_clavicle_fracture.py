@@ -155,6 +155,7 @@ def test_each_guidance_runs_and_logs(tmp_path, augmentation, guidance):
     trainer = wf.parser.get_parsed_content("train#trainer")
     terms = ["loss_cl", "loss_heatmap"] if guidance == "isnet" else ["loss_cl", "loss_am", "loss_e"]
     assert all(np.isfinite(trainer.state.metrics[f"guidance_{t}"]) for t in terms)
+    assert wf.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == 2  # model.pt is a guided epoch's
     out = tmp_path / "out"
     report = json.load(open(out / "cam_report.json"))
     assert report["method"] == ("lrp" if guidance == "isnet" else "gradcam") and list((out / "cam_overlays").glob("*.png"))
@@ -173,7 +174,7 @@ def test_each_guidance_runs_and_logs(tmp_path, augmentation, guidance):
         c1, c2 = wf.parser.get_parsed_content("train#guided_step").band
         assert 0 < c1 <= c2
         saved = torch.load(sorted((out / "checkpoints").glob("checkpoint_epoch=*.pt"))[-1], weights_only=False)
-        assert saved["guidance"] == {"band": [c1, c2]}  # a resumed run keeps the band
+        assert saved["guidance"]["band"] == [c1, c2]  # a resumed run keeps the band
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cutremain_monai.data.phantoms import generate_samples
+from cutremain_monai.data.phantoms import burn_marker, generate_samples, generate_shortcut_samples
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.io.dicom import read_xray_dicom
 from cutremain_monai.io.gsps import read_gsps_boxes
@@ -76,3 +76,29 @@ def test_phantom_lung_zone_maps():
         np.testing.assert_array_equal(split_lung_zones(m > 0), m)  # the zoning of its own lung mask
     assert not np.array_equal(maps[0], maps[1])  # jittered per map
     np.testing.assert_array_equal(phantom_lung_zone_maps(3, 96, seed=4), maps)  # seeded
+
+
+def test_shortcut_set_tags_positives_in_training_and_is_independent_in_test(tmp_path):
+    dl = generate_shortcut_samples(str(tmp_path), n=60, seed=1, size=96)["shortcut"]
+    assert [len(dl[s]) for s in ("training", "validation", "test")] == [36, 12, 12]
+    for section in ("training", "validation"):
+        assert all(it["marker"] == bool(it["label"]) for it in dl[section])
+    test = dl["test"]
+    assert any(it["marker"] and not it["label"] for it in test) and any(not it["marker"] and it["label"] for it in test)
+    for section in ("training", "validation", "test"):
+        for it in dl[section]:
+            x0, y0, x1, y1 = it["marker_box"]
+            for bx0, by0, bx1, by1 in it["boxes"]:  # the tag lies outside every box
+                assert x0 >= bx1 or y0 >= by1 or x1 <= bx0 or y1 <= by0
+            img = np.squeeze(read_xray_dicom(os.path.join(str(tmp_path), it["image"]))[0])
+            tag = img[int(y0):int(y1), int(x0):int(x1)]
+            assert (tag.max() > 0.9) == it["marker"], it["image"]  # the letter is burned in where marked
+    assert dciodvfy_errors(os.path.join(str(tmp_path), test[0]["image"])) == []
+
+
+def test_burn_marker_by_hand():
+    img = np.zeros((40, 40), dtype=np.float32)
+    out, box = burn_marker(img, scale=1, margin=2)
+    assert box == [31.0, 29.0, 38.0, 38.0]  # 5 x 7 glyph + 1-pixel plate border, 2 pixels from the corner
+    assert out[30, 32] == pytest.approx(0.95) and out[30, 36] == pytest.approx(0.55)  # glyph pixel / plate pixel
+    assert out[:29].max() == 0 and out[:, :31].max() == 0 and img.max() == 0  # nothing else touched, input kept

@@ -86,7 +86,7 @@ def test_isnet_calibrates_band_then_trains_with_heatmap_loss():
     step = GuidedTraining("isnet", warmup_epochs=1, log_interval=1)
     trainer, _ = _trainer(step, epochs=2)
     seen = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append((e.state.epoch, dict(e.state.output))))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append((e.state.epoch, dict(e.state.output[0]))))  # decollated per image
     trainer.run()
     c1, c2 = step.band
     assert 0 < c1 <= c2 <= 25 * c1
@@ -97,7 +97,7 @@ def test_isnet_calibrates_band_then_trains_with_heatmap_loss():
         assert float(o["loss"]) == pytest.approx(0.3 * o["loss_cl"] + 0.7 * o["loss_heatmap"], rel=1e-5)
     assert trainer.state.metrics["guidance_loss_heatmap"] == pytest.approx(np.mean([o["loss_heatmap"] for o in active]))
     assert step.history[-1][2] == trainer.state.iteration and step.history[-1][0].startswith("train_loss_")
-    assert step.state_dict() == {"band": [c1, c2]}
+    assert step.state_dict()["band"] == [c1, c2] and step.state_dict()["rng"]
     other = GuidedTraining("isnet", warmup_epochs=1)
     other.load_state_dict(step.state_dict())
     assert other.band == (c1, c2)
@@ -126,7 +126,7 @@ def test_gain_step_terms_and_total():
     step = GuidedTraining("gain", warmup_epochs=0, log_interval=1)
     trainer, _ = _trainer(step, epochs=1)
     outs = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outs.append(dict(e.state.output)))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outs.append(dict(e.state.output[0])))
     trainer.run()
     for o in outs:
         assert 0 <= o["loss_am"] <= 1 and o["loss_e"] >= 0
@@ -167,3 +167,49 @@ def test_none_is_monai_step():
     t2.run()
     for a, b in zip(n1.parameters(), n2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_best_model_is_chosen_among_guided_epochs():
+    class Saver:
+        resets = []
+
+        class _Ckpt:
+            def reset(self):
+                Saver.resets.append(True)
+
+        _key_metric_checkpoint = _Ckpt()
+
+    class Evaluator:
+        class state:
+            best_metric, best_metric_epoch = 1.0, 1  # a warm-up epoch's (shortcut-fed) best
+
+    step = GuidedTraining("gain", warmup_epochs=1, evaluator=Evaluator, key_metric_saver=Saver())
+    trainer, _ = _trainer(step, epochs=2)
+    starts = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: starts.append((e.state.epoch, len(Saver.resets))))
+    trainer.run()
+    assert starts == [(1, 0), (2, 1)] and len(Saver.resets) == 1  # forgotten once, when the guided epochs start
+    assert Evaluator.state.best_metric == -1 and Evaluator.state.best_metric_epoch == -1
+
+
+def test_images_without_a_mask_get_only_the_classification_loss():
+    data = [{**b, "box_mask": torch.zeros_like(b["box_mask"])} for b in _batches(n=1)]
+    for guidance in ("gain", "isnet"):
+        step = GuidedTraining(guidance, warmup_epochs=0, isnet_band=(1.0, 25.0))
+        trainer, _ = _trainer(step, epochs=1, data=data)
+        outs = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outs.append(dict(e.state.output[0])))
+        trainer.run()
+        o = outs[0]
+        if guidance == "gain":
+            assert o["loss_am"] == 0 and o["loss_e"] == 0 and float(o["loss"]) == pytest.approx(o["loss_cl"], rel=1e-6)
+        else:
+            assert o["loss_heatmap"] == 0 and float(o["loss"]) == pytest.approx(0.3 * o["loss_cl"], rel=1e-6)
+
+
+def test_calibration_without_masked_images_says_so():
+    data = [{**b, "box_mask": torch.zeros_like(b["box_mask"])} for b in _batches(n=1)]
+    step = GuidedTraining("isnet", warmup_epochs=1)
+    trainer, _ = _trainer(step, epochs=1, data=data)
+    with pytest.raises(ValueError, match="saw 0 image\\(s\\) with a 'box_mask'; the band needs at least 2"):
+        trainer.run()

@@ -275,6 +275,19 @@ def test_target_shapes(resnet18, image):
         lrp(resnet18, image, [1])
 
 
+def test_objective_explains_a_function_of_the_logits(resnet18, image):
+    every = lrp(resnet18, image, None)
+    # a linear objective's map is the same combination of the class maps (LRP-Flex is linear in the explained output)
+    combo = lrp(resnet18, image, objective=lambda lg: 2 * lg[:, 0] - lg[:, 1])
+    assert combo.shape == (2, 1, 64, 64)
+    torch.testing.assert_close(combo[:, 0], 2 * every[:, 0] - every[:, 1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lrp(resnet18, image, objective=lambda lg: lg[:, 2]), lrp(resnet18, image, 2))
+    with pytest.raises(ValueError, match="either target or objective"):
+        lrp(resnet18, image, 1, objective=lambda lg: lg[:, 0])
+    with pytest.raises(ValueError, match=r"one value per image \(2,\)"):
+        lrp(resnet18, image, objective=lambda lg: lg)
+
+
 def _plain_monai_resnet(depth: int, num_classes: int = 3) -> ResNet:
     block, layers = RESNET_LAYOUTS[depth]
     return ResNet(

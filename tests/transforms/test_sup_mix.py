@@ -65,6 +65,11 @@ def test_mixup_rule(kind):
         expected = lam * d["image"][a] * m[a] + (1 - lam) * d["image"][b] * m[b]
         torch.testing.assert_close(out["image"][a], expected)
         torch.testing.assert_close(out["label"][a], lam * y[a] + (1 - lam) * y[b])
+        # the mixed image's mask (what guided training keeps relevance in) is the union of both boxes
+        torch.testing.assert_close(out["box_mask"][a], torch.maximum(d["box_mask"][a], d["box_mask"][b]))
+    unmixed = [i for i in range(len(d["image"])) if i not in t.mixer._targets.tolist()]
+    for i in unmixed:
+        assert torch.equal(out["box_mask"][i], d["box_mask"][i])
     t.set_random_state(2)
     again = t(dict(d))
     assert torch.equal(again["image"], out["image"])  # seeded replay
