@@ -27,10 +27,10 @@ def gwrp(values: torch.Tensor, decay: float) -> torch.Tensor:
     (``d = 0``: the maximum; ``d = 1``: the mean)."""
     if not 0 <= decay <= 1:
         raise ValueError(f"decay must be in [0, 1], got {decay}")
+    if decay == 0:
+        return values.amax(dim=-1)  # no sort needed for the maximum
     x = values.sort(dim=-1, descending=True).values
     n = x.shape[-1]
-    if decay == 0:
-        return x[..., 0]
     w = torch.pow(torch.as_tensor(float(decay), dtype=x.dtype, device=x.device), torch.arange(n, dtype=x.dtype, device=x.device))
     return (x * w).sum(-1) / w.sum()
 

@@ -94,9 +94,33 @@ class _FlexReLU(torch.autograd.Function):
     def backward(ctx, grad):
         (z,) = ctx.saved_tensors
         if ctx.state.active and ctx.state.epsilon > 0:
-            a = z.clamp_min(0)
-            return grad * (a / (a + ctx.state.epsilon)), None
+            return _FlexRescale.apply(grad, z, ctx.state.epsilon), None
         return grad * (z > 0).to(grad.dtype), None
+
+
+class _FlexRescale(torch.autograd.Function):
+    """``g * a / (a + eps)`` with ``a = max(z, 0)``, as one node with its derivatives written out (``d/dg = a / (a +
+    eps)``, ``d/dz = g eps / (a + eps)^2`` where ``z > 0``): the same values and gradients as the chain of
+    elementwise operations, with one saved pair instead of four intermediate tensors (the training step's double
+    backward runs through one of these per ReLU)."""
+
+    @staticmethod
+    def forward(ctx, grad, z, eps):
+        a = z.clamp_min(0)
+        denom = a + eps
+        ctx.save_for_backward(grad, z)
+        ctx.eps = eps
+        return grad * a / denom
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gg):
+        grad, z = ctx.saved_tensors
+        a = z.clamp_min(0)
+        denom = a + ctx.eps
+        d_grad = gg * a / denom if ctx.needs_input_grad[0] else None
+        d_z = gg * grad * (ctx.eps / (denom * denom)) * (z > 0) if ctx.needs_input_grad[1] else None
+        return d_grad, d_z, None
 
 
 class _FlexGate(torch.autograd.Function):
@@ -137,46 +161,69 @@ def _as_bound(value, x: torch.Tensor) -> torch.Tensor:
     return bound
 
 
-def _fused_weight(conv: nn.Module, bn: nn.Module | None, conv_out: torch.Tensor) -> torch.Tensor:
-    """Weight of ``conv`` with ``bn`` merged (running statistics in eval mode, detached batch ones in train mode)."""
-    weight = conv.weight
+def _bn_scale(bn: nn.Module | None, conv_out: torch.Tensor) -> torch.Tensor | None:
+    """Per-output-channel factor ``gamma / sigma`` of ``bn`` (running statistics in eval mode, detached batch ones
+    in train mode), or None without BatchNorm."""
     if bn is None:
-        return weight
+        return None
     if bn.training or bn.running_var is None:
         dims = [0] + list(range(2, conv_out.ndim))
         var = conv_out.detach().var(dim=dims, unbiased=False)
     else:
         var = bn.running_var
     scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = bn.weight * scale
-    return weight * scale.view(-1, *([1] * (weight.ndim - 1)))
+    return bn.weight * scale if bn.weight is not None else scale
+
+
+def _fused_weight(conv: nn.Module, bn: nn.Module | None, conv_out: torch.Tensor) -> torch.Tensor:
+    """Weight of ``conv`` with ``bn`` merged (running statistics in eval mode, detached batch ones in train mode)."""
+    scale = _bn_scale(bn, conv_out)
+    weight = conv.weight
+    return weight if scale is None else weight * scale.view(-1, *([1] * (weight.ndim - 1)))
+
+
+def _is_zero(bound: torch.Tensor) -> bool:
+    return not bool(torch.count_nonzero(bound))
 
 
 def _zb_input_relevance(conv, bn, conv_out, x, r0, low, high, epsilon, create_graph):
     """The z^B rule through the (BN-fused) first convolution: relevance at its output ``r0`` -> input relevance.
 
-    The bound terms ``W+ low`` and ``W- high`` do not depend on the image (the bounds are scalars or per channel):
-    each is one batch-1 convolution broadcast over the batch. The three transposed convolutions ``W^T s``,
-    ``W+^T s``, ``W-^T s`` run as one, with the three weights stacked along the input channels (2-D convolutions
-    with zero padding; other layers take the vector-Jacobian route). Both keep the graph for ``create_graph``."""
-    weight = _fused_weight(conv, bn, conv_out)
+    ``W x`` of the fused weight is the forward's own convolution output times the BN scale (no second convolution
+    of the image when the convolution has no bias). The bound terms ``W+ low`` and ``W- high`` do not depend on
+    the image (the bounds are scalars or per channel): each is one batch-1 convolution broadcast over the batch,
+    and a bound that is 0 (images in [0, 1]: ``low = 0``) drops its terms. The transposed convolutions ``W^T s``,
+    ``W+^T s``, ``W-^T s`` that remain run as one, with the weights stacked along the input channels (2-D
+    convolutions with zero padding; other layers take the vector-Jacobian route). Both keep the graph for
+    ``create_graph``."""
+    scale = _bn_scale(bn, conv_out)
+    weight = conv.weight if scale is None else conv.weight * scale.view(-1, *([1] * (conv.weight.ndim - 1)))
     w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
     one = (1, *x.shape[1:])
-    low_1, high_1 = torch.broadcast_to(low, one), torch.broadcast_to(high, one)
-    z = conv._conv_forward(x, weight, None) - conv._conv_forward(low_1, w_pos, None) - conv._conv_forward(high_1, w_neg, None)
+    if conv.bias is None and conv_out.shape[0] == x.shape[0]:
+        z = conv_out if scale is None else conv_out * scale.view(1, -1, *([1] * (conv_out.ndim - 2)))
+    else:
+        z = conv._conv_forward(x, weight, None)
+    parts = [(weight, x)]
+    if not _is_zero(low):
+        z = z - conv._conv_forward(torch.broadcast_to(low, one), w_pos, None)
+        parts.append((w_pos, -low))
+    if not _is_zero(high):
+        z = z - conv._conv_forward(torch.broadcast_to(high, one), w_neg, None)
+        parts.append((w_neg, -high))
     s = r0 / _stabilise(z, epsilon)
     c_in = x.shape[1]
+    weights = [w for w, _ in parts]
     if isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
-        stacked = torch.cat([weight, w_pos, w_neg], dim=1)
-        c_all = torch.nn.grad.conv2d_input((x.shape[0], 3 * c_in, *x.shape[2:]), stacked, s, stride=conv.stride,
+        stacked = torch.cat(weights, dim=1)
+        c_all = torch.nn.grad.conv2d_input((x.shape[0], len(weights) * c_in, *x.shape[2:]), stacked, s, stride=conv.stride,
                                            padding=conv.padding, dilation=conv.dilation, groups=1)
-        c, c_pos, c_neg = c_all[:, :c_in], c_all[:, c_in : 2 * c_in], c_all[:, 2 * c_in :]
+        cs = [c_all[:, i * c_in : (i + 1) * c_in] for i in range(len(weights))]
     else:  # transposed convolutions as vector-Jacobian products of the (linear) convolution
-        probes = [torch.zeros_like(x, requires_grad=True) for _ in range(3)]
-        out = sum((conv._conv_forward(p, w, None) * s).sum() for p, w in zip(probes, (weight, w_pos, w_neg)))
-        c, c_pos, c_neg = torch.autograd.grad(out, probes, create_graph=create_graph)
-    return x * c - low * c_pos - high * c_neg
+        probes = [torch.zeros_like(x, requires_grad=True) for _ in weights]
+        out = sum((conv._conv_forward(p, w, None) * s).sum() for p, w in zip(probes, weights))
+        cs = torch.autograd.grad(out, probes, create_graph=create_graph)
+    return sum(factor * c for (_, factor), c in zip(parts, cs))
 
 
 def _targets(target, batch: int, classes: int) -> list[list[int]]:

@@ -13,7 +13,7 @@ def test_baseline_reads_the_tag_and_isnet_moves_relevance_off_it(tmp_path):
     from cutremain_monai.engines.shortcut import shortcut_experiment
 
     rows = shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(tmp_path / "sc"), methods=("none", "isnet_free"), n=100,
-                               size=64, epochs=8, warmup_epochs=2, seed=0, network_depth=10, num_workers=0)
+                               size=96, epochs=14, warmup_epochs=2, seed=0, network_depth=10, num_workers=0)
     assert [(row["method"], row["checkpoint"]) for row in rows] == [("none", "best val"), ("none", "last"), ("isnet_free", "best val"), ("isnet_free", "last")]
     r = {row["method"]: row for row in rows if row["checkpoint"] == "last"}
     base, isnet = r["none"], r["isnet_free"]
