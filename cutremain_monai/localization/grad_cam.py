@@ -133,9 +133,10 @@ def differentiable_grad_cam(model: torch.nn.Module, x: torch.Tensor, target, lay
     (sel,) = selections(target, x.shape[0], flat.shape[1], flat)
     score = (flat * sel).sum()
     (grad,) = torch.autograd.grad(score, acti, create_graph=True)
-    maps = _grad_cam_map(acti.float(), grad.float())  # float32 under autocast too: eps = 1e-8 is 0 in float16
-    maps = F.interpolate(maps, size=tuple(x.shape[2:]), mode="bilinear" if x.ndim == 4 else "trilinear", align_corners=False)
-    if normalise:
-        peak = maps.flatten(2).amax(-1).reshape(*maps.shape[:2], *([1] * (maps.ndim - 2)))
-        maps = maps / (peak + eps)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # float32 maps: eps = 1e-8 is 0 in float16
+        maps = _grad_cam_map(acti.float(), grad.float()) if acti.dtype in (torch.float16, torch.bfloat16) else _grad_cam_map(acti, grad)
+        maps = F.interpolate(maps, size=tuple(x.shape[2:]), mode="bilinear" if x.ndim == 4 else "trilinear", align_corners=False)
+        if normalise:
+            peak = maps.flatten(2).amax(-1).reshape(*maps.shape[:2], *([1] * (maps.ndim - 2)))
+            maps = maps / (peak + eps)
     return maps, logits

@@ -56,3 +56,12 @@ def test_normalised_and_mode_kept():
     maps, logits = differentiable_grad_cam(net, x, target=0, layer="layer3")
     assert net.training and maps.shape == (3, 1, 64, 64) and logits.shape == (3, 3)
     assert float(maps.amax()) <= 1 + 1e-6 and float(maps.amin()) >= 0 and maps.requires_grad
+
+
+def test_maps_in_float32_under_autocast():
+    net = _net().train()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps, logits = differentiable_grad_cam(net, x, target=1, layer="layer3")
+    assert logits.dtype == torch.bfloat16 and maps.dtype == torch.float32  # eps = 1e-8 survives the division
+    assert torch.isfinite(maps).all() and float(maps.amax()) == pytest.approx(1.0, abs=1e-6)
