@@ -103,13 +103,18 @@ def _readable_items(datalist: str, task: str | None) -> list[dict]:
     return items
 
 
+def _overrides_and_output(args, name: str) -> tuple[dict, str]:
+    """The ``--overrides`` JSON of a bundle runner (``{}`` when absent) and its output folder (``-o``, else
+    ``<bundle>/outputs/<name>``)."""
+    return (json.loads(args.overrides) if args.overrides else {}), (args.output or os.path.join(args.bundle, "outputs", name))
+
+
 def _experiment(args) -> int:
     from cutremain_monai.engines.experiment import cross_validate
 
     items = _readable_items(args.datalist, args.task)
-    overrides = json.loads(args.overrides) if args.overrides else {}
+    overrides, output = _overrides_and_output(args, "cv")
     augs = [a.strip() for a in args.augmentations.split(",") if a.strip()]
-    output = args.output or os.path.join(args.bundle, "outputs", "cv")
     if args.kind == "cv":
         cross_validate(args.bundle, items, output, augs, folds=args.folds, seed=args.seed, **overrides)
         print(open(os.path.join(output, "cv_table.md")).read())
@@ -123,8 +128,7 @@ def _gamma(args) -> int:
     from cutremain_monai.engines.experiment import gamma_curve
 
     gammas = [float(v) for v in args.gammas.split(",") if v.strip()]
-    overrides = json.loads(args.overrides) if args.overrides else {}
-    output = args.output or os.path.join(args.bundle, "outputs", "gamma")
+    overrides, output = _overrides_and_output(args, "gamma")
     from cutremain_monai.io.datalist import load_datalist
     from cutremain_monai.io.loader import split_readable
 
@@ -152,8 +156,7 @@ def _self_train(args) -> int:
     if not unl_path:
         raise SystemExit("self-train: give --unlabelled (a datalist of images with lung masks)")
     unlabelled = _readable_items(unl_path, cfg.get("unlabelled_task"))
-    overrides = json.loads(args.overrides) if args.overrides else {}
-    output = args.output or os.path.join(args.bundle, "outputs", "self_training")
+    overrides, output = _overrides_and_output(args, "self_training")
     progressive_self_training(args.bundle, os.path.abspath(args.datalist), unlabelled, output, schedule=schedule,
                               pseudo_threshold=float(cfg.get("pseudo_threshold", 0.5)), seed=args.seed,
                               round_overrides={**(cfg.get("round_overrides") or {}), **json.loads(args.round_overrides or "{}")},
@@ -167,8 +170,7 @@ def _self_train(args) -> int:
 def _erase(args) -> int:
     from cutremain_monai.engines.erasing import adversarial_erasing
 
-    overrides = json.loads(args.overrides) if args.overrides else {}
-    output = args.output or os.path.join(args.bundle, "outputs", "erasing")
+    overrides, output = _overrides_and_output(args, "erasing")
     adversarial_erasing(os.path.abspath(args.bundle), os.path.abspath(args.datalist), output, rounds=args.rounds, q=args.q,
                         delta=args.delta, max_auc_drop=args.max_auc_drop, task=args.task, max_boxes=args.max_boxes, **overrides)
     print(open(os.path.join(output, "erasing_rounds.md")).read())
@@ -179,8 +181,7 @@ def _erase(args) -> int:
 def _shortcut(args) -> int:
     from cutremain_monai.engines.shortcut import shortcut_experiment
 
-    overrides = json.loads(args.overrides) if args.overrides else {}
-    output = args.output or os.path.join(args.bundle, "outputs", "shortcut")
+    overrides, output = _overrides_and_output(args, "shortcut")
     methods = [m.strip() for m in (args.methods or "none,cut_remain,sup_cutout,gain,isnet").split(",") if m.strip()]
     shortcut_experiment(os.path.abspath(args.bundle), output, methods=methods, n=args.images, size=args.size,
                         epochs=args.epochs, warmup_epochs=args.warmup_epochs, seed=args.seed, **overrides)
@@ -192,8 +193,7 @@ def _shortcut(args) -> int:
 def _localize(args) -> int:
     from cutremain_monai.engines.localize import _table_md, localize
 
-    overrides = json.loads(args.overrides) if args.overrides else {}
-    output = args.output or os.path.join(args.bundle, "outputs", "localization")
+    overrides, output = _overrides_and_output(args, "localization")
     table = localize(os.path.abspath(args.bundle), args.checkpoint, os.path.abspath(args.datalist), output,
                      section=args.section, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                      task=args.task, tau_section=None if args.tau_section in ("", "none") else args.tau_section,

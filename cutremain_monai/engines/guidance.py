@@ -102,12 +102,12 @@ def isnet_heatmap_loss(heat: torch.Tensor, mask: torch.Tensor, c1: float = 1.0, 
     """``L_H = w1 L_B + w2 L_F`` averaged over the images that have a mask (``has_mask`` (B,) bool; images without
     one contribute nothing: 0 when none has). Faster ISNet's defaults: ``w1 = w2 = 1``, ``d = 0``, ``E = 1``,
     hybrid; the training loss is ``(1 - P) CE + P L_H`` with ``P = 0.7``."""
-    per = w1 * isnet_background_loss(heat, mask, decay=decay, e=e) + w2 * isnet_foreground_loss(heat, mask, c1, c2, mode)
-    if has_mask is not None:
-        keep = torch.as_tensor(has_mask, device=per.device, dtype=torch.bool).reshape(-1)
+    if has_mask is not None:  # selected first: an image without a mask has no foreground mean to divide by
+        keep = torch.as_tensor(has_mask, device=heat.device, dtype=torch.bool).reshape(-1)
         if not keep.any():
-            return per.sum() * 0.0
-        per = per[keep]
+            return heat.sum() * 0.0
+        heat, mask = heat[keep], torch.as_tensor(mask, device=heat.device)[keep]
+    per = w1 * isnet_background_loss(heat, mask, decay=decay, e=e) + w2 * isnet_foreground_loss(heat, mask, c1, c2, mode)
     loss = per.mean()
     if not torch.isfinite(loss):
         raise FloatingPointError("the ISNet heatmap loss is not finite (check the heatmaps and the mask)")

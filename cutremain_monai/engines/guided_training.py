@@ -180,7 +180,7 @@ class GuidedTraining:
         self.log_interval = max(1, int(log_interval))
         self._rng = np.random.default_rng(seed)
         self._totals: list[float] = []
-        self._epoch_terms: dict[str, list[float]] = {}
+        self._epoch_terms: dict[str, list[float]] = {}  # term -> [sum, count] over the epoch so far
         self.history: list[tuple[str, float, int]] = []  # (metric, value, iteration)
         self.evaluator = evaluator
         self.key_metric_saver = key_metric_saver
@@ -212,7 +212,7 @@ class GuidedTraining:
 
     def _epoch_completed(self, engine: Engine) -> None:
         if self._calibrating(engine):
-            totals = self._gather(self._totals, engine)
+            totals = self._gather(self._totals)
             if len(totals) < 2:
                 raise ValueError(f"ISNet calibration: epoch {engine.state.epoch} saw {len(totals)} image(s) with a "
                                  f"'{self.mask_key}'; the band needs at least 2 (give isnet_band [C1, C2] instead)")
@@ -231,7 +231,7 @@ class GuidedTraining:
             logger.info("guided epochs start: the best model is chosen among them (warm-up checkpoints no longer compete)")
 
     @staticmethod
-    def _gather(values: list[float], engine: Engine) -> list[float]:
+    def _gather(values: list[float]) -> list[float]:
         """All ranks' totals (DDP), so every rank gets the same band."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             out: list = [None] * torch.distributed.get_world_size()
@@ -266,8 +266,8 @@ class GuidedTraining:
             has_mask = torch.zeros(b, dtype=torch.bool, device=x.device)
             mask = torch.zeros((b, 1, *x.shape[2:]), device=x.device)
         else:
-            mask = (torch.as_tensor(mask).to(x.device).float() > 0.5).float()
-            mask = mask.as_tensor() if hasattr(mask, "as_tensor") else mask
+            mask = mask.as_tensor() if hasattr(mask, "as_tensor") else mask  # (on x's device: _prepare moved it)
+            mask = (mask.float() > 0.5).float()
             if mask.shape[-2:] != x.shape[-2:]:
                 raise ValueError(f"'{self.mask_key}' is {tuple(mask.shape[-2:])} but the images are {tuple(x.shape[-2:])}: resize the masks with the images")
             has_mask = mask.flatten(1).amax(1) > 0
@@ -319,10 +319,12 @@ class GuidedTraining:
         engine.state.output[Keys.LOSS] = loss.detach()
         for k, v in values.items():
             engine.state.output[k] = v
-            self._epoch_terms.setdefault(k, []).append(v)
+            acc = self._epoch_terms.setdefault(k, [0.0, 0])
+            acc[0] += v
+            acc[1] += 1
             self.history.append((f"train_{k}", v, it))
             # the epoch's running mean: complete when EPOCH_COMPLETED fires, whatever the handlers' order
-            engine.state.metrics[f"guidance_{k}"] = float(np.mean(self._epoch_terms[k]))
+            engine.state.metrics[f"guidance_{k}"] = acc[0] / acc[1]
         if self.guidance == "isnet" and self.band is not None:
             engine.state.metrics["isnet_c1"], engine.state.metrics["isnet_c2"] = self.band
         if values and (it % self.log_interval == 0 or it == 1):
@@ -371,10 +373,6 @@ class GuidedTraining:
             if self.band is None:
                 raise ValueError(f"ISNet has no band [C1, C2] at epoch {engine.state.epoch}: it is calibrated in epoch "
                                  f"{self.warmup_epochs} (the last warm-up epoch); give isnet_band, or resume from a checkpoint saved after it")
-            c1, c2 = self.band
-            if bool(has_mask.any()):
-                l_h = isnet_heatmap_loss(heat[has_mask], mask[has_mask], c1, c2, **self.loss_kwargs)
-            else:
-                l_h = heat.sum() * 0.0
+            l_h = isnet_heatmap_loss(heat, mask, *self.band, has_mask=has_mask, **self.loss_kwargs)
             terms["loss_heatmap"] = l_h
             return (1 - self.isnet_p) * l_cl + self.isnet_p * l_h, logits

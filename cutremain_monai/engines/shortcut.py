@@ -43,51 +43,51 @@ def method_settings(method: str) -> dict:
     return dict(METHODS[method])
 
 
-def score_shortcut(bundle: str, datalist: str, checkpoint: str, **overrides) -> dict:
-    """Scores of one trained model on the shortcut datalist (see the module docstring)."""
-    from monai.transforms import Compose
-
+def score_shortcut(bundle: str, datalist: str, checkpoints: dict, **overrides) -> dict:
+    """Scores of each trained model (``{name: checkpoint path}``) on the shortcut datalist (see the module
+    docstring): ``{name: scores}``. The bundle is parsed and the images preprocessed once for all of them."""
     from cutremain_monai.engines.experiment import bundle_parser
     from cutremain_monai.engines.localize import compute_map
     from cutremain_monai.io.datalist import load_datalist
-    from cutremain_monai.metrics.classification import auc_ci
+    from cutremain_monai.metrics.classification import auc_ci, mean_auc
     from cutremain_monai.metrics.localization import energy_in_box
     from cutremain_monai.networks.ensemble import checkpoint_state
 
     parser = bundle_parser(bundle, ["train.yaml", "cpu.yaml"], datalist=datalist, **overrides)
-    model = parser.get_parsed_content("network_def", instantiate=True)
-    model.load_state_dict(checkpoint_state(checkpoint))
-    model.eval()
     chain = parser.get_parsed_content("preprocessing")
-    load = Compose([t for t in chain.transforms if type(t).__name__ == "LoadXrayd"])
-    out: dict = {}
+    loader = next(t for t in chain.transforms if type(t).__name__ == "LoadXrayd")
+    layer = parser.get_parsed_content("cam_layer")
+    data = {}
     for section in ("validation", "test"):
         items = load_datalist(datalist, section, task="shortcut")
-        samples = [chain(dict(it)) for it in items]
-        x = torch.stack([torch.as_tensor(s["image"]).float() for s in samples])
+        x = torch.stack([torch.as_tensor(chain(dict(it))["image"]).float() for it in items])
+        data[section] = (items, x, np.asarray([int(it["label"]) for it in items]))
+    items, x, y = data["test"]
+    stored = tuple(np.asarray(loader(dict(items[0]))["image"]).shape[-2:])
+    if stored != tuple(x.shape[-2:]):  # boxes are in stored pixels: the experiment keeps the stored size
+        raise ValueError(f"the shortcut test scores maps at the stored size {stored}; image_size is {tuple(x.shape[-2:])}")
+    marked = np.asarray([bool(it["marker"]) for it in items])
+    pos = y == 1
+    tag_boxes = [[it["marker_box"]] for it, m in zip(items, marked) if m]
+    lesion_boxes = [[b for b, lab in zip(it["boxes"], it["box_labels"]) if lab == "fracture"] for it, p in zip(items, pos) if p]
+    results = {}
+    for name, checkpoint in checkpoints.items():
+        model = parser.get_parsed_content("network_def", instantiate=True)
+        model.load_state_dict(checkpoint_state(checkpoint))
+        model.eval()
         with torch.no_grad():
-            prob = torch.sigmoid(model(x)).reshape(-1).numpy()
-        y = np.asarray([int(it["label"]) for it in items])
-        auc, low, high = auc_ci(y, prob)
-        out[f"{section}_auc"] = auc
-        if section == "validation":
-            continue
-        out.update(test_auc_low=low, test_auc_high=high)
-        marked = np.asarray([bool(it["marker"]) for it in items])
-        out["tag_auc"] = auc_ci(marked, prob)[0]  # how well the prediction tells the tag's presence
-        stored = tuple(np.asarray(load(dict(items[0]))["image"]).shape[-2:])
-        if stored != tuple(x.shape[-2:]):  # boxes are in stored pixels: the experiment keeps the stored size
-            raise ValueError(f"the shortcut test scores maps at the stored size {stored}; image_size is {tuple(x.shape[-2:])}")
+            prob = {s: torch.sigmoid(model(xs)).reshape(-1).numpy() for s, (_, xs, _) in data.items()}
+        auc, low, high = auc_ci(y, prob["test"])
+        out = {"validation_auc": mean_auc(data["validation"][2], prob["validation"]), "test_auc": auc,
+               "test_auc_low": low, "test_auc_high": high,
+               "tag_auc": mean_auc(marked, prob["test"])}  # how well the prediction tells the tag's presence
         for method in ("gradcam", "lrp"):
-            maps = torch.cat([compute_map(method, model, x[i : i + 8], target=0, layer=parser.get_parsed_content("cam_layer"),
-                                          bounds=(0.0, 1.0)).detach() for i in range(0, len(x), 8)])
-            tag = energy_in_box(maps[marked], [[it["marker_box"]] for it, m in zip(items, marked) if m])
-            pos = y == 1
-            lesion = energy_in_box(maps[pos], [[b for b, lab in zip(it["boxes"], it["box_labels"]) if lab == "fracture"]
-                                               for it, p in zip(items, pos) if p])
-            out[f"{method}_tag_energy"] = tag["mean"]
-            out[f"{method}_lesion_energy"] = lesion["mean"]
-    return out
+            maps = torch.cat([compute_map(method, model, x[i : i + 8], target=0, layer=layer, bounds=(0.0, 1.0)).detach()
+                              for i in range(0, len(x), 8)])
+            out[f"{method}_tag_energy"] = energy_in_box(maps[marked], tag_boxes)["mean"]
+            out[f"{method}_lesion_energy"] = energy_in_box(maps[pos], lesion_boxes)["mean"]
+        results[name] = out
+    return results
 
 
 def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = ("none", "cut_remain", "sup_cutout", "gain", "isnet"),
@@ -116,11 +116,10 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
         train_and_test(bundle, datalist, out, task="shortcut", run_name=f"shortcut_{m}",
                        **{**settings, **method_settings(m)})
         ckpt_dir = os.path.join(out, "checkpoints")
-        for which, path in (("best val", os.path.join(ckpt_dir, "model.pt")), ("last", latest_checkpoint(ckpt_dir))):
-            scores = score_shortcut(bundle, datalist, path,
-                                    **{k: v for k, v in settings.items() if k in ("split_halves", "image_size", "network_depth", "cam_layer")},
-                                    datalist_task="shortcut", output_dir=out)
-            rows.append({"method": m, "checkpoint": which, **scores})
+        scores = score_shortcut(bundle, datalist, {"best val": os.path.join(ckpt_dir, "model.pt"), "last": latest_checkpoint(ckpt_dir)},
+                                **{k: v for k, v in settings.items() if k in ("split_halves", "image_size", "network_depth", "cam_layer")},
+                                datalist_task="shortcut", output_dir=out)
+        rows.extend({"method": m, "checkpoint": which, **values} for which, values in scores.items())
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "shortcut_results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -175,13 +175,6 @@ def _bn_scale(bn: nn.Module | None, conv_out: torch.Tensor) -> torch.Tensor | No
     return bn.weight * scale if bn.weight is not None else scale
 
 
-def _fused_weight(conv: nn.Module, bn: nn.Module | None, conv_out: torch.Tensor) -> torch.Tensor:
-    """Weight of ``conv`` with ``bn`` merged (running statistics in eval mode, detached batch ones in train mode)."""
-    scale = _bn_scale(bn, conv_out)
-    weight = conv.weight
-    return weight if scale is None else weight * scale.view(-1, *([1] * (weight.ndim - 1)))
-
-
 def _is_zero(bound: torch.Tensor) -> bool:
     return not bool(torch.count_nonzero(bound))
 
