@@ -178,6 +178,18 @@ def _erase(args) -> int:
     return 0
 
 
+def _severity_guidance(args) -> int:
+    from cutremain_monai.engines.severity_guidance import severity_guidance_experiment
+
+    overrides, output = _overrides_and_output(args, "severity_guidance")
+    methods = [m.strip() for m in (args.methods or "none,isnet").split(",") if m.strip()]
+    severity_guidance_experiment(os.path.abspath(args.bundle), args.datalist, output, methods=methods, task=args.task,
+                                 seed=args.seed, **overrides)
+    print(open(os.path.join(output, "severity_guidance.md")).read())
+    print(f"results: {output}/severity_guidance.md, severity_guidance.csv")
+    return 0
+
+
 def _shortcut(args) -> int:
     from cutremain_monai.engines.shortcut import shortcut_experiment
 
@@ -261,8 +273,8 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("experiment", help="k-fold cross-validation of augmentations (cv), the annotation-budget curve "
                        "(gamma), progressive self-training (self-train), adversarial-erasing region mining (erase) or "
-                       "the shortcut test of guided training (shortcut)")
-    p.add_argument("kind", choices=["cv", "gamma", "self-train", "erase", "shortcut"])
+                       "the shortcut test of guided training (shortcut), ISNet on COVID severity (severity-guidance)")
+    p.add_argument("kind", choices=["cv", "gamma", "self-train", "erase", "shortcut", "severity-guidance"])
     p.add_argument("--bundle", required=True)
     p.add_argument("--datalist", help="datalist JSON (default: dicom_samples/datalist.json)", default="dicom_samples/datalist.json")
     p.add_argument("--task", default=None, help="section of a multi-task datalist (e.g. clavicle)")
@@ -281,7 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--delta", type=float, default=None, help="erase: mine the min-max CAM at or above this instead of top-q")
     p.add_argument("--max-auc-drop", type=float, default=0.05, help="erase: stop when validation AUC falls by more than this")
     p.add_argument("--max-boxes", type=int, default=1, help="erase: mined boxes per image (largest components)")
-    p.add_argument("--methods", help="shortcut: methods to train (default none,cut_remain,sup_cutout,gain,isnet; also cut_remain+isnet)")
+    p.add_argument("--methods", help="shortcut: methods to train (default none,cut_remain,sup_cutout,gain,isnet; also cut_remain+isnet); "
+                                     "severity-guidance: none,isnet (also isnet_free)")
     p.add_argument("--images", type=int, default=200, help="shortcut: phantoms to generate (60/20/20 split)")
     p.add_argument("--size", type=int, default=128, help="shortcut: phantom size in pixels")
     p.add_argument("--epochs", type=int, default=20, help="shortcut: training epochs per method")
@@ -289,7 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--metric", default="auc", help="gamma: the test metric on the curve (auc, f1, accuracy, map, of1)")
     p.add_argument("--overrides", help='JSON of bundle overrides, e.g. \'{"epochs": 10, "image_size": [128, 128]}\'')
     p.add_argument("-o", "--output")
-    p.set_defaults(func=lambda a: {"gamma": _gamma, "self-train": _self_train, "erase": _erase, "shortcut": _shortcut}.get(a.kind, _experiment)(a))
+    p.set_defaults(func=lambda a: {"gamma": _gamma, "self-train": _self_train, "erase": _erase, "shortcut": _shortcut,
+                                     "severity-guidance": _severity_guidance}.get(a.kind, _experiment)(a))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -45,3 +45,20 @@ def test_small_config_trains_and_freezes(tmp_path):
 
     with pytest.raises(ValueError, match=r"bad.pt: not DenseNet-121 feature weights \(missing conv0.weight"):
         SeverityViT(img_size=64, feature_weights=str(tmp_path / "bad.pt"), **SMALL)
+
+
+def test_zone_logits_are_the_pooled_probabilities_logits():
+    """sigmoid(zone logits) is the zone probability of the forward; an empty zone is ~0 in both."""
+    torch.manual_seed(1)
+    net = SeverityViT(img_size=64, **SMALL).eval()
+    lungs = _lungs(64).repeat(2, 1, 1, 1)
+    zones = torch.from_numpy(split_lung_zones(lungs[0, 0].numpy()))[None, None].repeat(2, 1, 1, 1).to(torch.uint8)
+    zones[1][zones[1] == 6] = 0  # image 2: zone F empty
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        prob, _ = net(x, lungs, zones)
+        logits = net(x, lungs, zones, logits=True)
+        head = net.lesion_logits(x)
+    assert torch.allclose(torch.sigmoid(logits), prob, atol=1e-6)
+    assert logits[0, 2] == head[0, 0][zones[0, 0] == 3].max()  # zone C's logit: the head's maximum over its pixels
+    assert prob[1, 5] == 0 and logits[1, 5] == -20.0

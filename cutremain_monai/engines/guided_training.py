@@ -18,11 +18,19 @@ channel weights) and :func:`~cutremain_monai.localization.lrp.lrp` (LRP-Flex wit
 * **ISNet** (section 1): one LRP map per image, so the cost does not grow with the number of classes:
   ``"selective"`` explains ``eta_c = log(p_c + e_s) - log(1 - p_c + e_s)`` (softmax ``p``, ``c`` the lowest logit,
   as the Faster-ISNet code does; with a single logit ``eta`` is the logit itself, the sigmoid's log-odds);
-  ``"stochastic"`` explains the top logit with probability 0.5, otherwise a uniformly drawn other class.
+  ``"stochastic"`` explains the top logit with probability 0.5, otherwise a uniformly drawn other class;
+  ``"sum"`` explains the sum of the logits (multi-label outputs such as the six Brixia zones, where a softmax
+  over the outputs means nothing).
   ``L = (1 - P) L_cl + P L_H``; ``L_H`` (GWRP background score, hybrid foreground band) over images with a mask.
   The band ``[C1, C2]`` is calibrated from the map totals ``sum |R|`` of the last warm-up epoch (Faster ISNet's
   ``returnCut``) unless given. The ISNet step runs in float32 with autocast off; gradients are clipped (norm 1 by
   default). At inference an ISNet-trained model is the plain network.
+
+Networks with more inputs than the image (COVID severity: ``network(image, lung_mask, zones)``, from a 4-tuple
+``prepare_batch``) get them in every forward; ``explain_kwargs`` (``{"logits": True}``) makes the LRP forward return
+logits where the network's own output is a probability, and ``pred_from_logits="sigmoid"`` turns them back into
+what the loss takes. The ISNet network is made LRP-ready in place on its first guided step (ReLUs non-in-place,
+one per use; no weights change).
 
 Images without a mask contribute only their classification loss. A loss that is not finite stops the run with a
 ``FloatingPointError`` naming the epoch, the iteration and the terms. The loss terms of every iteration are in
@@ -47,9 +55,9 @@ from monai.utils.enums import CommonKeys as Keys
 from cutremain_monai.constants import BOX_MASK
 from cutremain_monai.engines.guidance import choose_band, gain_erase, isnet_heatmap_loss
 from cutremain_monai.localization.grad_cam import differentiable_grad_cam
-from cutremain_monai.localization.lrp import lrp
+from cutremain_monai.localization.lrp import lrp, make_lrp_ready
 
-__all__ = ["GuidedTraining", "GUIDANCE", "frozen_batchnorm", "selective_objective", "stochastic_targets", "labelled_class"]
+__all__ = ["GuidedTraining", "GUIDANCE", "WithInputs", "frozen_batchnorm", "selective_objective", "stochastic_targets", "labelled_class"]
 
 GUIDANCE = ("none", "gain", "isnet")
 logger = logging.getLogger(__name__)
@@ -123,6 +131,19 @@ def _score(logits: torch.Tensor, classes: torch.Tensor, label_mode: str) -> torc
     return probs.gather(1, classes.view(-1, 1))[:, 0]
 
 
+class WithInputs(torch.nn.Module):
+    """``network(x, *args, **kwargs)`` as a one-input module (what :func:`lrp` explains); the network stays a
+    submodule, so its ReLUs are hooked and a DDP wrapper's forward (gradient synchronisation) runs."""
+
+    def __init__(self, network: torch.nn.Module, args: tuple, kwargs: dict):
+        super().__init__()
+        self.network = network
+        self.args, self.kwargs = args, kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x, *self.args, **self.kwargs)
+
+
 class GuidedTraining:
     """Args:
         guidance: ``"none"`` (MONAI's step), ``"gain"`` or ``"isnet"``.
@@ -132,7 +153,7 @@ class GuidedTraining:
         layer: GAIN's Grad-CAM layer.
         gain_sigma, gain_omega, gain_alpha, gain_omega_e: GAIN's soft-mask threshold and sharpness, and the weights
             of ``L_am`` and ``L_e``.
-        isnet_p: ``P`` of ``(1 - P) L_cl + P L_H``. isnet_variant: ``"selective"`` | ``"stochastic"``.
+        isnet_p: ``P`` of ``(1 - P) L_cl + P L_H``. isnet_variant: ``"selective"`` | ``"stochastic"`` | ``"sum"``.
         isnet_band: ``(C1, C2)``; ``None`` calibrates it (needs ``warmup_epochs >= 1``).
         isnet_epsilon: LRP epsilon. isnet_decay, isnet_e, isnet_w1, isnet_w2, isnet_foreground: the heatmap loss
             (GWRP decay ``d``, ``E``, background / foreground weights, ``"hybrid"`` or ``"l2"``).
@@ -140,6 +161,10 @@ class GuidedTraining:
         clip_grad_norm: gradient clipping of guided steps (None: off).
         log_interval: iterations between log lines of the loss terms.
         seed: the stochastic variant's draws.
+        explain_kwargs: keyword arguments of the network's forward in the LRP pass (``{"logits": True}`` for
+            :class:`~cutremain_monai.networks.SeverityViT`, whose plain output is probabilities).
+        pred_from_logits: ``None`` (the loss takes the logits) or ``"sigmoid"`` (it takes their sigmoid).
+        supported: the guidance values the bundle offers (a bundle whose network GAIN cannot take says so at once).
         evaluator, key_metric_saver: the validation evaluator and its best-model ``CheckpointSaver``: when the guided
             epochs start, their best score is forgotten, so the "best" model is a guided one and never a warm-up
             (plain) epoch's, which a validation set with the same shortcut as training would otherwise prefer.
@@ -151,13 +176,17 @@ class GuidedTraining:
                  isnet_variant: str = "selective", isnet_band=None, isnet_epsilon: float = 0.01,
                  isnet_decay: float = 0.0, isnet_e: float = 1.0, isnet_w1: float = 1.0, isnet_w2: float = 1.0,
                  isnet_foreground: str = "hybrid", isnet_bounds=(0.0, 1.0), clip_grad_norm: float | None = 1.0,
-                 log_interval: int = 10, seed: int = 0, evaluator=None, key_metric_saver=None):
-        if guidance not in GUIDANCE:
-            raise ValueError(f"guidance must be one of {', '.join(GUIDANCE)}, got {guidance!r}")
+                 log_interval: int = 10, seed: int = 0, evaluator=None, key_metric_saver=None,
+                 explain_kwargs: dict | None = None, pred_from_logits: str | None = None, supported=GUIDANCE):
+        supported = tuple(supported)
+        if guidance not in supported or guidance not in GUIDANCE:
+            raise ValueError(f"guidance must be one of {', '.join(supported)} here, got {guidance!r}")
         if label_mode not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"label_mode must be binary, multiclass or multilabel, got {label_mode!r}")
-        if isnet_variant not in ("selective", "stochastic"):
-            raise ValueError(f"isnet_variant must be 'selective' or 'stochastic', got {isnet_variant!r}")
+        if isnet_variant not in ("selective", "stochastic", "sum"):
+            raise ValueError(f"isnet_variant must be 'selective', 'stochastic' or 'sum', got {isnet_variant!r}")
+        if pred_from_logits not in (None, "sigmoid"):
+            raise ValueError(f"pred_from_logits must be None or 'sigmoid', got {pred_from_logits!r}")
         if not 0 <= isnet_p <= 1:
             raise ValueError(f"isnet_p must be in [0, 1], got {isnet_p}")
         if warmup_epochs < 0:
@@ -184,6 +213,9 @@ class GuidedTraining:
         self.history: list[tuple[str, float, int]] = []  # (metric, value, iteration)
         self.evaluator = evaluator
         self.key_metric_saver = key_metric_saver
+        self.explain_kwargs = dict(explain_kwargs or {})
+        self.pred_from_logits = pred_from_logits
+        self._lrp_ready: set[int] = set()
 
     # ---- state (saved with the checkpoint, so a resumed run keeps its band) ----
     def state_dict(self) -> dict:
@@ -247,19 +279,22 @@ class GuidedTraining:
 
     # ---- the step ----
     def _prepare(self, engine: Engine, batchdata):
+        """``(image, label, mask or None, extra network args, extra network kwargs)``."""
         prep = engine.prepare_batch
         if hasattr(prep, "prepare"):
             d = prep.prepare(batchdata, engine.state.device, engine.non_blocking, mask_key=self.mask_key, **engine.to_kwargs)
-            return d[prep.image_key], d[prep.label_key], d.get("mask")
-        x, y = prep(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
+            return d[prep.image_key], d[prep.label_key], d.get("mask"), (), {}
+        batch = prep(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        x, y = batch[:2]
+        args, kwargs = (tuple(batch[2]), dict(batch[3])) if len(batch) == 4 else ((), {})
         mask = batchdata.get(self.mask_key) if isinstance(batchdata, dict) else None
-        return x, y, None if mask is None else torch.as_tensor(mask).to(x.device)
+        return x, y, None if mask is None else torch.as_tensor(mask).to(x.device), args, kwargs
 
     def __call__(self, engine: Engine, batchdata) -> dict:
         calibrate = self._calibrating(engine)
         if self.guidance == "none" or not (self.active(engine) or calibrate):
             return engine._iteration(engine, batchdata)
-        x, y, mask = self._prepare(engine, batchdata)
+        x, y, mask, args, kwargs = self._prepare(engine, batchdata)
         x = x.as_tensor() if hasattr(x, "as_tensor") else x
         b = x.shape[0]
         if mask is None:
@@ -280,10 +315,13 @@ class GuidedTraining:
         terms: dict[str, torch.Tensor] = {}
         try:
             if self.guidance == "gain":
+                if args or kwargs:
+                    raise ValueError("guidance 'gain' takes a network of the image alone (its Grad-CAM and erased "
+                                     "forward); this network also takes " + f"{len(args) + len(kwargs)} more input(s)")
                 with torch.autocast("cuda", **engine.amp_kwargs) if use_amp else contextlib.nullcontext():
                     loss, logits = self._gain_loss(engine, network, x, y, mask, has_mask, terms)
             else:
-                loss, logits = self._isnet_loss(engine, network, x, y, mask, has_mask, terms, calibrate)
+                loss, logits = self._isnet_loss(engine, network, x, y, mask, has_mask, terms, calibrate, args, kwargs)
             if not torch.isfinite(loss):
                 raise FloatingPointError("the total is not finite")
         except FloatingPointError as err:
@@ -354,6 +392,8 @@ class GuidedTraining:
     def _isnet_objective(self):
         if self.isnet_variant == "selective":
             return selective_objective()
+        if self.isnet_variant == "sum":
+            return lambda logits: logits.sum(dim=1)
 
         def stochastic(logits: torch.Tensor) -> torch.Tensor:
             t = torch.as_tensor(stochastic_targets(logits, self._rng), device=logits.device)
@@ -361,10 +401,17 @@ class GuidedTraining:
 
         return stochastic
 
-    def _isnet_loss(self, engine, network, x, y, mask, has_mask, terms, calibrate):
+    def _isnet_loss(self, engine, network, x, y, mask, has_mask, terms, calibrate, args=(), kwargs=None):
+        if id(network) not in self._lrp_ready:
+            make_lrp_ready(network, inplace=True)
+            self._lrp_ready.add(id(network))
+        kwargs = {**(kwargs or {}), **self.explain_kwargs}
+        explained = WithInputs(network, args, kwargs) if (args or kwargs) else network
         with torch.autocast(device_type=x.device.type, enabled=False):
-            heat, logits = lrp(network, x.float(), objective=self._isnet_objective(), epsilon=self.isnet_epsilon,
+            heat, logits = lrp(explained, x.float(), objective=self._isnet_objective(), epsilon=self.isnet_epsilon,
                                bounds=self.bounds, create_graph=not calibrate, return_logits=True)
+            if self.pred_from_logits == "sigmoid":
+                logits = torch.sigmoid(logits)  # what the loss and the output take (the severity model's probabilities)
             l_cl = engine.loss_function(logits, y).mean()
             terms["loss_cl"] = l_cl
             if calibrate:  # the last plain epoch: collect the maps' totals for the band, train on L_cl alone

@@ -36,6 +36,17 @@ Maps are summed over the input channels and have the input's spatial size: ``(B,
 of classes (``target=None``) or 1. Relevance is conserved up to the biases and the epsilon terms: on a bias-free
 network with a tiny epsilon the map sums to the logit.
 
+**Transformers** (the ViT of :class:`~cutremain_monai.networks.SeverityViT`): gradient x input through a softmax,
+a LayerNorm or a GELU is not conservative. During the explanation's backward pass (only then) three values are
+held constant, the rules of Ali et al. 2022 ("XAI for Transformers: better explanations through conservative
+propagation", ICML) and of AttnLRP (Achtibat et al. 2024): the attention weights of each MONAI ``SABlock``
+(AH-rule: relevance flows through the values only), the ``1 / std`` of each ``nn.LayerNorm`` (LN-rule: the
+centring is linear and is kept) and the gate ``Phi(z)`` of each ``nn.GELU`` written as ``z Phi(z)`` (identity
+rule). The forward values are unchanged and the held values keep their graph, so the maps stay differentiable
+with respect to every weight (the query and key weights included) and the classification loss sees exact
+gradients. Relevance through a bias-free transformer block is then conserved (tested). ``SABlock`` must not use
+flash attention (its weights are not exposed).
+
 The network must use ``nn.ReLU`` modules (no functional ReLU), none in place, each called once per forward:
 ``resnet()`` builds such ResNets, and :func:`make_lrp_ready` converts a MONAI ResNet or DenseNet (copy). ISNet's
 DenseNet-121 also adds a ReLU after each transition convolution; that changes the network, so it is not done here.
@@ -44,6 +55,7 @@ DenseNet-121 also adds a ReLU after each transition convolution; that changes th
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -139,6 +151,56 @@ class _FlexGate(torch.autograd.Function):
         if gate.state.active and gate.enabled and gate.state.epsilon > 0:
             return grad * (z / _stabilise(z, gate.state.epsilon)), None
         return grad, None
+
+
+class _HeldInLRP(torch.autograd.Function):
+    """Identity whose backward passes no gradient while the explanation's backward runs (a value the rule holds
+    constant), and the plain gradient otherwise."""
+
+    @staticmethod
+    def forward(ctx, t, state):
+        ctx.state = state
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.state.active:
+            return torch.zeros_like(grad), None
+        return grad, None
+
+
+def _layer_norm_rule(module: nn.LayerNorm, x: torch.Tensor, state: _State) -> torch.Tensor:
+    """``module(x)`` recomputed with ``1 / std`` held constant in the explanation (LN-rule)."""
+    dims = tuple(range(-len(module.normalized_shape), 0))
+    centred = x - x.mean(dim=dims, keepdim=True)
+    inv_std = torch.rsqrt(centred.pow(2).mean(dim=dims, keepdim=True) + module.eps)
+    y = centred * _HeldInLRP.apply(inv_std, state)
+    if module.weight is not None:
+        y = y * module.weight
+    if module.bias is not None:
+        y = y + module.bias
+    return y
+
+
+def _gelu_rule(module: nn.GELU, z: torch.Tensor, state: _State) -> torch.Tensor:
+    """``gelu(z) = z Phi(z)`` with the gate ``Phi(z)`` held constant in the explanation (identity rule)."""
+    if module.approximate == "tanh":
+        gate = 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z.pow(3))))
+    else:
+        gate = 0.5 * (1 + torch.erf(z * (1 / math.sqrt(2))))
+    return z * _HeldInLRP.apply(gate, state)
+
+
+def _attention_blocks(model: nn.Module) -> list[nn.Module]:
+    """MONAI ``SABlock`` modules of ``model`` (their ``drop_weights`` dropout receives the attention weights)."""
+    from monai.networks.blocks.selfattention import SABlock
+
+    blocks = [m for m in model.modules() if isinstance(m, SABlock)]
+    for block in blocks:
+        if getattr(block, "use_flash_attention", False):
+            raise ValueError("lrp: an SABlock uses flash attention, which does not expose the attention weights the "
+                             "AH-rule holds constant; build it with use_flash_attention=False")
+    return blocks
 
 
 def make_lrp_ready(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -317,6 +379,24 @@ def lrp(
         gates[id(out)] = (out, gate)
         return out
 
+    def layer_norm_post(module, args, output):
+        return _layer_norm_rule(module, args[0], state)
+
+    def gelu_post(module, args, output):
+        return _gelu_rule(module, args[0], state)
+
+    attention_calls: dict[nn.Module, list[int]] = {}
+
+    def attention_pre(module, args):
+        attention_calls.setdefault(module, [0, 0])[0] += 1
+
+    def attention_weights_post(block):
+        def hook(module, args, output):
+            attention_calls.setdefault(block, [0, 0])[1] += 1
+            return _HeldInLRP.apply(output, state)
+
+        return hook
+
     def record(module, args, output):
         if len(leaf_calls) < 3 and args and isinstance(args[0], torch.Tensor):
             leaf_calls.append((module, args[0], output))
@@ -329,6 +409,13 @@ def lrp(
                 handles.append(module.register_forward_hook(relu_post))
             elif stabilise == "all" and isinstance(module, (_BN, nn.Linear, *_AVGPOOL)):
                 handles.append(module.register_forward_hook(gate_post))
+            if isinstance(module, nn.LayerNorm):
+                handles.append(module.register_forward_hook(layer_norm_post))
+            elif isinstance(module, nn.GELU):
+                handles.append(module.register_forward_hook(gelu_post))
+        for block in _attention_blocks(model):
+            handles.append(block.register_forward_pre_hook(attention_pre))
+            handles.append(block.drop_weights.register_forward_hook(attention_weights_post(block)))
         for module in model.modules():  # after the hooks above, so the recorded outputs are the ones passed on
             if next(module.children(), None) is None:
                 handles.append(module.register_forward_hook(record))
@@ -345,6 +432,10 @@ def lrp(
             "LRP-Flex needs each ReLU module used once per forward; reused: " + ", ".join(reused)
             + " (use make_lrp_ready(model), or cutremain_monai.networks.resnet)"
         )
+    skipped = [names.get(m, m) for m, (calls, held) in attention_calls.items() if calls != held]
+    if skipped:
+        raise ValueError(f"lrp: the attention weights of {', '.join(map(str, skipped))} did not pass through its "
+                         "drop_weights module (a MONAI SABlock version this code does not know)")
     if not relu_calls:
         raise ValueError("no nn.ReLU module was called: lrp needs a network of nn.ReLU modules")
     if logits.ndim != 2:

@@ -21,12 +21,13 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.nets import DenseNet121
 from torch import nn
 
-from cutremain_monai.networks.lung_zone_pool import LungZoneMaxPool
+from cutremain_monai.networks.lung_zone_pool import LungZoneMaxPool, lung_zone_max_pool
 
-__all__ = ["SeverityViT", "PackedSeverityViT", "VIT_B16", "SMALL"]
+__all__ = ["SeverityViT", "PackedSeverityViT", "VIT_B16", "SMALL", "EMPTY_ZONE_LOGIT"]
 
 VIT_B16 = {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072}
 SMALL = {"embed_dim": 192, "depth": 4, "num_heads": 3, "mlp_dim": 768}
+EMPTY_ZONE_LOGIT = -20.0
 
 
 def _up_block(cin: int, cout: int) -> nn.Sequential:
@@ -88,8 +89,8 @@ class SeverityViT(nn.Module):
             raise ValueError(f"{path}: not DenseNet-121 feature weights (missing {missing[0]} and {len(missing) - 1} more)")
         self.features.load_state_dict({k: state[k] for k in wanted})
 
-    def lesion_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Lesion probability map ``(B, 1, H, W)`` before the lung mask."""
+    def lesion_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The map head's output ``(B, 1, H, W)`` before the sigmoid and the lung mask."""
         f = self.embed(self.features(x))  # (B, D, g, g)
         b, d, g, _ = f.shape
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), f.flatten(2).transpose(1, 2)], dim=1) + self.pos_embed
@@ -97,15 +98,30 @@ class SeverityViT(nn.Module):
             tokens = blk(tokens)
         tokens = self.norm(tokens)[:, 1:]  # drop the class token for the map
         grid = tokens.transpose(1, 2).reshape(b, d, g, g)
-        return torch.sigmoid(self.head(grid))
+        return self.head(grid)
+
+    def lesion_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Lesion probability map ``(B, 1, H, W)`` before the lung mask."""
+        return torch.sigmoid(self.lesion_logits(x))
+
+    def zone_logits(self, x: torch.Tensor, zones: torch.Tensor) -> torch.Tensor:
+        """The six zone logits ``(B, 6)``: the maximum of :meth:`lesion_logits` over each zone's pixels, whose
+        sigmoid is the zone probability of :meth:`forward` (the sigmoid is increasing and the zones lie inside the
+        lung mask). An empty zone gets :data:`EMPTY_ZONE_LOGIT` (probability ~0, as the probability path pools it
+        as 0). What ISNet explains (LRP starts from logits, not probabilities)."""
+        pooled, empty = lung_zone_max_pool(self.lesion_logits(x), zones, return_empty=True)
+        return torch.where(empty, torch.full_like(pooled, EMPTY_ZONE_LOGIT), pooled)
 
     def masked_map(self, x: torch.Tensor, lung_mask: torch.Tensor) -> torch.Tensor:
         """Lesion probability map ``(B, 1, H, W)`` multiplied by the lung mask."""
         return self.lesion_map(x) * (lung_mask > 0).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, lung_mask: torch.Tensor, zones: torch.Tensor):
+    def forward(self, x: torch.Tensor, lung_mask: torch.Tensor, zones: torch.Tensor, logits: bool = False):
         """``x, lung_mask, zones: (B, 1, H, W)`` -> (zone probabilities ``(B, 6)``, lesion map ``(B, 1, H, W)``),
-        or the zone probabilities alone with ``return_map=False``."""
+        or the zone probabilities alone with ``return_map=False``; ``logits=True``: the zone logits ``(B, 6)``
+        alone (:meth:`zone_logits`; a keyword, so a ``DistributedDataParallel`` wrapper passes it on)."""
+        if logits:
+            return self.zone_logits(x, zones)
         prob = self.masked_map(x, lung_mask)
         zone_prob = self.pool(prob, zones)
         return (zone_prob, prob) if self.return_map else zone_prob

@@ -197,3 +197,49 @@ def test_tracking_mlflow_flag(tmp_path, covid_data):
     names = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"val_overlays", "val_severity_table.md"} <= names and any(n.startswith("config_") for n in names)
     assert client.search_model_versions("name='covid_severity'")[0].run_id == runs[0].info.run_id
+
+
+@pytest.mark.slow
+def test_isnet_with_lung_masks(tmp_path, covid_data):
+    """guidance isnet: a warm-up epoch calibrates the band from the lung-masked maps, a guided epoch trains on
+    (1 - P) BCE + P L_H, the terms reach the trainer's metrics and MLflow, and the band is in the checkpoint."""
+    wf, _ = covid(tmp_path, CPU, datalist=covid_data, guidance="isnet", guidance_warmup_epochs=1, register_model=True,
+                  experiment_name="covid_isnet")
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    c1, c2 = trainer.state.metrics["isnet_c1"], trainer.state.metrics["isnet_c2"]
+    assert 0 < c1 < c2
+    assert all(np.isfinite(trainer.state.metrics[f"guidance_{t}"]) for t in ("loss_cl", "loss_heatmap"))
+    saved = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=False)
+    assert saved["guidance"]["band"] == [c1, c2]
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlruns.db"))
+    run = client.search_runs([client.get_experiment_by_name("covid_isnet").experiment_id])[0]
+    assert run.data.params["guidance"] == "isnet" and run.data.tags["mlflow.runName"] == "severity+isnet"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_heatmap")]
+    assert steps == [3, 4]  # 6 training images, batch 4: iterations 3 and 4 are the guided epoch's
+    with pytest.raises(Exception) as err:  # (MONAI wraps the component's error)
+        covid(tmp_path / "gain", CPU, datalist=covid_data, guidance="gain")
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("guidance must be one of none, isnet here, got 'gain'" in m for m in chain), chain
+
+
+@pytest.mark.slow
+def test_severity_guidance_experiment(tmp_path, covid_data):
+    """`cutremain experiment severity-guidance`: none and isnet trained, evaluated and scored; the share of the LRP
+    relevance outside the lungs is the one of outside_lung_share on the best model."""
+    from cutremain_monai.cli import main
+
+    overrides = json.dumps({**COVID_TINY, "guidance_warmup_epochs": 1})
+    assert main(["experiment", "severity-guidance", "--bundle", os.path.join(BUNDLES, "covid_severity"), "--datalist", covid_data,
+                 "--overrides", overrides, "-o", str(tmp_path / "sg")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "sg" / "severity_guidance.csv")))
+    assert [r["guidance"] for r in rows] == ["none", "isnet"] and all(r["n_test"] == "3" for r in rows)
+    for r in rows:
+        assert 0 <= float(r["outside_lung_low"]) <= float(r["outside_lung_relevance"]) <= float(r["outside_lung_high"]) <= 1
+        test = json.load(open(tmp_path / "sg" / r["guidance"] / "test_metrics.json"))
+        assert float(r["mse"]) == pytest.approx(test["mse"])
+    assert "| isnet | 3 |" in open(tmp_path / "sg" / "severity_guidance.md").read()

@@ -213,3 +213,46 @@ def test_calibration_without_masked_images_says_so():
     trainer, _ = _trainer(step, epochs=1, data=data)
     with pytest.raises(ValueError, match="saw 0 image\\(s\\) with a 'box_mask'; the band needs at least 2"):
         trainer.run()
+
+
+def _severity_step(p: float, band=(1.0, 1e4)):
+    """One ISNet step of a small SeverityViT (three inputs, probabilities out) with its lung masks."""
+    from cutremain_monai.engines.severity import SeverityPrepareBatch, ZoneBCELoss
+    from cutremain_monai.networks.severity_vit import SMALL, SeverityViT
+    from cutremain_monai.transforms.lung_zones import split_lung_zones
+
+    torch.manual_seed(0)
+    net = SeverityViT(img_size=32, return_map=False, **SMALL)
+    lungs = torch.zeros(2, 1, 32, 32)
+    lungs[..., 4:28, 4:14] = 1
+    lungs[..., 4:28, 18:28] = 1
+    zones = torch.from_numpy(split_lung_zones(lungs[0, 0].numpy()))[None, None].repeat(2, 1, 1, 1).to(torch.uint8)
+    batch = {"image": torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1)), "lung_mask": lungs,
+             "zones": zones, "zone_scores": torch.tensor([[0, 1, 2, 0, 0, 3], [1, 1, 0, 0, 2, 0]])}
+    step = GuidedTraining("isnet", warmup_epochs=0, isnet_band=band, isnet_p=p, mask_key="lung_mask", isnet_variant="sum",
+                          isnet_bounds=None, explain_kwargs={"logits": True}, pred_from_logits="sigmoid", clip_grad_norm=None)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[batch], network=net,
+                                optimizer=torch.optim.SGD(net.parameters(), lr=0.0), loss_function=ZoneBCELoss(),
+                                prepare_batch=SeverityPrepareBatch(), iteration_update=step)
+    trainer.state.epoch, trainer.state.iteration = 1, 1
+    out = step(trainer, batch)  # (decollated: one dict per image)
+    return out[0], torch.stack([o["pred"] for o in out]), net, batch
+
+
+def test_isnet_on_the_severity_model_with_lung_masks():
+    out0, _, net0, batch = _severity_step(0.0)
+    out7, _, net7, _ = _severity_step(0.7)
+    assert out7["loss_heatmap"] > 0 and float(out7["loss"]) == pytest.approx(0.3 * out7["loss_cl"] + 0.7 * out7["loss_heatmap"], rel=1e-5)
+    for name in ("features.conv0.weight", "blocks.0.attn.qkv.weight", "head.0.1.weight"):
+        g0, g7 = net0.get_parameter(name).grad, net7.get_parameter(name).grad
+        assert g7.abs().sum() > 0 and not torch.allclose(g0, g7), name
+    # P = 0: the plain zone-BCE gradient of the model's own (probability) forward
+    from cutremain_monai.engines.severity import SeverityPrepareBatch, ZoneBCELoss
+
+    x, y, (mask, zones), _ = SeverityPrepareBatch()(batch)
+    net0.zero_grad()
+    ZoneBCELoss()(net0(x, mask, zones), y).backward()
+    g = net0.features.conv0.weight.grad.clone()
+    _, pred, net0b, _ = _severity_step(0.0)
+    assert torch.allclose(net0b.features.conv0.weight.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))  # (float32 order)
+    assert torch.allclose(pred, net0b(x, mask, zones), atol=1e-6)  # the output is probabilities

@@ -343,3 +343,94 @@ def test_first_rule_zb_needs_conv_bn_relu_first():
     with pytest.raises(ValueError, match="Conv, \\[BatchNorm\\], ReLU"):
         lrp(net, x, 0)
     assert lrp(net, x, 0, first_rule="epsilon").shape == (1, 1, 8, 8)
+
+
+class _TinyViT(nn.Module):
+    """1x1 conv -> ReLU -> tokens -> MONAI TransformerBlock (attention, LayerNorm, GELU MLP) -> mean token -> logits."""
+
+    def __init__(self, dim=8, classes=2):
+        super().__init__()
+        from monai.networks.blocks import TransformerBlock
+
+        self.embed = nn.Conv2d(1, dim, 1, bias=False)
+        self.relu = nn.ReLU()
+        self.block = TransformerBlock(dim, 16, num_heads=2, dropout_rate=0.0)
+        self.fc = nn.Linear(dim, classes, bias=False)
+
+    def forward(self, x):
+        tokens = self.relu(self.embed(x)).flatten(2).transpose(1, 2)
+        return self.fc(self.block(tokens).mean(1))
+
+
+def _held_by_hand(net, x):
+    """The rules of lrp's transformer section written out: the same network with the attention weights, 1/std of
+    each LayerNorm and Phi of the GELU detached; gradient x input of that (epsilon 0, first rule epsilon)."""
+    import math
+
+    blk = net.block
+    x = x.clone().requires_grad_(True)
+    tokens = net.relu(net.embed(x)).flatten(2).transpose(1, 2)
+
+    def ln(m, t):
+        c = t - t.mean(-1, keepdim=True)
+        return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + m.eps).detach() * m.weight + m.bias
+
+    h = ln(blk.norm1, tokens)
+    att = blk.attn
+    q, k, v = att.input_rearrange(att.qkv(h))
+    weights = (torch.einsum("blxd,blyd->blxy", q, k) * att.scale).softmax(-1).detach()
+    a = att.out_proj(att.out_rearrange(torch.einsum("bhxy,bhyd->bhxd", weights, v)))
+    tokens = tokens + a
+    z = blk.mlp.linear1(ln(blk.norm2, tokens))
+    tokens = tokens + blk.mlp.linear2(z * (0.5 * (1 + torch.erf(z / math.sqrt(2)))).detach())
+    out = net.fc(tokens.mean(1))
+    (grad,) = torch.autograd.grad(out[:, 1].sum(), x)
+    return (grad * x).sum(1), out
+
+
+def test_transformer_rules_against_detached_network_and_conservation():
+    torch.manual_seed(7)
+    net = _TinyViT().double().eval()
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    maps, logits = lrp(net, x, 1, epsilon=0.0, first_rule="epsilon", return_logits=True)
+    expected, out = _held_by_hand(net, x)
+    assert torch.allclose(logits, net(x), atol=1e-12) and torch.allclose(out, logits, atol=1e-12)  # forward unchanged
+    assert torch.allclose(maps[:, 0], expected, rtol=1e-9, atol=1e-12)
+    # plain gradient x input is not what the rules give (they change the map)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(net(xg)[:, 1].sum(), xg)
+    assert not torch.allclose((g * x).sum(1), maps[:, 0], rtol=1e-3)
+    # conservation: with every bias zero the map sums to the logit
+    for m in net.modules():
+        if getattr(m, "bias", None) is not None:
+            m.bias.data.zero_()
+    maps = lrp(net, x, None, epsilon=0.0, first_rule="epsilon")
+    assert torch.allclose(maps.sum(dim=(2, 3)), net(x), rtol=1e-9, atol=1e-12)
+
+
+def test_transformer_map_is_differentiable_in_query_weights():
+    """The held attention weights keep their graph: the map's gradient reaches the query/key weights."""
+    torch.manual_seed(8)
+    net = _TinyViT().double()
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    mask = (torch.rand(2, 1, 4, 4) > 0.5).double()
+
+    def objective(create_graph):
+        return (lrp(net, x, 0, epsilon=0.0, first_rule="epsilon", create_graph=create_graph) * mask).sum()
+
+    w = net.block.attn.qkv.weight
+    (grad,) = torch.autograd.grad(objective(True), w)
+    index = tuple(int(i) for i in torch.unravel_index(grad[: w.shape[0] // 3].abs().argmax(), grad.shape))  # a query weight
+    original, values = w.data[index].item(), []
+    for delta in (1e-6, -1e-6):
+        w.data[index] = original + delta
+        values.append(objective(False).item())
+    w.data[index] = original
+    assert grad[index] != 0 and (values[0] - values[1]) / 2e-6 == pytest.approx(grad[index].item(), rel=1e-4)
+
+
+def test_flash_attention_is_rejected():
+    net = _TinyViT()
+    net.block.attn.use_flash_attention = True
+    with pytest.raises(ValueError, match="flash attention"):
+        lrp(net, torch.rand(1, 1, 4, 4), 0)

@@ -1,0 +1,100 @@
+"""ISNet on COVID severity (issue 13): does keeping the relevance inside the lungs change what the model reads?
+
+:func:`severity_guidance_experiment` trains the covid_severity bundle once per method (:data:`METHODS`) with
+the same seed and settings, evaluates the test section with the bundle's own ``evaluate.yaml`` (the checkpoint
+ensemble; ``test_metrics.json``), and measures, with the best-on-validation model, the share of the LRP relevance
+``|R|`` of the zone logits' sum that lies outside the lung mask on the test images (:func:`outside_lung_share`;
+what ISNet's loss pushes down; lower: the model reads the lungs). Writes ``severity_guidance.md`` / ``.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["METHODS", "outside_lung_share", "severity_guidance_experiment"]
+
+logger = logging.getLogger(__name__)
+
+# method -> bundle settings; "isnet_free": ISNet without gradient clipping and with GWRP decay 0.9, as in the
+# clavicle shortcut test (clipped at norm 1, the heatmap loss barely moves in a short run)
+METHODS = {"none": {"guidance": "none"}, "isnet": {"guidance": "isnet"},
+           "isnet_free": {"guidance": "isnet", "clip_grad_norm": None, "isnet_decay": 0.9}}
+
+
+def outside_lung_share(model: torch.nn.Module, x: torch.Tensor, lung_mask: torch.Tensor, zones: torch.Tensor,
+                       batch: int = 8) -> np.ndarray:
+    """Per image, ``sum |R| outside the lungs / sum |R|`` of the LRP map (LRP-Flex, z^B at the first convolution
+    with each batch's bounds, model in eval mode) of the sum of the six zone logits of a
+    :class:`~cutremain_monai.networks.SeverityViT`."""
+    from cutremain_monai.engines.guided_training import WithInputs
+    from cutremain_monai.localization.lrp import lrp, make_lrp_ready
+
+    model = make_lrp_ready(model).eval()
+    out = []
+    for i in range(0, len(x), batch):
+        xb, mb, zb = x[i : i + batch], lung_mask[i : i + batch], zones[i : i + batch]
+        heat = lrp(WithInputs(model, (mb, zb), {"logits": True}), xb, objective=lambda lg: lg.sum(1)).detach().abs()
+        outside = (heat * (mb <= 0.5)).flatten(1).sum(1)  # heat and mask (B, 1, H, W)
+        out.append((outside / heat.flatten(1).sum(1).clamp_min(1e-12)).numpy())
+    return np.concatenate(out)
+
+
+def _mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and its percentile-bootstrap 95% interval over the images."""
+    rng = np.random.default_rng(seed)
+    boots = rng.choice(values, size=(n_boot, len(values)), replace=True).mean(1)
+    return float(values.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def severity_guidance_experiment(bundle: str, datalist: str, output_dir: str, methods: Sequence[str] = ("none", "isnet"),
+                                 task: str | None = None, configs: Sequence[str] = ("train.yaml", "cpu.yaml"),
+                                 **overrides) -> list[dict]:
+    """Train, evaluate and score each guidance (see the module docstring); returns the table's rows."""
+    from cutremain_monai.engines.experiment import bundle_parser, run_bundle
+    from cutremain_monai.io.datalist import load_datalist
+    from cutremain_monai.networks.ensemble import checkpoint_state
+
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    settings = {"register_model": False, "overlays": 0, "datalist": os.path.abspath(datalist), "datalist_task": task,
+                **overrides}
+    parser = bundle_parser(bundle, list(configs), **settings)
+    chain = parser.get_parsed_content("preprocessing")
+    samples = [chain(dict(it)) for it in load_datalist(settings["datalist"], "test", task=task)]
+    x = torch.stack([torch.as_tensor(s["image"]).float() for s in samples])
+    mask = torch.stack([torch.as_tensor(s["lung_mask"]).float() for s in samples])
+    zones = torch.stack([torch.as_tensor(s["zones"]).round().to(torch.uint8) for s in samples])
+    rows = []
+    for m in methods:
+        out = os.path.abspath(os.path.join(output_dir, m))
+        logger.info("severity guidance: training %s", m)
+        run_bundle(bundle, list(configs), output_dir=out, run_name=f"severity_guidance_{m}", **{**settings, **METHODS[m]})
+        run_bundle(bundle, [*configs, "evaluate.yaml"], output_dir=out, **{**settings, **METHODS[m]})
+        with open(os.path.join(out, "test_metrics.json")) as f:
+            test = json.load(f)
+        model = parser.get_parsed_content("network_def", instantiate=True)
+        model.load_state_dict(checkpoint_state(os.path.join(out, "checkpoints", "model.pt")))
+        share, low, high = _mean_ci(outside_lung_share(model, x, mask, zones))
+        rows.append({"guidance": m, "n_test": test["n"], "mse": test["mse"], "mae": test["mae"], "pearson": test["pearson"],
+                     "mean_zone_auc": test["mean_zone_auc"], "outside_lung_relevance": share,
+                     "outside_lung_low": low, "outside_lung_high": high})
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "severity_guidance.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| guidance | n test | global MSE | MAE | Pearson | mean zone AUC | LRP relevance outside the lungs (95% CI) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['guidance']} | {r['n_test']} | {r['mse']:.3f} | {r['mae']:.3f} | {r['pearson']:.3f} | {r['mean_zone_auc']:.3f} | "
+              f"{r['outside_lung_relevance']:.3f} ({r['outside_lung_low']:.3f}-{r['outside_lung_high']:.3f}) |" for r in rows]
+    with open(os.path.join(output_dir, "severity_guidance.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return rows
