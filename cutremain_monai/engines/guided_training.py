@@ -55,9 +55,9 @@ from monai.utils.enums import CommonKeys as Keys
 from cutremain_monai.constants import BOX_MASK
 from cutremain_monai.engines.guidance import choose_band, gain_erase, isnet_heatmap_loss
 from cutremain_monai.localization.grad_cam import differentiable_grad_cam
-from cutremain_monai.localization.lrp import lrp, make_lrp_ready
+from cutremain_monai.localization.lrp import WithInputs, lrp, make_lrp_ready
 
-__all__ = ["GuidedTraining", "GUIDANCE", "WithInputs", "frozen_batchnorm", "selective_objective", "stochastic_targets", "labelled_class"]
+__all__ = ["GuidedTraining", "GUIDANCE", "frozen_batchnorm", "selective_objective", "stochastic_targets", "labelled_class"]
 
 GUIDANCE = ("none", "gain", "isnet")
 logger = logging.getLogger(__name__)
@@ -129,19 +129,6 @@ def labelled_class(label: torch.Tensor, logits: torch.Tensor, label_mode: str) -
 def _score(logits: torch.Tensor, classes: torch.Tensor, label_mode: str) -> torch.Tensor:
     probs = torch.softmax(logits.float(), 1) if label_mode == "multiclass" else torch.sigmoid(logits.float())
     return probs.gather(1, classes.view(-1, 1))[:, 0]
-
-
-class WithInputs(torch.nn.Module):
-    """``network(x, *args, **kwargs)`` as a one-input module (what :func:`lrp` explains); the network stays a
-    submodule, so its ReLUs are hooked and a DDP wrapper's forward (gradient synchronisation) runs."""
-
-    def __init__(self, network: torch.nn.Module, args: tuple, kwargs: dict):
-        super().__init__()
-        self.network = network
-        self.args, self.kwargs = args, kwargs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x, *self.args, **self.kwargs)
 
 
 class GuidedTraining:

@@ -32,14 +32,17 @@ class SeverityReport:
         output_dir / prefix: where and under which name (``val`` / ``test``) the report goes.
         items: the evaluated datalist items (for the rater comparison: ``zone_scores`` vs ``zone_scores_other``).
         network / dataset / overlays: draw overlays of that many dataset samples with this network (0: none).
+        relevance: also draw the LRP relevance of the zone logits (what ISNet trains; the first ensemble member)
+            over the whole image, with the share outside the lungs, under ``{prefix}_relevance_overlays/``.
     """
 
     def __init__(self, output_dir: str, prefix: str = "val", items: list | None = None, network=None, dataset=None,
-                 overlays: int = 8, pred_key: str = "pred", label_key: str = "label"):
+                 overlays: int = 8, pred_key: str = "pred", label_key: str = "label", relevance: bool = False):
         self.output_dir, self.prefix = output_dir, prefix
         self.items = items or []
         self.network, self.dataset, self.overlays = network, dataset, overlays
         self.pred_key, self.label_key = pred_key, label_key
+        self.relevance = relevance
         self.best = -np.inf
         self._p: list = []
         self._y: list = []
@@ -99,5 +102,16 @@ class SeverityReport:
             save_severity_overlay(os.path.join(self.output_dir, f"{self.prefix}_overlays", f"overlay_{i:03d}.png"),
                                   s["image"][0], maps[0, 0].cpu(), s["zones"][0], probs[0].cpu(), labels,
                                   title=f"global {float(probs.sum()):.1f}" + (f" / ref {int(np.sum(labels))}" if labels is not None else ""))
+            if self.relevance:
+                self._draw_relevance(members[0], x, mask, zones, s["image"][0], i)
             n += 1
         return n
+
+    def _draw_relevance(self, model, x, mask, zones, image, i: int) -> None:
+        from cutremain_monai.localization.cam import save_overlay
+        from cutremain_monai.localization.lrp import make_lrp_ready, severity_relevance
+
+        heat = severity_relevance(make_lrp_ready(model).eval(), x, mask, zones).detach().abs()[0, 0].cpu()
+        outside = float((heat * (mask[0, 0].cpu() <= 0.5)).sum() / heat.sum().clamp_min(1e-12))
+        save_overlay(os.path.join(self.output_dir, f"{self.prefix}_relevance_overlays", f"relevance_{i:03d}.png"), image,
+                     heat / heat.max().clamp_min(1e-12), title=f"|LRP| of the zone logits: {outside:.0%} outside the lungs")

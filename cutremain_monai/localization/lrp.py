@@ -64,7 +64,7 @@ from torch import nn
 
 from cutremain_monai.networks.backbones import make_resnet_lrp_ready
 
-__all__ = ["lrp", "make_lrp_ready"]
+__all__ = ["lrp", "make_lrp_ready", "WithInputs", "severity_relevance"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 _CONV = nn.modules.conv._ConvNd
@@ -490,3 +490,25 @@ def lrp(
             maps.append(relevance.sum(dim=1))
         heat = torch.stack(maps, dim=1)
     return (heat, logits) if return_logits else heat
+
+
+class WithInputs(nn.Module):
+    """``network(x, *args, **kwargs)`` as a one-input module, what :func:`lrp` explains (a network that also takes
+    a lung mask and a zone map). The network stays a submodule, so its ReLUs are hooked and a DDP wrapper's forward
+    (gradient synchronisation) runs."""
+
+    def __init__(self, network: nn.Module, args: tuple = (), kwargs: dict | None = None):
+        super().__init__()
+        self.network = network
+        self.args, self.kwargs = tuple(args), dict(kwargs or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x, *self.args, **self.kwargs)
+
+
+def severity_relevance(model: nn.Module, x: torch.Tensor, lung_mask: torch.Tensor, zones: torch.Tensor, **kwargs) -> torch.Tensor:
+    """LRP map ``(B, 1, H, W)`` of the sum of the six zone logits of a
+    :class:`~cutremain_monai.networks.SeverityViT` (what its ISNet training explains); ``model`` must be LRP-ready
+    (:func:`make_lrp_ready`) and is used in its current mode. ``kwargs`` go to :func:`lrp` (default bounds: the
+    batch's)."""
+    return lrp(WithInputs(model, (lung_mask, zones), {"logits": True}), x, objective=lambda lg: lg.sum(1), **kwargs)

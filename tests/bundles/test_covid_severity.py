@@ -218,6 +218,9 @@ def test_isnet_with_lung_masks(tmp_path, covid_data):
     assert run.data.params["guidance"] == "isnet" and run.data.tags["mlflow.runName"] == "severity+isnet"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_heatmap")]
     assert steps == [3, 4]  # 6 training images, batch 4: iterations 3 and 4 are the guided epoch's
+    relevance = sorted(os.listdir(tmp_path / "out" / "val_relevance_overlays"))
+    assert relevance == ["relevance_000.png", "relevance_001.png"]  # LRP overlays of the validation images
+    assert "val_relevance_overlays" in {a.path for a in client.list_artifacts(run.info.run_id)}
     with pytest.raises(Exception) as err:  # (MONAI wraps the component's error)
         covid(tmp_path / "gain", CPU, datalist=covid_data, guidance="gain")
     chain, e = [], err.value
