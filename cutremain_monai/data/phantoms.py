@@ -25,7 +25,7 @@ import numpy as np
 from cutremain_monai.constants import BRIXIA_ZONES, CXR14_LABELS
 
 __all__ = ["Phantom", "render_clavicle", "render_pelvis", "render_chest", "render_covid", "generate_samples",
-           "burn_marker", "generate_shortcut_samples"]
+           "burn_marker", "generate_shortcut_samples", "render_target_scene", "generate_background_samples"]
 
 CLAVICLE_BOX_LABELS = ("fracture", "normal_region")
 PELVIS_CLASSES = ("normal", "trochanteric", "neck")
@@ -391,6 +391,56 @@ def generate_shortcut_samples(out_dir: str, n: int = 200, seed: int = 0, size: i
                                   "marker_box": marker_box})
     datalist = {"description": "shortcut phantoms from cutremain_monai.data.phantoms.generate_shortcut_samples",
                 "seed": seed, "shortcut": {**sections, "box_label_names": list(CLAVICLE_BOX_LABELS)}}
+    with open(os.path.join(out_dir, "datalist.json"), "w") as f:
+        json.dump(datalist, f, indent=1)
+    return datalist
+
+
+def render_target_scene(rng: np.random.Generator, size: int = 128, target: bool = False) -> Phantom:
+    """A structured background (body, ribs, smooth texture, noise) and, when ``target``, one small round nodule
+    (radius 4-7% of the side, a soft bright disc) at a random place away from the border, boxed (label
+    ``"target"``). The background learning test scene: the target covers 1-2% of the image."""
+    h = w = size
+    yy, xx, img = _body(rng, h, w)
+    ribs, _ = _ribs(rng, yy, xx, h, w, n=rng.integers(4, 7), amp=0.10)
+    img = img + ribs
+    for _ in range(6):  # smooth texture: a few broad random blobs
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.1, 0.3) * size
+        img = img + rng.uniform(-0.04, 0.04) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    boxes, labels = [], []
+    if target:
+        r = rng.uniform(0.04, 0.07) * size
+        cy, cx = rng.uniform(0.15 * h, 0.85 * h), rng.uniform(0.15 * w, 0.85 * w)
+        img = img + 0.22 * np.clip(1 - np.hypot(yy - cy, xx - cx) / r, 0, 1) ** 0.6
+        m = 1.0  # box: the disc and a pixel of margin
+        boxes.append([max(0.0, cx - r - m), max(0.0, cy - r - m), min(float(w), cx + r + m), min(float(h), cy + r + m)])
+        labels.append("target")
+    img = img + 0.015 * rng.standard_normal((h, w))
+    return Phantom(np.clip(img, 0, 1).astype(np.float32), int(target), boxes, labels)
+
+
+def generate_background_samples(out_dir: str, n: int = 120, seed: int = 0, size: int = 128,
+                                split: tuple[float, float] = (0.6, 0.2), target_share: float = 0.5) -> dict:
+    """Background-learning scenes (:func:`render_target_scene`): ``target_share`` of ``n`` images hold a boxed
+    target (label 1), the others are background only (label 0). Writes 8-bit PNGs and ``datalist.json`` (section
+    ``background``, split ``split`` into training / validation / test, targets spread evenly) under ``out_dir``;
+    returns the datalist."""
+    from PIL import Image
+
+    os.makedirs(os.path.join(out_dir, "background"), exist_ok=True)
+    n_train, n_val = int(round(split[0] * n)), int(round(split[1] * n))
+    sections: dict = {"training": [], "validation": [], "test": []}
+    period = max(1, int(round(1 / target_share))) if target_share > 0 else 0
+    for i in range(n):
+        r = np.random.default_rng([seed, hash_task("background"), i])
+        ph = render_target_scene(r, size, target=bool(period) and i % period == 0)
+        name = f"background/scene_{i:03d}.png"
+        Image.fromarray((ph.image * 255).round().astype(np.uint8)).save(os.path.join(out_dir, name))
+        section = "training" if i < n_train else "validation" if i < n_train + n_val else "test"
+        sections[section].append({"image": name, "label": ph.label, "boxes": [[round(float(v), 2) for v in b] for b in ph.boxes],
+                                  "box_labels": list(ph.box_labels), "group": f"background-{i:03d}"})
+    datalist = {"description": "background-learning scenes from cutremain_monai.data.phantoms.generate_background_samples",
+                "seed": seed, "background": sections}
     with open(os.path.join(out_dir, "datalist.json"), "w") as f:
         json.dump(datalist, f, indent=1)
     return datalist

@@ -17,6 +17,7 @@ validation section when one is given (never on the section reported), else repor
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -30,12 +31,18 @@ from cutremain_monai.metrics import localization as M
 __all__ = ["METHODS", "compute_map", "positive_classes", "localize_items", "localize"]
 
 logger = logging.getLogger(__name__)
-METHODS = ("cam", "gradcam", "gradcam_pp", "lrp")
+METHODS = ("cam", "gradcam", "gradcam_pp", "lrp", "targetness")
 
 
 def compute_map(method: str, model: torch.nn.Module, x: torch.Tensor, target: int, layer: str | None = None,
-                bounds=None) -> torch.Tensor:
-    """Raw ``(B, 1, H, W)`` map of ``method`` for class ``target`` at the input's size (not normalised)."""
+                bounds=None, **kwargs) -> torch.Tensor:
+    """Raw ``(B, 1, H, W)`` map of ``method`` for class ``target`` at the input's size (not normalised).
+    ``"targetness"``: ``model`` is a background-learning patch classifier (``target`` unused) and ``kwargs`` go to
+    :func:`~cutremain_monai.localization.targetness.targetness_map` (``window``, ``stride``, ...)."""
+    if method == "targetness":
+        from cutremain_monai.localization.targetness import targetness_map
+
+        return targetness_map(model, x, **kwargs)
     if method == "cam":
         from cutremain_monai.localization.cam import cam
 
@@ -110,13 +117,14 @@ def _upsample(m: torch.Tensor, size) -> np.ndarray:
     return F.interpolate(m[None, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def _maps(model, cases, methods, layer, bounds):
+def _maps(model, cases, methods, layer, bounds, method_kwargs=None):
     device = next(model.parameters()).device
     out = []
     for name, native, boxes, x, target in cases:
         maps = {}
         for method in methods:
-            m = compute_map(method, model, x[None].to(device), target, layer=layer, bounds=bounds)[0, 0].detach().cpu()
+            m = compute_map(method, model, x[None].to(device), target, layer=layer, bounds=bounds,
+                            **(method_kwargs or {}).get(method, {}))[0, 0].detach().cpu()
             maps[method] = _upsample(m, native.shape)
         out.append((name, native, boxes, target, maps))
     return out
@@ -159,7 +167,8 @@ def _score(results, methods, tau_from: dict | None) -> tuple[list[dict], dict, d
         table[method] = {"energy_in_box": float(np.nanmean(energy)) if np.isfinite(energy).any() else float("nan"),
                          "pointing_game": float(np.mean(hits)), "iou_acc@0.5": float(np.mean(hit05)),
                          "max_box_acc": float(np.mean(mba, axis=0).max()), "loc_acc": loc_value,
-                         "loc_acc_tau": loc_note, "n": len(results)}
+                         "loc_acc_tau": loc_note, "n": len(results),
+                         "loc_acc_by_tau": {f"{t:.2f}": float(a) for t, a in zip(loc_thresholds, loc_curve)}}
     return rows, table, taus
 
 
@@ -202,9 +211,11 @@ def localize_items(model: torch.nn.Module, items: Sequence[dict], load: Callable
                    methods: Sequence[str] = ("cam", "gradcam", "lrp"), label_mode: str = "binary",
                    class_names: Sequence[str] = (), lesion_box_labels=None, prefix: str = "test",
                    val_items: Sequence[dict] | None = None, layer: str | None = None, bounds=None, overlays: int = 16,
-                   tracking_uri: str | None = None, experiment_name: str = "localization", run_name: str | None = None) -> dict:
+                   tracking_uri: str | None = None, experiment_name: str = "localization", run_name: str | None = None,
+                   method_kwargs: dict | None = None) -> dict:
     """Score ``methods`` on ``items`` (module doc); writes ``{prefix}_localization.csv``, ``{prefix}_localization_table.md``
-    and ``{prefix}_localization_overlays/``; returns the table ``{method: {metric: value}}``."""
+    (``.json`` also, with Loc. Acc. at every threshold) and ``{prefix}_localization_overlays/``; returns the table
+    ``{method: {metric: value}}``. ``method_kwargs``: ``{method: {argument: value}}`` for :func:`compute_map`."""
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"unknown localisation method {method!r}; choose from {', '.join(METHODS)}")
@@ -214,9 +225,9 @@ def localize_items(model: torch.nn.Module, items: Sequence[dict], load: Callable
     try:
         taus = None
         if val_items:
-            val = _maps(model, _cases(val_items, load, final, label_mode, class_names, lesion), methods, layer, bounds)
+            val = _maps(model, _cases(val_items, load, final, label_mode, class_names, lesion), methods, layer, bounds, method_kwargs)
             _, _, taus = _score(val, methods, None)
-        results = _maps(model, _cases(items, load, final, label_mode, class_names, lesion), methods, layer, bounds)
+        results = _maps(model, _cases(items, load, final, label_mode, class_names, lesion), methods, layer, bounds, method_kwargs)
     finally:
         model.train(was_training)
     rows, table, _ = _score(results, methods, taus)
@@ -229,6 +240,8 @@ def localize_items(model: torch.nn.Module, items: Sequence[dict], load: Callable
     md = os.path.join(output_dir, f"{prefix}_localization_table.md")
     with open(md, "w") as f:
         f.write(_table_md(table))
+    with open(os.path.join(output_dir, f"{prefix}_localization.json"), "w") as f:
+        json.dump({"methods": table, "validation_tau": taus or {}}, f, indent=1)
     ov_dir = os.path.join(output_dir, f"{prefix}_localization_overlays")
     _overlays(results, methods, ov_dir, overlays)
     if tracking_uri:

@@ -7,7 +7,8 @@ from cutremain_monai.handlers.localization_report import LocalizationReport
 from cutremain_monai.handlers.mlflow_registry import MLflowRegistry, default_tracking_uri
 from cutremain_monai.handlers.predictions import ClassificationPredictions, SeverityPredictions
 from cutremain_monai.handlers.severity_report import SeverityReport
+from cutremain_monai.handlers.targetness_report import PatchTypeHistogram, TargetnessWriter, comparison_table
 from cutremain_monai.handlers.reproducibility import EpochSeed, StopAfterEpochs, last_checkpoints, latest_checkpoint
 
 __all__ = ["LocalizationReport", "ClassificationPredictions", "SeverityPredictions", "ClassificationReport", "GradCAMReport", "MeanAUC", "MeanAUCMetric", "MLflowRegistry", "SeverityReport", "default_tracking_uri", "EpochSeed",
-           "StopAfterEpochs", "last_checkpoints", "latest_checkpoint"]
+           "StopAfterEpochs", "last_checkpoints", "latest_checkpoint", "PatchTypeHistogram", "TargetnessWriter", "comparison_table"]

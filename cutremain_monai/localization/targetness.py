@@ -29,8 +29,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from monai.inferers import Inferer
 
-__all__ = ["targetness_map", "window_scores", "accumulate_windows"]
+__all__ = ["targetness_map", "window_scores", "accumulate_windows", "TargetnessInferer"]
 
 
 def _grid(size: int, window: int, stride: int) -> int:
@@ -101,3 +102,24 @@ def targetness_map(model: torch.nn.Module, x: torch.Tensor, window: int = 48, st
         model.train(was_training)
     maps = accumulate_windows(scores, x.shape[-2:], window, stride, normalise, accumulate)[:, None]
     return maps[0] if single else maps
+
+
+class TargetnessInferer(Inferer):
+    """MONAI inferer of a patch classifier over whole images: ``output="map"`` gives the targetness maps
+    ``(B, 1, H, W)`` (:func:`targetness_map`); ``output="max_logit"`` the image's score ``(B, 1)``, the highest
+    window logit (an image holds a target if one window does: what validation ranks images by)."""
+
+    def __init__(self, window: int = 48, stride: int = 8, batch_size: int = 1024, output: str = "map",
+                 normalise: str = "coverage", accumulate: str = "target"):
+        super().__init__()
+        if output not in ("map", "max_logit"):
+            raise ValueError(f"output must be 'map' or 'max_logit', got {output!r}")
+        self.window, self.stride, self.batch_size, self.output = int(window), int(stride), int(batch_size), output
+        self.normalise, self.accumulate = normalise, accumulate
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+        x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        if self.output == "map":
+            return targetness_map(network, x.float(), self.window, self.stride, self.batch_size, self.normalise, self.accumulate)
+        p = window_scores(network, x.float(), self.window, self.stride, self.batch_size).flatten(1).amax(1)
+        return torch.logit(p.clamp(1e-7, 1 - 1e-7))[:, None]

@@ -5,6 +5,7 @@ from cutremain_monai.transforms.boxes import (
     BoxesToMaskd,
     BoxesToMaskD,
     BoxesToMaskDict,
+    RecordSized,
     SwapBoxAxesd,
     SwapBoxAxesD,
     SwapBoxAxesDict,
@@ -14,6 +15,14 @@ from cutremain_monai.transforms.boxes import (
 from cutremain_monai.transforms.cut_remain import CutRemain, CutRemaind, CutRemainD, CutRemainDict, gamma_selected
 from cutremain_monai.transforms.hide_and_seek import HideAndSeek, HideAndSeekd, HideAndSeekD, HideAndSeekDict, dataset_mean
 from cutremain_monai.transforms.severity_preprocess import GaussianBlur3x3, GaussianBlur3x3d, LungMask, LungMaskd
+from cutremain_monai.transforms.patches import (
+    RandPatches,
+    RandPatchesd,
+    RandPatchesD,
+    RandPatchesDict,
+    background_plan,
+    patch_type,
+)
 from cutremain_monai.transforms.lung_zones import LungZones, LungZonesd, LungZonesD, LungZonesDict, split_lung_zones
 from cutremain_monai.transforms.split_halves import SplitHalves, SplitHalvesd, SplitHalvesD, SplitHalvesDict
 from cutremain_monai.transforms.sup_mix import (
@@ -32,7 +41,7 @@ from cutremain_monai.transforms.sup_mix import (
 )
 
 __all__ = [
-    "BoxesToMask", "BoxesToMaskd", "BoxesToMaskD", "BoxesToMaskDict", "SwapBoxAxesd", "SwapBoxAxesD",
+    "BoxesToMask", "BoxesToMaskd", "BoxesToMaskD", "BoxesToMaskDict", "RecordSized", "SwapBoxAxesd", "SwapBoxAxesD",
     "SwapBoxAxesDict", "aspect_ratio_boxes", "boxes_to_mask",
     "GaussianBlur3x3", "GaussianBlur3x3d", "LungMask", "LungMaskd",
     "CutRemain", "CutRemaind", "CutRemainD", "CutRemainDict", "gamma_selected",
@@ -41,4 +50,5 @@ __all__ = [
     "SplitHalves", "SplitHalvesd", "SplitHalvesD", "SplitHalvesDict",
     "SupCutmix", "SupCutmixd", "SupCutmixD", "SupCutmixDict", "SupCutout", "SupCutoutd", "SupCutoutD",
     "SupCutoutDict", "SupMixup", "SupMixupd", "SupMixupD", "SupMixupDict",
+    "RandPatches", "RandPatchesd", "RandPatchesD", "RandPatchesDict", "background_plan", "patch_type",
 ]

@@ -24,6 +24,7 @@ from monai.transforms import MapTransform, Transform
 from cutremain_monai.constants import BOX_MASK, BOXES
 
 __all__ = [
+    "RecordSized",
     "ASPECT_FACTORS",
     "box_pixel_extent",
     "boxes_to_mask",
@@ -130,11 +131,15 @@ class BoxesToMaskd(MapTransform):
         image_key: str = "image",
         mask_key: str = BOX_MASK,
         allow_missing_keys: bool = False,
+        box_labels: Sequence[str] | None = None,
+        labels_key: str = "box_labels",
     ):
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
         self.mask_key = mask_key
         self.converter = BoxesToMask()
+        self.box_labels = None if box_labels is None else {str(b) for b in box_labels}
+        self.labels_key = labels_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -142,7 +147,14 @@ class BoxesToMaskd(MapTransform):
             raise KeyError(f"BoxesToMaskd needs '{self.image_key}' for the mask size")
         size = tuple(d[self.image_key].shape[-2:])
         for key in self.key_iterator(d):
-            d[self.mask_key] = self.converter(check_boxes(d[key], key), size)
+            boxes = check_boxes(d[key], key)
+            if self.box_labels is not None:  # only the boxes of these labels (e.g. the lesion, not normal regions)
+                labels = [str(v) for v in d.get(self.labels_key, [])]
+                if len(labels) != len(boxes):
+                    raise ValueError(f"BoxesToMaskd: {len(boxes)} boxes but {len(labels)} '{self.labels_key}' in "
+                                     f"{d.get('image_path', 'the sample')}")
+                boxes = boxes[[lab in self.box_labels for lab in labels]] if len(boxes) else boxes
+            d[self.mask_key] = self.converter(boxes, size)
         return d
 
 
@@ -167,3 +179,19 @@ class SwapBoxAxesd(MapTransform):
 
 BoxesToMaskD = BoxesToMaskDict = BoxesToMaskd
 SwapBoxAxesD = SwapBoxAxesDict = SwapBoxAxesd
+
+
+class RecordSized(MapTransform):
+    """Store the spatial size of ``keys[0]`` as ``name`` (``[H, W]``) before a resize, so a box found at the
+    model's size can be taken back to the image's own pixels (background learning's inference boxes)."""
+
+    def __init__(self, keys: KeysCollection = "image", name: str = "native_size", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.name = name
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.name] = torch.tensor([int(v) for v in d[key].shape[-2:]])
+            break
+        return d

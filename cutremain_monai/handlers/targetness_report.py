@@ -1,0 +1,200 @@
+"""Background-learning outputs (seed 003): the P / F / N backgroundness histogram of a trained patch classifier
+(the seed's Figure 4), the comparison table of targetness against CAM, and per-image maps, overlays and boxes at
+inference.
+
+* :class:`PatchTypeHistogram` (evaluator handler, rank 0, at the end): random patches of the evaluated images
+  (:class:`~cutremain_monai.transforms.patches.RandPatchesd`, seeded), each typed P (target image, >= 10% inside a
+  box), F (target image, otherwise) or N (background image), scored by the classifier; backgroundness ``1 - p``
+  as relative-frequency histograms per type: ``{prefix}_pfn_histogram.png`` and ``.json`` (counts, means).
+  Decision-boundary induction shows as F patches piling up at high backgroundness with the N patches, and the P
+  patches at low backgroundness.
+* :func:`comparison_table`: Loc. Acc. of targetness and CAM from the two localisation reports, one markdown table.
+* :class:`TargetnessWriter` (inference evaluator handler): per image, the targetness map as an overlay PNG with
+  the box of its largest component at the threshold chosen on validation (read from the evaluation's
+  ``*_localization.json``; 0.5 without one), in the image's own pixels, and ``targetness.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.transforms import Compose
+
+from cutremain_monai.handlers.utils import rank
+
+__all__ = ["PatchTypeHistogram", "TargetnessWriter", "comparison_table"]
+
+logger = logging.getLogger(__name__)
+
+
+class PatchTypeHistogram:
+    """Args:
+        network: the patch classifier. items: the evaluated datalist items (with labels; boxes for the types).
+        preprocessing: the bundle's chain to the model's size (with ``box_mask``).
+        num_patches / patch_size / min_inside: as in training; ``bins``: histogram bins over [0, 1].
+    """
+
+    def __init__(self, network: torch.nn.Module, items: Sequence[dict], preprocessing, output_dir: str,
+                 num_patches: int = 8, patch_size: int = 48, min_inside: float = 0.1, prefix: str = "test",
+                 bins: int = 20, seed: int = 0, enabled: bool = True):
+        self.network, self.items, self.pre = network, list(items), preprocessing
+        self.output_dir, self.prefix, self.bins, self.seed, self.enabled = output_dir, prefix, bins, seed, enabled
+        self.num_patches, self.patch_size, self.min_inside = num_patches, patch_size, min_inside
+        self.result: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled and not engine.has_event_handler(self, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def scores(self) -> dict[str, np.ndarray]:
+        """Backgroundness ``1 - p`` of the sampled patches, by type."""
+        from cutremain_monai.transforms.patches import PATCH_TYPE, RandPatchesd
+
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        patcher = RandPatchesd(keys="image", num_patches=self.num_patches, patch_size=self.patch_size,
+                               min_inside=self.min_inside).set_random_state(self.seed)
+        pre = self.pre if isinstance(self.pre, Compose) else Compose(list(self.pre))
+        device = next(net.parameters()).device
+        out: dict[str, list] = {"P": [], "F": [], "N": []}
+        was_training = net.training
+        net.eval()
+        try:
+            for it in self.items:
+                try:
+                    patches = patcher(pre(dict(it)))
+                except Exception as e:  # an unreadable image is named and left out
+                    logger.warning("P/F/N histogram: %s left out (%s: %s)", it.get("image"), type(e).__name__, e)
+                    continue
+                x = torch.stack([torch.as_tensor(p["image"]).float() for p in patches]).to(device)
+                with torch.no_grad():
+                    p = torch.sigmoid(net(x).float())[:, 0].cpu().numpy()
+                for s, prob in zip(patches, p):
+                    if s[PATCH_TYPE] in out:
+                        out[s[PATCH_TYPE]].append(1.0 - float(prob))
+        finally:
+            net.train(was_training)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def __call__(self, engine: Engine | None = None) -> dict:
+        if not self.enabled or rank() != 0:
+            return {}
+        from matplotlib import pyplot as plt
+
+        scores = self.scores()
+        edges = np.linspace(0, 1, self.bins + 1)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        result = {"bins": edges.tolist()}
+        for kind, colour in (("P", "tab:red"), ("F", "tab:orange"), ("N", "tab:blue")):
+            v = scores[kind]
+            freq = np.histogram(v, bins=edges)[0] / max(1, len(v))
+            ax.plot((edges[:-1] + edges[1:]) / 2, freq, marker="o", ms=3, color=colour, label=f"{kind} (n={len(v)})")
+            result[kind] = {"n": int(len(v)), "mean_backgroundness": float(v.mean()) if len(v) else float("nan"),
+                            "relative_frequency": freq.tolist()}
+        ax.set_xlabel("backgroundness (1 - p)")
+        ax.set_ylabel("relative frequency")
+        ax.legend()
+        fig.tight_layout()
+        os.makedirs(self.output_dir, exist_ok=True)
+        fig.savefig(os.path.join(self.output_dir, f"{self.prefix}_pfn_histogram.png"), dpi=100)
+        plt.close(fig)
+        with open(os.path.join(self.output_dir, f"{self.prefix}_pfn_histogram.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        if engine is not None:
+            for kind in "PFN":
+                engine.state.metrics[f"{self.prefix}_backgroundness_{kind}"] = result[kind]["mean_backgroundness"]
+        self.result = result
+        return result
+
+
+def comparison_table(reports: dict[str, str], output: str | None = None) -> str:
+    """``{name: path of a *_localization.json}`` -> markdown table of Loc. Acc. (at the validation threshold) and
+    the maximum over thresholds, per method; written to ``output`` when given. Missing reports are skipped."""
+    lines = ["| maps | Loc. Acc. (IoU >= 0.4, tau from validation) | Loc. Acc., max over tau on test (the seed's figure) | images |",
+             "|---|---|---|---|"]
+    for name, path in reports.items():
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        for t in data["methods"].values():
+            if not t:
+                continue
+            best = max(t["loc_acc_by_tau"].values()) if t.get("loc_acc_by_tau") else float("nan")
+            lines.append(f"| {name} | {t['loc_acc']:.3f} ({t['loc_acc_tau']}) | {best:.3f} | {t['n']} |")
+    text = "\n".join(lines) + "\n"
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+    return text
+
+
+class TargetnessWriter:
+    """Inference handler: the evaluator's ``pred`` is the targetness map ``(1, H, W)`` at the model's size
+    (:class:`~cutremain_monai.localization.targetness.TargetnessInferer`). Writes ``overlays/<name>.png`` and a row of
+    ``targetness.csv`` per image (box ``x0, y0, x1, y1`` in the image's own pixels, empty when nothing passes the
+    threshold) under ``output_dir``; files set aside by the dataset get a row with their error.
+
+    Args:
+        tau: the map threshold; ``tau_file``: an evaluation's ``*_localization.json`` whose validation threshold
+            is used when it exists (else ``tau``).
+    """
+
+    def __init__(self, output_dir: str, tau: float = 0.5, tau_file: str | None = None, overlays: bool = True,
+                 set_aside=None, method: str = "targetness"):
+        self.output_dir, self.overlays, self.set_aside, self.method = output_dir, overlays, set_aside, method
+        self.tau = float(tau)
+        if tau_file and os.path.exists(tau_file):
+            with open(tau_file) as f:
+                self.tau = float(json.load(f).get("validation_tau", {}).get(method, self.tau))
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        from cutremain_monai.localization.cam import save_overlay
+        from cutremain_monai.metrics.localization import largest_component_box
+
+        out = engine.state.output
+        outs = out if isinstance(out, list) else [out]
+        batch = engine.state.batch  # MONAI decollates it into one dict per image
+        samples = batch if isinstance(batch, list) else [{k: v[i] for k, v in batch.items()} for i in range(len(outs))]
+        for o, sample in zip(outs, samples):
+            m = torch.as_tensor(o["pred"]).detach().float().cpu()[0].numpy()
+            name = sample.get("image_id") or os.path.basename(str(sample.get("image_path", "")))
+            native = [int(v) for v in torch.as_tensor(sample["native_size"]).tolist()] if "native_size" in sample else list(m.shape)
+            box = largest_component_box(m >= self.tau)
+            row = {"file": name, "tau": round(self.tau, 3), "max_targetness": round(float(m.max()), 4),
+                   "x0": "", "y0": "", "x1": "", "y1": "", "error": ""}
+            if box is not None:
+                sy, sx = native[0] / m.shape[0], native[1] / m.shape[1]
+                b = [float(box[0]) * sx, float(box[1]) * sy, float(box[2]) * sx, float(box[3]) * sy]
+                row.update(x0=round(b[0], 1), y0=round(b[1], 1), x1=round(b[2], 1), y1=round(b[3], 1))
+            if self.overlays:
+                img = torch.as_tensor(sample["image"]).float().cpu()[0].numpy()
+                boxes = [list(map(float, box))] if box is not None else []
+                save_overlay(os.path.join(self.output_dir, "overlays", os.path.splitext(str(name).replace("/", "_"))[0] + ".png"),
+                             img, m, boxes, title=f"targetness, box at {self.tau:.2f}")
+            self.rows.append(row)
+
+    def _write(self, engine: Engine) -> None:
+        if rank() != 0:
+            return
+        rows = list(self.rows)
+        for e in self.set_aside or []:
+            rows.append({"file": e.get("file", ""), "tau": "", "max_targetness": "", "x0": "", "y0": "", "x1": "", "y1": "",
+                         "error": e.get("reason", "")})
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(os.path.join(self.output_dir, "targetness.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["file", "tau", "max_targetness", "x0", "y0", "x1", "y1", "error"])
+            w.writeheader()
+            w.writerows(rows)
+        logger.info("targetness: %d image(s), %d set aside -> %s", len(self.rows), len(rows) - len(self.rows), self.output_dir)
