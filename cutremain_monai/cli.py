@@ -190,6 +190,18 @@ def _severity_guidance(args) -> int:
     return 0
 
 
+def _background(args) -> int:
+    from cutremain_monai.engines.background_learning import background_experiment
+
+    overrides, output = _overrides_and_output(args, "background")
+    ratios = [float(r) for r in (args.ratios or "1,2,4").split(",") if r.strip()]
+    background_experiment(os.path.abspath(args.bundle), args.datalist, output, ratios=ratios, cam=not args.no_cam,
+                          task=args.task, seed=args.seed, **overrides)
+    print(open(os.path.join(output, "background_table.md")).read())
+    print(f"results: {output}/background_table.md, background_results.csv")
+    return 0
+
+
 def _shortcut(args) -> int:
     from cutremain_monai.engines.shortcut import shortcut_experiment
 
@@ -273,8 +285,9 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("experiment", help="k-fold cross-validation of augmentations (cv), the annotation-budget curve "
                        "(gamma), progressive self-training (self-train), adversarial-erasing region mining (erase) or "
-                       "the shortcut test of guided training (shortcut), ISNet on COVID severity (severity-guidance)")
-    p.add_argument("kind", choices=["cv", "gamma", "self-train", "erase", "shortcut", "severity-guidance"])
+                       "the shortcut test of guided training (shortcut), ISNet on COVID severity (severity-guidance), background "
+                            "learning against CAM (background)")
+    p.add_argument("kind", choices=["cv", "gamma", "self-train", "erase", "shortcut", "severity-guidance", "background"])
     p.add_argument("--bundle", required=True)
     p.add_argument("--datalist", help="datalist JSON (default: dicom_samples/datalist.json)", default="dicom_samples/datalist.json")
     p.add_argument("--task", default=None, help="section of a multi-task datalist (e.g. clavicle)")
@@ -300,10 +313,12 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=20, help="shortcut: training epochs per method")
     p.add_argument("--warmup-epochs", type=int, default=5, help="shortcut: plain epochs before the guidance losses")
     p.add_argument("--metric", default="auc", help="gamma: the test metric on the curve (auc, f1, accuracy, map, of1)")
+    p.add_argument("--ratios", help="background: background ratios to train (default 1,2,4)")
+    p.add_argument("--no-cam", action="store_true", help="background: skip the whole-image CAM baseline")
     p.add_argument("--overrides", help='JSON of bundle overrides, e.g. \'{"epochs": 10, "image_size": [128, 128]}\'')
     p.add_argument("-o", "--output")
     p.set_defaults(func=lambda a: {"gamma": _gamma, "self-train": _self_train, "erase": _erase, "shortcut": _shortcut,
-                                     "severity-guidance": _severity_guidance}.get(a.kind, _experiment)(a))
+                                     "severity-guidance": _severity_guidance, "background": _background}.get(a.kind, _experiment)(a))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -13,6 +13,9 @@ TINY = {"image_size": [64, 64], "network_depth": 10, "epochs": 1, "batch_size": 
 # covid_severity: the small transformer at 64 px (a multiple of 16), two epochs so the ensemble has two members
 COVID_TINY = {"image_size": 64, "epochs": 2, "batch_size": 4, "num_workers": 0, "overlays": 2, "seg_image_size": 64,
               "seg_epochs": 1, "seg_batch_size": 4}
+# background_learning: 64 px images, 12 px patches (the seed's ratio), 14 x 14 windows at stride 4
+BG_TINY = {"image_size": 64, "patch_size": 12, "window_stride": 4, "backbone": "resnet10", "epochs": 2,
+           "images_per_batch": 4, "num_workers": 0, "overlays": 2, "window_batch": 256}
 
 
 def tiny_datalist(tmp_path, task="clavicle", n=(6, 4, 4)) -> str:

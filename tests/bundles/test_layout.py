@@ -15,13 +15,14 @@ import sys
 import pytest
 import torch
 
-from tests.bundles.conftest import BUNDLES, COVID_TINY, TINY, config_arg, tiny_datalist
+from tests.bundles.conftest import BG_TINY, BUNDLES, COVID_TINY, TINY, config_arg, tiny_datalist
 from tests.conftest import ROOT, SAMPLES, SHARED_MONAI
 
 CLASSIFICATION = ["clavicle_fracture", "femur_fracture", "cxr14"]
-ALL = CLASSIFICATION + ["covid_severity"]
+ALL = CLASSIFICATION + ["covid_severity", "background_learning"]
 MARKER = "# ==== shared classification workflow"
-TASKS = {"clavicle_fracture": "clavicle", "femur_fracture": "pelvis", "cxr14": "chest", "covid_severity": "covid"}
+TASKS = {"clavicle_fracture": "clavicle", "femur_fracture": "pelvis", "cxr14": "chest", "covid_severity": "covid",
+         "background_learning": "clavicle"}
 
 
 def _env():
@@ -37,7 +38,7 @@ def _args(settings: dict) -> list[str]:
 
 
 def _tiny(bundle):
-    return COVID_TINY if bundle == "covid_severity" else TINY
+    return {"covid_severity": COVID_TINY, "background_learning": BG_TINY}.get(bundle, TINY)
 
 
 @pytest.mark.parametrize("bundle", ALL)
@@ -117,6 +118,8 @@ def test_net_in_out_and_export(tmp_path, bundle):
     net_id = "packed_network_def" if covid else "network_def"
     size = json.load(open(meta))["network_data_format"]["inputs"]["image"]["spatial_shape"]
     overrides = {"image_size": size[0]} if covid else {"network_depth": 10, "image_size": size}
+    if bundle == "background_learning":  # the network takes patches
+        overrides = {"backbone": "resnet10", "patch_size": size[0]}
     parser = ConfigParser()
     parser.read_config([os.path.join(root, "configs", n) for n in ("train.yaml", "cpu.yaml")])
     parser.update({"bundle_root": root, **overrides})
@@ -187,16 +190,17 @@ def test_copy_outside_repository_trains_and_sets_bad_files_aside(tmp_path, bundl
     db = "sqlite:///" + str(tmp_path / "mlruns.db")
     settings = {**_tiny(bundle), "epochs": 1, "register_model": "True", "datalist": dl, "datalist_task": "null",
                 "tracking_uri": db, "experiment_name": "copy"}
-    if bundle != "covid_severity":
-        settings["cam_images"] = 0
-    else:
+    if bundle == "covid_severity" or bundle == "background_learning":
         settings["overlays"] = 0
+    else:
+        settings["cam_images"] = 0
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg(["train.yaml", "cpu.yaml"]),
                            *_args(settings)], capture_output=True, text=True, cwd=copy, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Not all config files are in" not in proc.stdout + proc.stderr
-    out = copy / "outputs" / ("severity" if bundle == "covid_severity" else "cut_remain")
-    assert (out / "checkpoints" / "model.pt").exists() and (out / "val_metrics.json").exists()
+    out = copy / "outputs" / {"covid_severity": "severity", "background_learning": "bg_x1"}.get(bundle, "cut_remain")
+    assert (out / "checkpoints" / "model.pt").exists()
+    assert bundle == "background_learning" or (out / "val_metrics.json").exists()
     rows = list(csv.DictReader(open(out / "set_aside.csv")))
     assert [r["file"] for r in rows] == paths and {r["section"] for r in rows} == {"training"}
     reasons = [r["reason"] for r in rows]
