@@ -67,7 +67,12 @@ def severity_guidance_experiment(bundle: str, datalist: str, output_dir: str, me
                 **overrides}
     parser = bundle_parser(bundle, list(configs), **settings)
     chain = parser.get_parsed_content("preprocessing")
-    samples = [chain(dict(it)) for it in load_datalist(settings["datalist"], "test", task=task)]
+    samples = []
+    for it in load_datalist(settings["datalist"], "test", task=task):
+        try:
+            samples.append(chain(dict(it)))
+        except Exception as e:  # unreadable: named and left out (the evaluation sets it aside the same way)
+            logger.warning("severity guidance: %s left out of the relevance share (%s: %s)", it.get("image"), type(e).__name__, e)
     x = torch.stack([torch.as_tensor(s["image"]).float() for s in samples])
     mask = torch.stack([torch.as_tensor(s["lung_mask"]).float() for s in samples])
     zones = torch.stack([torch.as_tensor(s["zones"]).round().to(torch.uint8) for s in samples])
@@ -82,7 +87,7 @@ def severity_guidance_experiment(bundle: str, datalist: str, output_dir: str, me
         model = parser.get_parsed_content("network_def", instantiate=True)
         model.load_state_dict(checkpoint_state(os.path.join(out, "checkpoints", "model.pt")))
         share, low, high = _mean_ci(outside_lung_share(model, x, mask, zones))
-        rows.append({"guidance": m, "n_test": test["n"], "mse": test["mse"], "mae": test["mae"], "pearson": test["pearson"],
+        rows.append({"guidance": m, "n_test": test["n"], "n_relevance": len(samples), "mse": test["mse"], "mae": test["mae"], "pearson": test["pearson"],
                      "mean_zone_auc": test["mean_zone_auc"], "outside_lung_relevance": share,
                      "outside_lung_low": low, "outside_lung_high": high})
     os.makedirs(output_dir, exist_ok=True)

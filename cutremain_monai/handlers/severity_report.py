@@ -89,7 +89,7 @@ class SeverityReport:
         else:
             members = [net]
         device = next(members[0].parameters()).device
-        n = 0
+        n, explainer = 0, None
         for i in range(min(self.overlays, len(self.dataset))):
             s = self.dataset[i]
             x = torch.as_tensor(s["image"]).float()[None].to(device)
@@ -103,15 +103,19 @@ class SeverityReport:
                                   s["image"][0], maps[0, 0].cpu(), s["zones"][0], probs[0].cpu(), labels,
                                   title=f"global {float(probs.sum()):.1f}" + (f" / ref {int(np.sum(labels))}" if labels is not None else ""))
             if self.relevance:
-                self._draw_relevance(members[0], x, mask, zones, s["image"][0], i)
+                if explainer is None:  # one LRP-ready copy per drawing, not per image
+                    from cutremain_monai.localization.lrp import make_lrp_ready
+
+                    explainer = make_lrp_ready(members[0]).eval()
+                self._draw_relevance(explainer, x, mask, zones, s["image"][0], i)
             n += 1
         return n
 
     def _draw_relevance(self, model, x, mask, zones, image, i: int) -> None:
         from cutremain_monai.localization.cam import save_overlay
-        from cutremain_monai.localization.lrp import make_lrp_ready, severity_relevance
+        from cutremain_monai.localization.lrp import severity_relevance
 
-        heat = severity_relevance(make_lrp_ready(model).eval(), x, mask, zones).detach().abs()[0, 0].cpu()
+        heat = severity_relevance(model, x, mask, zones).detach().abs()[0, 0].cpu()
         outside = float((heat * (mask[0, 0].cpu() <= 0.5)).sum() / heat.sum().clamp_min(1e-12))
         save_overlay(os.path.join(self.output_dir, f"{self.prefix}_relevance_overlays", f"relevance_{i:03d}.png"), image,
                      heat / heat.max().clamp_min(1e-12), title=f"|LRP| of the zone logits: {outside:.0%} outside the lungs")

@@ -9,9 +9,10 @@ inference.
   Decision-boundary induction shows as F patches piling up at high backgroundness with the N patches, and the P
   patches at low backgroundness.
 * :func:`comparison_table`: Loc. Acc. of targetness and CAM from the two localisation reports, one markdown table.
-* :class:`TargetnessWriter` (inference evaluator handler): per image, the targetness map as an overlay PNG with
-  the box of its largest component at the threshold chosen on validation (read from the evaluation's
-  ``*_localization.json``; 0.5 without one), in the image's own pixels, and ``targetness.csv``.
+* :class:`TargetnessWriter` (inference evaluator handler): per image, the image's target score (the highest mean
+  window probability of a pixel), the targetness map as an overlay PNG with the box of its largest component at the
+  threshold chosen on validation (read from the evaluation's ``*_localization.json``; 0.5 without one) in the
+  image's own pixels when the score reaches ``min_score``, and ``targetness.csv``.
 """
 
 from __future__ import annotations
@@ -136,19 +137,25 @@ def comparison_table(reports: dict[str, str], output: str | None = None) -> str:
 
 
 class TargetnessWriter:
-    """Inference handler: the evaluator's ``pred`` is the targetness map ``(1, H, W)`` at the model's size
-    (:class:`~cutremain_monai.localization.targetness.TargetnessInferer`). Writes ``overlays/<name>.png`` and a row of
-    ``targetness.csv`` per image (box ``x0, y0, x1, y1`` in the image's own pixels, empty when nothing passes the
-    threshold) under ``output_dir``; files set aside by the dataset get a row with their error.
+    """Inference handler: the evaluator's ``pred`` is the map ``(1, H, W)`` at the model's size BEFORE min-max
+    normalisation (:class:`~cutremain_monai.localization.targetness.TargetnessInferer` with ``output="raw_map"``:
+    the mean window probability per pixel). Each map is min-max normalised here (a normalised map always reaches 1,
+    so it cannot say whether the image holds a target: the raw maximum, ``target_score``, does). Writes
+    ``overlays/<name>.png`` and a row of ``targetness.csv`` per image under ``output_dir``: ``target_score``, and
+    the box ``x0, y0, x1, y1`` in the image's own pixels when ``target_score >= min_score`` (empty otherwise);
+    files set aside by the dataset get a row with their error.
 
     Args:
         tau: the map threshold; ``tau_file``: an evaluation's ``*_localization.json`` whose validation threshold
             is used when it exists (else ``tau``).
+        min_score: the image-level score below which no box is drawn (0.5: the covering windows call the pixel
+            target on average).
     """
 
     def __init__(self, output_dir: str, tau: float = 0.5, tau_file: str | None = None, overlays: bool = True,
-                 set_aside=None, method: str = "targetness"):
+                 set_aside=None, method: str = "targetness", min_score: float = 0.5):
         self.output_dir, self.overlays, self.set_aside, self.method = output_dir, overlays, set_aside, method
+        self.min_score = float(min_score)
         self.tau = float(tau)
         if tau_file and os.path.exists(tau_file):
             with open(tau_file) as f:
@@ -168,11 +175,13 @@ class TargetnessWriter:
         batch = engine.state.batch  # MONAI decollates it into one dict per image
         samples = batch if isinstance(batch, list) else [{k: v[i] for k, v in batch.items()} for i in range(len(outs))]
         for o, sample in zip(outs, samples):
-            m = torch.as_tensor(o["pred"]).detach().float().cpu()[0].numpy()
+            raw = torch.as_tensor(o["pred"]).detach().float().cpu()[0].numpy()
             name = sample.get("image_id") or os.path.basename(str(sample.get("image_path", "")))
-            native = [int(v) for v in torch.as_tensor(sample["native_size"]).tolist()] if "native_size" in sample else list(m.shape)
-            box = largest_component_box(m >= self.tau)
-            row = {"file": name, "tau": round(self.tau, 3), "max_targetness": round(float(m.max()), 4),
+            native = [int(v) for v in torch.as_tensor(sample["native_size"]).tolist()] if "native_size" in sample else list(raw.shape)
+            score, lo = float(raw.max()), float(raw.min())
+            m = (raw - lo) / (score - lo) if score > lo else np.zeros_like(raw)
+            box = largest_component_box(m >= self.tau) if score >= self.min_score else None
+            row = {"file": name, "tau": round(self.tau, 3), "target_score": round(score, 4),
                    "x0": "", "y0": "", "x1": "", "y1": "", "error": ""}
             if box is not None:
                 sy, sx = native[0] / m.shape[0], native[1] / m.shape[1]
@@ -181,8 +190,8 @@ class TargetnessWriter:
             if self.overlays:
                 img = torch.as_tensor(sample["image"]).float().cpu()[0].numpy()
                 boxes = [list(map(float, box))] if box is not None else []
-                save_overlay(os.path.join(self.output_dir, "overlays", os.path.splitext(str(name).replace("/", "_"))[0] + ".png"),
-                             img, m, boxes, title=f"targetness, box at {self.tau:.2f}")
+                save_overlay(os.path.join(self.output_dir, "overlays", str(name).replace("/", "__") + ".png"),
+                             img, m, boxes, title=f"target score {score:.2f}" + (f", box at {self.tau:.2f}" if boxes else ""))
             self.rows.append(row)
 
     def _write(self, engine: Engine) -> None:
@@ -190,11 +199,11 @@ class TargetnessWriter:
             return
         rows = list(self.rows)
         for e in self.set_aside or []:
-            rows.append({"file": e.get("file", ""), "tau": "", "max_targetness": "", "x0": "", "y0": "", "x1": "", "y1": "",
+            rows.append({"file": e.get("file", ""), "tau": "", "target_score": "", "x0": "", "y0": "", "x1": "", "y1": "",
                          "error": e.get("reason", "")})
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, "targetness.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["file", "tau", "max_targetness", "x0", "y0", "x1", "y1", "error"])
+            w = csv.DictWriter(f, fieldnames=["file", "tau", "target_score", "x0", "y0", "x1", "y1", "error"])
             w.writeheader()
             w.writerows(rows)
         logger.info("targetness: %d image(s), %d set aside -> %s", len(self.rows), len(rows) - len(self.rows), self.output_dir)

@@ -41,8 +41,9 @@ def _grid(size: int, window: int, stride: int) -> int:
 
 
 def window_scores(model: torch.nn.Module, x: torch.Tensor, window: int = 48, stride: int = 8,
-                  batch_size: int = 1024) -> torch.Tensor:
-    """``P(target)`` of every window: ``x (B, C, H, W)`` -> ``(B, gh, gw)``, row-major over the window grid."""
+                  batch_size: int = 1024, logits: bool = False) -> torch.Tensor:
+    """``P(target)`` of every window (``logits=True``: the raw logits): ``x (B, C, H, W)`` -> ``(B, gh, gw)``,
+    row-major over the window grid."""
     if x.ndim != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     b, c, h, w = x.shape
@@ -52,18 +53,21 @@ def window_scores(model: torch.nn.Module, x: torch.Tensor, window: int = 48, str
     out = []
     with torch.no_grad():
         for i in range(0, len(patches), batch_size):
-            logits = model(patches[i : i + batch_size])
-            if logits.ndim != 2 or logits.shape[1] != 1:
-                raise ValueError(f"the patch classifier must return one logit per window (N, 1), got {tuple(logits.shape)}")
-            out.append(torch.sigmoid(logits.float())[:, 0])
-    return torch.cat(out).reshape(b, gh, gw)
+            raw = model(patches[i : i + batch_size])
+            if raw.ndim != 2 or raw.shape[1] != 1:
+                raise ValueError(f"the patch classifier must return one logit per window (N, 1), got {tuple(raw.shape)}")
+            out.append(raw.float()[:, 0])
+    scores = torch.cat(out).reshape(b, gh, gw)
+    return scores if logits else torch.sigmoid(scores)
 
 
 def accumulate_windows(scores: torch.Tensor, image_size, window: int = 48, stride: int = 8,
                        normalise: Literal["coverage", "sum"] = "coverage",
-                       accumulate: Literal["target", "background"] = "target") -> torch.Tensor:
+                       accumulate: Literal["target", "background"] = "target", minmax: bool = True) -> torch.Tensor:
     """Window scores ``(B, gh, gw)`` (``P(target)``) -> min-max normalised targetness maps ``(B, H, W)`` in [0, 1]
-    (see the module docstring for the two options)."""
+    (see the module docstring for the two options). ``minmax=False``: the accumulated map before normalisation
+    (``"coverage"``: the mean ``P(target)`` of the windows covering each pixel, comparable between images; 0 where
+    no window covers), for an image-level score."""
     if normalise not in ("coverage", "sum"):
         raise ValueError(f"normalise must be 'coverage' or 'sum', got {normalise!r}")
     if accumulate not in ("target", "background"):
@@ -78,6 +82,8 @@ def accumulate_windows(scores: torch.Tensor, image_size, window: int = 48, strid
     coverage = F.fold(torch.ones_like(cols[:1]), output_size=(h, w), kernel_size=window, stride=stride)[:, 0]
     covered = coverage > 0
     c = torch.where(covered, total / coverage.clamp_min(1), torch.zeros_like(total)) if normalise == "coverage" else total
+    if not minmax:
+        return c if accumulate == "target" else torch.where(covered, coverage - c if normalise == "sum" else 1 - c, c)
     flat = c.masked_fill(~covered, float("nan")).flatten(1)
     lo = torch.nan_to_num(flat, nan=float("inf")).amin(1).view(b, 1, 1)
     hi = torch.nan_to_num(flat, nan=float("-inf")).amax(1).view(b, 1, 1)
@@ -89,9 +95,9 @@ def accumulate_windows(scores: torch.Tensor, image_size, window: int = 48, strid
 
 def targetness_map(model: torch.nn.Module, x: torch.Tensor, window: int = 48, stride: int = 8, batch_size: int = 1024,
                    normalise: Literal["coverage", "sum"] = "coverage",
-                   accumulate: Literal["target", "background"] = "target") -> torch.Tensor:
+                   accumulate: Literal["target", "background"] = "target", minmax: bool = True) -> torch.Tensor:
     """Targetness maps ``(B, 1, H, W)`` in [0, 1] of ``x (B, C, H, W)`` (or ``(C, H, W)``) under the patch
-    classifier ``model`` (put in eval mode here and restored)."""
+    classifier ``model`` (put in eval mode here and restored); ``minmax=False``: before normalisation."""
     single = x.ndim == 3
     x = x[None] if single else x
     was_training = model.training
@@ -100,26 +106,28 @@ def targetness_map(model: torch.nn.Module, x: torch.Tensor, window: int = 48, st
         scores = window_scores(model, x, window, stride, batch_size)
     finally:
         model.train(was_training)
-    maps = accumulate_windows(scores, x.shape[-2:], window, stride, normalise, accumulate)[:, None]
+    maps = accumulate_windows(scores, x.shape[-2:], window, stride, normalise, accumulate, minmax)[:, None]
     return maps[0] if single else maps
 
 
 class TargetnessInferer(Inferer):
     """MONAI inferer of a patch classifier over whole images: ``output="map"`` gives the targetness maps
-    ``(B, 1, H, W)`` (:func:`targetness_map`); ``output="max_logit"`` the image's score ``(B, 1)``, the highest
-    window logit (an image holds a target if one window does: what validation ranks images by)."""
+    ``(B, 1, H, W)`` (:func:`targetness_map`); ``"raw_map"`` the same before min-max normalisation (with coverage
+    normalisation: the mean window probability per pixel, whose maximum scores the image); ``"max_logit"`` the
+    image's score ``(B, 1)``, the highest window logit (an image holds a target if one window does: what validation
+    ranks images by)."""
 
     def __init__(self, window: int = 48, stride: int = 8, batch_size: int = 1024, output: str = "map",
                  normalise: str = "coverage", accumulate: str = "target"):
         super().__init__()
-        if output not in ("map", "max_logit"):
-            raise ValueError(f"output must be 'map' or 'max_logit', got {output!r}")
+        if output not in ("map", "raw_map", "max_logit"):
+            raise ValueError(f"output must be 'map', 'raw_map' or 'max_logit', got {output!r}")
         self.window, self.stride, self.batch_size, self.output = int(window), int(stride), int(batch_size), output
         self.normalise, self.accumulate = normalise, accumulate
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
         x = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
-        if self.output == "map":
-            return targetness_map(network, x.float(), self.window, self.stride, self.batch_size, self.normalise, self.accumulate)
-        p = window_scores(network, x.float(), self.window, self.stride, self.batch_size).flatten(1).amax(1)
-        return torch.logit(p.clamp(1e-7, 1 - 1e-7))[:, None]
+        if self.output in ("map", "raw_map"):
+            return targetness_map(network, x.float(), self.window, self.stride, self.batch_size, self.normalise,
+                                  self.accumulate, minmax=self.output == "map")
+        return window_scores(network, x.float(), self.window, self.stride, self.batch_size, logits=True).flatten(1).amax(1)[:, None]

@@ -17,6 +17,7 @@ the patch's position (``patch_box``, xyxy in the sample's pixels) in each output
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ from cutremain_monai.constants import BOX_MASK, IMAGE, LABEL
 __all__ = ["RandPatches", "RandPatchesd", "RandPatchesD", "RandPatchesDict", "patch_type", "background_plan",
            "PATCH_TYPE", "PATCH_BOX"]
 
+logger = logging.getLogger(__name__)
 PATCH_TYPE = "patch_type"
 PATCH_BOX = "patch_box"
 
@@ -163,9 +165,14 @@ def background_plan(items: Sequence[dict], bg_ratio: float = 1.0, num_patches: i
         raise ValueError(f"background learning needs target and background images; got {len(targets)} target, "
                          f"{len(background)} background")
     if mode == "patches":
-        return items, max(1, int(round(bg_ratio * num_patches * len(targets) / len(background))))
+        k = max(1, int(round(bg_ratio * num_patches * len(targets) / len(background))))
+        logger.info("background plan: %d target and %d background images, %d patches per background image: BG x%.2f "
+                    "(asked x%g)", len(targets), len(background), k, k * len(background) / (num_patches * len(targets)), bg_ratio)
+        return items, k
     want = max(1, int(round(bg_ratio * len(targets))))
     rng = np.random.default_rng(seed)
     reps, rest = divmod(want, len(background))
     chosen = background * reps + [background[i] for i in sorted(rng.choice(len(background), size=rest, replace=False))]
+    logger.info("background plan: %d target images, %d background items from %d images: BG x%.2f (asked x%g)",
+                len(targets), len(chosen), len(background), len(chosen) / len(targets), bg_ratio)
     return targets + chosen, int(num_patches)

@@ -61,14 +61,19 @@ def test_train_cam_evaluate_infer(tmp_path, scenes):
     assert 0 <= metrics["test_auc"] <= 1
     # folder inference: one row per image, boxes inside the image's own pixels, the validation tau
     folder = os.path.dirname(scenes) + "/background"
-    run_bundle("background_learning", [*CPU, "inference.yaml"], tmp_path, tiny=BG_TINY, workflow_type="infer",
-               input_dir=folder, datalist=scenes, datalist_task="background")
+    # (maps at 32 px for 64 px images: the boxes must come back to the images' pixels)
+    run_bundle("background_learning", [*CPU, "inference.yaml"], tmp_path, tiny={**BG_TINY, "image_size": 32, "patch_size": 8},
+               workflow_type="infer", input_dir=folder, datalist=scenes, datalist_task="background", inference_min_score=0.0)
     rows = list(csv.DictReader(open(out / "inference" / "targetness.csv")))
     assert len(rows) == 30 and all(not r["error"] for r in rows)
     tau = json.load(open(out / "test_targetness_localization.json"))["validation_tau"]["targetness"]
     assert all(float(r["tau"]) == pytest.approx(tau) for r in rows)
+    assert all(0 <= float(r["target_score"]) <= 1 for r in rows) and len({r["target_score"] for r in rows}) > 1
     boxed = [r for r in rows if r["x0"] != ""]
-    assert boxed and all(0 <= float(r["x0"]) < float(r["x1"]) <= 64 and 0 <= float(r["y0"]) < float(r["y1"]) <= 64 for r in boxed)
+    assert len(boxed) == 30  # min_score 0: every image gets its box
+    assert all(0 <= float(r["x0"]) < float(r["x1"]) <= 64 and 0 <= float(r["y0"]) < float(r["y1"]) <= 64 for r in boxed)
+    assert all(float(v) % 2 == 0 for r in boxed for v in (r["x0"], r["y0"], r["x1"], r["y1"]))  # 32 px boxes x 2
+    assert max(float(r["x1"]) for r in boxed) > 32 and max(float(r["y1"]) for r in boxed) > 32
     assert len(os.listdir(out / "inference" / "overlays")) == 30
     import mlflow
 

@@ -26,7 +26,7 @@ def _by_hand(img, window, stride, normalise, accumulate="target"):
     c = np.where(cover > 0, total / np.maximum(cover, 1), 0) if normalise == "coverage" else total
     lo, hi = c[cover > 0].min(), c[cover > 0].max()
     m = (c - lo) / (hi - lo) if accumulate == "target" else (hi - c) / (hi - lo)
-    return np.where(cover > 0, m, 0), cover
+    return np.where(cover > 0, m, 0), cover, c
 
 
 @pytest.mark.parametrize("normalise", ["coverage", "sum"])
@@ -36,10 +36,14 @@ def test_map_matches_the_loop(normalise, accumulate):
     img = rng.random((2, 1, 21, 18))  # (21 - 6) % 3 == 0, (18 - 6) % 3 == 0; window 6, stride 3
     got = targetness_map(_MeanLogit(), torch.from_numpy(img).float(), window=6, stride=3, batch_size=7,
                          normalise=normalise, accumulate=accumulate)
+    raw = targetness_map(_MeanLogit(), torch.from_numpy(img).float(), window=6, stride=3, normalise=normalise,
+                         accumulate="target", minmax=False)
     for i in range(2):
-        want, cover = _by_hand(img[i, 0], 6, 3, normalise, accumulate)
+        want, cover, c = _by_hand(img[i, 0], 6, 3, normalise, accumulate)
         assert cover.min() == 1 and cover.max() == 4  # corners 1 window, inside (6 / 3)^2
         np.testing.assert_allclose(got[i, 0].numpy(), want, atol=1e-5)
+        if accumulate == "target":  # before normalisation: the mean (or sum) of the covering windows' P(target)
+            np.testing.assert_allclose(raw[i, 0].numpy(), c, atol=1e-5)
 
 
 def test_background_form_equals_target_form_only_with_coverage():
