@@ -13,6 +13,10 @@ SHARED_MONAI = os.path.normpath(os.path.join(ROOT, "..", "shared", "monai"))
 SAMPLES = os.path.join(ROOT, "dicom_samples")
 
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+# a fixed test key for keyed pseudonyms (cutremain_monai.io.pseudonyms): runs are reproducible and no test writes a
+# key file into the user's config folder (subprocesses inherit it)
+TEST_PSEUDONYM_KEY = "5e" * 32
+os.environ.setdefault("CUTREMAIN_PSEUDONYM_KEY", TEST_PSEUDONYM_KEY)
 
 
 def shared_data(*parts) -> str:

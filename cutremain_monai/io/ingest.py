@@ -4,7 +4,8 @@ Every file ends up in exactly one place: the datalist (a usable image), the pres
 boxes, or the report with its reason. One bad file never stops the batch. Images are validated by decoding them
 with :func:`cutremain_monai.io.dicom.read_xray_dicom`; boxes (from a CSV / datalist file or from GSPS objects)
 are validated against the image size, and clipped or dropped boxes are reported too. No patient identifier is
-written: the datalist's ``group`` is a pseudonym of the patient id (or of the study when there is none).
+written: the datalist's ``group`` is a keyed pseudonym of the patient id (HMAC with the site's secret key,
+:mod:`cutremain_monai.io.pseudonyms`; of the study when there is no patient id).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from cutremain_monai.io.boxes import validate_boxes
 from cutremain_monai.io.datalist import save_datalist, split_by_group
 from cutremain_monai.io.dicom import DicomReadError, check_xray_image, read_dataset, read_xray_dicom
 from cutremain_monai.io.gsps import gsps_referenced_sop_uids, is_gsps, read_gsps_boxes
-from cutremain_monai.io.importers import import_csv, pseudonym
+from cutremain_monai.io.importers import import_csv
+from cutremain_monai.io.pseudonyms import keyed_pseudonym, site_key
 
 __all__ = ["IngestReport", "ingest"]
 
@@ -107,6 +109,7 @@ def ingest(
     if boxes and gsps:
         raise ValueError("give either boxes=FILE or gsps=True, not both")
     report = IngestReport()
+    key = site_key()  # read (or made) once: a bad key stops before any file is touched
     external = _external_boxes(boxes) if boxes else {}
     files = _walk(root)
     report.files_seen = len(files)
@@ -132,7 +135,7 @@ def ingest(
             report.quarantined.append((path, f"duplicate SOPInstanceUID of {images[uid]['image']}"))
             continue
         pid = str(ds.get("PatientID", "") or "") or str(ds.get("StudyInstanceUID", "") or path)
-        item = {"image": os.path.abspath(path), "label": 0, "boxes": [], "box_labels": [], "group": pseudonym(pid)}
+        item = {"image": os.path.abspath(path), "label": 0, "boxes": [], "box_labels": [], "group": keyed_pseudonym(pid, key)}
         ext = external.get(os.path.abspath(path))
         if ext is not None:
             item["label"] = ext["label"]
