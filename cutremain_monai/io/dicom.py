@@ -59,9 +59,14 @@ def read_dataset(path: PathLike):
         ds = pydicom.dcmread(path)
     except pydicom.errors.InvalidDicomError as e:
         raise DicomReadError(path, f"not a DICOM file ({e})") from e
-    except (EOFError, OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError) as e:
+    except Exception as e:  # EOFError, OSError, struct.error, pydicom's BytesLengthException, ... (fuzzing found several)
         raise DicomReadError(path, f"unreadable or truncated DICOM ({type(e).__name__}: {e})") from e
-    _check_truncation(ds, path)
+    try:
+        _check_truncation(ds, path)
+    except DicomReadError:
+        raise
+    except Exception as e:
+        raise DicomReadError(path, f"malformed DICOM element ({type(e).__name__}: {e})") from e
     return ds
 
 
@@ -136,7 +141,10 @@ def _stored_pixels(ds, path: PathLike) -> np.ndarray:
             raise DicomReadError(path, f"truncated pixel data: {len(ds.PixelData)} bytes, expected {need}")
     try:
         arr = ds.pixel_array
-    except Exception as e:  # decoders raise many types; the caller needs the file and the reason
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # decoders raise many types, and the Rust ones (pylibjpeg-rle) panic with a
+        # BaseException (pyo3's PanicException) on corrupt data (found by fuzzing); the caller needs file and reason
         raise DicomReadError(path, f"pixel data could not be decoded ({type(e).__name__}: {e})") from e
     if arr.shape != (rows, cols):
         raise DicomReadError(path, f"decoded pixel array has shape {arr.shape}, expected {(rows, cols)}")
@@ -226,6 +234,15 @@ def read_xray_dicom(
         DicomReadError: not DICOM, truncated, no PixelData, multi-frame, non-greyscale, or no decoder.
     """
     ds = read_dataset(path) if dataset is None else dataset
+    try:
+        return _read_xray(ds, path, window, raw)
+    except DicomReadError:
+        raise
+    except Exception as e:  # pydicom parses elements when first read: a corrupt one fails here (found by fuzzing)
+        raise DicomReadError(path, f"malformed DICOM element ({type(e).__name__}: {e})") from e
+
+
+def _read_xray(ds, path: PathLike, window, raw: bool) -> tuple[np.ndarray, dict]:
     check_xray_image(ds, path)
     stored = _stored_pixels(ds, path)
     meta = xray_metadata(ds)

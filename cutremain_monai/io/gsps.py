@@ -23,7 +23,7 @@ from monai.utils import optional_import
 pydicom, _ = optional_import("pydicom")
 hd, _ = optional_import("highdicom")
 
-__all__ = ["GSPS_SOP_CLASS_UID", "is_gsps", "gsps_referenced_sop_uids", "read_gsps_boxes", "write_box_gsps"]
+__all__ = ["GSPS_SOP_CLASS_UID", "is_gsps", "gsps_referenced_sop_uids", "read_gsps_boxes", "read_gsps_file", "write_box_gsps"]
 
 GSPS_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.11.1"
 _LAYER = "BOXES"
@@ -54,6 +54,19 @@ def _closed_polygon_box(points: np.ndarray, graphic_type: str) -> np.ndarray | N
     x0, y0 = points.min(axis=0)
     x1, y1 = points.max(axis=0)
     return np.asarray([x0, y0, x1, y1], dtype=np.float32)
+
+
+def read_gsps_file(path: PathLike, image_size: dict[str, tuple[int, int]] | None = None, dataset=None) -> dict[str, list[tuple[np.ndarray, str]]]:
+    """:func:`read_gsps_boxes` of the file ``path``; anything unreadable in it (not DICOM, truncated, a corrupt
+    element, a malformed graphic) is a :class:`~cutremain_monai.io.dicom.DicomReadError` naming the file and the
+    reason."""
+    from cutremain_monai.io.dicom import DicomReadError, read_dataset
+
+    ds = read_dataset(path) if dataset is None else dataset
+    try:
+        return read_gsps_boxes(ds, image_size)
+    except Exception as e:
+        raise DicomReadError(path, f"presentation state unreadable ({type(e).__name__}: {e})") from e
 
 
 def read_gsps_boxes(ds, image_size: dict[str, tuple[int, int]] | None = None) -> dict[str, list[tuple[np.ndarray, str]]]:

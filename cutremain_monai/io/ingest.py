@@ -22,7 +22,7 @@ import numpy as np
 from cutremain_monai.io.boxes import validate_boxes
 from cutremain_monai.io.datalist import save_datalist, split_by_group
 from cutremain_monai.io.dicom import DicomReadError, check_xray_image, read_dataset, read_xray_dicom
-from cutremain_monai.io.gsps import gsps_referenced_sop_uids, is_gsps, read_gsps_boxes
+from cutremain_monai.io.gsps import gsps_referenced_sop_uids, is_gsps, read_gsps_file
 from cutremain_monai.io.importers import import_csv
 from cutremain_monai.io.pseudonyms import keyed_pseudonym, site_key
 
@@ -155,7 +155,12 @@ def ingest(
             report.quarantined.append((path, "presentation state ignored (run with --gsps to read its boxes)"))
             continue
         report.presentation_states += 1
-        for uid, found in read_gsps_boxes(ds, sizes).items():
+        try:
+            found_boxes = read_gsps_file(path, sizes, dataset=ds)
+        except DicomReadError as e:  # a corrupt presentation state is reported, never ends the batch
+            report.quarantined.append((path, e.reason))
+            continue
+        for uid, found in found_boxes.items():
             if uid in images:
                 images[uid]["boxes"] += [b.tolist() for b, _ in found]
                 images[uid]["box_labels"] += [lab for _, lab in found]

@@ -1,0 +1,132 @@
+"""Fuzzing the DICOM front end: mutated copies of the sample files (byte flips, truncations, insertions, broken
+lengths and VRs) through read_xray_dicom and the GSPS reader. Every input must end in success or in our
+DicomReadError (naming the file and the reason): never another exception, a Rust panic or a hang (5 s per input).
+The count comes from CUTREMAIN_FUZZ_INPUTS (default 20,000, about 3 minutes on 2 cores); seeds are the committed
+dicom_samples (and the real CR files of ../shared/data when present). Crashes it found are the regression tests
+below."""
+
+import copy
+import glob
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from cutremain_monai.io.dicom import DicomReadError, read_dataset, read_xray_dicom
+from cutremain_monai.io.gsps import read_gsps_file
+from tests.conftest import SAMPLES, SHARED_DATA
+
+N_INPUTS = int(os.environ.get("CUTREMAIN_FUZZ_INPUTS", 20000))
+
+
+class _Hang(Exception):
+    pass
+
+
+def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    b = bytearray(data)
+    kind = int(rng.integers(5))
+    if kind == 0:  # random bytes
+        for _ in range(int(rng.integers(1, 20))):
+            b[int(rng.integers(len(b)))] = int(rng.integers(256))
+    elif kind == 1:  # truncation
+        b = b[: int(rng.integers(1, len(b)))]
+    elif kind == 2:  # insertion (shifts every later element)
+        i = int(rng.integers(len(b)))
+        b[i:i] = bytes(rng.integers(0, 256, int(rng.integers(1, 64))).astype(np.uint8))
+    elif kind == 3:  # a length field: undefined or random (in the header, where element lengths sit)
+        i = int(rng.integers(128, max(129, min(len(b) - 4, 4000))))
+        b[i : i + 4] = b"\xff\xff\xff\xff" if rng.random() < 0.5 else bytes(rng.integers(0, 256, 4).astype(np.uint8))
+    else:  # a VR or tag
+        i = int(rng.integers(132, max(133, min(len(b) - 2, 3000))))
+        b[i : i + 2] = bytes(rng.integers(0, 256, 2).astype(np.uint8))
+    return bytes(b)
+
+
+def _seeds() -> list[str]:
+    seeds = sorted(glob.glob(os.path.join(SAMPLES, "*", "*.dcm")))
+    seeds += sorted(glob.glob(os.path.join(SHARED_DATA, "dicom", "siim-acr-cr", "*.dcm")))[:3]
+    return seeds
+
+
+def _read(path: str, gsps: bool) -> None:
+    if gsps:
+        read_gsps_file(path, dataset=read_dataset(path))
+    else:
+        read_xray_dicom(path)
+
+
+def test_fuzz_dicom_readers(tmp_path):
+    seeds = _seeds()
+    data = [open(p, "rb").read() for p in seeds]
+    rng = np.random.default_rng(2026)
+    path = str(tmp_path / "input.dcm")
+
+    def alarm(*_):
+        raise _Hang()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    failures, ok, rejected = [], 0, 0
+    try:
+        for _ in range(N_INPUTS):
+            j = int(rng.integers(len(data)))
+            mutated = _mutate(data[j], rng)
+            with open(path, "wb") as f:
+                f.write(mutated)
+            signal.setitimer(signal.ITIMER_REAL, 5.0)
+            try:
+                _read(path, seeds[j].endswith("_gsps.dcm"))
+                ok += 1
+            except DicomReadError as e:
+                assert e.path == path and e.reason  # names the file and says why
+                rejected += 1
+            except BaseException as e:  # noqa: BLE001 - anything else is a finding (Rust panics are BaseException)
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failures.append((os.path.basename(seeds[j]), type(e).__name__, str(e)[:200]))
+                if len(failures) >= 10:
+                    break
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert not failures, failures
+    assert ok + rejected == N_INPUTS and ok > 0 and rejected > 0
+
+
+def test_corrupt_rle_segment_is_a_read_error_not_a_panic(tmp_path):
+    """Found by fuzzing: a corrupt RLE run made pylibjpeg-rle's Rust decoder panic (pyo3 PanicException, a
+    BaseException that ``except Exception`` lets through), which would end a whole ingest."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(os.path.join(SAMPLES, "chest", "chest_001.dcm"))
+    assert ds.file_meta.TransferSyntaxUID.name == "RLE Lossless"
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    frame[11761] = 208  # the byte the fuzzer's search found
+    bad = copy.copy(ds)
+    bad.PixelData = encapsulate([bytes(frame)])
+    path = str(tmp_path / "rle.dcm")
+    bad.save_as(path)
+    with pytest.raises(DicomReadError, match="pixel data could not be decoded"):
+        read_xray_dicom(path)
+
+
+@pytest.mark.parametrize("case", ["odd_ul_length", "unknown_vr"])
+def test_malformed_elements_are_read_errors(tmp_path, case):
+    """Found by fuzzing: pydicom's BytesLengthException while parsing (an UL element whose length is not a multiple
+    of 4) and NotImplementedError for an unknown VR met when a deferred element is first read escaped as their own
+    types instead of DicomReadError."""
+    src = open(os.path.join(SAMPLES, "clavicle", "clavicle_000.dcm"), "rb").read()
+    if case == "odd_ul_length":
+        i = src.index(b"\x02\x00\x00\x00UL")  # (0002,0000) File Meta Information Group Length, UL
+        data, reason = src[: i + 6] + b"\x03\x00" + src[i + 8 :], "unreadable or truncated DICOM (BytesLengthException"
+    else:
+        i = src.index(b"\x28\x00\x11\x00")  # (0028,0011) Columns: its explicit VR replaced
+        data, reason = src[: i + 4] + b"U\xf4" + src[i + 6 :], "NotImplementedError"
+    path = str(tmp_path / "bad.dcm")
+    open(path, "wb").write(data)
+    with pytest.raises(DicomReadError) as err:
+        read_xray_dicom(path)
+    assert err.value.path == path and reason in err.value.reason, err.value.reason
