@@ -30,6 +30,16 @@ def _ingest(args) -> int:
     return 0
 
 
+def _deidentify(args) -> int:
+    from cutremain_monai.pacs.deidentify import deidentify
+
+    report = deidentify(args.input, args.output)
+    flagged = sum(1 for r in report.written if r["flags"])
+    print(json.dumps({"written": len(report.written), "not_dicom": report.not_dicom, "failed": report.failed,
+                      "flagged_pixels_may_carry_text": flagged, "report": os.path.join(args.output, "deidentify_report.csv")}))
+    return 0 if not report.failed else 1
+
+
 # collections known to hold the same radiograph twice (under other patient ids, or with no patient ids at all)
 NEAR_DUPLICATE_DEFAULTS = {"brixia": 0.85, "lungmasks": 0.85, "fracatlas": 0.85}
 
@@ -245,6 +255,12 @@ def main(argv=None) -> int:
                         "in one group, whatever their PatientID; pairs go to <output>.near_duplicates.csv")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("deidentify", help="de-identified copy of a DICOM export for research (dicognito, keyed; "
+                       "boxes in presentation states still pair)")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.set_defaults(func=_deidentify)
 
     p = sub.add_parser("import", help="convert an annotation format to a datalist")
     p.add_argument("format", choices=["csv", "nih", "coco", "fracatlas", "yolo", "brixia", "lungmasks"])

@@ -141,7 +141,8 @@ class TargetnessWriter:
     normalisation (:class:`~cutremain_monai.localization.targetness.TargetnessInferer` with ``output="raw_map"``:
     the mean window probability per pixel). Each map is min-max normalised here (a normalised map always reaches 1,
     so it cannot say whether the image holds a target: the raw maximum, ``target_score``, does). Writes
-    ``overlays/<name>.png`` and a row of ``targetness.csv`` per image under ``output_dir``: ``target_score``, and
+    ``maps/<name>.npy`` (the normalised map at the model's size, float32), ``overlays/<name>.png`` and a row of
+    ``targetness.csv`` per image under ``output_dir``: ``target_score``, and
     the box ``x0, y0, x1, y1`` in the image's own pixels when ``target_score >= min_score`` (empty otherwise);
     files set aside by the dataset get a row with their error.
 
@@ -187,10 +188,13 @@ class TargetnessWriter:
                 sy, sx = native[0] / m.shape[0], native[1] / m.shape[1]
                 b = [float(box[0]) * sx, float(box[1]) * sy, float(box[2]) * sx, float(box[3]) * sy]
                 row.update(x0=round(b[0], 1), y0=round(b[1], 1), x1=round(b[2], 1), y1=round(b[3], 1))
+            stem = str(name).replace("/", "__")
+            os.makedirs(os.path.join(self.output_dir, "maps"), exist_ok=True)
+            np.save(os.path.join(self.output_dir, "maps", stem + ".npy"), m.astype(np.float32))  # at the model's size
             if self.overlays:
                 img = torch.as_tensor(sample["image"]).float().cpu()[0].numpy()
                 boxes = [list(map(float, box))] if box is not None else []
-                save_overlay(os.path.join(self.output_dir, "overlays", str(name).replace("/", "__") + ".png"),
+                save_overlay(os.path.join(self.output_dir, "overlays", stem + ".png"),
                              img, m, boxes, title=f"target score {score:.2f}" + (f", box at {self.tau:.2f}" if boxes else ""))
             self.rows.append(row)
 

@@ -75,6 +75,8 @@ def test_train_cam_evaluate_infer(tmp_path, scenes):
     assert all(float(v) % 2 == 0 for r in boxed for v in (r["x0"], r["y0"], r["x1"], r["y1"]))  # 32 px boxes x 2
     assert max(float(r["x1"]) for r in boxed) > 32 and max(float(r["y1"]) for r in boxed) > 32
     assert len(os.listdir(out / "inference" / "overlays")) == 30
+    m = np.load(out / "inference" / "maps" / (rows[0]["file"].replace("/", "__") + ".npy"))
+    assert m.shape == (32, 32) and m.min() == 0 and m.max() == pytest.approx(1.0)
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlruns.db"))
