@@ -7,7 +7,6 @@ import os
 import shutil
 
 import pydicom
-import pytest
 
 from cutremain_monai.cli import main
 from cutremain_monai.io.gsps import read_gsps_boxes
