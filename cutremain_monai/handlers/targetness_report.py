@@ -143,7 +143,8 @@ class TargetnessWriter:
     so it cannot say whether the image holds a target: the raw maximum, ``target_score``, does). Writes
     ``maps/<name>.npy`` (the normalised map at the model's size, float32), ``overlays/<name>.png`` and a row of
     ``targetness.csv`` per image under ``output_dir``: ``target_score``, and
-    the box ``x0, y0, x1, y1`` in the image's own pixels when ``target_score >= min_score`` (empty otherwise);
+    the box ``x0, y0, x1, y1`` in the image's own pixels when ``target_score >= min_score`` (empty otherwise; the
+    map is brought to the image's size before the threshold, as the evaluation does);
     files set aside by the dataset get a row with their error.
 
     Args:
@@ -181,13 +182,16 @@ class TargetnessWriter:
             native = [int(v) for v in torch.as_tensor(sample["native_size"]).tolist()] if "native_size" in sample else list(raw.shape)
             score, lo = float(raw.max()), float(raw.min())
             m = (raw - lo) / (score - lo) if score > lo else np.zeros_like(raw)
-            box = largest_component_box(m >= self.tau) if score >= self.min_score else None
+            # the map brought to the image's own size (bilinear) before the threshold, as the evaluation scores it
+            at_native = torch.nn.functional.interpolate(torch.from_numpy(m)[None, None], size=tuple(native), mode="bilinear",
+                                                        align_corners=False)[0, 0].numpy() if list(m.shape) != native else m
+            box = largest_component_box(at_native >= self.tau) if score >= self.min_score else None
             row = {"file": name, "tau": round(self.tau, 3), "target_score": round(score, 4),
                    "x0": "", "y0": "", "x1": "", "y1": "", "error": ""}
             if box is not None:
-                sy, sx = native[0] / m.shape[0], native[1] / m.shape[1]
-                b = [float(box[0]) * sx, float(box[1]) * sy, float(box[2]) * sx, float(box[3]) * sy]
-                row.update(x0=round(b[0], 1), y0=round(b[1], 1), x1=round(b[2], 1), y1=round(b[3], 1))
+                row.update(x0=float(box[0]), y0=float(box[1]), x1=float(box[2]), y1=float(box[3]))
+                sy, sx = m.shape[0] / native[0], m.shape[1] / native[1]
+                box = np.array([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy])  # drawn on the model-size image
             stem = str(name).replace("/", "__")
             os.makedirs(os.path.join(self.output_dir, "maps"), exist_ok=True)
             np.save(os.path.join(self.output_dir, "maps", stem + ".npy"), m.astype(np.float32))  # at the model's size
