@@ -124,6 +124,8 @@ def ingest(
                 continue
             check_xray_image(ds, path)
             img, meta = read_xray_dicom(path, dataset=ds)
+            pid = str(ds.get("PatientID", "") or "") or str(ds.get("StudyInstanceUID", "") or path)  # (a corrupt
+            # PatientID element fails here, inside the try)
         except DicomReadError as e:
             report.quarantined.append((path, e.reason))
             continue
@@ -134,7 +136,6 @@ def ingest(
         if uid in images:
             report.quarantined.append((path, f"duplicate SOPInstanceUID of {images[uid]['image']}"))
             continue
-        pid = str(ds.get("PatientID", "") or "") or str(ds.get("StudyInstanceUID", "") or path)
         item = {"image": os.path.abspath(path), "label": 0, "boxes": [], "box_labels": [], "group": keyed_pseudonym(pid, key)}
         ext = external.get(os.path.abspath(path))
         if ext is not None:
@@ -147,7 +148,11 @@ def ingest(
         for p in sorted(set(external) - known):
             report.box_warnings.append((p, "listed in the boxes file but not a usable image in the batch"))
     for path, ds in states:
-        refs = [u for u in gsps_referenced_sop_uids(ds) if u in images]
+        try:
+            refs = [u for u in gsps_referenced_sop_uids(ds) if u in images]
+        except Exception as e:  # a corrupt reference sequence is reported, never ends the batch
+            report.quarantined.append((path, f"presentation state unreadable ({type(e).__name__})"))
+            continue
         if not refs:
             report.quarantined.append((path, "presentation state references no usable image in the batch"))
             continue

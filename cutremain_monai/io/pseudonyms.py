@@ -58,13 +58,19 @@ def _parse(text: str, where: str) -> bytes:
 def _generate(path: str) -> bytes:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     key = secrets.token_bytes(_KEY_BYTES)
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:  # written and synced before it gets its name: never an empty key file
+        f.write(key.hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
+        os.link(tmp, path)  # atomic, and fails when another process made the key first
+    except FileExistsError:
         with open(path) as f:
             return _parse(f.read(), path)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex() + "\n")
+    finally:
+        os.unlink(tmp)
     logger.warning("generated a new pseudonym key at %s (owner-only); keep it: the same key gives the same patient "
                    "groups, and sites that pool data must share it", path)
     return key

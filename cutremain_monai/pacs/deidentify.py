@@ -1,17 +1,21 @@
 """De-identified copy of a DICOM export for research: ``cutremain deidentify IN OUT``.
 
 The identifying attributes are replaced through dicognito (``Anonymizer``), chosen over deid because it needs no
-recipe to cover the PS3.15 attribute list (names, IDs, birth dates, addresses, institutions, free-text comments,
-device serials), it maps every UID consistently across the files of one run (so a presentation state's
-Referenced SOP Instance UIDs still name the de-identified images and the boxes still pair), and it shifts dates
-consistently within a patient instead of removing them. Its replacements are plausible dummy values, which keeps the
-files valid for the IODs that require those attributes (``dciodvfy`` clean). What this adds:
+recipe for names, IDs, birth dates, addresses and institutions, and it maps every UID consistently (so a
+presentation state's Referenced SOP Instance UIDs still name the de-identified images and the boxes still pair).
+Its replacements are plausible dummy values, which keeps the files valid for the IODs that require those
+attributes (``dciodvfy`` clean). What this adds:
 
-* the run is keyed: dicognito's seed is an HMAC of the site's pseudonym key (:mod:`cutremain_monai.io.pseudonyms`),
-  so the same site maps the same patient and UIDs to the same values on every run (new exports of a patient
-  join the old ones), and nobody without the key can recompute the mapping;
-* private attributes are removed (the Basic Profile's default; dicognito keeps them);
-* ``PatientIdentityRemoved`` = YES and ``DeidentificationMethod`` name the tool and version;
+* one dicognito ``Anonymizer`` per patient, seeded with an HMAC of the site's pseudonym key and the PatientID
+  (:mod:`cutremain_monai.io.pseudonyms`): the same site maps the same patient, UIDs and dates to the same values
+  on every run (new exports of a patient join the old ones), each patient gets his own date shift (dicognito has
+  one per anonymizer: with one for a whole site, one known real date would undo every patient's), and nobody
+  without the key can recompute the mapping;
+* free-text and device attributes dicognito keeps are removed (:data:`REMOVED`: descriptions, comments, history,
+  protocol names, device serials, AE titles, age, size and weight), and so are private attributes (the Basic
+  Profile's defaults); box labels of presentation states (their text objects) are kept;
+* ``DeidentificationMethod`` names the tool and what was done; ``PatientIdentityRemoved`` is dicognito's (YES only
+  when ``BurnedInAnnotation`` is NO);
 * output files are named by their new SOP Instance UID (never by the input path, which can carry a name);
 * images whose pixels may carry text are flagged (``BurnedInAnnotation`` YES, or not stated): the pixels are not
   altered, a person must check them;
@@ -30,10 +34,34 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["DeidentifyReport", "deidentify"]
+__all__ = ["DeidentifyReport", "deidentify", "REMOVED"]
 
 logger = logging.getLogger(__name__)
 
+# free text, devices and demographics dicognito leaves (checked on its 0.19 output); all Type 3 in the DX, CR,
+# SC and GSPS IODs, so removing them keeps the files valid
+REMOVED = ("ImageComments", "StudyDescription", "SeriesDescription", "PatientComments", "AdditionalPatientHistory",
+           "ProtocolName", "DerivationDescription", "AcquisitionDeviceProcessingDescription", "DeviceSerialNumber",
+           "RetrieveAETitle", "PatientAge", "PatientSize", "PatientWeight", "Occupation", "MedicalAlerts", "Allergies",
+           "PerformedProcedureStepDescription", "RequestedProcedureDescription", "AdmittingDiagnosesDescription",
+           "StationName", "InstitutionalDepartmentName", "ReasonForStudy", "RequestAttributesSequence",
+           "ContentCreatorName", "OperatorsName", "PerformingPhysicianName", "PhysiciansOfRecord",
+           "NameOfPhysiciansReadingStudy", "PatientAddress", "PatientTelephoneNumbers",
+           "EthnicGroup", "PatientReligiousPreference", "MilitaryRank", "BranchOfService", "CountryOfResidence",
+           "RegionOfResidence", "PatientMotherBirthName", "OtherPatientNames", "PatientBirthName")
+BLANKED = ("ReferringPhysicianName",)  # Type 2 (General Study): kept, empty
+METHOD = ["dicognito 0.19 (cutremain deidentify)", "keyed per patient", "free text and private removed"]
+
+
+def _strip(ds) -> None:
+    """Remove :data:`REMOVED` everywhere in ``ds`` (sequences included)."""
+    for d in [ds] + [item for el in ds.iterall() if el.VR == "SQ" for item in el.value]:
+        for kw in REMOVED:
+            if kw in d:
+                delattr(d, kw)
+        for kw in BLANKED:
+            if kw in d:
+                setattr(d, kw, "")
 
 @dataclass
 class DeidentifyReport:
@@ -74,8 +102,15 @@ def deidentify(in_dir: str, out_dir: str, key: bytes | None = None, report_path:
     from cutremain_monai.io.pseudonyms import site_key
 
     key = site_key() if key is None else key
-    anonymizer = Anonymizer(seed=hmac.new(key, b"cutremain-deidentify-v1", hashlib.sha256).hexdigest())
-    method = f"dicognito {getattr(dicognito, '__version__', '')} via cutremain deidentify; private attributes removed".replace("  ", " ")
+    anonymizers: dict[str, Anonymizer] = {}
+
+    def anonymizer_for(patient_id: str) -> Anonymizer:
+        if patient_id not in anonymizers:
+            seed = hmac.new(key, f"cutremain-deidentify-v1:{patient_id}".encode(), hashlib.sha256).hexdigest()
+            anonymizers[patient_id] = Anonymizer(seed=seed)
+        return anonymizers[patient_id]
+
+    del dicognito  # (imported to fail early when it is missing)
     os.makedirs(out_dir, exist_ok=True)
     report = DeidentifyReport()
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(in_dir) for f in files)
@@ -90,9 +125,11 @@ def deidentify(in_dir: str, out_dir: str, key: bytes | None = None, report_path:
             before = _values(ds)
             burned = str(ds.get("BurnedInAnnotation", "") or "")
             ds.remove_private_tags()
-            anonymizer.anonymize(ds)
-            ds.PatientIdentityRemoved = "YES"
-            ds.DeidentificationMethod = method[:64]
+            _strip(ds)
+            if "SourceApplicationEntityTitle" in getattr(ds, "file_meta", {}):
+                del ds.file_meta.SourceApplicationEntityTitle
+            anonymizer_for(str(ds.get("PatientID", "") or ds.get("StudyInstanceUID", "") or k)).anonymize(ds)
+            ds.DeidentificationMethod = METHOD
             after = _values(ds)
             changed = sorted({_keyword(p) for p in before if p not in after or after[p] != before[p]})
             flags = []

@@ -27,6 +27,10 @@ def _export(tmp_path):
         ds.OtherPatientIDsSequence[0].PatientID = PID
         ds.OtherPatientIDsSequence[0].TypeOfPatientID = "TEXT"
         ds.add_new(0x00091010, "LO", f"private {NAME}")  # a private attribute with the name
+        for kw in ("ImageComments", "StudyDescription", "SeriesDescription", "PatientComments", "ProtocolName",
+                   "AdditionalPatientHistory", "DeviceSerialNumber"):  # free text dicognito itself keeps
+            setattr(ds, kw, f"{NAME} {PID}")
+        ds.file_meta.SourceApplicationEntityTitle = "DOE_PC"
         out = folder / f"{PID}_{src}"
         ds.save_as(out)
         names[src] = ds
@@ -47,7 +51,7 @@ def test_no_identifier_survives_and_boxes_still_pair(tmp_path):
     dcm = {f: pydicom.dcmread(out / f) for f in files if f.endswith(".dcm")}
     image = next(d for d in dcm.values() if "PixelData" in d)
     state = next(d for d in dcm.values() if "PixelData" not in d)
-    assert image.PatientIdentityRemoved == "YES" and "dicognito" in image.DeidentificationMethod
+    assert image.PatientIdentityRemoved == "YES" and "dicognito" in image.DeidentificationMethod[0]  # (BurnedIn NO)
     assert (image.pixel_array == originals["clavicle_000.dcm"].pixel_array).all()  # pixels kept
     assert image.PhotometricInterpretation == originals["clavicle_000.dcm"].PhotometricInterpretation
     assert image.PatientID == state.PatientID and image.StudyInstanceUID == state.StudyInstanceUID  # one patient still
@@ -68,6 +72,10 @@ def test_same_key_same_mapping_and_flags(tmp_path):
     main(["deidentify", str(export), str(a)])
     main(["deidentify", str(export), str(b)])
     assert sorted(os.listdir(a)) == sorted(os.listdir(b))  # keyed: the same UIDs on every run
+    from cutremain_monai.pacs.deidentify import deidentify
+
+    deidentify(str(export), str(tmp_path / "k2"), key=bytes.fromhex("77" * 32))
+    assert not set(os.listdir(a)) & set(os.listdir(tmp_path / "k2")) - {"deidentify_report.csv"}  # another key: other UIDs
     ds = pydicom.dcmread(os.path.join(SAMPLES, "clavicle", "clavicle_001.dcm"))
     del ds.BurnedInAnnotation
     one = tmp_path / "one"
