@@ -173,3 +173,27 @@ def test_near_duplicates_across_patient_ids(tmp_path):
     assert {rows[0]["image_a"], rows[0]["image_b"]} == {"img0.dcm", "copy.dcm"} and float(rows[0]["r"]) > 0.99
     text = open(out).read() + open(tmp_path / "dl.near_duplicates.csv").read()
     assert "PAT0" not in text and "OTHER" not in text  # group keys stay pseudonyms
+
+
+def test_corrupt_patient_id_or_presentation_state_is_quarantined_not_fatal(tmp_path):
+    """Found in review after fuzzing: a corrupt PatientID element in an otherwise readable image, and a corrupt
+    presentation state, used to stop the whole ingest."""
+    from cutremain_monai.io.ingest import ingest
+    from tests.conftest import SAMPLES
+
+    src = os.path.join(SAMPLES, "clavicle")
+    tree = tmp_path / "export"
+    tree.mkdir()
+    good = open(os.path.join(src, "clavicle_000.dcm"), "rb").read()
+    (tree / "good.dcm").write_bytes(good)
+    other = open(os.path.join(src, "clavicle_001.dcm"), "rb").read()
+    i = other.index(b"\x10\x00\x20\x00")  # (0010,0020) PatientID: its explicit VR replaced by an unknown one
+    (tree / "bad_pid.dcm").write_bytes(other[: i + 4] + b"U\xf4" + other[i + 6 :])
+    state = open(os.path.join(src, "clavicle_000_gsps.dcm"), "rb").read()
+    j = state.index(b"\x08\x00\x40\x11")  # (0008,1140) Referenced Image Sequence: its VR broken
+    (tree / "bad_gsps.dcm").write_bytes(state[: j + 4] + b"Q\xf4" + state[j + 6 :])
+    report = ingest(str(tree), str(tmp_path / "dl.json"), gsps=True, progress=False)
+    reasons = dict(report.quarantined)
+    assert [os.path.basename(it["image"]) for it in load_datalist(str(tmp_path / "dl.json"))] == ["good.dcm"]
+    assert str(tree / "bad_pid.dcm") in reasons and "NotImplementedError" in reasons[str(tree / "bad_pid.dcm")]
+    assert str(tree / "bad_gsps.dcm") in reasons
