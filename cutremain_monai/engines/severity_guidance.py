@@ -33,15 +33,13 @@ def outside_lung_share(model: torch.nn.Module, x: torch.Tensor, lung_mask: torch
     """Per image, ``sum |R| outside the lungs / sum |R|`` of the LRP map (LRP-Flex, z^B at the first convolution
     with each batch's bounds, model in eval mode) of the sum of the six zone logits of a
     :class:`~cutremain_monai.networks.SeverityViT`."""
-    from cutremain_monai.localization.lrp import make_lrp_ready, severity_relevance
+    from cutremain_monai.localization.lrp import make_lrp_ready, outside_share, severity_relevance
 
     model = make_lrp_ready(model).eval()
     out = []
     for i in range(0, len(x), batch):
         xb, mb, zb = x[i : i + batch], lung_mask[i : i + batch], zones[i : i + batch]
-        heat = severity_relevance(model, xb, mb, zb).detach().abs()
-        outside = (heat * (mb <= 0.5)).flatten(1).sum(1)  # heat and mask (B, 1, H, W)
-        out.append((outside / heat.flatten(1).sum(1).clamp_min(1e-12)).numpy())
+        out.append(outside_share(severity_relevance(model, xb, mb, zb), mb).numpy())
     return np.concatenate(out)
 
 

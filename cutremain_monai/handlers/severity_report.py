@@ -113,9 +113,10 @@ class SeverityReport:
 
     def _draw_relevance(self, model, x, mask, zones, image, i: int) -> None:
         from cutremain_monai.localization.cam import save_overlay
-        from cutremain_monai.localization.lrp import severity_relevance
+        from cutremain_monai.localization.lrp import outside_share, severity_relevance
 
-        heat = severity_relevance(model, x, mask, zones).detach().abs()[0, 0].cpu()
-        outside = float((heat * (mask[0, 0].cpu() <= 0.5)).sum() / heat.sum().clamp_min(1e-12))
+        relevance = severity_relevance(model, x, mask, zones).detach()
+        outside = float(outside_share(relevance, mask)[0])
+        heat = relevance.abs()[0, 0].cpu()
         save_overlay(os.path.join(self.output_dir, f"{self.prefix}_relevance_overlays", f"relevance_{i:03d}.png"), image,
                      heat / heat.max().clamp_min(1e-12), title=f"|LRP| of the zone logits: {outside:.0%} outside the lungs")

@@ -64,7 +64,7 @@ from torch import nn
 
 from cutremain_monai.networks.backbones import make_resnet_lrp_ready
 
-__all__ = ["lrp", "make_lrp_ready", "WithInputs", "severity_relevance"]
+__all__ = ["lrp", "make_lrp_ready", "WithInputs", "severity_relevance", "outside_share"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 _CONV = nn.modules.conv._ConvNd
@@ -512,3 +512,10 @@ def severity_relevance(model: nn.Module, x: torch.Tensor, lung_mask: torch.Tenso
     (:func:`make_lrp_ready`) and is used in its current mode. ``kwargs`` go to :func:`lrp` (default bounds: the
     batch's)."""
     return lrp(WithInputs(model, (lung_mask, zones), {"logits": True}), x, objective=lambda lg: lg.sum(1), **kwargs)
+
+
+def outside_share(heat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per image, ``sum |R| outside the mask / sum |R|`` of maps ``(B, 1, H, W)`` and binary masks of the same shape
+    (what ISNet's loss pushes down; the covid report's overlays and the severity-guidance table use it)."""
+    heat = heat.detach().abs()
+    return (heat * (mask <= 0.5)).flatten(1).sum(1) / heat.flatten(1).sum(1).clamp_min(1e-12)

@@ -434,3 +434,11 @@ def test_flash_attention_is_rejected():
     net.block.attn.use_flash_attention = True
     with pytest.raises(ValueError, match="flash attention"):
         lrp(net, torch.rand(1, 1, 4, 4), 0)
+
+
+def test_outside_share_by_hand():
+    from cutremain_monai.localization.lrp import outside_share
+
+    heat = torch.tensor([[[[1.0, -3.0], [2.0, 4.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])
+    assert outside_share(heat, mask).tolist() == pytest.approx([7 / 10, 0.0])  # |-3| + |4| of 10; empty map: 0
