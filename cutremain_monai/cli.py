@@ -24,6 +24,9 @@ def _ingest(args) -> int:
         quarantine_dir=args.quarantine_dir,
         progress=not args.no_progress,
         near_duplicates=args.near_duplicates or None,
+        path_mode=args.path_mode,
+        workers=args.workers,
+        resume=args.resume,
     )
     print(report.summary())
     print(f"datalist: {args.output}")
@@ -253,6 +256,13 @@ def main(argv=None) -> int:
     p.add_argument("--near-duplicates", type=float, default=None, metavar="R",
                    help="with --split: also keep images whose thumbnails correlate at |r| >= R (0.85 suits X-rays) "
                         "in one group, whatever their PatientID; pairs go to <output>.near_duplicates.csv")
+    p.add_argument("--path-mode", choices=["auto", "relative", "uid"], default="auto",
+                   help="how files are named in the datalist and the report: relative to DIR, or by SOP Instance UID "
+                        "through a link folder (<output stem>_files/); auto: uid when a folder or file name holds "
+                        "the patient's name, ID or birth date from its header")
+    p.add_argument("--workers", type=int, default=1, help="processes that decode files")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted ingest of DIR into the same output (its journal is beside it)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_ingest)
 

@@ -135,8 +135,9 @@ def _raw_text(ds, tag: int) -> str:
     return str(value or "").strip(" \x00")
 
 
-def _classify_dicom(path: str) -> tuple[bool | None, str]:
-    """(True, "") for a usable image, (False, reason) for a DICOM file that is not one, (None, "") for non-DICOM."""
+def _classify_dicom(path: str, header: dict | None = None) -> tuple[bool | None, str]:
+    """(True, "") for a usable image, (False, reason) for a DICOM file that is not one, (None, "") for non-DICOM.
+    ``header`` (a dict) receives the SOP Instance UID (``uid``) and the identifiers (``identifiers``) when read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -148,6 +149,11 @@ def _classify_dicom(path: str) -> tuple[bool | None, str]:
                     ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False)
                 except InvalidDicomError:
                     return None, ""
+                if header is not None:
+                    from cutremain_monai.io.paths import header_identifiers
+
+                    header["uid"] = _raw_text(ds, 0x00080018)  # SOP Instance UID
+                    header["identifiers"] = header_identifiers(ds)
                 sop = _raw_text(ds, 0x00080016)  # SOP Class UID
                 if not sop and hasattr(ds, "file_meta"):
                     sop = _raw_text(ds.file_meta, 0x00020002)  # Media Storage SOP Class UID
@@ -219,7 +225,7 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: str = "lung_mask",
-                    report=None) -> tuple[list[dict], list[dict]]:
+                    report=None, path_mode: str = "auto") -> tuple[list[dict], list[dict]]:
     """The images under ``input_dir`` as a MONAI datalist, and the files left out.
 
     Args:
@@ -232,9 +238,13 @@ def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: s
         mask_suffix: with a suffix, files under ``input_dir`` whose stem ends with it are masks, not images.
         mask_key: the key of the mask path in an item (absent when the image has no mask file).
         report: a CSV path: the skipped files are written there (columns ``file``, ``reason``).
+        path_mode: how files are named in ``image_id`` and the report (:mod:`cutremain_monai.io.paths`):
+            ``relative`` (path relative to ``input_dir``), ``uid`` (DICOM images by SOP Instance UID, every other
+            file by a keyed token of its path), ``auto`` (``uid`` when a DICOM file's path holds its patient's name,
+            ID or birth date, else ``relative``).
 
     Returns:
-        ``(items, skipped)``: items ``{"image": absolute path, "image_id": path relative to input_dir (posix)}``
+        ``(items, skipped)``: items ``{"image": absolute path, "image_id": the name (see ``path_mode``)}``
         (plus ``mask_key`` when a mask was found); skipped ``{"file": relative path, "reason": ...}``.
 
     Raises:
@@ -261,8 +271,13 @@ def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: s
         files += [os.path.join(d, n) for n in names]
     rels = sorted((os.path.relpath(p, input_dir).replace(os.sep, "/"), p) for p in files)
 
+    from cutremain_monai.io.paths import file_token, path_carries_identifiers, resolve_path_mode, valid_uid
+
+    resolve_path_mode(path_mode, False)
     items: list[dict] = []
     skipped: list[dict] = []
+    uids: dict[str, str] = {}  # rel -> SOP Instance UID of the DICOM images
+    carries = False
     for rel, path in rels:
         stem, suffix = _split_suffix(os.path.basename(rel))
         rel_stem = rel[: len(rel) - len(suffix)] if suffix else rel
@@ -274,7 +289,11 @@ def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: s
         elif suffix in _VOLUME:
             reason = ""
         else:
-            ok, reason = _classify_dicom(path)
+            header: dict = {}
+            ok, reason = _classify_dicom(path, header)
+            carries = carries or path_carries_identifiers(rel, header.get("identifiers"))
+            if ok:
+                uids[rel] = header.get("uid", "")
             if ok is None:
                 if suffix in _DICOM_SUFFIXES:
                     reason = "not a DICOM file (no DICM preamble)"
@@ -284,13 +303,24 @@ def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: s
         if reason:
             skipped.append({"file": rel, "reason": reason})
             continue
-        item = {"image": os.path.abspath(path), "image_id": rel}
+        item = {"image": os.path.abspath(path), "image_id": rel}  # (renamed below in uid mode)
         if mask_dir is not None:
             mask = _find_mask(mask_dir, rel_stem, mask_suffix)
             if mask is not None:
                 item[mask_key] = mask
         items.append(item)
 
+    if resolve_path_mode(path_mode, carries) == "uid":
+        names: set[str] = set()
+        for it in items:
+            uid = uids.get(it["image_id"], "")
+            name = uid if valid_uid(uid) and uid not in names else file_token(it["image_id"])
+            names.add(name)
+            it["image_id"] = name
+        for row in skipped:
+            row["file"] = file_token(row["file"])
+        logger.info("files are named by SOP Instance UID (or a keyed token of the path): their paths carry "
+                    "patient identifiers" if carries else "files are named by SOP Instance UID (path_mode='uid')")
     if report is not None:
         report = os.fspath(report)
         os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)

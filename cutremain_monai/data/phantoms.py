@@ -25,7 +25,8 @@ import numpy as np
 from cutremain_monai.constants import BRIXIA_ZONES, CXR14_LABELS
 
 __all__ = ["Phantom", "render_clavicle", "render_pelvis", "render_chest", "render_covid", "generate_samples",
-           "burn_marker", "generate_shortcut_samples", "render_target_scene", "generate_background_samples"]
+           "burn_marker", "generate_shortcut_samples", "render_target_scene", "generate_background_samples",
+           "generate_export_tree"]
 
 CLAVICLE_BOX_LABELS = ("fracture", "normal_region")
 PELVIS_CLASSES = ("normal", "trochanteric", "neck")
@@ -445,6 +446,67 @@ def generate_background_samples(out_dir: str, n: int = 120, seed: int = 0, size:
     with open(os.path.join(out_dir, "datalist.json"), "w") as f:
         json.dump(datalist, f, indent=1)
     return datalist
+
+
+# synthetic patients for export trees named after them (long, unusual values, so a byte search cannot hit by chance)
+_FAMILY = ("QUIMBYWORTH", "FARNSBARROW", "PELLINGTONE", "MORCOMBELAY", "TRISKADDLE", "VANDERQUOLL", "OSGOODHAMPT",
+           "BRAXENFIELD")
+_GIVEN = ("ZEBEDIAH", "HUBERTINA", "OCTAVIUSZ", "PERPETUAX", "LEOFRICUS", "GWENDOLYNE", "ALOYSIUSQ", "MIRABELKA")
+
+
+def generate_export_tree(root: str, n_images: int, images_per_patient: int = 2, damaged: float = 0.0,
+                         not_dicom: float = 0.0, size: int = 32, seed: int = 0, sources=None) -> dict:
+    """A PACS export laid out as some PACS write it, named after its (synthetic) patients:
+    ``<FAMILY>^<GIVEN> <PatientID>/<birth date YYYY-MM-DD>/IM<nnnnn>`` (no suffix), headers holding the same name,
+    ID and birth date. ``damaged`` / ``not_dicom`` shares of extra files are truncated copies and text notes named
+    after the patient. ``sources``: DICOM files to copy (cycled; their pixels, UIDs and everything else kept, the
+    patient module rewritten) instead of ``size`` x ``size`` random DX images. Returns ``{"patients": [{"name",
+    "id", "birth_date"}], "images": [paths], "damaged": [...], "not_dicom": [...]}``."""
+    import pydicom
+
+    from cutremain_monai.io.dx_writer import write_dx
+
+    rng = np.random.default_rng(seed)
+    n_patients = max(1, -(-n_images // images_per_patient))
+    out: dict = {"patients": [], "images": [], "damaged": [], "not_dicom": []}
+    for p in range(n_patients):
+        fam, giv = _FAMILY[p % len(_FAMILY)], _GIVEN[(p // len(_FAMILY)) % len(_GIVEN)]
+        name = f"{fam}{'' if p < len(_FAMILY) * len(_GIVEN) else p}^{giv}"
+        pid = f"MRN{73100000 + 7919 * p}"
+        birth = f"19{40 + p % 60:02d}{1 + p % 12:02d}{1 + p % 28:02d}"
+        out["patients"].append({"name": name, "id": pid, "birth_date": birth})
+        folder = os.path.join(root, f"{name} {pid}", f"{birth[:4]}-{birth[4:6]}-{birth[6:]}")
+        os.makedirs(folder, exist_ok=True)
+        for j in range(images_per_patient):
+            i = p * images_per_patient + j
+            if i >= n_images:
+                break
+            path = os.path.join(folder, f"IM{i:05d}")
+            if sources:
+                ds = pydicom.dcmread(sources[i % len(sources)])
+                ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, pid, birth
+                ds.save_as(path)
+            else:
+                write_dx(path, rng.integers(0, 4096, (size, size), dtype=np.uint16), uid_seed=f"export-{seed}-{i}",
+                         patient_name=name, patient_id=pid, patient_birth_date=birth,
+                         study_uid=pydicom.uid.generate_uid(entropy_srcs=[f"export-study-{seed}-{p}"]))
+            out["images"].append(path)
+    n_damaged, n_text = int(round(damaged * n_images)), int(round(not_dicom * n_images))
+    for k in range(n_damaged):
+        src = out["images"][(k * 7) % len(out["images"])]
+        data = open(src, "rb").read()
+        path = src + f"_copy{k}"
+        with open(path, "wb") as f:
+            f.write(data[: max(200, len(data) - 1 - int(rng.integers(1, len(data) // 2)))])
+        out["damaged"].append(path)
+    for k in range(n_text):
+        patient = out["patients"][k % n_patients]
+        folder = os.path.dirname(out["images"][min(k % n_patients * images_per_patient, len(out["images"]) - 1)])
+        path = os.path.join(folder, f"{patient['name'].replace('^', '_')}_notes{k}.txt")
+        with open(path, "w") as f:
+            f.write(f"referral for {patient['name']} ({patient['id']})\n")
+        out["not_dicom"].append(path)
+    return out
 
 
 def hash_task(task: str) -> int:

@@ -47,6 +47,17 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".replace("\n", " ")
 
 
+def _scrub(reason: str, item, name: str) -> str:
+    """``reason`` with the item's file paths replaced by ``name`` (or ``<key> of <name>``)."""
+    if not isinstance(item, dict):
+        return reason
+    paths = sorted(((k, os.fspath(v)) for k, v in item.items() if isinstance(v, (str, os.PathLike))
+                    and os.path.isabs(os.fspath(v))), key=lambda kv: -len(kv[1]))
+    for k, p in paths:
+        reason = reason.replace(p, name if k in ("image", "image_path") else f"{k} of {name}")
+    return reason
+
+
 def read_set_aside(path: str) -> list[dict]:
     """Rows of a ``set_aside.csv`` report (empty when it does not exist)."""
     if not path or not os.path.exists(path):
@@ -61,13 +72,16 @@ class SetAsideDataset(CacheDataset):
             (``transform`` must be a ``Compose``; ``hash_as_key`` and ``runtime_cache`` are not supported).
         section: name of the datalist section in the report (``training``, ``validation``, ``test``, ``inference``).
         report: CSV path of the set-aside report; rows of other sections already in it are kept. ``None``: no file.
-        file_key: the item key named in the report (its path); falls back to the first string value.
+        file_key: the item key named in the report; default: ``image_id`` (the name a rooted datalist or a folder
+            datalist gives, :mod:`cutremain_monai.io.paths`), else ``image``, else the first string value. Paths of
+            the item quoted in an error message are replaced by that name, so the report and the log never hold
+            a full path (which may carry the patient's name).
         allow_empty: when every item fails, return an empty dataset instead of raising.
     """
 
     def __init__(self, data: Sequence, transform: Compose | Callable, cache_rate: float = 1.0, num_workers: int | None = 0,
                  progress: bool = False, copy_cache: bool = True, as_contiguous: bool = True, section: str = "training",
-                 report: str | None = None, file_key: str = "image", allow_empty: bool = False):
+                 report: str | None = None, file_key: str | None = None, allow_empty: bool = False):
         self.section = section
         self.report = report
         self.file_key = file_key
@@ -80,7 +94,8 @@ class SetAsideDataset(CacheDataset):
 
     def _name(self, item) -> str:
         if isinstance(item, dict):
-            value = item.get(self.file_key)
+            keys = (self.file_key,) if self.file_key else ("image_id", "image")
+            value = next((item[k] for k in keys if item.get(k) is not None), None)
             if value is None:
                 value = next((v for v in item.values() if isinstance(v, (str, os.PathLike))), None)
             return os.fspath(value) if value is not None else "<item without a file>"
@@ -95,7 +110,7 @@ class SetAsideDataset(CacheDataset):
             try:
                 out = self._load_cache_item(i)
             except Exception as e:  # one bad file never ends the run: it is set aside with its reason
-                reason = _reason(e)
+                reason = _scrub(_reason(e), item, self._name(item))
                 self.set_aside.append({"section": self.section, "file": self._name(item), "reason": reason})
                 logger.warning("%s: set aside %s (%s)", self.section, self._name(item), reason)
                 continue

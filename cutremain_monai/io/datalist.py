@@ -2,9 +2,13 @@
 
 Each item holds ``image`` (path, relative to the datalist's folder or absolute), ``label`` (int, or a list for
 multi-label), ``boxes`` (``(N, 4)`` xyxy pixels of the stored image), ``box_labels`` (``(N,)``), and optionally
-``lung_mask``, ``zone_scores`` (6 ints) and ``group`` (a pseudonymous key for group-wise splits). Loading goes
-through ``monai.data.load_decathlon_datalist`` (which resolves relative paths); this module adds item
-validation with errors naming the item, writing, and patient-wise (group-wise) splitting.
+``lung_mask``, ``zone_scores`` (6 ints) and ``group`` (a pseudonymous key for group-wise splits). A top-level
+``root`` (absolute, or relative to the datalist's folder) is the folder relative paths are resolved against
+instead of the datalist's own folder: ``cutremain ingest`` writes the export root there, or its link folder of
+files named by SOP Instance UID (:mod:`cutremain_monai.io.paths`), so no path under the root is written out in
+full. This module adds to ``monai.data.load_decathlon_datalist`` (which resolves relative paths against one
+base folder) item validation with errors naming the item, the ``root`` field, writing, and patient-wise
+(group-wise) splitting.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from monai.config import PathLike
 
 from cutremain_monai.constants import BOX_LABELS, BOXES, DATALIST_SECTIONS, GROUP, IMAGE, LABEL
 
-__all__ = ["load_datalist", "save_datalist", "validate_item", "split_by_group", "kfold_by_group", "datalist_hash", "group_keys"]
+__all__ = ["load_datalist", "save_datalist", "datalist_root", "validate_item", "split_by_group", "kfold_by_group", "datalist_hash", "group_keys"]
 
 
 def validate_item(item: dict, where: str = "item") -> dict:
@@ -59,10 +63,13 @@ def load_datalist(path: PathLike, section: str = "training", task: str | None = 
         data = data[task]
     if section not in data:
         raise KeyError(f"{path}: no section '{section}'")
-    base = os.path.dirname(os.path.abspath(path))
+    base = datalist_root(path, data)
+    rooted = isinstance(data.get("root"), str)
     items = []
     for i, item in enumerate(data[section]):
         item = validate_item(item, f"{path}: {section}[{i}]")
+        if rooted and "image_id" not in item:  # outputs name the file as the datalist does, not by its full path
+            item["image_id"] = item[IMAGE]
         for key in (IMAGE, "lung_mask", "gsps"):
             if isinstance(item.get(key), str) and item[key] and not os.path.isabs(item[key]):
                 item[key] = os.path.normpath(os.path.join(base, item[key]))
@@ -70,10 +77,27 @@ def load_datalist(path: PathLike, section: str = "training", task: str | None = 
     return items
 
 
+def datalist_root(path: PathLike, data: dict | None = None) -> str:
+    """The folder that relative paths of the datalist at ``path`` resolve against (its ``root``, else its folder)."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if data is None:
+        with open(path) as f:
+            data = json.load(f)
+    root = data.get("root") if isinstance(data, dict) else None
+    if root is None:
+        return folder
+    if not isinstance(root, str) or not root:
+        raise ValueError(f"{path}: field 'root' must be a folder path, got {root!r}")
+    return os.path.normpath(os.path.join(folder, root))
+
+
 def save_datalist(datalist: dict, path: PathLike, relative_to: PathLike | None = None) -> None:
-    """Write ``datalist`` as JSON; image paths are made relative to the file's folder when possible."""
+    """Write ``datalist`` as JSON; absolute image paths are made relative to the file's folder when possible
+    (with a ``root`` in ``datalist``, relative paths are taken as relative to it and left as they are)."""
     path = os.fspath(path)
     base = os.path.dirname(os.path.abspath(relative_to or path))
+    if isinstance(datalist.get("root"), str):
+        base = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), datalist["root"]))
     out = {}
     for key, value in datalist.items():
         if key in DATALIST_SECTIONS:

@@ -63,6 +63,7 @@ def write_dx(
     content_date: str = "20260101",
     patient_name: str = "",
     patient_id: str = "",
+    patient_birth_date: str = "",
 ):
     """Write stored values ``pixels`` (``(H, W)`` unsigned integers < 2**bits_stored) as a DX file.
 
@@ -99,7 +100,7 @@ def write_dx(
     # Patient (type 2; empty unless the caller gives a synthetic value: we never write identifiers)
     ds.PatientName = patient_name
     ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
+    ds.PatientBirthDate = patient_birth_date
     ds.PatientSex = ""
     # General Study
     ds.StudyInstanceUID = study_uid or make_uid("study", uid_seed)

@@ -1,4 +1,5 @@
 import csv
+import re
 import json
 import os
 
@@ -98,11 +99,15 @@ def test_batch_of_1000_with_100_bad(tmp_path):
     with open(tmp_path / "datalist_quarantine.csv") as f:
         rows = list(csv.DictReader(f))
     quarantined = {r["file"]: r["reason"] for r in rows if r["status"] == "quarantined"}
-    assert set(quarantined) == set(bad)
+    rel = {p: os.path.relpath(p, root).replace(os.sep, "/") for p in list(bad) + good}  # named relative to the root
+    assert set(quarantined) == {rel[p] for p in bad}
     for p, fragment in bad.items():
-        assert fragment in quarantined[p], (p, quarantined[p])
+        assert fragment in quarantined[rel[p]], (p, quarantined[rel[p]])
     warned = {r["file"] for r in rows if r["status"] == "box warning"}
-    assert warned == {os.path.abspath(p) for p in good[:10]}
+    assert warned == {rel[p] for p in good[:10]}
+    data = json.load(open(out))
+    assert data["root"] == str(root) and data["ingest"]["path_mode"] == "relative"
+    assert {it["image"] for it in data["training"]} == {rel[p] for p in good}
     text = json.dumps(json.load(open(out)))
     assert "SYN" not in text and "PatientID" not in text
 
@@ -195,5 +200,103 @@ def test_corrupt_patient_id_or_presentation_state_is_quarantined_not_fatal(tmp_p
     report = ingest(str(tree), str(tmp_path / "dl.json"), gsps=True, progress=False)
     reasons = dict(report.quarantined)
     assert [os.path.basename(it["image"]) for it in load_datalist(str(tmp_path / "dl.json"))] == ["good.dcm"]
-    assert str(tree / "bad_pid.dcm") in reasons and "NotImplementedError" in reasons[str(tree / "bad_pid.dcm")]
-    assert str(tree / "bad_gsps.dcm") in reasons
+    assert "bad_pid.dcm" in reasons and "NotImplementedError" in reasons["bad_pid.dcm"]
+    assert "bad_gsps.dcm" in reasons
+
+
+def _export(tmp_path, n=60, **kw):
+    from cutremain_monai.data.phantoms import generate_export_tree
+
+    root = tmp_path / "export"
+    return str(root), generate_export_tree(str(root), n, damaged=0.1, not_dicom=0.05, **kw)
+
+
+def test_patient_named_export_is_named_by_uid(tmp_path):
+    """Folders named after the patient (as some PACS export them): ``auto`` names every file by SOP Instance UID
+    through the link folder, and nothing we write holds the name, ID or birth date."""
+    from cutremain_monai.io.ingest import ingest
+
+    root, tree = _export(tmp_path)
+    out = tmp_path / "work" / "dl.json"
+    report = ingest(root, str(out), split=(0.5, 0.25, 0.25), progress=False)
+    assert report.path_mode == "uid" and report.images == 60
+    assert len(report.quarantined) == len(tree["damaged"]) + len(tree["not_dicom"]) == 9
+    data = json.load(open(out))
+    assert data["root"] == "dl_files" and data["ingest"]["path_mode"] == "uid"
+    items = [it for s in ("training", "validation", "test") for it in load_datalist(str(out), s)]
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in tree["images"]}
+    assert {os.path.basename(it["image"]) for it in items} == {u + ".dcm" for u in uids}
+    for it in items:  # each name resolves, through its link, to the file with that UID
+        assert os.path.samefile(it["image"], uids[os.path.basename(it["image"])[:-4]])
+        assert it["image_id"] == os.path.basename(it["image"])
+    rows = list(csv.DictReader(open(tmp_path / "work" / "dl_quarantine.csv")))
+    assert all(r["file"].startswith("quarantined/f") for r in rows)
+    bad = {os.path.realpath(os.path.join(tmp_path, "work", "dl_files", r["file"])) for r in rows}
+    assert bad == {os.path.realpath(p) for p in tree["damaged"] + tree["not_dicom"]}  # the user can still open them
+    written = b"".join(open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(tmp_path / "work") for f in fs
+                       if not os.path.islink(os.path.join(d, f)))
+    names = "".join(fs for _, _, fs in [(0, 0, " ".join(f)) for _, _, f in os.walk(tmp_path / "work")])
+    for p in tree["patients"]:
+        for value in (p["name"], p["name"].split("^")[0], p["id"], p["birth_date"],
+                      f"{p['birth_date'][:4]}-{p['birth_date'][4:6]}-{p['birth_date'][6:]}"):
+            assert value.encode() not in written and value not in names, value
+    assert not os.path.exists(tmp_path / "work" / "dl.ingest-journal.jsonl")  # removed once done
+    # --path-mode relative is still there for exports whose names are known to be safe (a user's choice)
+    rel = ingest(root, str(tmp_path / "rel.json"), path_mode="relative", progress=False)
+    assert rel.path_mode == "relative" and json.load(open(tmp_path / "rel.json"))["root"] == root
+
+
+def test_workers_give_the_same_datalist(tmp_path):
+    from cutremain_monai.io.ingest import ingest
+
+    root, _ = _export(tmp_path, n=40)
+    one = ingest(root, str(tmp_path / "a" / "dl.json"), split=(0.5, 0.25, 0.25), progress=False)
+    two = ingest(root, str(tmp_path / "b" / "dl.json"), split=(0.5, 0.25, 0.25), progress=False, workers=2)
+    assert json.load(open(tmp_path / "a" / "dl.json")) == json.load(open(tmp_path / "b" / "dl.json"))
+    assert open(tmp_path / "a" / "dl_quarantine.csv").read() == open(tmp_path / "b" / "dl_quarantine.csv").read()
+    assert one.quarantined == two.quarantined and two.decoded == one.files_seen
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path):
+    """A real SIGKILL part-way: ``--resume`` reads only the files the killed run had not finished, and ends with
+    the datalist and report of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    root, tree = _export(tmp_path, n=1500, size=64)
+    n_files = len(tree["images"]) + len(tree["damaged"]) + len(tree["not_dicom"])
+    out = tmp_path / "killed" / "dl.json"
+    journal = tmp_path / "killed" / "dl.ingest-journal.jsonl"
+    cmd = [sys.executable, "-m", "cutremain_monai.cli", "ingest", root, "-o", str(out), "--no-progress",
+           "--split", "0.7,0.15,0.15"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    lines = 0
+    while time.time() < deadline and proc.poll() is None:
+        lines = sum(1 for _ in open(journal)) if journal.exists() else 0
+        if lines > 300:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the ingest finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and journal.exists()
+    done = sum(1 for _ in open(journal)) - 1  # (the header line)
+    assert 300 <= done < n_files
+    res = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    first = res.stdout.splitlines()[0]
+    resumed, read_now = (int(v) for v in re.search(r"\((\d+) from the journal, (\d+) read now\)", first).groups())
+    assert resumed >= done - 1 and resumed + read_now == n_files  # (a torn last line is read again)
+    ref = tmp_path / "whole" / "dl.json"
+    assert subprocess.run(cmd[:6] + [str(ref)] + cmd[7:], cwd=ROOT, capture_output=True).returncode == 0
+    a, b = json.load(open(out)), json.load(open(ref))
+    assert a.pop("root") == "dl_files" and b.pop("root") == "dl_files"
+    assert a == b
+    assert open(out.with_name("dl_quarantine.csv")).read() == open(ref.with_name("dl_quarantine.csv")).read()
+    assert sorted(os.listdir(out.with_name("dl_files"))) == sorted(os.listdir(ref.with_name("dl_files")))
