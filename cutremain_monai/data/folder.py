@@ -116,9 +116,9 @@ def _has_top_level_pixels(fp, ds, path: str) -> bool:
             return True
         if not head:
             return False
-    import pydicom
+    from cutremain_monai.io.dicom import dcmread_unnamed
 
-    full = pydicom.dcmread(path, defer_size=256, force=False)
+    full = dcmread_unnamed(path, defer_size=256, force=False)
     return any(k in full for k in _PIXEL_KEYWORDS)
 
 
@@ -141,10 +141,12 @@ def _classify_dicom(path: str, header: dict | None = None) -> tuple[bool | None,
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from cutremain_monai.io.dicom import UnnamedFile
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warnings may quote attribute values (patient names)
         try:
-            with open(path, "rb") as fp:
+            with UnnamedFile(path) as fp:  # no path in pydicom's messages
                 try:
                     ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False)
                 except InvalidDicomError:

@@ -33,6 +33,17 @@ _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "MLFLOW_REGISTRY_URI")
 
 
+def sqlite_artifact_location(tracking_uri: str) -> str | None:
+    """``mlruns/`` beside a local SQLite store (as MONAI's ``MLFlowHandler`` chooses), else ``None`` (MLflow's
+    choice). Without it MLflow puts the artifacts of a new experiment under ``./mlruns`` of whatever folder the run
+    was started from."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    from pathlib import Path
+
+    return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+
+
 def default_tracking_uri(output_dir: str) -> str:
     """``MLFLOW_TRACKING_URI`` as the user set it (a server, or any store), else a sqlite file under ``output_dir``."""
     env = _USER_TRACKING_URI
@@ -126,7 +137,8 @@ class MLflowRegistry:
         mlflow.set_registry_uri(self.tracking_uri)  # the registry URI is cached per process otherwise
         client = mlflow.tracking.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         exp = client.get_experiment_by_name(self.experiment_name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment_name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            self.experiment_name, artifact_location=sqlite_artifact_location(self.tracking_uri))
         runs = client.search_runs([exp_id], filter_string=f"attributes.start_time >= {int(self._t0)}",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         run_id = runs[0].info.run_id if runs else None

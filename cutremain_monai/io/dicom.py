@@ -24,7 +24,7 @@ from monai.utils import ensure_tuple, optional_import
 
 pydicom, _ = optional_import("pydicom")
 
-__all__ = ["DicomReadError", "read_xray_dicom", "XrayDicomReader", "WINDOW_AUTO", "WINDOW_NONE"]
+__all__ = ["DicomReadError", "UnnamedFile", "dcmread_unnamed", "read_xray_dicom", "XrayDicomReader", "WINDOW_AUTO", "WINDOW_NONE"]
 
 WINDOW_AUTO = "auto"  # first VOI LUT / window in the file, else min-max of the modality output
 WINDOW_NONE = "none"  # no VOI transform: min-max of the modality output
@@ -53,10 +53,47 @@ def _n_values(value) -> int:
     return len(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else 1
 
 
+class UnnamedFile:
+    """A binary file opened for pydicom without a ``name`` attribute.
+
+    pydicom quotes ``fp.name`` (the full path) in its warnings and log lines ("... in file /export/DOE^JOHN/IM1");
+    where an export's folders are named after the patient, that puts the name in every log. Errors we raise name
+    the file ourselves (:class:`DicomReadError`), and callers replace the path by the name they write.
+    """
+
+    def __init__(self, path: PathLike):
+        self._f = open(path, "rb")
+
+    def read(self, *args):
+        return self._f.read(*args)
+
+    def seek(self, *args):
+        return self._f.seek(*args)
+
+    def tell(self):
+        return self._f.tell()
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def dcmread_unnamed(path: PathLike, **kwargs):
+    """``pydicom.dcmread(path, **kwargs)`` through :class:`UnnamedFile` (no path in pydicom's messages); the file
+    is read and closed (deferred values cannot be read later)."""
+    with UnnamedFile(path) as fp:
+        return pydicom.dcmread(fp, **kwargs)
+
+
 def read_dataset(path: PathLike):
     """``pydicom.dcmread`` with errors that name the file; rejects what no X-ray path can use."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = dcmread_unnamed(path)
     except pydicom.errors.InvalidDicomError as e:
         raise DicomReadError(path, f"not a DICOM file ({e})") from e
     except Exception as e:  # EOFError, OSError, struct.error, pydicom's BytesLengthException, ... (fuzzing found several)

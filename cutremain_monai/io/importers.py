@@ -118,9 +118,9 @@ def _image_size(path: str) -> tuple[int, int] | None:
     """(H, W) from the file header (PIL for raster images, pydicom for DICOM); None when unreadable."""
     try:
         if path.lower().endswith((".dcm", ".dicom")):
-            import pydicom
+            from cutremain_monai.io.dicom import dcmread_unnamed
 
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = dcmread_unnamed(path, stop_before_pixels=True)
             return int(ds.Rows), int(ds.Columns)
         from PIL import Image
 

@@ -121,14 +121,14 @@ def _walk(root: str) -> Iterator[tuple[str, str]]:
 def _paths_carry_identifiers(root: str) -> bool:
     """Header-only scan (no pixel data read): does any file's relative path hold its own patient's name, ID or
     birth date? Stops at the first that does."""
-    import pydicom
+    from cutremain_monai.io.dicom import dcmread_unnamed
 
     for rel, path in _walk(root):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[0x00100010, 0x00100020,
-                                     0x00100030, 0x00101000, 0x00101001, 0x00101060])
+                ds = dcmread_unnamed(path, stop_before_pixels=True, specific_tags=[
+                    0x00100010, 0x00100020, 0x00100030, 0x00101000, 0x00101001, 0x00101060])
             except Exception:
                 continue
         if path_carries_identifiers(rel, header_identifiers(ds)):

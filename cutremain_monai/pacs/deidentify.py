@@ -96,8 +96,9 @@ def _keyword(path) -> str:
 def deidentify(in_dir: str, out_dir: str, key: bytes | None = None, report_path: str | None = None) -> DeidentifyReport:
     """De-identify every DICOM file under ``in_dir`` into ``out_dir`` (see the module docstring)."""
     import dicognito
-    import pydicom
     from dicognito.anonymizer import Anonymizer
+
+    from cutremain_monai.io.dicom import dcmread_unnamed
 
     from cutremain_monai.io.pseudonyms import site_key
 
@@ -116,7 +117,7 @@ def deidentify(in_dir: str, out_dir: str, key: bytes | None = None, report_path:
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(in_dir) for f in files)
     for k, path in enumerate(paths):
         try:
-            ds = pydicom.dcmread(path)
+            ds = dcmread_unnamed(path)  # (pydicom's warnings would quote the path)
         except Exception:  # not DICOM (or unreadable): counted, never named (its path can carry a name)
             report.not_dicom += 1
             logger.info("deidentify: input #%d is not a readable DICOM file (skipped)", k)

@@ -332,12 +332,21 @@ def test_missing_folders_and_empty(tmp_path, caplog):
 def test_unreadable_header_does_not_stop_the_folder(tmp_path, monkeypatch):
     _copy(DX, str(tmp_path / "in" / "a"))
     _copy(DX, str(tmp_path / "in" / "b"))
-    real = pydicom.dcmread
+    import cutremain_monai.io.dicom as D
+
+    real, real_init, opened = pydicom.dcmread, D.UnnamedFile.__init__, []
+
+    def init(self, path):
+        opened.append(os.fspath(path))
+        real_init(self, path)
 
     def flaky(fp, *a, **k):
-        if getattr(fp, "name", "").endswith(os.sep + "a"):
+        assert not hasattr(fp, "name")  # pydicom never sees the path (its messages would quote it)
+        if opened[-1].endswith(os.sep + "a"):
             raise EOFError("quote of a PatientName")
         return real(fp, *a, **k)
+
+    monkeypatch.setattr(D.UnnamedFile, "__init__", init)
 
     monkeypatch.setattr(pydicom, "dcmread", flaky)
     items, skipped = folder_datalist(tmp_path / "in")
@@ -349,3 +358,22 @@ def test_exported_from_the_package():
     import cutremain_monai.data
 
     assert cutremain_monai.data.folder_datalist is folder_datalist
+
+
+def test_patient_named_folders_are_named_by_uid(tmp_path):
+    """``auto``: a folder named after the patient in its headers -> image ids are SOP Instance UIDs, other files
+    keyed tokens; ``relative`` keeps paths (for exports known to be safe)."""
+    from cutremain_monai.data.phantoms import generate_export_tree
+    from cutremain_monai.io.paths import file_token
+
+    tree = generate_export_tree(str(tmp_path / "in"), 4, not_dicom=0.25)
+    items, skipped = folder_datalist(tmp_path / "in")
+    uids = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in tree["images"])
+    assert sorted(_ids(items)) == uids
+    note = os.path.relpath(tree["not_dicom"][0], tmp_path / "in").replace(os.sep, "/")
+    assert skipped == [{"file": file_token(note), "reason": "not DICOM and not an image file type (.txt)"}]
+    items, skipped = folder_datalist(tmp_path / "in", path_mode="relative")
+    assert all(i.startswith(tree["patients"][0]["name"]) or "^" in i for i in _ids(items)) and skipped[0]["file"] == note
+    plain = tmp_path / "plain"
+    _copy(DX, str(plain / "x" / "IM1"))
+    assert _ids(folder_datalist(plain)[0]) == ["x/IM1"]  # no identifier in the path: relative names
