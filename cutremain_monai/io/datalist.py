@@ -23,7 +23,23 @@ from monai.config import PathLike
 
 from cutremain_monai.constants import BOX_LABELS, BOXES, DATALIST_SECTIONS, GROUP, IMAGE, LABEL
 
-__all__ = ["load_datalist", "save_datalist", "datalist_root", "validate_item", "split_by_group", "kfold_by_group", "datalist_hash", "group_keys"]
+__all__ = ["DatalistError", "DatalistSectionError", "load_datalist", "save_datalist", "datalist_root", "validate_item", "split_by_group", "kfold_by_group", "datalist_hash", "group_keys"]
+
+
+class DatalistError(ValueError):
+    """A datalist that cannot be used, with the file and the reason (``.path``, ``.reason``)."""
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class DatalistSectionError(DatalistError, KeyError):
+    """The datalist has no such section or task (also a ``KeyError``: callers that try every section catch it)."""
 
 
 def validate_item(item: dict, where: str = "item") -> dict:
@@ -33,41 +49,63 @@ def validate_item(item: dict, where: str = "item") -> dict:
     if IMAGE not in item or not isinstance(item[IMAGE], str) or not item[IMAGE]:
         raise ValueError(f"{where}: field 'image' is missing or not a path")
     out = dict(item)
-    boxes = np.asarray(item.get(BOXES, []), dtype=np.float64)
+    try:
+        boxes = np.asarray(item.get(BOXES, []), dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{where}: field 'boxes' is not a list of [x0, y0, x1, y1] numbers ({type(e).__name__})") from e
     if boxes.size == 0:
         boxes = boxes.reshape(0, 4)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{where}: field 'boxes' must be (N, 4) xyxy, got shape {boxes.shape}")
-    labels = list(item.get(BOX_LABELS, [0] * len(boxes)))
+    labels = item.get(BOX_LABELS, [0] * len(boxes))
+    if not isinstance(labels, list):
+        raise ValueError(f"{where}: field 'box_labels' must be a list, got {type(labels).__name__}")
     if len(labels) != len(boxes):
         raise ValueError(f"{where}: field 'box_labels' has {len(labels)} entries for {len(boxes)} boxes")
     out[BOXES] = boxes.tolist()
-    out[BOX_LABELS] = labels
+    out[BOX_LABELS] = list(labels)
     if "zone_scores" in item:
         z = item["zone_scores"]
-        if len(z) != 6:
-            raise ValueError(f"{where}: field 'zone_scores' must hold 6 values (zones A-F), got {len(z)}")
+        if not isinstance(z, list) or len(z) != 6:
+            raise ValueError(f"{where}: field 'zone_scores' must hold 6 values (zones A-F), got "
+                             f"{len(z) if isinstance(z, list) else type(z).__name__}")
+    for key in ("lung_mask", "gsps"):
+        if key in item and item[key] is not None and not isinstance(item[key], str):
+            raise ValueError(f"{where}: field '{key}' must be a path, got {type(item[key]).__name__}")
     return out
 
 
 def load_datalist(path: PathLike, section: str = "training", task: str | None = None) -> list[dict]:
     """Items of ``section`` with absolute paths; ``task`` picks a sub-datalist (e.g. ``dicom_samples``' tasks)."""
     path = os.fspath(path)
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise DatalistError(path, f"not a JSON datalist ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(data, dict):
+        raise DatalistError(path, f"expected a JSON object of sections, got {type(data).__name__}")
     if isinstance(task, str) and task.strip().lower() in ("", "none", "null"):
         task = None  # `--datalist_task None` on the monai.bundle command line arrives as text (or is dropped)
     if task is not None:
         if task not in data:
-            raise KeyError(f"{path}: no task '{task}' (have {sorted(k for k, v in data.items() if isinstance(v, dict))})")
+            raise DatalistSectionError(path, f"no task '{task}' (have "
+                                       f"{sorted(k for k, v in data.items() if isinstance(v, dict))})")
         data = data[task]
+        if not isinstance(data, dict):
+            raise DatalistError(path, f"task '{task}' is not an object of sections")
     if section not in data:
-        raise KeyError(f"{path}: no section '{section}'")
+        raise DatalistSectionError(path, f"no section '{section}'")
+    if not isinstance(data[section], list):
+        raise DatalistError(path, f"section '{section}' must be a list of items, got {type(data[section]).__name__}")
     base = datalist_root(path, data)
     rooted = isinstance(data.get("root"), str)
     items = []
     for i, item in enumerate(data[section]):
-        item = validate_item(item, f"{path}: {section}[{i}]")
+        try:
+            item = validate_item(item, f"{section}[{i}]")
+        except ValueError as e:
+            raise DatalistError(path, str(e)) from e
         if rooted and "image_id" not in item:  # outputs name the file as the datalist does, not by its full path
             item["image_id"] = item[IMAGE]
         for key in (IMAGE, "lung_mask", "gsps"):
@@ -86,8 +124,8 @@ def datalist_root(path: PathLike, data: dict | None = None) -> str:
     root = data.get("root") if isinstance(data, dict) else None
     if root is None:
         return folder
-    if not isinstance(root, str) or not root:
-        raise ValueError(f"{path}: field 'root' must be a folder path, got {root!r}")
+    if not isinstance(root, str) or not root or "\x00" in root:
+        raise DatalistError(path, f"field 'root' must be a folder path, got {type(root).__name__}")
     return os.path.normpath(os.path.join(folder, root))
 
 

@@ -146,3 +146,106 @@ def test_malformed_elements_are_read_errors(tmp_path, case):
     with pytest.raises(DicomReadError) as err:
         read_xray_dicom(path)
     assert err.value.path == path and reason in err.value.reason, err.value.reason
+
+
+def _mutate_json(text: str, rng: np.random.Generator) -> bytes:
+    """Structural mutations (a value replaced by one of another type, a key dropped) or byte-level ones."""
+    import json
+
+    if rng.random() < 0.4:
+        return _mutate(text.encode(), rng) if len(text) > 300 else text.encode()[: int(rng.integers(len(text)))]
+    data = json.loads(text)
+    odd = [None, 0, -1, 1e308, "x", "", [], {}, [[1, 2, 3]], [["a", 1, 2, 3]], [1, 2, 3, 4], {"image": 3},
+           "\x00", [[float("nan")] * 4], [[1e400, 0, 1, 1]], True, [[[1, 2, 3, 4]]], "../../etc/passwd"]
+
+    def walk(node, depth=0):
+        if isinstance(node, dict) and node:
+            k = list(node)[int(rng.integers(len(node)))]
+            r = rng.random()
+            if r < 0.2:
+                del node[k]
+            elif r < 0.6 or depth > 4:
+                node[k] = copy.deepcopy(odd[int(rng.integers(len(odd)))])
+            else:
+                walk(node[k], depth + 1)
+        elif isinstance(node, list) and node:
+            i = int(rng.integers(len(node)))
+            if rng.random() < 0.5:
+                node[i] = copy.deepcopy(odd[int(rng.integers(len(odd)))])
+            else:
+                walk(node[i], depth + 1)
+
+    for _ in range(int(rng.integers(1, 4))):
+        walk(data)
+    return json.dumps(data, allow_nan=True).encode()
+
+
+def test_fuzz_datalist_loader(tmp_path):
+    """Mutated datalists (a plain one, a multi-task one, an ingest-made one with ``root``) through load_datalist:
+    success or our DatalistError naming the file (a missing section: DatalistSectionError), nothing else."""
+    import json
+
+    from cutremain_monai.io.datalist import DatalistError, load_datalist
+
+    with open(os.path.join(SAMPLES, "datalist.json")) as f:
+        full = json.load(f)
+    small = {t: {s: v[:3] for s, v in d.items() if isinstance(v, list)} for t, d in full.items() if isinstance(d, dict)}
+    seeds = [json.dumps(small), json.dumps(small["covid"]),
+             json.dumps({"root": "dl_files", "training": small["clavicle"]["training"], "validation": [],
+                         "test": [], "ingest": {"path_mode": "uid"}})]
+    rng = np.random.default_rng(7)
+    path = str(tmp_path / "dl.json")
+    failures, ok, rejected = [], 0, 0
+    n = max(2000, N_INPUTS // 10)
+    for _ in range(n):
+        j = int(rng.integers(len(seeds)))
+        open(path, "wb").write(_mutate_json(seeds[j], rng))
+        task = "clavicle" if j == 0 else None
+        section = ("training", "validation", "test")[int(rng.integers(3))]
+        try:
+            load_datalist(path, section, task=task)
+            ok += 1
+        except DatalistError as e:
+            assert e.path == path and e.reason and str(e).startswith(path)
+            rejected += 1
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            failures.append((j, type(e).__name__, str(e)[:200]))
+            if len(failures) >= 10:
+                break
+    assert not failures, failures
+    assert ok > n // 20 and rejected > n // 20 and ok + rejected == n, (ok, rejected)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b'{"training": [{"image": "a\xff.dcm"}]}', "not a JSON datalist (UnicodeDecodeError"),
+    (b'{"training": [', "not a JSON datalist (JSONDecodeError"),
+    (b'[1, 2]', "expected a JSON object of sections, got list"),
+    (b'{"training": 3}', "section 'training' must be a list of items, got int"),
+    (b'{"training": [{"image": "a", "boxes": [[1, 2, 3], [1, 2, 3, 4]]}]}', "training[0]: field 'boxes' is not a list"),
+    (b'{"training": [{"image": "a", "box_labels": 5}]}', "training[0]: field 'box_labels' must be a list, got int"),
+    (b'{"training": [{"image": "a", "zone_scores": 2}]}', "training[0]: field 'zone_scores' must hold 6 values"),
+    (b'{"training": [{"image": "a", "lung_mask": {}}]}', "training[0]: field 'lung_mask' must be a path, got dict"),
+    (b'{"root": 7, "training": []}', "field 'root' must be a folder path, got int"),
+])
+def test_malformed_datalists_are_datalist_errors(tmp_path, content, reason):
+    """Found by fuzzing the datalist loader: undecodable bytes, broken JSON and fields of the wrong type escaped as
+    UnicodeDecodeError / JSONDecodeError / TypeError without the file's name."""
+    from cutremain_monai.io.datalist import DatalistError, load_datalist
+
+    path = str(tmp_path / "dl.json")
+    open(path, "wb").write(content)
+    with pytest.raises(DatalistError) as err:
+        load_datalist(path, "training")
+    assert err.value.path == path and err.value.reason.startswith(reason), err.value.reason
+
+
+def test_missing_section_is_also_a_key_error(tmp_path):
+    from cutremain_monai.io.datalist import DatalistSectionError, load_datalist
+
+    path = str(tmp_path / "dl.json")
+    open(path, "w").write('{"training": []}')
+    with pytest.raises(KeyError) as err:
+        load_datalist(path, "test")
+    assert isinstance(err.value, DatalistSectionError) and str(err.value) == f"{path}: no section 'test'"
