@@ -159,9 +159,69 @@ def check_xray_image(ds, path: PathLike) -> None:
             raise DicomReadError(path, f"transfer syntax {tsuid.name} ({tsuid}) has no available decoder")
 
 
+MAX_PIXELS = 2**27  # 134 M pixels: four times a full-field tomosynthesis projection; above it a file is refused
+_SOF = frozenset([0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7])  # F7: JPEG-LS
+
+
+def codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG / JPEG-LS (SOF marker) or JPEG 2000 (SIZ marker) codestream declares, else None.
+
+    Decoders size their buffers from the codestream, not from the DICOM header: a corrupt frame header made
+    CharLS allocate 23 GB for a 64x64 image (found by fuzzing; the kernel's OOM killer ended the process), so
+    the reader compares the two before decoding.
+    """
+    j2k = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC + SIZ (after a JP2 header, when there is one)
+    if j2k >= 0:
+        siz = frame[j2k + 4 : j2k + 4 + 22]
+        if len(siz) < 22:
+            return None
+        xsiz, ysiz, xo, yo = (int.from_bytes(siz[i : i + 4], "big") for i in (4, 8, 12, 16))
+        return ysiz - yo, xsiz - xo
+    if frame[:2] != b"\xff\xd8":
+        return None
+    i, end = 2, min(len(frame), 1 << 16)
+    while i + 4 <= end:
+        if frame[i] != 0xFF:
+            return None
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = int.from_bytes(frame[i + 2 : i + 4], "big")
+        if marker in _SOF:
+            seg = frame[i + 4 : i + 9]
+            return (int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big")) if len(seg) == 5 else None
+        if marker == 0xDA or length < 2:  # scan data before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+def _check_frame_size(ds, path: PathLike, rows: int, cols: int) -> None:
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        raise DicomReadError(path, f"encapsulated pixel data unreadable ({type(e).__name__}: {e})") from e
+    found = codestream_size(frame)
+    if found is not None and found != (rows, cols):  # (0 rows, "given later by a DNL marker", is refused too:
+        # CharLS sized its buffer from it)
+        raise DicomReadError(path, f"compressed frame declares {found[0]} x {found[1]} pixels, the header "
+                                   f"{rows} x {cols} (corrupt codestream)")
+
+
 def _stored_pixels(ds, path: PathLike) -> np.ndarray:
     """Stored values, ``(H, W)``. Native little-endian 8/16-bit is read straight from the buffer."""
     rows, cols = int(ds.Rows), int(ds.Columns)
+    if rows * cols > MAX_PIXELS:
+        raise DicomReadError(path, f"image of {rows} x {cols} pixels is above the limit of {MAX_PIXELS} pixels "
+                                   "(cutremain_monai.io.dicom.MAX_PIXELS)")
     ba, bs = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     tsuid = ds.file_meta.TransferSyntaxUID
@@ -176,6 +236,8 @@ def _stored_pixels(ds, path: PathLike) -> np.ndarray:
         need = rows * cols * ((ba + 7) // 8) if ba >= 8 else (rows * cols + 7) // 8
         if len(ds.PixelData) < need:
             raise DicomReadError(path, f"truncated pixel data: {len(ds.PixelData)} bytes, expected {need}")
+    else:
+        _check_frame_size(ds, path, rows, cols)
     try:
         arr = ds.pixel_array
     except (KeyboardInterrupt, SystemExit, GeneratorExit):

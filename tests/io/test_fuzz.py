@@ -93,6 +93,9 @@ def test_fuzz_dicom_readers(tmp_path):
             except DicomReadError as e:
                 assert e.path == path and e.reason  # names the file and says why
                 rejected += 1
+                if "MemoryError" in e.reason or "Out of memory" in e.reason:  # an allocation bomb, caught only
+                    # because the run has a memory limit (ulimit -v): without one the kernel kills the process
+                    failures.append((os.path.basename(seeds[j]), "allocation", e.reason[:200]))
             except BaseException as e:  # noqa: BLE001 - anything else is a finding (Rust panics are BaseException)
                 if isinstance(e, KeyboardInterrupt):
                     raise
@@ -249,3 +252,36 @@ def test_missing_section_is_also_a_key_error(tmp_path):
     with pytest.raises(KeyError) as err:
         load_datalist(path, "test")
     assert isinstance(err.value, DatalistSectionError) and str(err.value) == f"{path}: no section 'test'"
+
+
+@pytest.mark.parametrize("case", ["jpegls_zero_rows", "j2k_size", "huge_header"])
+def test_codestream_size_is_checked_before_decoding(tmp_path, case):
+    """Found by the long fuzz run: a JPEG-LS frame header declaring 0 rows (a 128x128 image) made CharLS allocate
+    23 GB, and the kernel killed the process: no exception to catch. The reader now compares the codestream's
+    size with the header's before decoding, and refuses headers above MAX_PIXELS."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from cutremain_monai.io.dicom import MAX_PIXELS, codestream_size
+
+    src = {"jpegls_zero_rows": "chest_000.dcm", "j2k_size": "chest_003.dcm", "huge_header": "chest_000.dcm"}[case]
+    ds = pydicom.dcmread(os.path.join(SAMPLES, "chest", src))
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    assert codestream_size(bytes(frame)) == (ds.Rows, ds.Columns)
+    if case == "jpegls_zero_rows":
+        i = frame.index(b"\xff\xf7")  # SOF55: length (2), precision (1), rows (2), columns (2)
+        frame[i + 5 : i + 7] = b"\x00\x00"
+        reason = f"compressed frame declares 0 x {ds.Columns} pixels"
+    elif case == "j2k_size":
+        i = frame.index(b"\xff\x51")  # SIZ: marker (2), length (2), Rsiz (2), Xsiz (4), Ysiz (4)
+        frame[i + 10 : i + 14] = (60000).to_bytes(4, "big")
+        reason = f"compressed frame declares 60000 x {ds.Columns} pixels"
+    else:
+        ds.Rows = ds.Columns = 65535
+        reason = f"image of 65535 x 65535 pixels is above the limit of {MAX_PIXELS} pixels"
+    ds.PixelData = encapsulate([bytes(frame)])
+    path = str(tmp_path / "bad.dcm")
+    ds.save_as(path)
+    with pytest.raises(DicomReadError) as err:
+        read_xray_dicom(path)
+    assert err.value.reason.startswith(reason), err.value.reason
