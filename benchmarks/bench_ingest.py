@@ -28,6 +28,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _descendant_peak_rss(stop, out: list) -> None:
+    """Poll /proc for this process's descendants (the forkserver and its workers are grandchildren, which
+    RUSAGE_CHILDREN does not see while they live) and keep the largest VmHWM (peak RSS), in MiB."""
+    me = os.getpid()
+    while not stop.wait(0.1):
+        parents = {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        fields = dict(line.split(":", 1) for line in f if ":" in line)
+                    parents[int(pid)] = (int(fields["PPid"]), int(fields.get("VmHWM", "0 kB").split()[0]) / 1024)
+                except (OSError, KeyError, ValueError):
+                    continue
+        for pid, (ppid, hwm) in parents.items():
+            p = ppid
+            while p > 1 and p != me:
+                p = parents.get(p, (0, 0))[0]
+            if p == me:
+                out[0] = max(out[0], hwm)
+
+
 def _child(args) -> None:
     """One measured run in this process: ``ingest`` or the plain loop; prints one JSON line."""
     os.environ.setdefault("CUTREMAIN_PSEUDONYM_KEY", "be" * 32)  # a throwaway key: never the site's
@@ -52,13 +74,20 @@ def _child(args) -> None:
     else:
         from cutremain_monai.io.ingest import ingest
 
+        import threading
+
         startup = time.perf_counter() - t  # (the imports: torch and MONAI come with the reader)
+        stop, peak = threading.Event(), [0.0]
+        watcher = threading.Thread(target=_descendant_peak_rss, args=(stop, peak), daemon=True)
+        watcher.start()
         t = time.perf_counter()
         report = ingest(args.root, args.output, progress=False, workers=args.workers, split=(0.7, 0.15, 0.15))
         seen = report.files_seen
+        stop.set()
+        watcher.join()
     wall = time.perf_counter() - t
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    workers = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, locals().get("peak", [0.0])[0])
     print(json.dumps({"files": seen, "seconds": wall, "rss_mib": own, "worker_rss_mib": workers,
                       "startup_seconds": locals().get("startup", 0.0)}))
 

@@ -241,8 +241,8 @@ def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: s
         mask_key: the key of the mask path in an item (absent when the image has no mask file).
         report: a CSV path: the skipped files are written there (columns ``file``, ``reason``).
         path_mode: how files are named in ``image_id`` and the report (:mod:`cutremain_monai.io.paths`):
-            ``relative`` (path relative to ``input_dir``), ``uid`` (DICOM images by SOP Instance UID, every other
-            file by a keyed token of its path), ``auto`` (``uid`` when a DICOM file's path holds its patient's name,
+            ``relative`` (path relative to ``input_dir``), ``uid`` (DICOM images ``<SOP Instance UID>.dcm`` as
+            ``cutremain ingest`` names them, every other file by a keyed token of its path), ``auto`` (``uid`` when a DICOM file's path holds its patient's name,
             ID or birth date, else ``relative``).
 
     Returns:
@@ -316,7 +316,7 @@ def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: s
         names: set[str] = set()
         for it in items:
             uid = uids.get(it["image_id"], "")
-            name = uid if valid_uid(uid) and uid not in names else file_token(it["image_id"])
+            name = f"{uid}.dcm" if valid_uid(uid) and f"{uid}.dcm" not in names else file_token(it["image_id"])
             names.add(name)
             it["image_id"] = name
         for row in skipped:

@@ -23,7 +23,7 @@ from monai.config import PathLike
 
 from cutremain_monai.constants import BOX_LABELS, BOXES, DATALIST_SECTIONS, GROUP, IMAGE, LABEL
 
-__all__ = ["DatalistError", "DatalistSectionError", "load_datalist", "save_datalist", "datalist_root", "validate_item", "split_by_group", "kfold_by_group", "datalist_hash", "group_keys"]
+__all__ = ["DatalistError", "DatalistSectionError", "DatalistTaskError", "load_datalist", "save_datalist", "datalist_root", "validate_item", "split_by_group", "kfold_by_group", "datalist_hash", "group_keys"]
 
 
 class DatalistError(ValueError):
@@ -32,14 +32,18 @@ class DatalistError(ValueError):
     def __init__(self, path: PathLike, reason: str):
         self.path = os.fspath(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(self.path, reason)  # (args as __init__ takes them: the error pickles across processes)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
 
 
 class DatalistSectionError(DatalistError, KeyError):
-    """The datalist has no such section or task (also a ``KeyError``: callers that try every section catch it)."""
+    """The datalist has no such section (also a ``KeyError``: callers that try every section catch it)."""
+
+
+class DatalistTaskError(DatalistError):
+    """The datalist has no such task (a mistyped ``datalist_task``: never taken for an empty section)."""
 
 
 def validate_item(item: dict, where: str = "item") -> dict:
@@ -89,11 +93,14 @@ def load_datalist(path: PathLike, section: str = "training", task: str | None = 
         task = None  # `--datalist_task None` on the monai.bundle command line arrives as text (or is dropped)
     if task is not None:
         if task not in data:
-            raise DatalistSectionError(path, f"no task '{task}' (have "
-                                       f"{sorted(k for k, v in data.items() if isinstance(v, dict))})")
+            raise DatalistTaskError(path, f"no task '{task}' (have "
+                                    f"{sorted(k for k, v in data.items() if isinstance(v, dict))})")
+        top_root = data.get("root")
         data = data[task]
         if not isinstance(data, dict):
             raise DatalistError(path, f"task '{task}' is not an object of sections")
+        if "root" not in data and top_root is not None:  # a top-level root serves every task
+            data = {**data, "root": top_root}
     if section not in data:
         raise DatalistSectionError(path, f"no section '{section}'")
     if not isinstance(data[section], list):

@@ -19,11 +19,14 @@ At scale (what a plain loop over files lacks):
 * **streaming**: files are walked lazily and each is decoded, checked and dropped; only a small record per
   file (its name, UID, group, size) is kept, so peak memory does not grow with the pixels of the batch;
 * **workers**: ``workers=N`` decodes in ``N`` processes (results come back in walk order, so the datalist does
-  not depend on ``N``);
+  not depend on ``N``); a process killed by a decoder (segfault, out of memory) is noticed, the file that did it
+  is found by reading the files that were in flight one by one, and reported; the batch goes on;
 * **resume**: every record is appended (and flushed) to ``<datalist stem>.ingest-journal.jsonl`` as soon as the
   file is done; ``resume=True`` after a crash or a kill reads it back and decodes only the files not in it, and
-  the end result equals an uninterrupted run's. The journal is removed once the datalist and the report are
-  written. It is keyed by a token of each relative path and holds only what the outputs hold.
+  the end result equals an uninterrupted run's (a file changed since, by size or time, is read again). The
+  journal is removed once the datalist and the report are written. It is keyed by a token of each relative path
+  and holds no path and no identifier (error reasons are stripped of the path).
+* outputs put inside the export (datalist, report, journal, link folder, quarantine copies) are not ingested.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -109,90 +111,164 @@ def link_folder_path(output: str) -> str:
     return os.path.splitext(os.fspath(output))[0] + "_files"
 
 
-def _walk(root: str) -> Iterator[tuple[str, str]]:
-    """(relative posix path, path) of every file under ``root``, in sorted order, lazily."""
+def _walk(root: str, skip_prefixes: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
+    """(relative posix path, path) of every file under ``root``, in sorted order, lazily; files and folders under
+    ``skip_prefixes`` (our own outputs, when they were put inside the export) are left out."""
     for d, dirs, files in os.walk(root):
-        dirs.sort()
+        dirs[:] = sorted(x for x in dirs if not os.path.join(d, x).startswith(skip_prefixes))
         for f in sorted(files):
             p = os.path.join(d, f)
-            yield os.path.relpath(p, root).replace(os.sep, "/"), p
+            if not p.startswith(skip_prefixes):
+                yield os.path.relpath(p, root).replace(os.sep, "/"), p
 
 
-def _paths_carry_identifiers(root: str) -> bool:
-    """Header-only scan (no pixel data read): does any file's relative path hold its own patient's name, ID or
-    birth date? Stops at the first that does."""
-    from cutremain_monai.io.dicom import dcmread_unnamed
-
-    for rel, path in _walk(root):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                ds = dcmread_unnamed(path, stop_before_pixels=True, specific_tags=[
-                    0x00100010, 0x00100020, 0x00100030, 0x00101000, 0x00101001, 0x00101060])
-            except Exception:
-                continue
-        if path_carries_identifiers(rel, header_identifiers(ds)):
-            return True
-    return False
+_PLACEHOLDER = "<file>"
 
 
-def _scrub(text: str, path: str, name: str) -> str:
-    """An error message with the file's path replaced by the name we write (messages often quote the path)."""
-    for p in {path, os.path.abspath(path)}:
-        text = text.replace(p, name)
+def _scrub(text: str, path: str) -> str:
+    """An error message without the file's path (messages of open(), pydicom and decoders quote it, sometimes in
+    its repr): the report names the file itself, by a name that carries no identifier."""
+    for p in sorted({path, os.path.abspath(path), repr(path)[1:-1], repr(os.path.abspath(path))[1:-1]}, key=len,
+                    reverse=True):
+        text = text.replace(p, _PLACEHOLDER)
     return text
 
 
+def _stat(path: str) -> list[int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [-1, -1]
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
 def _examine(args: tuple[str, str, bytes]) -> dict:
-    """Read one file (in a worker process): a small record, never the pixels."""
+    """Read one file (in a worker process or in this one): a small record, never the pixels.
+
+    Record: ``k`` (token of the relative path), ``t`` (``image`` | ``gsps`` | ``bad``), ``st`` (size and mtime:
+    a changed file is read again on resume), ``c`` (its path holds its own patient's identifiers), and ``uid``,
+    ``group``, ``size`` for images or ``reason`` (without the path) for the others.
+    """
     rel, path, key = args
-    token = file_token(rel, key)
+    rec: dict = {"k": file_token(rel, key), "t": "bad", "st": _stat(path), "c": False}
     try:
         ds = read_dataset(path)
+        try:
+            rec["c"] = path_carries_identifiers(os.path.abspath(path), header_identifiers(ds))
+        except Exception:  # a corrupt identifier element: nothing to compare
+            pass
         if is_gsps(ds):
-            return {"k": token, "t": "gsps"}
+            rec["t"] = "gsps"
+            return rec
         check_xray_image(ds, path)
         _, meta = read_xray_dicom(path, dataset=ds)
-        pid = str(ds.get("PatientID", "") or "") or str(ds.get("StudyInstanceUID", "") or token)  # (a corrupt
+        pid = str(ds.get("PatientID", "") or "") or str(ds.get("StudyInstanceUID", "") or rec["k"])  # (a corrupt
         # PatientID element fails here, inside the try)
-        group = keyed_pseudonym(pid, key)
+        rec.update(t="image", uid=str(meta["sop_instance_uid"] or ""), group=keyed_pseudonym(pid, key),
+                   size=[int(meta["rows"]), int(meta["columns"])])
     except DicomReadError as e:
-        return {"k": token, "t": "bad", "reason": _scrub(e.reason, path, rel)}
-    except Exception as e:  # a batch never dies for one file: anything else is reported with its type
-        return {"k": token, "t": "bad", "reason": _scrub(f"unexpected error ({type(e).__name__}: {e})", path, rel)}
-    return {"k": token, "t": "image", "uid": str(meta["sop_instance_uid"]), "group": group,
-            "size": [int(meta["rows"]), int(meta["columns"])]}
+        rec["reason"] = _scrub(e.reason, path)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a batch never dies for one file: anything else is reported with its type
+        rec["reason"] = _scrub(f"unexpected error ({type(e).__name__}: {e})", path)
+    return rec
 
 
-def _pool(workers: int):
+def _context():
     # forkserver (spawn where there is none): a fork of a process that has run torch may inherit its thread pools
     methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    return ctx.Pool(workers)
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def _read_journal(path: str, header: dict) -> dict[str, dict]:
-    """Records of an interrupted run, keyed by path token; a torn last line (the kill came mid-write) is dropped,
-    its file is read again."""
-    done: dict[str, dict] = {}
-    with open(path) as f:
-        first = f.readline()
-        try:
-            found = json.loads(first)
-        except json.JSONDecodeError:
-            found = {}
-        if found != header:
-            differs = sorted(k for k in set(found) | set(header) if found.get(k) != header.get(k))
-            raise ValueError(f"{path}: the journal was written by an ingest with other settings ({', '.join(differs)}); "
-                             "run without --resume to start again")
-        for line in f:
+def _crashed(task: tuple[str, str, bytes], why: str) -> dict:
+    rel, path, key = task
+    return {"k": file_token(rel, key), "t": "bad", "st": _stat(path), "c": False,
+            "reason": f"the reader crashed on this file ({why})"}
+
+
+def _in_processes(tasks: Iterator, workers: int, examine) -> Iterator[dict]:
+    """``examine`` over ``tasks`` in ``workers`` processes, results in task order, a bounded window in flight.
+
+    A process that dies (a decoder's segfault, the OOM killer) breaks the pool; ``multiprocessing.Pool`` would
+    wait for the lost task for ever. Here the tasks that were in flight are run again one by one, each in a fresh
+    process: the one that kills its process again is reported as crashed, and the batch goes on.
+    """
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = _context()
+    window = 16 * workers
+    pool = ProcessPoolExecutor(workers, mp_context=ctx)
+    flight: deque = deque()
+    tasks = iter(tasks)
+    try:
+        while True:
+            while len(flight) < window:
+                task = next(tasks, None)
+                if task is None:
+                    break
+                flight.append((task, pool.submit(examine, task)))
+            if not flight:
+                return
+            task, fut = flight[0]
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
+                rec = fut.result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=True, cancel_futures=True)
+                for t, _ in flight:  # isolate the culprit: each in-flight file alone in a new process
+                    with ProcessPoolExecutor(1, mp_context=ctx) as single:
+                        try:
+                            yield single.submit(examine, t).result()
+                        except BrokenProcessPool:
+                            logger.warning("a reader crashed its process on %s", file_token(t[0], t[2]))
+                            yield _crashed(t, "its process died while decoding it")
+                flight.clear()
+                pool = ProcessPoolExecutor(workers, mp_context=ctx)
                 continue
-            if isinstance(rec, dict) and "k" in rec:
-                done[rec["k"]] = rec
-    return done
+            flight.popleft()
+            yield rec
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_journal(path: str, header: dict) -> tuple[dict[str, dict], dict[str, int]] | None:
+    """Records of an interrupted run keyed by path token, and how many runs started each unfinished file; None
+    when there is no usable journal (missing, or its header torn by a kill right at the start).
+
+    The file is cut after its last complete line, so what is appended next never joins a torn line.
+    """
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb+") as f:
+        data = f.read()
+        cut = data.rfind(b"\n") + 1
+        if cut < len(data):
+            f.truncate(cut)
+    lines = data[:cut].split(b"\n")
+    try:
+        found = json.loads(lines[0])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if found != header:
+        differs = sorted(k for k in set(found) | set(header) if found.get(k) != header.get(k))
+        raise ValueError(f"{path}: the journal was written by an ingest with other settings ({', '.join(differs)}); "
+                         "run without --resume to start again")
+    done: dict[str, dict] = {}
+    started: dict[str, int] = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if not isinstance(rec, dict) or "k" not in rec:
+            continue
+        if rec.get("t") == "started":
+            started[rec["k"]] = started.get(rec["k"], 0) + 1
+        else:
+            done[rec["k"]] = rec
+    return done, {k: n for k, n in started.items() if k not in done}
 
 
 def _external_boxes(path: str) -> dict[str, dict]:
@@ -222,6 +298,8 @@ def ingest(
     path_mode: str = "auto",
     workers: int = 1,
     resume: bool = False,
+    *,
+    _examine_fn=None,
 ) -> IngestReport:
     """Walk ``root``, write the datalist to ``output`` and the quarantine report (CSV) beside it.
 
@@ -234,9 +312,13 @@ def ingest(
         near_duplicates: with ``split``, merge the patient groups of images whose thumbnails correlate at
             ``|r| >=`` this (the same radiograph exported twice under different PatientIDs); see
             :mod:`cutremain_monai.data.near_duplicates`.
-        path_mode: ``auto`` | ``relative`` | ``uid`` (:mod:`cutremain_monai.io.paths`).
+        path_mode: ``auto`` | ``relative`` | ``uid`` (:mod:`cutremain_monai.io.paths`); ``auto`` decides on the
+            whole batch (uid when any file's full path holds its own patient's name, ID or birth date).
         workers: processes that decode files (1: in this process).
-        resume: continue the interrupted ingest whose journal is beside ``output`` (same root and options).
+        resume: continue the interrupted ingest whose journal is beside ``output`` (same root): files finished
+            (and unchanged since) are not read again. In this process (``workers=1``), a file on which two runs
+            died is reported as crashing the reader; with workers, a crashed process is found and reported at once.
+        _examine_fn: (tests) the per-file function run in the worker processes.
     """
     from tqdm import tqdm
 
@@ -250,65 +332,81 @@ def ingest(
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise NotADirectoryError(f"export root is not a folder: {root}")
+    examine = _examine_fn or _examine
     external = _external_boxes(boxes) if boxes else {}
+    output = os.path.abspath(output)
+    report_path = os.path.abspath(report_path or os.path.splitext(output)[0] + "_quarantine.csv")
+    # our own outputs, when they sit inside the export, are not part of it
+    skip = tuple(p for p in (os.path.splitext(output)[0], report_path,
+                             os.path.abspath(quarantine_dir) + os.sep if quarantine_dir else None) if p)
     jpath = journal_path(output)
-    options = {"version": JOURNAL_VERSION, "root": keyed_pseudonym("root:" + root, key)}
-    done: dict[str, dict] = {}
-    if resume and os.path.exists(jpath):
-        with open(jpath) as f:
-            try:
-                mode = json.loads(f.readline()).get("path_mode")
-            except (json.JSONDecodeError, AttributeError):
-                mode = None
-        if path_mode != "auto" and mode != path_mode:
-            raise ValueError(f"{jpath}: the interrupted ingest named files with path mode {mode!r}, not {path_mode!r}")
-        header = {**options, "path_mode": mode}
-        done = _read_journal(jpath, header)
-        journal = open(jpath, "a")
-    else:
-        if resume:
-            logger.warning("no journal at %s: nothing to resume, starting from the beginning", jpath)
-        mode = resolve_path_mode(path_mode, path_mode == "auto" and _paths_carry_identifiers(root))
-        header = {**options, "path_mode": mode}
-        os.makedirs(os.path.dirname(os.path.abspath(jpath)), exist_ok=True)
-        journal = open(jpath, "w")
-        journal.write(json.dumps(header) + "\n")
-        journal.flush()
-    report.path_mode = mode
-    report.resumed = len(done)
-    links = LinkFolder(link_folder_path(output)) if mode == "uid" else None
+    header = {"version": JOURNAL_VERSION, "root": keyed_pseudonym("root:" + root, key)}
+    found = _read_journal(jpath, header) if resume else None
+    if resume and found is None:
+        logger.warning("no usable journal beside the output: nothing to resume, starting from the beginning")
+    done, started = found if found is not None else ({}, {})
+    if found is None:
+        os.makedirs(os.path.dirname(jpath), exist_ok=True)
+        with open(jpath, "w") as f:
+            f.write(json.dumps(header) + "\n")
+    journal = open(jpath, "a")
 
-    skip = frozenset(done)  # (the pool's feeder thread walks while this thread records)
+    def record(rec: dict) -> None:
+        journal.write(json.dumps(rec) + "\n")
+        journal.flush()  # in the OS's hands as soon as the file is done: a SIGKILL loses nothing finished
+
+    for k, n in started.items():
+        if n >= 2:  # two runs died while this one file was being read in their own process
+            rec = {"k": k, "t": "bad", "st": None, "c": False,
+                   "reason": "the reader crashed on this file (the ingest died twice while reading it)"}
+            record(rec)
+            done[k] = rec
+    from_journal = dict(done)  # (the pool's feeder thread walks while this thread records)
+
+    def fresh(rel: str, path: str) -> bool:
+        rec = from_journal.get(file_token(rel, key))
+        return rec is not None and (rec.get("st") is None or rec["st"] == _stat(path))
 
     def pending() -> Iterator[tuple[str, str, bytes]]:
-        for rel, path in _walk(root):
-            if file_token(rel, key) not in skip:
+        for rel, path in _walk(root, skip):
+            if not fresh(rel, path):
                 yield rel, path, key
 
-    pool = _pool(workers) if workers > 1 else None
+    def in_this_process(tasks) -> Iterator[dict]:
+        for task in tasks:
+            record({"k": file_token(task[0], key), "t": "started"})  # a crash here is seen by the next run
+            yield examine(task)
+
     try:
-        results = pool.imap(_examine, pending(), chunksize=8) if pool else map(_examine, pending())
+        results = _in_processes(pending(), workers, examine) if workers > 1 else in_this_process(pending())
         for rec in tqdm(results, desc="ingest", unit="file", disable=not progress):
-            journal.write(json.dumps(rec) + "\n")
-            journal.flush()  # on disk (the OS's) as soon as the file is done: a SIGKILL loses nothing finished
+            record(rec)
             done[rec["k"]] = rec
             report.decoded += 1
+        # assembly: one more walk (names only), in the same order whatever the workers and the interruptions were
+        entries = []
+        for rel, path in _walk(root, skip):
+            report.files_seen += 1
+            token = file_token(rel, key)
+            rec = done.get(token)
+            if rec is None:  # appeared since the first walk (an export still being copied): read it now
+                rec = examine((rel, path, key))
+                record(rec)
+                done[token] = rec
+                report.decoded += 1
+            elif token in from_journal and rec is from_journal[token]:
+                report.resumed += 1
+            entries.append((rel, path, rec))
     finally:
-        if pool is not None:
-            pool.terminate()
         journal.close()
-
-    def image_name(rec: dict, rel: str) -> str:
-        if mode == "relative":
-            return rel
-        uid = rec["uid"]
-        return f"{uid}.dcm" if valid_uid(uid) else f"{rec['k']}.dcm"
+    mode = resolve_path_mode(path_mode, any(rec.get("c") for _, _, rec in entries))
+    report.path_mode = mode
+    links = LinkFolder(link_folder_path(output)) if mode == "uid" else None
 
     def bad_name(rel: str) -> str:
         return rel if mode == "relative" else f"{QUARANTINED}/{file_token(rel, key)}"
 
-    # assembly: one more walk (names only), in the same order whatever the workers and the interruptions were
-    images: dict[str, dict] = {}  # sop uid -> item (image = the name written)
+    images: dict[str, dict] = {}  # sop uid (or token, without a usable uid) -> item (image = the name written)
     sizes: dict[str, tuple[int, int]] = {}
     where: dict[str, str] = {}  # name -> path on disk (for the GSPS pass, near-duplicates and quarantine copies)
     states: list[tuple[str, str]] = []
@@ -318,12 +416,10 @@ def ingest(
         name = bad_name(rel)
         report.quarantined.append((name, reason))
         quarantined_paths.append(path)
-        if links is not None:
+        if links is not None and os.path.lexists(path):
             links.link(path, name)
 
-    for rel, path in _walk(root):
-        report.files_seen += 1
-        rec = done[file_token(rel, key)]
+    for rel, path, rec in entries:
         if rec["t"] == "bad":
             quarantine(rel, path, rec["reason"])
             continue
@@ -331,10 +427,11 @@ def ingest(
             states.append((rel, path))
             continue
         uid = rec["uid"]
-        if uid in images:
+        usable = valid_uid(uid)
+        if usable and uid in images:
             quarantine(rel, path, f"duplicate SOPInstanceUID of {images[uid]['image']}")
             continue
-        name = image_name(rec, rel)
+        name = rel if mode == "relative" else f"{uid if usable else rec['k']}.dcm"
         if links is not None:
             links.link(path, name)
         item = {"image": name, "label": 0, "boxes": [], "box_labels": [], "group": rec["group"]}
@@ -342,9 +439,11 @@ def ingest(
         if ext is not None:
             item["label"] = ext["label"]
             item["boxes"], item["box_labels"] = ext["boxes"], ext["box_labels"]
-        images[uid] = item
-        sizes[uid] = tuple(rec["size"])
+        ident = uid if usable else rec["k"]
+        images[ident] = item
+        sizes[ident] = tuple(rec["size"])
         where[name] = path
+    del entries
     for p in sorted(external):  # what is left of the boxes file named no usable image
         inside = not os.path.relpath(p, root).startswith("..")
         shown = (os.path.relpath(p, root).replace(os.sep, "/") if mode == "relative" else
@@ -355,7 +454,7 @@ def ingest(
             ds = read_dataset(path)
             refs = [u for u in gsps_referenced_sop_uids(ds) if u in images]
         except DicomReadError as e:
-            quarantine(rel, path, _scrub(e.reason, path, bad_name(rel)))
+            quarantine(rel, path, _scrub(e.reason, path))
             continue
         except Exception as e:  # a corrupt reference sequence is reported, never ends the batch
             quarantine(rel, path, f"presentation state unreadable ({type(e).__name__})")
@@ -370,7 +469,7 @@ def ingest(
         try:
             found_boxes = read_gsps_file(path, sizes, dataset=ds)
         except DicomReadError as e:  # a corrupt presentation state is reported, never ends the batch
-            quarantine(rel, path, _scrub(e.reason, path, bad_name(rel)))
+            quarantine(rel, path, _scrub(e.reason, path))
             continue
         for uid, found in found_boxes.items():
             if uid in images:
@@ -399,12 +498,10 @@ def ingest(
         items = [{**it, "group": m["group"]} for it, m in zip(items, merged)]
         report.near_duplicates = near
     datalist = split_by_group(items, split, seed) if split else {"training": items, "validation": [], "test": []}
-    out_dir = os.path.dirname(os.path.abspath(output))
-    datalist["root"] = root if links is None else os.path.relpath(links.folder, out_dir)
+    datalist["root"] = root if links is None else os.path.relpath(links.folder, os.path.dirname(output))
     datalist["ingest"] = {"files_seen": report.files_seen, "quarantined": len(report.quarantined),
                           "path_mode": mode, **near}
     save_datalist(datalist, output)
-    report_path = report_path or os.path.splitext(output)[0] + "_quarantine.csv"
     tmp = report_path + ".tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -417,7 +514,8 @@ def ingest(
     if quarantine_dir:
         os.makedirs(quarantine_dir, exist_ok=True)
         for (name, _), p in zip(report.quarantined, quarantined_paths):
-            shutil.copy2(p, os.path.join(quarantine_dir, name.replace("/", "__")))
+            if os.path.exists(p):
+                shutil.copy2(p, os.path.join(quarantine_dir, name.replace("/", "__")))
     for p, r in report.quarantined:
         logger.warning("quarantined %s: %s", p, r)
     os.unlink(jpath)  # done: a later --resume starts afresh

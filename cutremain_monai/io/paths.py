@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import unicodedata
 
 from cutremain_monai.io.pseudonyms import keyed_pseudonym
 
@@ -37,7 +38,6 @@ QUARANTINED = "quarantined"
 # (0010,0010) PatientName, (0010,0020) PatientID, (0010,0030) PatientBirthDate, (0010,1000) OtherPatientIDs,
 # (0010,1001) OtherPatientNames, (0010,1060) PatientMotherBirthName
 _IDENTIFIER_TAGS = (0x00100010, 0x00100020, 0x00100030, 0x00101000, 0x00101001, 0x00101060)
-_NOT_ALNUM = re.compile(r"[^0-9a-z]+")
 _UID_SYNTAX = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")  # PS3.5 9.1
 
 
@@ -47,11 +47,13 @@ def valid_uid(uid: str) -> bool:
 
 
 def _norm(text: str) -> str:
-    return _NOT_ALNUM.sub("", text.lower())
+    """Case-folded letters and digits of any script (NFKC: full-width forms and ligatures fold too)."""
+    return "".join(c for c in unicodedata.normalize("NFKC", text).casefold() if c.isalnum())
 
 
 def _raw(ds, tag: int) -> str:
-    """An element's text without pydicom's value conversion (whose validation logs invalid values)."""
+    """An element's text decoded with the dataset's character set but without pydicom's value conversion (whose
+    validation logs invalid values)."""
     try:
         elem = ds.get_item(tag)
     except Exception:  # a corrupt element: nothing to compare
@@ -60,13 +62,23 @@ def _raw(ds, tag: int) -> str:
         return ""
     value = elem.value
     if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("latin-1", "replace")
+        try:
+            from pydicom.charset import convert_encodings, decode_bytes
+
+            charset = ds.get_item(0x00080005)
+            terms = charset.value if charset is not None else None
+            if isinstance(terms, (bytes, bytearray)):
+                terms = bytes(terms).decode("ascii", "replace").split("\\")
+            return decode_bytes(bytes(value), convert_encodings(terms), set("^=\\"))
+        except Exception:
+            return bytes(value).decode("latin-1", "replace")
     return str(value or "")
 
 
 def header_identifiers(ds) -> frozenset[str]:
-    """Normalised (lower-case alphanumeric) identifiers of a dataset: the patient's name (whole and each part of
-    three characters or more, split at ``^``, ``=``, spaces and ``\\``), IDs, birth date and mother's birth name."""
+    """Normalised (case-folded alphanumeric, any script) identifiers of a dataset: the patient's name (whole and
+    each part of three characters or more, split at ``^``, ``=``, spaces and ``\\``; decoded with its Specific
+    Character Set), IDs, birth date (YYYYMMDD, YYMMDD, DDMMYYYY, MMDDYYYY, DDMMYY) and mother's birth name."""
     found = set()
     for tag in _IDENTIFIER_TAGS:
         text = _raw(ds, tag)
@@ -79,8 +91,9 @@ def header_identifiers(ds) -> frozenset[str]:
             part = _norm(part)
             if len(part) >= 3:
                 found.add(part)
-        if tag == 0x00100030 and len(whole) == 8:  # a birth date also appears as YYMMDD in some exports
-            found.add(whole[2:])
+        if tag == 0x00100030 and len(whole) == 8 and whole.isdigit():  # a birth date as exports write it
+            y, m, d = whole[:4], whole[4:6], whole[6:]
+            found.update({y[2:] + m + d, d + m + y, m + d + y, d + m + y[2:]})
     return frozenset(found)
 
 

@@ -369,7 +369,7 @@ def test_patient_named_folders_are_named_by_uid(tmp_path):
     tree = generate_export_tree(str(tmp_path / "in"), 4, not_dicom=0.25)
     items, skipped = folder_datalist(tmp_path / "in")
     uids = sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in tree["images"])
-    assert sorted(_ids(items)) == uids
+    assert sorted(_ids(items)) == [u + ".dcm" for u in uids]
     note = os.path.relpath(tree["not_dicom"][0], tmp_path / "in").replace(os.sep, "/")
     assert skipped == [{"file": file_token(note), "reason": "not DICOM and not an image file type (.txt)"}]
     items, skipped = folder_datalist(tmp_path / "in", path_mode="relative")

@@ -217,10 +217,14 @@ def test_patient_named_export_is_named_by_uid(tmp_path):
     from cutremain_monai.io.ingest import ingest
 
     root, tree = _export(tmp_path)
+    p0 = tree["patients"][0]
+    broken = os.path.join(root, f"{p0['name']} {p0['id']}", f"{p0['name']}_{p0['birth_date']}.dcm")
+    os.symlink(os.path.join(root, "gone", p0["name"]), broken)  # open() quotes the path of a broken link
     out = tmp_path / "work" / "dl.json"
     report = ingest(root, str(out), split=(0.5, 0.25, 0.25), progress=False)
     assert report.path_mode == "uid" and report.images == 60
-    assert len(report.quarantined) == len(tree["damaged"]) + len(tree["not_dicom"]) == 9
+    assert len(report.quarantined) == len(tree["damaged"]) + len(tree["not_dicom"]) + 1 == 10
+    assert sum("FileNotFoundError" in r for _, r in report.quarantined) == 1
     data = json.load(open(out))
     assert data["root"] == "dl_files" and data["ingest"]["path_mode"] == "uid"
     items = [it for s in ("training", "validation", "test") for it in load_datalist(str(out), s)]
@@ -231,11 +235,12 @@ def test_patient_named_export_is_named_by_uid(tmp_path):
         assert it["image_id"] == os.path.basename(it["image"])
     rows = list(csv.DictReader(open(tmp_path / "work" / "dl_quarantine.csv")))
     assert all(r["file"].startswith("quarantined/f") for r in rows)
-    bad = {os.path.realpath(os.path.join(tmp_path, "work", "dl_files", r["file"])) for r in rows}
+    bad = {os.path.realpath(os.path.join(tmp_path, "work", "dl_files", r["file"])) for r in rows
+           if "FileNotFoundError" not in r["reason"]}
     assert bad == {os.path.realpath(p) for p in tree["damaged"] + tree["not_dicom"]}  # the user can still open them
     written = b"".join(open(os.path.join(d, f), "rb").read() for d, _, fs in os.walk(tmp_path / "work") for f in fs
                        if not os.path.islink(os.path.join(d, f)))
-    names = "".join(fs for _, _, fs in [(0, 0, " ".join(f)) for _, _, f in os.walk(tmp_path / "work")])
+    names = " ".join(" ".join(ds + fs) for _, ds, fs in os.walk(tmp_path / "work"))
     for p in tree["patients"]:
         for value in (p["name"], p["name"].split("^")[0], p["id"], p["birth_date"],
                       f"{p['birth_date'][:4]}-{p['birth_date'][4:6]}-{p['birth_date'][6:]}"):
@@ -279,14 +284,14 @@ def test_resume_after_sigkill(tmp_path):
     lines = 0
     while time.time() < deadline and proc.poll() is None:
         lines = sum(1 for _ in open(journal)) if journal.exists() else 0
-        if lines > 300:
+        if lines > 600:  # (a "started" line and a record per file)
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the ingest finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists() and journal.exists()
-    done = sum(1 for _ in open(journal)) - 1  # (the header line)
+    done = sum(1 for line in open(journal) if '"t": "started"' not in line) - 1  # (the header line)
     assert 300 <= done < n_files
     res = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -300,3 +305,91 @@ def test_resume_after_sigkill(tmp_path):
     assert a == b
     assert open(out.with_name("dl_quarantine.csv")).read() == open(ref.with_name("dl_quarantine.csv")).read()
     assert sorted(os.listdir(out.with_name("dl_files"))) == sorted(os.listdir(ref.with_name("dl_files")))
+
+
+def _journal_run(tmp_path, root, name, **kw):
+    """An ingest whose journal is kept (the unlink at the end skipped): returns the journal's lines."""
+    from unittest import mock
+
+    from cutremain_monai.io import ingest as I
+
+    out = tmp_path / name / "dl.json"
+    with mock.patch.object(I.os, "unlink"):
+        I.ingest(root, str(out), progress=False, path_mode="relative", **kw)
+    return open(I.journal_path(str(out))).read().splitlines(), out
+
+
+def test_resume_after_a_torn_line_and_a_second_interruption(tmp_path):
+    """The kill came mid-write (a torn last line), then the resumed run was interrupted too: the third run reads
+    only what neither finished, and ends with the uninterrupted run's datalist and report."""
+    from cutremain_monai.io import ingest as I
+
+    root, tree = _export(tmp_path, n=40)
+    lines, ref = _journal_run(tmp_path, root, "ref")
+    records = [ln for ln in lines[1:] if '"started"' not in ln]
+    n_files = len(records)
+    out = tmp_path / "resumed" / "dl.json"
+    out.parent.mkdir()
+    with open(I.journal_path(str(out)), "w") as f:  # header, 10 records, half of the 11th
+        f.write("\n".join([lines[0]] + records[:10]) + "\n" + records[10][: len(records[10]) // 2])
+    calls = []
+
+    def interrupted(task):
+        calls.append(task[0])
+        if len(calls) > 7:
+            raise KeyboardInterrupt  # the second interruption, after 7 more files
+        return I._examine(task)
+
+    with pytest.raises(KeyboardInterrupt):
+        I.ingest(root, str(out), progress=False, path_mode="relative", resume=True, _examine_fn=interrupted)
+    report = I.ingest(root, str(out), progress=False, path_mode="relative", resume=True)
+    assert report.resumed == 17 and report.decoded == n_files - 17  # nothing finished was read again
+    assert json.load(open(out)) == json.load(open(ref))
+    assert open(out.with_name("dl_quarantine.csv")).read() == open(ref.with_name("dl_quarantine.csv")).read()
+
+
+def test_a_file_two_runs_died_on_is_reported_and_changed_files_are_read_again(tmp_path):
+    from cutremain_monai.io import ingest as I
+    from cutremain_monai.io.paths import file_token
+
+    root, tree = _export(tmp_path, n=20)
+    lines, _ = _journal_run(tmp_path, root, "ref")
+    records = [json.loads(ln) for ln in lines[1:] if '"started"' not in ln]
+    out = tmp_path / "resumed" / "dl.json"
+    out.parent.mkdir()
+    victim = os.path.relpath(tree["images"][3], root).replace(os.sep, "/")
+    token = file_token(victim)
+    kept = [r for r in records if r["k"] != token]
+    started = json.dumps({"k": token, "t": "started"})
+    with open(I.journal_path(str(out)), "w") as f:  # two runs started the victim and never finished it
+        f.write("\n".join([lines[0]] + [json.dumps(r) for r in kept] + [started, started]) + "\n")
+    changed = tree["images"][5]
+    os.utime(changed, ns=(1, 1))  # touched since: its record is stale
+    report = I.ingest(root, str(out), progress=False, path_mode="relative", resume=True)
+    assert dict(report.quarantined)[victim] == "the reader crashed on this file (the ingest died twice while reading it)"
+    assert report.decoded == 1 and report.resumed + report.decoded == report.files_seen  # only the changed file read
+
+
+def test_a_worker_that_dies_is_found_and_the_batch_goes_on(tmp_path):
+    from cutremain_monai.io.ingest import ingest
+    from tests.io.ingest_helpers import crash_on_notes
+
+    root, tree = _export(tmp_path, n=30)
+    ref = ingest(root, str(tmp_path / "a" / "dl.json"), progress=False)
+    got = ingest(root, str(tmp_path / "b" / "dl.json"), progress=False, workers=2, _examine_fn=crash_on_notes)
+    assert json.load(open(tmp_path / "a" / "dl.json"))["training"] == json.load(open(tmp_path / "b" / "dl.json"))["training"]
+    a, b = dict(ref.quarantined), dict(got.quarantined)
+    assert a.keys() == b.keys()
+    crashed = [k for k in b if b[k] != a[k]]
+    assert len(crashed) == 1 and b[crashed[0]] == "the reader crashed on this file (its process died while decoding it)"
+
+
+def test_outputs_inside_the_export_are_not_ingested(tmp_path):
+    from cutremain_monai.io.ingest import ingest
+
+    root, tree = _export(tmp_path, n=10)
+    out = os.path.join(root, "dl.json")
+    first = ingest(root, out, progress=False, quarantine_dir=os.path.join(root, "bad"))
+    again = ingest(root, out, progress=False, quarantine_dir=os.path.join(root, "bad"))
+    assert first.files_seen == again.files_seen == 10 + len(tree["damaged"]) + len(tree["not_dicom"])
+    assert first.quarantined == again.quarantined and again.images == 10

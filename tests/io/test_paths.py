@@ -19,9 +19,35 @@ def _ds(name="DOE^JOHN^Q", pid="MRN0012345", birth="19800101"):
 def test_identifiers_of_a_header():
     ids = P.header_identifiers(_ds())
     # whole name, its parts of >= 3 characters ("q" is too short to test on its own), the id, the birth date
-    # and its YYMMDD form
-    assert ids == {"doejohnq", "doe", "john", "mrn0012345", "19800101", "800101"}
+    # as YYYYMMDD, YYMMDD, DDMMYYYY, MMDDYYYY and DDMMYY
+    assert ids == {"doejohnq", "doe", "john", "mrn0012345", "19800101", "800101", "01011980", "010180"}
     assert P.header_identifiers(pydicom.Dataset()) == frozenset()
+
+
+def test_identifiers_in_other_scripts():
+    """A UTF-8 (ISO_IR 192) name is decoded with the dataset's character set and compared in any script."""
+    ds = _ds(name="", pid="", birth="")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Иванов^Пётр"
+    ds.PatientBirthDate = "19800731"
+    raw = pydicom.dcmread(_roundtrip(ds), force=True)  # as read from a file: raw bytes until converted
+    ids = P.header_identifiers(raw)
+    assert {"иванов", "пётр"} <= ids
+    assert P.path_carries_identifiers("ИВАНОВ_ПЁТР/IM1", ids)
+    assert P.path_carries_identifiers("batch/31.07.1980/IM1", ids)  # DD.MM.YYYY
+
+
+def _roundtrip(ds):
+    import io
+
+    from pydicom.dataset import FileMetaDataset
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    buf.seek(0)
+    return buf
 
 
 @pytest.mark.parametrize("rel, carries", [
