@@ -10,8 +10,11 @@ ingest's time over that loop's. Memory independent of the file count: the same i
 
     python benchmarks/bench_ingest.py [--files 20000] [--keep DIR]
 
+A second export is decode-bound (``--big-files`` JPEG-LS images of ``--big-size`` pixels, as CR / DX files are):
+there the work per file is the decoding, which the workers share.
+
 Last line: one JSON object with files_per_second (1 worker), workers_2_vs_1 (files per second, 2 workers over
-1), peak_rss_mib (main process, all files), rss_ratio, vs_plain_loop.
+1), peak_rss_mib (main process, all files), rss_ratio, vs_plain_loop, decode_bound_workers_2_vs_1.
 """
 
 import argparse
@@ -103,6 +106,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--files", type=int, default=20000)
     p.add_argument("--keep", help="generate the exports here (kept) instead of a temporary folder")
+    p.add_argument("--big-files", type=int, default=300, help="files of the decode-bound export")
+    p.add_argument("--big-size", type=int, default=2048, help="image size of the decode-bound export (pixels)")
     p.add_argument("--child", choices=["ingest", "loop"], help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
@@ -124,9 +129,16 @@ def main() -> None:
             print(f"generated {name}: {n} images (+7% damaged / not DICOM) in {time.perf_counter() - t:.0f} s",
                   flush=True)
         exports[name] = root
+    big = os.path.join(base, "export_decode_bound")
+    if not os.path.isdir(big):  # X-ray sized, JPEG-LS: decoding, not bookkeeping, is the cost
+        t = time.perf_counter()
+        generate_export_tree(big, args.big_files, images_per_patient=4, size=args.big_size, seed=2,
+                             compression="jpegls")
+        print(f"generated decode-bound: {args.big_files} JPEG-LS images of {args.big_size} px in "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
     runs = {}
     for label, root, workers in (("tenth_1", exports["tenth"], 1), ("all_1", exports["all"], 1),
-                                 ("all_2", exports["all"], 2)):
+                                 ("all_2", exports["all"], 2), ("big_1", big, 1), ("big_2", big, 2)):
         out = os.path.join(base, f"out_{label}", "datalist.json")
         runs[label] = _measure("--child", "ingest", "--root", root, "--output", out, "--workers", str(workers))
         r = runs[label]
@@ -144,7 +156,10 @@ def main() -> None:
               "rss_ratio": round(runs["all_1"]["rss_mib"] / runs["tenth_1"]["rss_mib"], 3),
               "peak_rss_mib_2_workers": round(runs["all_2"]["rss_mib"], 1),
               "worker_rss_mib": round(runs["all_2"]["worker_rss_mib"], 1),
-              "vs_plain_loop": round(runs["all_1"]["seconds"] / loop["seconds"], 3), "cpus": os.cpu_count()}
+              "vs_plain_loop": round(runs["all_1"]["seconds"] / loop["seconds"], 3),
+              "decode_bound_files_per_second": round(runs["big_1"]["files"] / runs["big_1"]["seconds"], 2),
+              "decode_bound_workers_2_vs_1": round(runs["big_1"]["seconds"] / runs["big_2"]["seconds"], 3),
+              "cpus": os.cpu_count()}
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     print(json.dumps(result))

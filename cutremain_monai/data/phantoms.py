@@ -455,12 +455,14 @@ _GIVEN = ("ZEBEDIAH", "HUBERTINA", "OCTAVIUSZ", "PERPETUAX", "LEOFRICUS", "GWEND
 
 
 def generate_export_tree(root: str, n_images: int, images_per_patient: int = 2, damaged: float = 0.0,
-                         not_dicom: float = 0.0, size: int = 32, seed: int = 0, sources=None) -> dict:
+                         not_dicom: float = 0.0, size: int = 32, seed: int = 0, sources=None,
+                         compression: str = "explicit") -> dict:
     """A PACS export laid out as some PACS write it, named after its (synthetic) patients:
     ``<FAMILY>^<GIVEN> <PatientID>/<birth date YYYY-MM-DD>/IM<nnnnn>`` (no suffix), headers holding the same name,
     ID and birth date. ``damaged`` / ``not_dicom`` shares of extra files are truncated copies and text notes named
     after the patient. ``sources``: DICOM files to copy (cycled; their pixels, UIDs and everything else kept, the
-    patient module rewritten) instead of ``size`` x ``size`` random DX images. Returns ``{"patients": [{"name",
+    patient module rewritten) instead of ``size`` x ``size`` synthetic DX images (``compression`` as
+    :func:`~cutremain_monai.io.dx_writer.write_dx` takes it). Returns ``{"patients": [{"name",
     "id", "birth_date"}], "images": [paths], "damaged": [...], "not_dicom": [...]}``."""
     import pydicom
 
@@ -487,8 +489,10 @@ def generate_export_tree(root: str, n_images: int, images_per_patient: int = 2, 
                 ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, pid, birth
                 ds.save_as(path)
             else:
-                write_dx(path, rng.integers(0, 4096, (size, size), dtype=np.uint16), uid_seed=f"export-{seed}-{i}",
-                         patient_name=name, patient_id=pid, patient_birth_date=birth,
+                yy, xx = np.mgrid[0:size, 0:size] / size  # smooth content (compresses as X-rays do) plus noise
+                px = 2000 + 1500 * np.sin(6 * yy + 3 * xx + i) + rng.normal(0, 40, (size, size))
+                write_dx(path, np.clip(px, 0, 4095).astype(np.uint16), uid_seed=f"export-{seed}-{i}",
+                         compression=compression, patient_name=name, patient_id=pid, patient_birth_date=birth,
                          study_uid=pydicom.uid.generate_uid(entropy_srcs=[f"export-study-{seed}-{p}"]))
             out["images"].append(path)
     n_damaged, n_text = int(round(damaged * n_images)), int(round(not_dicom * n_images))

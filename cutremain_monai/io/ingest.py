@@ -471,10 +471,19 @@ def ingest(
         except DicomReadError as e:  # a corrupt presentation state is reported, never ends the batch
             quarantine(rel, path, _scrub(e.reason, path))
             continue
+        try:
+            ids = header_identifiers(ds)  # the presentation state carries its patient's module
+        except Exception:
+            ids = frozenset()
         for uid, found in found_boxes.items():
             if uid in images:
+                labels = [lab for _, lab in found]
+                if any(path_carries_identifiers(lab, ids) for lab in labels):  # free text that names the patient
+                    report.box_warnings.append((images[uid]["image"], "a box label held the patient's name, ID or "
+                                                "birth date: replaced by 'unlabelled'"))
+                    labels = ["unlabelled" if path_carries_identifiers(lab, ids) else lab for lab in labels]
                 images[uid]["boxes"] += [b.tolist() for b, _ in found]
-                images[uid]["box_labels"] += [lab for _, lab in found]
+                images[uid]["box_labels"] += labels
     items = []
     for uid, item in images.items():
         if item["boxes"]:

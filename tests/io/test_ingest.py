@@ -393,3 +393,22 @@ def test_outputs_inside_the_export_are_not_ingested(tmp_path):
     again = ingest(root, out, progress=False, quarantine_dir=os.path.join(root, "bad"))
     assert first.files_seen == again.files_seen == 10 + len(tree["damaged"]) + len(tree["not_dicom"])
     assert first.quarantined == again.quarantined and again.images == 10
+
+
+def test_presentation_state_text_that_names_the_patient_is_not_a_label(tmp_path):
+    """GSPS text objects are free text from the PACS: a label holding the patient's name is replaced and warned."""
+    from cutremain_monai.io.ingest import ingest
+
+    root = tmp_path / "pacs"
+    root.mkdir()
+    p = str(root / "img.dcm")
+    write_dx(p, np.zeros((40, 30), dtype=np.uint16), uid_seed="lab", patient_id="MRN5550123",
+             patient_name="WINTERBOTTOM^ESMERALDA")
+    ds = pydicom.dcmread(p, stop_before_pixels=True)
+    write_box_gsps(ds, [[3, 4, 10, 12], [5, 5, 9, 9]], ["nodule", "Winterbottom E. old film"]).save_as(
+        str(root / "pr.dcm"), enforce_file_format=True)
+    report = ingest(str(root), str(tmp_path / "dl.json"), gsps=True, progress=False)
+    item = load_datalist(str(tmp_path / "dl.json"))[0]
+    assert item["box_labels"] == ["nodule", "unlabelled"]
+    assert any("box label held the patient's name" in m for _, m in report.box_warnings)
+    assert "interbottom" not in open(tmp_path / "dl.json").read().lower()
