@@ -20,6 +20,7 @@ def _ingest(args) -> int:
         args.output,
         boxes=args.boxes,
         gsps=args.gsps,
+        sr=args.sr,
         split=split,
         quarantine_dir=args.quarantine_dir,
         progress=not args.no_progress,
@@ -250,6 +251,8 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--boxes", help="CSV (path,label,x0,y0,x1,y1,box_label) or datalist JSON with boxes")
     g.add_argument("--gsps", action="store_true", help="read boxes from presentation states in the tree")
+    p.add_argument("--sr", action="store_true", help="read boxes from the image regions of structured reports (TID "
+                   "1500) in the tree (with --gsps: both)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--split", help="train,val,test fractions for a patient-wise split, e.g. 0.7,0.15,0.15")
     p.add_argument("--quarantine-dir", help="copy files that could not be used there")

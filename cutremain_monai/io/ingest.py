@@ -47,6 +47,7 @@ from cutremain_monai.io.boxes import validate_boxes
 from cutremain_monai.io.datalist import save_datalist, split_by_group
 from cutremain_monai.io.dicom import DicomReadError, check_xray_image, read_dataset, read_xray_dicom
 from cutremain_monai.io.gsps import gsps_referenced_sop_uids, is_gsps, read_gsps_file
+from cutremain_monai.io.sr import is_sr, read_sr_file, sr_referenced_sop_uids
 from cutremain_monai.io.importers import import_csv
 from cutremain_monai.io.paths import (
     QUARANTINED,
@@ -72,6 +73,7 @@ class IngestReport:
 
     images: int = 0
     presentation_states: int = 0
+    structured_reports: int = 0
     quarantined: list = field(default_factory=list)  # (file, reason)
     box_warnings: list = field(default_factory=list)  # (file, message)
     files_seen: int = 0
@@ -86,6 +88,7 @@ class IngestReport:
                                                 if self.resumed else ""),
             f"images in datalist: {self.images}",
             f"presentation states used: {self.presentation_states}",
+            f"structured reports used: {self.structured_reports}",
             f"quarantined: {len(self.quarantined)}",
             f"box warnings: {len(self.box_warnings)}",
             f"files named: {'by SOP Instance UID (link folder)' if self.path_mode == 'uid' else 'relative to the root'}",
@@ -145,7 +148,7 @@ def _stat(path: str) -> list[int]:
 def _examine(args: tuple[str, str, bytes]) -> dict:
     """Read one file (in a worker process or in this one): a small record, never the pixels.
 
-    Record: ``k`` (token of the relative path), ``t`` (``image`` | ``gsps`` | ``bad``), ``st`` (size and mtime:
+    Record: ``k`` (token of the relative path), ``t`` (``image`` | ``gsps`` | ``sr`` | ``bad``), ``st`` (size and mtime:
     a changed file is read again on resume), ``c`` (its path holds its own patient's identifiers), and ``uid``,
     ``group``, ``size`` for images or ``reason`` (without the path) for the others.
     """
@@ -157,8 +160,8 @@ def _examine(args: tuple[str, str, bytes]) -> dict:
             rec["c"] = path_carries_identifiers(os.path.abspath(path), header_identifiers(ds))
         except Exception:  # a corrupt identifier element: nothing to compare
             pass
-        if is_gsps(ds):
-            rec["t"] = "gsps"
+        if is_gsps(ds) or is_sr(ds):
+            rec["t"] = "gsps" if is_gsps(ds) else "sr"
             return rec
         check_xray_image(ds, path)
         _, meta = read_xray_dicom(path, dataset=ds)
@@ -289,6 +292,7 @@ def ingest(
     output: str,
     boxes: str | None = None,
     gsps: bool = False,
+    sr: bool = False,
     split: tuple[float, float, float] | None = None,
     quarantine_dir: str | None = None,
     report_path: str | None = None,
@@ -306,6 +310,9 @@ def ingest(
     Args:
         boxes: a plain CSV (``path,label,x0,y0,x1,y1,box_label``, paths relative to the CSV) or a datalist JSON.
         gsps: read boxes from Grayscale Softcopy Presentation States found in the tree.
+        sr: read boxes from the image regions of structured reports (TID 1500) found in the tree
+            (:mod:`cutremain_monai.io.sr`); with ``gsps`` too, both are read. An image's label is then 1 when it
+            has a box.
         split: (train, val, test) fractions for a patient-wise split; default: everything under ``training``.
         quarantine_dir: copy quarantined files there (the originals are never moved or deleted), under the names
             the report gives them.
@@ -322,8 +329,8 @@ def ingest(
     """
     from tqdm import tqdm
 
-    if boxes and gsps:
-        raise ValueError("give either boxes=FILE or gsps=True, not both")
+    if boxes and (gsps or sr):
+        raise ValueError("give either boxes=FILE or gsps / sr, not both")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     resolve_path_mode(path_mode, False)  # a bad mode fails before any file is read
@@ -423,8 +430,8 @@ def ingest(
         if rec["t"] == "bad":
             quarantine(rel, path, rec["reason"])
             continue
-        if rec["t"] == "gsps":
-            states.append((rel, path))
+        if rec["t"] in ("gsps", "sr"):
+            states.append((rel, path, rec["t"]))
             continue
         uid = rec["uid"]
         usable = valid_uid(uid)
@@ -449,30 +456,35 @@ def ingest(
         shown = (os.path.relpath(p, root).replace(os.sep, "/") if mode == "relative" else
                  file_token(os.path.relpath(p, root) if inside else p, key))
         report.box_warnings.append((shown, "listed in the boxes file but not a usable image in the batch"))
-    for rel, path in states:
+    for rel, path, kind in states:
+        what = "presentation state" if kind == "gsps" else "structured report"
         try:
             ds = read_dataset(path)
-            refs = [u for u in gsps_referenced_sop_uids(ds) if u in images]
+            refs = [u for u in (gsps_referenced_sop_uids(ds) if kind == "gsps" else sr_referenced_sop_uids(ds))
+                    if u in images]
         except DicomReadError as e:
             quarantine(rel, path, _scrub(e.reason, path))
             continue
         except Exception as e:  # a corrupt reference sequence is reported, never ends the batch
-            quarantine(rel, path, f"presentation state unreadable ({type(e).__name__})")
+            quarantine(rel, path, f"{what} unreadable ({type(e).__name__})")
             continue
         if not refs:
-            quarantine(rel, path, "presentation state references no usable image in the batch")
+            quarantine(rel, path, f"{what} references no usable image in the batch")
             continue
-        if not gsps:
-            quarantine(rel, path, "presentation state ignored (run with --gsps to read its boxes)")
+        if not (gsps if kind == "gsps" else sr):
+            quarantine(rel, path, f"{what} ignored (run with --{kind} to read its boxes)")
             continue
-        report.presentation_states += 1
+        if kind == "gsps":
+            report.presentation_states += 1
+        else:
+            report.structured_reports += 1
         try:
-            found_boxes = read_gsps_file(path, sizes, dataset=ds)
-        except DicomReadError as e:  # a corrupt presentation state is reported, never ends the batch
+            found_boxes = read_gsps_file(path, sizes, dataset=ds) if kind == "gsps" else read_sr_file(path, ds)
+        except DicomReadError as e:  # a corrupt presentation state / report is reported, never ends the batch
             quarantine(rel, path, _scrub(e.reason, path))
             continue
         try:
-            ids = header_identifiers(ds)  # the presentation state carries its patient's module
+            ids = header_identifiers(ds)  # the presentation state / report carries its patient's module
         except Exception:
             ids = frozenset()
         for uid, found in found_boxes.items():
@@ -493,8 +505,8 @@ def ingest(
             report.box_warnings += [(item["image"], m.split(": ", 1)[1]) for m in msgs]
             item["box_labels"] = [item["box_labels"][int(i)] for i in labs]
             item["boxes"] = kept.round(2).tolist()
-            if gsps:
-                item["label"] = int(len(item["boxes"]) > 0)
+        if gsps or sr:
+            item["label"] = int(len(item["boxes"]) > 0)
         items.append(item)
     report.images = len(items)
     near = {}
