@@ -109,8 +109,17 @@ def write_box_gsps(
     instance_number: int = 1,
     content_label: str = "BOXES",
     sop_instance_uid: str | None = None,
+    texts: Sequence[str] | None = None,
+    layer_name: str = _LAYER,
+    content_description: str = "Region annotations (boxes)",
+    series_number: int = 900,
+    series_description: str | None = None,
+    manufacturer: str = "cutremain_monai",
+    model_name: str = "cutremain_monai",
+    software_version: str = "0.1.0",
 ):
-    """A GSPS that draws ``boxes`` (xyxy, stored-image pixels) with their ``labels`` on ``image_ds``.
+    """A GSPS that draws ``boxes`` (xyxy, stored-image pixels) with their ``labels`` on ``image_ds``; ``texts``
+    (default: the labels) are the text objects shown at each box's corner, on the graphic layer ``layer_name``.
 
     Returns the ``highdicom`` dataset, also saved to ``path`` when given. The window of the image (if any) is
     carried over as the softcopy VOI LUT so a viewer shows the image as the annotator saw it.
@@ -120,13 +129,16 @@ def write_box_gsps(
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(labels) != len(boxes):
         raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+    texts = list(labels if texts is None else texts)
+    if len(texts) != len(boxes):
+        raise ValueError(f"{len(boxes)} boxes but {len(texts)} texts")
     # GSPS graphic data must lie inside the image: clip (or drop) with a warning naming the image
     kept, idx, _ = validate_boxes(boxes, (int(image_ds.Rows), int(image_ds.Columns)), np.arange(len(boxes)),
                                   source=str(image_ds.get("SOPInstanceUID", "image")))
-    boxes, labels = kept.astype(np.float64), [labels[int(i)] for i in idx]
-    layer = hd.pr.GraphicLayer(layer_name=_LAYER, order=1, description="region annotations")
+    boxes, texts = kept.astype(np.float64), [texts[int(i)] for i in idx]
+    layer = hd.pr.GraphicLayer(layer_name=layer_name, order=1, description="region annotations")
     annotations = []
-    for (x0, y0, x1, y1), label in zip(boxes, labels):
+    for (x0, y0, x1, y1), label in zip(boxes, texts):
         corners = np.asarray([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
         graphic = hd.pr.GraphicObject(graphic_type="POLYLINE", graphic_data=corners, units="PIXEL")
         text = hd.pr.TextObject(
@@ -146,15 +158,15 @@ def write_box_gsps(
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[image_ds],
         series_instance_uid=series_instance_uid or hd.UID(),
-        series_number=900,
+        series_number=series_number,
         sop_instance_uid=sop_instance_uid or hd.UID(),
         instance_number=instance_number,
-        manufacturer="cutremain_monai",
-        manufacturer_model_name="cutremain_monai",
-        software_versions="0.1.0",
+        manufacturer=manufacturer,
+        manufacturer_model_name=model_name[:64],
+        software_versions=str(software_version)[:64],
         device_serial_number="0",
         content_label=content_label,
-        content_description="Region annotations (boxes)",
+        content_description=content_description[:64],
         graphic_annotations=annotations,
         graphic_layers=[layer],
         voi_lut_transformations=voi,
@@ -171,6 +183,8 @@ def write_box_gsps(
         for item in gsps.get("ContributingEquipmentSequence", []):
             if "ContributionDateTime" in item:
                 item.ContributionDateTime = date + time_
+    if series_description:
+        gsps.SeriesDescription = series_description[:64]
     if "Laterality" not in gsps:
         gsps.Laterality = None  # General Series type 2C: present and empty when the image has no R/L laterality
     if path is not None:
