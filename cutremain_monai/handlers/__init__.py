@@ -1,6 +1,7 @@
 """Ignite handlers: evaluation report, Grad-CAM report, MLflow registry, reproducibility."""
 
 from cutremain_monai.handlers.classification_report import ClassificationReport
+from cutremain_monai.handlers.dicom_results import DicomResults
 from cutremain_monai.handlers.gradcam_report import GradCAMReport
 from cutremain_monai.handlers.mean_auc import MeanAUC, MeanAUCMetric
 from cutremain_monai.handlers.localization_report import LocalizationReport
@@ -10,5 +11,5 @@ from cutremain_monai.handlers.severity_report import SeverityReport
 from cutremain_monai.handlers.targetness_report import PatchTypeHistogram, TargetnessWriter, comparison_table
 from cutremain_monai.handlers.reproducibility import EpochSeed, StopAfterEpochs, last_checkpoints, latest_checkpoint
 
-__all__ = ["LocalizationReport", "ClassificationPredictions", "SeverityPredictions", "ClassificationReport", "GradCAMReport", "MeanAUC", "MeanAUCMetric", "MLflowRegistry", "SeverityReport", "default_tracking_uri", "EpochSeed",
+__all__ = ["DicomResults", "LocalizationReport", "ClassificationPredictions", "SeverityPredictions", "ClassificationReport", "GradCAMReport", "MeanAUC", "MeanAUCMetric", "MLflowRegistry", "SeverityReport", "default_tracking_uri", "EpochSeed",
            "StopAfterEpochs", "last_checkpoints", "latest_checkpoint", "PatchTypeHistogram", "TargetnessWriter", "comparison_table"]

@@ -1,0 +1,238 @@
+"""Folder inference answered in DICOM: for every scored DICOM image, a TID 1500 SR, a Secondary Capture and a
+presentation state, for the PACS to file with the study (issue 15).
+
+What this handler adds to the writers of :mod:`cutremain_monai.io` (which know nothing of networks): the
+results of one evaluator run, taken from the prediction rows (so the SR's probabilities are the CSV's), and the
+predicted box of each positive finding on the *source* image: the Grad-CAM map of each network input is brought
+back through the bundle's preprocessing (the image or one of its ``SplitHalvesd`` halves, resized to the network
+size) onto the stored image, thresholded at the validation-chosen ``tau`` (``cutremain localize`` writes it) and
+boxed around its largest connected region. Files are written under ``output_dir/{SR,SC,PR}/<SOP Instance
+UID>.dcm``, with ``manifest.csv`` (source name, object, file); a file that cannot be written is listed there with
+its error, and the others are still written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from cutremain_monai.handlers.utils import rank
+
+__all__ = ["DicomResults", "map_box", "to_source_frame"]
+
+logger = logging.getLogger(__name__)
+
+
+def to_source_frame(cam: np.ndarray, source_shape: tuple[int, int], half: str | None) -> tuple[np.ndarray, int]:
+    """A network-input map ``(h, w)`` resized onto the region of the source image it came from: the whole image,
+    or the left (columns ``[0, W//2)``) / right (``[W//2, W)``) half of ``SplitHalvesd``. Returns the map and its
+    column offset in the source."""
+    from PIL import Image
+
+    rows, cols = source_shape
+    mid = cols // 2
+    lo, hi = {"left": (0, mid), "right": (mid, cols)}.get(half or "", (0, cols))
+    img = Image.fromarray(np.asarray(cam, dtype=np.float32))
+    return np.asarray(img.resize((hi - lo, rows), Image.BILINEAR), dtype=np.float32), lo
+
+
+def map_box(cam: np.ndarray, tau: float) -> list[float] | None:
+    """The bounding box (xyxy, pixels) of the largest connected region of ``cam >= tau``, or None."""
+    from scipy import ndimage
+
+    mask = np.asarray(cam) >= tau
+    if not mask.any():
+        return None
+    labels, n = ndimage.label(mask)
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
+    region = labels == (int(np.argmax(sizes)) + 1)
+    ys, xs = np.nonzero(region)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def _tau(value) -> float:
+    """``tau`` as a number, or from a ``cutremain localize`` JSON (``validation_tau.gradcam``)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and os.path.exists(value):
+        with open(value) as f:
+            return float(json.load(f).get("validation_tau", {}).get("gradcam", 0.5))
+    return 0.5
+
+
+class DicomResults:
+    """Args:
+        output_dir: where the SR / SC / PR folders and ``manifest.csv`` go.
+        predictions: the run's ``ClassificationPredictions`` (its rows give the probabilities and predictions).
+        network / target_layer: Grad-CAM of the positive class (binary) or of each predicted class.
+        bundle_root: the bundle's folder: its ``configs/metadata.json`` gives the name and version named as the
+            device in every object (else ``bundle`` / ``version``); model_name / registry_version: the model's.
+        tau: threshold of the min-max Grad-CAM map (a number, or the ``*_localization.json`` of ``cutremain
+            localize`` whose validation-chosen ``tau`` is used); a positive finding without a region gets no box.
+        finding_names: the finding named in the SR for a binary model (default: the last class name).
+        path_key / half_key / id_key: sample keys (the source file, the half, the row name).
+        series_number: of the SR; the SC and PR take the next two.
+        enabled: switch (``dicom_out`` in ``inference.yaml``).
+    """
+
+    def __init__(self, output_dir: str, predictions, network: torch.nn.Module | None = None,
+                 target_layer: str = "layer3", bundle_root: str | None = None, bundle: str = "cutremain",
+                 version: str = "0.1.0",
+                 model_name: str = "model", registry_version: str | None = None, tau=0.5,
+                 label_mode: str = "binary", class_names: Sequence[str] | None = None,
+                 finding_names: Sequence[str] | None = None, path_key: str = "image_path", half_key: str = "half",
+                 id_key: str = "image_id", series_number: int = 901, enabled: bool = True):
+        self.output_dir = output_dir
+        self.predictions = predictions
+        self.network, self.target_layer = network, target_layer
+        if bundle_root:
+            meta_path = os.path.join(bundle_root, "configs", "metadata.json")
+            with open(meta_path) as f:
+                meta = json.load(f)
+            bundle = str(meta.get("name") or os.path.basename(os.path.abspath(bundle_root)))
+            version = str(meta.get("version", version))
+        self.bundle, self.version, self.model_name = bundle, str(version), model_name
+        self.registry_version = None if registry_version in (None, "", "None") else str(registry_version)
+        self.tau = tau
+        self.label_mode = label_mode
+        self.names = list(class_names or [])
+        self.finding_names = list(finding_names or [])
+        self.path_key, self.half_key, self.id_key = path_key, half_key, id_key
+        self.series_number = int(series_number)
+        self.enabled = enabled
+        self._maps: dict = {}
+        self.written: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._maps.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _classes(self, prob: torch.Tensor) -> list[int]:
+        if self.label_mode == "binary":
+            return [0]
+        return list(range(1, len(prob))) if self.label_mode == "multiclass" else list(range(len(prob)))
+
+    def _collect(self, engine: Engine) -> None:
+        if rank() != 0 or self.network is None:
+            return
+        from cutremain_monai.localization.grad_cam import grad_cam
+
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        device = next(net.parameters()).device
+        for item, out in zip(engine.state.batch, engine.state.output):
+            name = str(item.get(self.id_key) or item.get(self.path_key))
+            source = str(item.get(self.path_key) or "")
+            image = torch.as_tensor(item["image"]).float()[None].to(device)
+            prob = torch.as_tensor(out["pred"]).detach().float().reshape(-1).cpu()
+            maps = {}
+            for c in self._classes(prob):
+                maps[c] = grad_cam(net, image, target=c, layer=self.target_layer)[0, 0].cpu().numpy()
+            self._maps.setdefault(name, {"source": source, "halves": {}})["halves"][item.get(self.half_key) or ""] = maps
+
+    def _finding_name(self, c: int) -> str:
+        if self.label_mode == "binary":
+            return (self.finding_names or self.names[-1:] or ["finding"])[0]
+        return self.names[c] if c < len(self.names) else str(c)
+
+    def __call__(self, engine: Engine) -> None:
+        if rank() != 0:
+            return
+        from cutremain_monai.io.dicom import DicomReadError, dcmread_unnamed, read_xray_dicom
+        from cutremain_monai.io.gsps import write_box_gsps
+        from cutremain_monai.io.secondary_capture import write_secondary_capture
+        from cutremain_monai.io.sr import ModelDevice, write_findings_sr
+        from cutremain_monai.localization.cam import overlay_image
+
+        rows = {r["file"]: r for r in getattr(self.predictions, "rows", []) if not r.get("error")}
+        device = ModelDevice(self.bundle, self.version, self.model_name, self.registry_version)
+        tau = _tau(self.tau)
+        for sub in ("SR", "SC", "PR"):
+            os.makedirs(os.path.join(self.output_dir, sub), exist_ok=True)
+        manifest = []
+        for name, seen in self._maps.items():
+            row = rows.get(name)
+            if row is None:
+                continue
+            try:
+                ds = dcmread_unnamed(seen["source"])
+                if "PixelData" not in ds:
+                    raise DicomReadError(name, "not a DICOM image")
+                display, _ = read_xray_dicom(seen["source"], dataset=ds)
+            except Exception as e:  # a PNG, or a file that cannot be read: listed, never fatal
+                manifest.append({"file": name, "object": "", "path": "", "error": f"no DICOM source ({type(e).__name__})"})
+                continue
+            shape = (int(ds.Rows), int(ds.Columns))
+            full: dict[int, np.ndarray] = {}
+            for half, maps in seen["halves"].items():
+                for c, cam in maps.items():
+                    part, lo = to_source_frame(cam, shape, half or None)
+                    full.setdefault(c, np.zeros(shape, dtype=np.float32))[:, lo : lo + part.shape[1]] = part
+            findings = self._findings(row, full, tau)
+            boxes = [f for f in findings if f.box is not None]
+            caption = [device.label, "; ".join(f"{f.name} {100 * f.probability:.0f}%" for f in findings)]
+            heat = np.max(np.stack(list(full.values())), axis=0) if full else np.zeros(shape, np.float32)
+            rgb = np.asarray(overlay_image(np.asarray(display)[0], heat, [f.box for f in boxes]))
+            import highdicom as hd
+
+            def sr(path, uid):
+                return write_findings_sr(ds, findings, device, path, series_number=self.series_number,
+                                         sop_instance_uid=uid)
+
+            def sc(path, uid):
+                return write_secondary_capture(ds, rgb, caption, path, manufacturer=device.manufacturer,
+                                               model_name=self.model_name, software_version=self.version,
+                                               series_number=self.series_number + 1, sop_instance_uid=uid)
+
+            def pr(path, uid):
+                return write_box_gsps(ds, [f.box for f in boxes], [f.name for f in boxes], path,
+                                      texts=[f"{f.name} {100 * f.probability:.0f}%" for f in boxes],
+                                      layer_name="CUTREMAIN_AI", content_label="AI_FINDINGS",
+                                      content_description=device.label[:64], series_number=self.series_number + 2,
+                                      series_description="cutremain findings", manufacturer=device.manufacturer,
+                                      model_name=self.model_name, software_version=self.version,
+                                      sop_instance_uid=uid)
+
+            for kind, write in [("SR", sr), ("SC", sc)] + ([("PR", pr)] if boxes else []):
+                uid = str(hd.UID())
+                path = os.path.join(self.output_dir, kind, f"{uid}.dcm")
+                try:
+                    write(path, uid)
+                    manifest.append({"file": name, "object": kind, "path": os.path.relpath(path, self.output_dir),
+                                     "error": ""})
+                except Exception as e:  # one object that cannot be written never stops the others
+                    logger.warning("DICOM %s for %s not written: %s", kind, name, type(e).__name__)
+                    manifest.append({"file": name, "object": kind, "path": "", "error": f"{type(e).__name__}: {e}"})
+        self.written = manifest
+        with open(os.path.join(self.output_dir, "manifest.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["file", "object", "path", "error"])
+            w.writeheader()
+            w.writerows(manifest)
+        logger.info("DICOM results: %d objects for %d images in %s", sum(1 for m in manifest if m["path"]),
+                    len({m["file"] for m in manifest}), self.output_dir)
+
+    def _findings(self, row: dict, full: dict[int, np.ndarray], tau: float):
+        from cutremain_monai.io.sr import Finding
+
+        out = []
+        if self.label_mode == "binary":
+            p = float(row["probability"])
+            positive = int(row["prediction"]) == 1
+            box = map_box(full[0], tau) if positive and 0 in full else None
+            return [Finding(self._finding_name(0), p, box)]
+        predicted = set(str(row.get("prediction", "")).split("|"))
+        for c in self._classes(torch.zeros(len(self.names))):
+            name = self._finding_name(c)
+            p = float(row.get(f"p_{name}", 0.0))
+            box = map_box(full[c], tau) if name in predicted and c in full else None
+            out.append(Finding(name, p, box))
+        return out
