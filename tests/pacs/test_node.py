@@ -1,0 +1,124 @@
+"""The DICOM node: sending with a retry folder, and the listener's paths (scored study, duplicate, a non-image,
+destination down then up), against a pynetdicom Storage SCP on 127.0.0.1."""
+
+import json
+import os
+import shutil
+import socket
+import time
+
+import pydicom
+import pytest
+
+from cutremain_monai.pacs.node import Destination, Listener, RetryQueue, parse_destination, send_files
+from tests.bundles.conftest import TINY, run_bundle, tiny_datalist
+from tests.conftest import SAMPLES
+
+CPU = ["train.yaml", "cpu.yaml"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StoreSCP:
+    """A receiving PACS stand-in: keeps every dataset it is sent."""
+
+    def __init__(self, port: int, ae_title: str = "PACS"):
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.received: list = []
+        self.port = port
+        ae = AE(ae_title=ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        self._server = ae.start_server(("127.0.0.1", port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event):
+        self.received.append(event.dataset)
+        return 0x0000
+
+    def stop(self):
+        self._server.shutdown()
+
+
+def test_parse_destination():
+    assert parse_destination("pacs.local:104:ORTHANC") == Destination("pacs.local", 104, "ORTHANC")
+    for bad in ("pacs:104", "pacs:x:AET", "pacs:70000:AET", "pacs:104:" + "A" * 17):
+        with pytest.raises(ValueError, match="destination"):
+            parse_destination(bad)
+
+
+def test_send_destination_down_then_retried(tmp_path):
+    files = [os.path.join(SAMPLES, "clavicle", f"clavicle_00{i}.dcm") for i in range(3)]
+    port = free_port()
+    dest = Destination("127.0.0.1", port, "PACS")
+    result = send_files(files, dest, timeout=5)
+    assert all("association to PACS@127.0.0.1" in r for r in result.values())  # nobody listening
+    queue = RetryQueue(str(tmp_path / "retry"), base_delay=0.0)
+    for p, reason in result.items():
+        queue.add(p, dest, reason)
+    assert [item["attempts"] for item in queue.pending()] == [1, 1, 1]
+    assert queue.retry_due() == 0 and [item["attempts"] for item in queue.pending()] == [2, 2, 2]  # still down
+    scp = StoreSCP(port)
+    try:
+        assert queue.retry_due() == 3 and queue.pending() == []
+        assert sorted(str(d.SOPInstanceUID) for d in scp.received) == sorted(
+            str(pydicom.dcmread(p).SOPInstanceUID) for p in files)
+    finally:
+        scp.stop()
+
+
+def _wait(cond, timeout=120.0):
+    t = time.time()
+    while time.time() - t < timeout:
+        if cond():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_listener_scores_a_study_and_keeps_results_until_the_destination_is_up(tmp_path):
+    clavicle_data = tiny_datalist(tmp_path, "clavicle")
+    run_bundle("clavicle_fracture", CPU, tmp_path, datalist=clavicle_data, register_model=False, cam_images=0)
+    out = tmp_path / "out"
+    json.dump({"threshold": 0.0}, open(out / "threshold.json", "w"))  # every image positive: SR, SC and PR each
+    dest_port, node_port = free_port(), free_port()
+    node = Listener(os.path.join(os.path.dirname(__file__), "..", "..", "bundles", "clavicle_fracture"),
+                    str(tmp_path / "node"), Destination("127.0.0.1", dest_port, "PACS"), port=node_port,
+                    configs=CPU, overrides={**TINY, "output_dir": str(out)}, quiet_seconds=1.0,
+                    retry_base_delay=0.5)
+    node.start()
+    scp = None
+    try:
+        images = [pydicom.dcmread(os.path.join(SAMPLES, "clavicle", f"clavicle_00{i}.dcm")) for i in range(2)]
+        study = images[0].StudyInstanceUID
+        for ds in images:
+            ds.StudyInstanceUID = study  # one study of two images
+        paths = []
+        for i, ds in enumerate(images):
+            paths.append(str(tmp_path / f"im{i}.dcm"))
+            ds.save_as(paths[-1])
+        shutil.copy(os.path.join(SAMPLES, "clavicle", "clavicle_000_gsps.dcm"), tmp_path / "pr.dcm")
+        shutil.copy(paths[0], tmp_path / "again.dcm")  # a second copy of the same SOP Instance
+        sent = send_files(paths + [str(tmp_path / "again.dcm"), str(tmp_path / "pr.dcm")],
+                          Destination("127.0.0.1", node_port, "CUTREMAIN"))
+        assert all(r == "" for r in sent.values()), sent  # every object answered, the duplicate and the PR too
+        assert _wait(lambda: node.scored), "the study was not scored"
+        record = node.scored[0]
+        assert record["images"] == 2 and record["sent"] == 0 and record["kept_for_retry"] == 6  # destination down
+        assert node.duplicates == 1
+        rows = open(tmp_path / "node" / "set_aside.csv").read()
+        assert "not an image storage SOP class" in rows
+        scp = StoreSCP(dest_port)  # the PACS comes back: the retries deliver everything
+        assert _wait(lambda: len(scp.received) == 6 and not node.retry.pending(), 60), node.retry.pending()
+        kinds = sorted(str(d.Modality) for d in scp.received)
+        assert kinds == ["OT", "OT", "PR", "PR", "SR", "SR"]
+        assert {str(d.StudyInstanceUID) for d in scp.received} == {study}
+    finally:
+        node.stop()
+        if scp is not None:
+            scp.stop()
