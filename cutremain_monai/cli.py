@@ -34,6 +34,37 @@ def _ingest(args) -> int:
     return 0
 
 
+def _listen(args) -> int:
+    import time
+
+    from cutremain_monai.pacs.node import Listener, parse_destination
+
+    node = Listener(args.bundle, args.work, parse_destination(args.forward), ae_title=args.ae_title, port=args.port,
+                    host=args.host, configs=[c.strip() for c in args.configs.split(",") if c.strip()],
+                    overrides=json.loads(args.overrides) if args.overrides else {}, quiet_seconds=args.quiet)
+    node.start()
+    print(f"listening as {args.ae_title} on {args.host}:{args.port}; results to {args.forward}; Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+        print(json.dumps(node.report(), indent=1))
+    return 0
+
+
+def _send(args) -> int:
+    from cutremain_monai.pacs.node import parse_destination, send_folder
+
+    failed = send_folder(args.folder, parse_destination(args.to), calling_ae=args.ae_title)
+    for path, reason in sorted(failed.items()):
+        print(f"not sent: {path}: {reason}")
+    print(json.dumps({"not_sent": len(failed)}))
+    return 1 if failed else 0
+
+
 def _deidentify(args) -> int:
     from cutremain_monai.pacs.deidentify import deidentify
 
@@ -274,6 +305,26 @@ def main(argv=None) -> int:
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(func=_deidentify)
+
+    p = sub.add_parser("listen", help="a DICOM node: receive X-rays (C-STORE), score each study with a bundle once it "
+                       "is quiet, send the SR / Secondary Capture / presentation state back")
+    p.add_argument("--bundle", required=True, help="the bundle folder (its inference.yaml runs with dicom_out)")
+    p.add_argument("--ae-title", default="CUTREMAIN")
+    p.add_argument("--port", type=int, default=11112)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--forward", required=True, metavar="HOST:PORT:AET", help="where the results go (the PACS)")
+    p.add_argument("--work", default="cutremain_node", help="incoming/, results/, retry/, set_aside/")
+    p.add_argument("--quiet", type=float, default=10.0, help="seconds without a new image before a study is scored")
+    p.add_argument("--configs", default="train.yaml", help="the bundle's configs before inference.yaml (e.g. "
+                   "train.yaml,cpu.yaml)")
+    p.add_argument("--overrides", help='JSON of bundle settings, e.g. \'{"output_dir": "outputs/run1"}\' (the model)')
+    p.set_defaults(func=_listen)
+
+    p = sub.add_parser("send", help="send every DICOM file of a folder to a DICOM node (C-STORE)")
+    p.add_argument("folder")
+    p.add_argument("--to", required=True, metavar="HOST:PORT:AET")
+    p.add_argument("--ae-title", default="CUTREMAIN", help="our (calling) AE title")
+    p.set_defaults(func=_send)
 
     p = sub.add_parser("import", help="convert an annotation format to a datalist")
     p.add_argument("format", choices=["csv", "nih", "coco", "fracatlas", "yolo", "brixia", "lungmasks"])

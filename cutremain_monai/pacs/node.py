@@ -325,8 +325,11 @@ class Listener:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
+        from pynetdicom import ALL_TRANSFER_SYNTAXES
+
         ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        for cx in AllStoragePresentationContexts:  # every storage class, in every transfer syntax (a PACS sends
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)  # what it stored)
         ae.add_supported_context(Verification)
         self._server = ae.start_server((self.host, self.port), block=False,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])

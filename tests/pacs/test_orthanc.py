@@ -1,0 +1,131 @@
+"""Round trip with a real Orthanc (Debian package ``orthanc``; .ci/run installs it), on 127.0.0.1 with a
+temporary configuration and storage folder: images are stored into Orthanc, Orthanc sends them to our listener
+(C-STORE, from its REST ``/modalities/.../store``), and the listener's SR / SC / PR come back into Orthanc under
+the same study, with the probabilities of the run's predictions.csv."""
+
+import csv
+import glob
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import pydicom
+import pytest
+
+from cutremain_monai.io.sr import read_sr_findings
+from cutremain_monai.pacs.node import Destination, Listener
+from tests.bundles.conftest import TINY, run_bundle, tiny_datalist
+from tests.conftest import ROOT, SAMPLES
+from tests.pacs.test_node import free_port
+
+CPU = ["train.yaml", "cpu.yaml"]
+N_IMAGES = int(os.environ.get("CUTREMAIN_ORTHANC_IMAGES", 200))
+
+
+def _http(url, data=None, method=None):
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None and not isinstance(data, bytes):
+        req.data = json.dumps(data).encode()
+    with urllib.request.urlopen(req, timeout=60) as r:
+        body = r.read()
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    exe = shutil.which("Orthanc")
+    if exe is None:
+        pytest.skip("Orthanc is not installed (Debian package orthanc; .ci/run installs it)")
+    dicom_port, http_port, node_port = free_port(), free_port(), free_port()
+    config = {"Name": "cutremain-test", "StorageDirectory": str(tmp_path / "orthanc-db"),
+              "IndexDirectory": str(tmp_path / "orthanc-db"), "DicomAet": "ORTHANC", "DicomPort": dicom_port,
+              "HttpPort": http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+              "DicomModalities": {"cutremain": ["CUTREMAIN", "127.0.0.1", node_port]},
+              "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [], "StableAge": 1,
+              "HttpTimeout": 60, "DicomScuTimeout": 30}
+    cfg = tmp_path / "orthanc.json"
+    cfg.write_text(json.dumps(config))
+    log = open(tmp_path / "orthanc.log", "w")
+    proc = subprocess.Popen([exe, str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{http_port}"
+    for _ in range(100):
+        try:
+            _http(url + "/system")
+            break
+        except Exception:
+            if proc.poll() is not None:
+                pytest.fail("Orthanc exited: " + open(tmp_path / "orthanc.log").read()[-2000:])
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("Orthanc did not start: " + open(tmp_path / "orthanc.log").read()[-2000:])
+    yield {"url": url, "dicom_port": dicom_port, "node_port": node_port}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.mark.slow
+def test_orthanc_round_trip(tmp_path, orthanc):
+    data = tiny_datalist(tmp_path, "clavicle")
+    run_bundle("clavicle_fracture", CPU, tmp_path, datalist=data, register_model=False, cam_images=0)
+    out = tmp_path / "out"
+    json.dump({"threshold": 0.0}, open(out / "threshold.json", "w"))  # every image positive: SR, SC and PR each
+    sources = sorted(p for task in ("clavicle", "pelvis", "chest", "covid")
+                     for p in glob.glob(os.path.join(SAMPLES, task, "*.dcm")) if not p.endswith("_gsps.dcm"))
+    files, studies = [], set()
+    for i in range(N_IMAGES):  # N images in studies of 10 (the samples cycled, repeats as new instances)
+        ds = pydicom.dcmread(sources[i % len(sources)])
+        ds.StudyInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["orthanc-study", str(i // 10)])
+        ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["orthanc-series", str(i // 10)])
+        if i >= len(sources):
+            ds.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["orthanc-image", str(i)])
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        files.append(str(tmp_path / f"upload_{i:03d}.dcm"))
+        ds.save_as(files[-1])
+        studies.add(str(ds.StudyInstanceUID))
+    ids = [_http(orthanc["url"] + "/instances", open(p, "rb").read())["ID"] for p in files]
+    node = Listener(os.path.join(ROOT, "bundles", "clavicle_fracture"), str(tmp_path / "node"),
+                    Destination("127.0.0.1", orthanc["dicom_port"], "ORTHANC"), port=orthanc["node_port"],
+                    configs=CPU, overrides={**TINY, "output_dir": str(out)}, quiet_seconds=1.0)
+    node.start()
+    t0 = time.time()
+    try:
+        job = _http(orthanc["url"] + "/modalities/cutremain/store", {"Resources": ids, "Synchronous": True})
+        assert job.get("FailedInstancesCount", 0) == 0, job
+        deadline = time.time() + 600
+        while time.time() < deadline and (len(node.scored) < len(studies) or not node.idle()):
+            time.sleep(0.5)
+        elapsed = time.time() - t0
+    finally:
+        node.stop()
+    assert len(node.scored) == len(studies) and all(not s.get("error") for s in node.scored), node.scored
+    assert sum(s["kept_for_retry"] for s in node.scored) == 0 and node.retry.pending() == []
+    # our results are in Orthanc, in the studies of their images
+    predictions = {}
+    for p in glob.glob(str(tmp_path / "node" / "results" / "*" / "inference" / "predictions.csv")):
+        predictions.update({r["file"]: float(r["probability"]) for r in csv.DictReader(open(p))})
+    found = {"SR": 0, "OT": 0, "PR": 0}
+    for study in _http(orthanc["url"] + "/studies"):
+        info = _http(orthanc["url"] + f"/studies/{study}")
+        uid = info["MainDicomTags"]["StudyInstanceUID"]
+        for inst in _http(orthanc["url"] + f"/studies/{study}/instances"):
+            ds = pydicom.dcmread(io.BytesIO(_http(orthanc["url"] + f"/instances/{inst['ID']}/file")))
+            if ds.Modality in found:
+                found[ds.Modality] += 1
+                assert uid in studies
+            if ds.Modality == "SR":
+                (row,) = read_sr_findings(ds)
+                assert row["probability"] == pytest.approx(predictions[row["image"] + ".dcm"], abs=1e-6)
+    assert found == {"SR": len(files), "OT": len(files), "PR": len(files)}, found
+    print(f"orthanc round trip: {len(files)} images, {len(studies)} studies in {elapsed:.1f} s")
