@@ -34,6 +34,32 @@ def _ingest(args) -> int:
     return 0
 
 
+def _infer(args) -> int:
+    from monai.bundle import ConfigWorkflow
+
+    from cutremain_monai.engines.experiment import bundle_configs, bundle_files
+
+    bundle = os.path.abspath(args.bundle)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()] + ["inference.yaml"]
+    settings = {"bundle_root": bundle, "datalist_task": None, **(json.loads(args.overrides) if args.overrides else {}),
+                "input_dir": os.path.abspath(args.input)}
+    if args.output_dir:
+        settings["output_dir"] = os.path.abspath(args.output_dir)
+    if args.dicom_out:
+        settings.update(dicom_out=True, dicom_out_dir=os.path.abspath(args.dicom_out))
+    if args.registry_version:
+        settings["registry_version"] = args.registry_version
+    wf = ConfigWorkflow(config_file=bundle_configs(bundle, configs), workflow_type="infer", **bundle_files(bundle),
+                        **settings)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    inference_dir = wf.parser.get_parsed_content("inference_dir")
+    print(f"predictions: {inference_dir}/predictions.csv" + (f"; DICOM results: {args.dicom_out}/manifest.csv"
+                                                             if args.dicom_out else ""))
+    return 0
+
+
 def _listen(args) -> int:
     import time
 
@@ -305,6 +331,17 @@ def main(argv=None) -> int:
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(func=_deidentify)
+
+    p = sub.add_parser("infer", help="score every X-ray of a folder with a trained bundle (its inference.yaml): "
+                       "predictions.csv, overlays, and with --dicom-out the SR / Secondary Capture / presentation state")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--input", required=True, help="the folder of images (a PACS export: any names, any nesting)")
+    p.add_argument("--output-dir", help="the training run's output folder (its checkpoint and threshold)")
+    p.add_argument("--dicom-out", help="write the DICOM results here (SR/, SC/, PR/, manifest.csv)")
+    p.add_argument("--registry-version", help="the MLflow model version to name in the DICOM results")
+    p.add_argument("--configs", default="train.yaml", help="the bundle's configs before inference.yaml")
+    p.add_argument("--overrides", help="JSON of bundle settings")
+    p.set_defaults(func=_infer)
 
     p = sub.add_parser("listen", help="a DICOM node: receive X-rays (C-STORE), score each study with a bundle once it "
                        "is quiet, send the SR / Secondary Capture / presentation state back")

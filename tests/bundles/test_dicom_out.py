@@ -55,3 +55,22 @@ def test_inference_writes_sr_sc_and_pr(tmp_path, clavicle_data):
         assert 0 <= x0 < x1 <= src.Columns and 0 <= y0 < y1 <= src.Rows
         sc = pydicom.dcmread(by[name, "SC"])
         assert sc.BurnedInAnnotation == "YES" and "registry v7" in sc.DerivationDescription
+
+
+@pytest.mark.slow
+def test_infer_command_with_dicom_out(tmp_path, clavicle_data):
+    """``cutremain infer --dicom-out`` (the command a PACS administrator runs) gives the same objects."""
+    from cutremain_monai.cli import main as cli_main
+    from tests.bundles.conftest import BUNDLES, TINY
+
+    run_bundle("clavicle_fracture", CPU, tmp_path, datalist=clavicle_data, register_model=False, cam_images=0)
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    shutil.copy(os.path.join(SAMPLES, "clavicle", "clavicle_001.dcm"), folder / "IM1")
+    rc = cli_main(["infer", "--bundle", os.path.join(BUNDLES, "clavicle_fracture"), "--input", str(folder),
+                   "--output-dir", str(tmp_path / "out"), "--dicom-out", str(tmp_path / "dicom"), "--configs",
+                   "train.yaml,cpu.yaml", "--overrides", json.dumps({**TINY, "inference_cam": False})])
+    assert rc == 0
+    manifest = list(csv.DictReader(open(tmp_path / "dicom" / "manifest.csv")))
+    assert {m["object"] for m in manifest} >= {"SR", "SC"} and all(not m["error"] for m in manifest)
+    assert (tmp_path / "out" / "inference" / "predictions.csv").exists()
