@@ -74,6 +74,8 @@ class DicomResults:
         network / target_layer: Grad-CAM of the positive class (binary) or of each predicted class.
         bundle_root: the bundle's folder: its ``configs/metadata.json`` gives the name and version named as the
             device in every object (else ``bundle`` / ``version``); model_name / registry_version: the model's.
+        label_mode: ``binary`` | ``multiclass`` | ``multilabel`` (classification rows) | ``severity``
+            (``SeverityPredictions`` rows: six zone probabilities and the global score, its overlay as the SC).
         tau: threshold of the min-max Grad-CAM map (a number, or the ``*_localization.json`` of ``cutremain
             localize`` whose validation-chosen ``tau`` is used); a positive finding without a region gets no box.
         finding_names: the finding named in the SR for a binary model (default: the last class name).
@@ -123,7 +125,14 @@ class DicomResults:
         return list(range(1, len(prob))) if self.label_mode == "multiclass" else list(range(len(prob)))
 
     def _collect(self, engine: Engine) -> None:
-        if rank() != 0 or self.network is None:
+        if rank() != 0:
+            return
+        if self.label_mode == "severity":  # the rows and their overlays come from SeverityPredictions
+            for item in engine.state.batch:
+                name = str(item.get(self.id_key) or item.get(self.path_key))
+                self._maps[name] = {"source": str(item.get(self.path_key) or ""), "halves": {}}
+            return
+        if self.network is None:
             return
         from cutremain_monai.localization.grad_cam import grad_cam
 
@@ -172,6 +181,9 @@ class DicomResults:
                 manifest.append({"file": name, "object": "", "path": "", "error": f"no DICOM source ({type(e).__name__})"})
                 continue
             shape = (int(ds.Rows), int(ds.Columns))
+            if self.label_mode == "severity":
+                self._severity(name, row, ds, device, manifest)
+                continue
             full: dict[int, np.ndarray] = {}
             for half, maps in seen["halves"].items():
                 for c, cam in maps.items():
@@ -219,6 +231,38 @@ class DicomResults:
             w.writerows(manifest)
         logger.info("DICOM results: %d objects for %d images in %s", sum(1 for m in manifest if m["path"]),
                     len({m["file"] for m in manifest}), self.output_dir)
+
+    def _severity(self, name: str, row: dict, ds, device, manifest: list) -> None:
+        """COVID severity: the six zone probabilities and the global score in the SR; the zone overlay of
+        ``SeverityPredictions`` as the Secondary Capture (no boxes, so no presentation state)."""
+        import highdicom as hd
+        from PIL import Image
+
+        from cutremain_monai.constants import BRIXIA_ZONES
+        from cutremain_monai.io.secondary_capture import write_secondary_capture
+        from cutremain_monai.io.sr import Finding, write_findings_sr
+
+        findings = [Finding(f"lung opacity zone {z}", float(row[f"p_{z}"])) for z in BRIXIA_ZONES]
+        findings.append(Finding("global severity score", None, score=float(row["global_score"])))
+        caption = [device.label, f"global score {float(row['global_score']):.1f} (zones "
+                   + " ".join(f"{z}{int(row[f'zone_{z}'])}" for z in BRIXIA_ZONES) + ")"]
+        jobs = [("SR", lambda path, uid: write_findings_sr(ds, findings, device, path, series_number=self.series_number,
+                                                           sop_instance_uid=uid))]
+        overlay = os.path.join(getattr(self.predictions, "output_dir", ""), str(row.get("overlay") or ""))
+        if row.get("overlay") and os.path.exists(overlay):
+            rgb = np.asarray(Image.open(overlay).convert("RGB"))
+            jobs.append(("SC", lambda path, uid: write_secondary_capture(
+                ds, rgb, caption, path, manufacturer=device.manufacturer, model_name=self.model_name,
+                software_version=self.version, series_number=self.series_number + 1, sop_instance_uid=uid)))
+        for kind, write in jobs:
+            uid = str(hd.UID())
+            path = os.path.join(self.output_dir, kind, f"{uid}.dcm")
+            try:
+                write(path, uid)
+                manifest.append({"file": name, "object": kind, "path": os.path.relpath(path, self.output_dir), "error": ""})
+            except Exception as e:  # one object that cannot be written never stops the others
+                logger.warning("DICOM %s for %s not written: %s", kind, name, type(e).__name__)
+                manifest.append({"file": name, "object": kind, "path": "", "error": f"{type(e).__name__}: {e}"})
 
     def _findings(self, row: dict, full: dict[int, np.ndarray], tau: float):
         from cutremain_monai.io.sr import Finding

@@ -53,11 +53,13 @@ _KNOWN = {
 @dataclass
 class Finding:
     """One answer of the model for an image: ``name`` (a class name), ``probability`` in [0, 1], and ``box``
-    (xyxy, stored-image pixels) when the finding is localised."""
+    (xyxy, stored-image pixels) when the finding is localised; or, with ``score`` (and ``probability`` None), a
+    score such as COVID severity's global Brixia score (unit ``{score}``)."""
 
     name: str
-    probability: float
+    probability: float | None
     box: Sequence[float] | None = None
+    score: float | None = None
 
 
 @dataclass
@@ -125,11 +127,19 @@ def write_findings_sr(
                                               manufacturer=device.manufacturer)
     groups = []
     for i, f in enumerate(findings):
-        p = float(f.probability)
-        if not np.isfinite(p) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"finding {f.name!r}: probability must be in [0, 1], got {f.probability}")
-        measurement = hd.sr.Measurement(name=codes.DCM.Probability, value=round(100.0 * p, 4), unit=codes.UCUM.Percent,
-                                        algorithm_id=algorithm)
+        if f.score is not None:
+            if not np.isfinite(float(f.score)):
+                raise ValueError(f"finding {f.name!r}: score must be a number, got {f.score}")
+            measurement = hd.sr.Measurement(
+                name=hd.sr.CodedConcept(value="SCORE", scheme_designator=PRIVATE_SCHEME, meaning="Severity score"),
+                value=round(float(f.score), 4), algorithm_id=algorithm,
+                unit=hd.sr.CodedConcept(value="{score}", scheme_designator="UCUM", meaning="score"))
+        else:
+            p = float("nan") if f.probability is None else float(f.probability)
+            if not np.isfinite(p) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"finding {f.name!r}: probability must be in [0, 1], got {f.probability}")
+            measurement = hd.sr.Measurement(name=codes.DCM.Probability, value=round(100.0 * p, 4),
+                                            unit=codes.UCUM.Percent, algorithm_id=algorithm)
         tracking = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{f.name} {i + 1}")
         common = dict(tracking_identifier=tracking, finding_type=finding_code(f.name), algorithm_id=algorithm,
                       measurements=[measurement])
@@ -216,6 +226,15 @@ def _group_finding(group) -> str:
     return tracking
 
 
+def _group_score(group) -> float | None:
+    for item in _walk(group.get("ContentSequence", [])):
+        if item.get("ValueType") == "NUM" and _value(item, "ConceptNameCodeSequence") == "SCORE":
+            mv = item.get("MeasuredValueSequence", [])
+            if mv:
+                return float(mv[0].NumericValue)
+    return None
+
+
 def _group_probability(group) -> float | None:
     for item in _walk(group.get("ContentSequence", [])):
         if item.get("ValueType") == "NUM" and _value(item, "ConceptNameCodeSequence") == "122157":
@@ -249,6 +268,9 @@ def read_sr_findings(ds) -> list[dict]:
             continue
         regions = list(_regions(item))
         row = {"finding": _group_finding(item), "probability": _group_probability(item), "image": None, "box": None}
+        score = _group_score(item)
+        if score is not None:
+            row["score"] = score
         if regions:
             uid, pts = regions[0]
             row["image"] = uid
