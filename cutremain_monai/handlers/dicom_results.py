@@ -76,6 +76,7 @@ class DicomResults:
             device in every object (else ``bundle`` / ``version``); model_name / registry_version: the model's.
         label_mode: ``binary`` | ``multiclass`` | ``multilabel`` (classification rows) | ``severity``
             (``SeverityPredictions`` rows: six zone probabilities and the global score, its overlay as the SC).
+        lung_seg: severity: also the lung mask as a DICOM Segmentation (off by default).
         tau: threshold of the min-max Grad-CAM map (a number, or the ``*_localization.json`` of ``cutremain
             localize`` whose validation-chosen ``tau`` is used); a positive finding without a region gets no box.
         finding_names: the finding named in the SR for a binary model (default: the last class name).
@@ -90,7 +91,7 @@ class DicomResults:
                  model_name: str = "model", registry_version: str | None = None, tau=0.5,
                  label_mode: str = "binary", class_names: Sequence[str] | None = None,
                  finding_names: Sequence[str] | None = None, path_key: str = "image_path", half_key: str = "half",
-                 id_key: str = "image_id", series_number: int = 901, enabled: bool = True):
+                 id_key: str = "image_id", series_number: int = 901, lung_seg: bool = False, enabled: bool = True):
         self.output_dir = output_dir
         self.predictions = predictions
         self.network, self.target_layer = network, target_layer
@@ -108,6 +109,7 @@ class DicomResults:
         self.finding_names = list(finding_names or [])
         self.path_key, self.half_key, self.id_key = path_key, half_key, id_key
         self.series_number = int(series_number)
+        self.lung_seg = bool(lung_seg)
         self.enabled = enabled
         self._maps: dict = {}
         self.written: list[dict] = []
@@ -131,6 +133,8 @@ class DicomResults:
             for item in engine.state.batch:
                 name = str(item.get(self.id_key) or item.get(self.path_key))
                 self._maps[name] = {"source": str(item.get(self.path_key) or ""), "halves": {}}
+                if self.lung_seg and item.get("lung_mask") is not None:
+                    self._maps[name]["lung_mask"] = torch.as_tensor(item["lung_mask"]).detach().cpu().numpy().squeeze() > 0.5
             return
         if self.network is None:
             return
@@ -182,7 +186,7 @@ class DicomResults:
                 continue
             shape = (int(ds.Rows), int(ds.Columns))
             if self.label_mode == "severity":
-                self._severity(name, row, ds, device, manifest)
+                self._severity(name, row, ds, device, manifest, seen.get("lung_mask"))
                 continue
             full: dict[int, np.ndarray] = {}
             for half, maps in seen["halves"].items():
@@ -232,9 +236,10 @@ class DicomResults:
         logger.info("DICOM results: %d objects for %d images in %s", sum(1 for m in manifest if m["path"]),
                     len({m["file"] for m in manifest}), self.output_dir)
 
-    def _severity(self, name: str, row: dict, ds, device, manifest: list) -> None:
+    def _severity(self, name: str, row: dict, ds, device, manifest: list, lung_mask=None) -> None:
         """COVID severity: the six zone probabilities and the global score in the SR; the zone overlay of
-        ``SeverityPredictions`` as the Secondary Capture (no boxes, so no presentation state)."""
+        ``SeverityPredictions`` as the Secondary Capture (no boxes, so no presentation state); with ``lung_seg``
+        the lung mask it scored in as a binary Segmentation (resized from the network's grid to the image)."""
         import highdicom as hd
         from PIL import Image
 
@@ -254,8 +259,15 @@ class DicomResults:
             jobs.append(("SC", lambda path, uid: write_secondary_capture(
                 ds, rgb, caption, path, manufacturer=device.manufacturer, model_name=self.model_name,
                 software_version=self.version, series_number=self.series_number + 1, sop_instance_uid=uid)))
+        if lung_mask is not None:
+            from cutremain_monai.io.seg import write_mask_seg
+
+            jobs.append(("SEG", lambda path, uid: write_mask_seg(
+                ds, lung_mask, path, model_name=self.model_name, version=self.version, manufacturer=device.manufacturer,
+                series_number=self.series_number + 3, sop_instance_uid=uid)))
         for kind, write in jobs:
             uid = str(hd.UID())
+            os.makedirs(os.path.join(self.output_dir, kind), exist_ok=True)
             path = os.path.join(self.output_dir, kind, f"{uid}.dcm")
             try:
                 write(path, uid)

@@ -99,7 +99,7 @@ def test_lung_seg_then_inference(tmp_path, covid_data):
     n_images = len([f for f in os.listdir(folder) if f.endswith(".dcm")])
     # masks from files
     covid(tmp_path, CPU + ["inference.yaml"], datalist=covid_data, input_dir=folder, mask_dir=folder, mask_suffix="_lungs",
-          dicom_out=True)
+          dicom_out=True, dicom_lung_seg=True)
     rows = list(csv.DictReader(open(tmp_path / "out" / "inference" / "severity.csv")))
     assert len(rows) == n_images and all(r["error"] == "" and r["mask_source"] == "file" for r in rows)
     # DICOM results: an SR with the six zone probabilities and the global score of the CSV, and the overlay as SC
@@ -109,7 +109,7 @@ def test_lung_seg_then_inference(tmp_path, covid_data):
     from tests.conftest import dciodvfy_errors
 
     manifest = list(csv.DictReader(open(tmp_path / "out" / "inference" / "dicom" / "manifest.csv")))
-    assert sorted(m["object"] for m in manifest) == sorted(["SR", "SC"] * n_images)
+    assert sorted(m["object"] for m in manifest) == sorted(["SR", "SC", "SEG"] * n_images)
     by_row = {r["file"]: r for r in rows}
     for m in manifest:
         path = str(tmp_path / "out" / "inference" / "dicom" / m["path"])
@@ -119,6 +119,15 @@ def test_lung_seg_then_inference(tmp_path, covid_data):
             row = by_row[m["file"]]
             assert [f["probability"] for f in found[:6]] == pytest.approx([float(row[f"p_{z}"]) for z in ZONES], abs=1e-6)
             assert found[6]["score"] == pytest.approx(float(row["global_score"]), abs=1e-4)
+        if m["object"] == "SEG":  # the lung mask it scored in, back on the image grid: the mask file, nearly
+            from PIL import Image
+
+            from cutremain_monai.io.seg import read_mask_seg
+
+            seg = read_mask_seg(path)
+            stem = os.path.splitext(m["file"])[0]
+            truth = np.asarray(Image.open(os.path.join(folder, stem + "_lungs.png")).convert("L")) > 190
+            assert seg.shape == truth.shape and (seg & truth).sum() / (seg | truth).sum() > 0.9
     r = rows[0]
     p = [float(r[f"p_{z}"]) for z in ZONES]
     assert float(r["global_score"]) == pytest.approx(sum(p), abs=1e-3)

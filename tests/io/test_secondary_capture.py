@@ -76,3 +76,23 @@ def test_findings_presentation_state_validates_and_renders(tmp_path):
                           capture_output=True).returncode == 0
     narrow = np.asarray(Image.open(tmp_path / "narrow.pgm"))
     assert (narrow != shown).mean() > 0.1
+
+
+def test_lung_mask_segmentation(tmp_path):
+    from cutremain_monai.io.seg import read_mask_seg, write_mask_seg
+
+    ds = pydicom.dcmread(os.path.join(SAMPLES, "covid", sorted(f for f in os.listdir(os.path.join(SAMPLES, "covid"))
+                                                                if f.endswith(".dcm"))[0]))
+    small = np.zeros((32, 32), dtype=bool)
+    small[8:24, 4:14] = True  # a mask at network size: brought to the stored image's size
+    path = str(tmp_path / "seg.dcm")
+    write_mask_seg(ds, small, path, model_name="covid_severity")
+    assert dciodvfy_errors(path) == []
+    back = read_mask_seg(path)
+    assert back.shape == (ds.Rows, ds.Columns)
+    sy, sx = ds.Rows / 32, ds.Columns / 32
+    assert back[int(16 * sy), int(9 * sx)] and not back[int(2 * sy), int(28 * sx)]
+    assert abs(back.mean() - small.mean()) < 0.02
+    seg = pydicom.dcmread(path)
+    assert seg.StudyInstanceUID == ds.StudyInstanceUID and seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[
+        0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
