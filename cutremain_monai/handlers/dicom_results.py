@@ -120,6 +120,9 @@ class DicomResults:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._maps.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        loader = getattr(engine, "data_loader", None)
+        if loader is not None and len(loader) == 0:  # MONAI does not start an engine on no data: an empty manifest
+            self(engine)
 
     def _classes(self, prob: torch.Tensor) -> list[int]:
         if self.label_mode == "binary":
@@ -148,9 +151,33 @@ class DicomResults:
             image = torch.as_tensor(item["image"]).float()[None].to(device)
             prob = torch.as_tensor(out["pred"]).detach().float().reshape(-1).cpu()
             maps = {}
-            for c in self._classes(prob):
-                maps[c] = grad_cam(net, image, target=c, layer=self.target_layer)[0, 0].cpu().numpy()
-            self._maps.setdefault(name, {"source": source, "halves": {}})["halves"][item.get(self.half_key) or ""] = maps
+            for c in self._classes(prob):  # (float16: a folder of many images stays small in memory)
+                maps[c] = grad_cam(net, image, target=c, layer=self.target_layer)[0, 0].cpu().numpy().astype(np.float16)
+            entry = self._maps.setdefault(name, {"source": source, "halves": {}, "probs": {}})
+            half = item.get(self.half_key) or ""
+            entry["halves"][half] = maps
+            entry["probs"][half] = prob.numpy()
+
+    def _uid(self, ds, kind: str) -> str:
+        """The same result of the same model for the same image gets the same UID: scored twice (a study that
+        grew, a rerun), the PACS receives the same instances again, not duplicates."""
+        import pydicom
+
+        return pydicom.uid.generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), self.bundle, self.version,
+                                                      self.model_name, str(self.registry_version), kind])
+
+    def _threshold(self):
+        get = getattr(self.predictions, "_thresholds", None)
+        threshold, thresholds = get() if get else (0.5, None)
+        return threshold, thresholds
+
+    def _half_positive(self, prob: np.ndarray, c: int, threshold) -> bool:
+        t, ts = threshold
+        if self.label_mode == "binary":
+            return float(prob[0]) >= t
+        if self.label_mode == "multiclass":
+            return int(np.argmax(prob)) == c
+        return float(prob[c]) >= (ts[c] if ts is not None else t)
 
     def _finding_name(self, c: int) -> str:
         if self.label_mode == "binary":
@@ -160,7 +187,7 @@ class DicomResults:
     def __call__(self, engine: Engine) -> None:
         if rank() != 0:
             return
-        from cutremain_monai.io.dicom import DicomReadError, dcmread_unnamed, read_xray_dicom
+        from cutremain_monai.io.dicom import DicomReadError, dcmread_unnamed, quiet_pydicom, read_xray_dicom, result_source_header
         from cutremain_monai.io.gsps import write_box_gsps
         from cutremain_monai.io.secondary_capture import write_secondary_capture
         from cutremain_monai.io.sr import ModelDevice, write_findings_sr
@@ -181,6 +208,8 @@ class DicomResults:
                 if "PixelData" not in ds:
                     raise DicomReadError(name, "not a DICOM image")
                 display, _ = read_xray_dicom(seen["source"], dataset=ds)
+                with quiet_pydicom():
+                    ds = result_source_header(ds)  # type-2 attributes present and valid, no pixel data
             except Exception as e:  # a PNG, or a file that cannot be read: listed, never fatal
                 manifest.append({"file": name, "object": "", "path": "", "error": f"no DICOM source ({type(e).__name__})"})
                 continue
@@ -188,17 +217,22 @@ class DicomResults:
             if self.label_mode == "severity":
                 self._severity(name, row, ds, device, manifest, seen.get("lung_mask"))
                 continue
+            threshold = self._threshold()
             full: dict[int, np.ndarray] = {}
             for half, maps in seen["halves"].items():
+                p_half = seen["probs"].get(half)
                 for c, cam in maps.items():
-                    part, lo = to_source_frame(cam, shape, half or None)
+                    # only where this half (or the image) calls the finding: a negative half's min-max map also
+                    # peaks at 1, and must not give the box or the heat
+                    if p_half is not None and not self._half_positive(p_half, c, threshold):
+                        continue
+                    part, lo = to_source_frame(cam.astype(np.float32), shape, half or None)
                     full.setdefault(c, np.zeros(shape, dtype=np.float32))[:, lo : lo + part.shape[1]] = part
             findings = self._findings(row, full, tau)
             boxes = [f for f in findings if f.box is not None]
             caption = [device.label, "; ".join(f"{f.name} {100 * f.probability:.0f}%" for f in findings)]
             heat = np.max(np.stack(list(full.values())), axis=0) if full else np.zeros(shape, np.float32)
             rgb = np.asarray(overlay_image(np.asarray(display)[0], heat, [f.box for f in boxes]))
-            import highdicom as hd
 
             def sr(path, uid):
                 return write_findings_sr(ds, findings, device, path, series_number=self.series_number,
@@ -219,15 +253,16 @@ class DicomResults:
                                       sop_instance_uid=uid)
 
             for kind, write in [("SR", sr), ("SC", sc)] + ([("PR", pr)] if boxes else []):
-                uid = str(hd.UID())
+                uid = self._uid(ds, kind)
                 path = os.path.join(self.output_dir, kind, f"{uid}.dcm")
                 try:
-                    write(path, uid)
+                    with quiet_pydicom():
+                        write(path, uid)
                     manifest.append({"file": name, "object": kind, "path": os.path.relpath(path, self.output_dir),
                                      "error": ""})
                 except Exception as e:  # one object that cannot be written never stops the others
                     logger.warning("DICOM %s for %s not written: %s", kind, name, type(e).__name__)
-                    manifest.append({"file": name, "object": kind, "path": "", "error": f"{type(e).__name__}: {e}"})
+                    manifest.append({"file": name, "object": kind, "path": "", "error": type(e).__name__})
         self.written = manifest
         with open(os.path.join(self.output_dir, "manifest.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["file", "object", "path", "error"])
@@ -240,7 +275,6 @@ class DicomResults:
         """COVID severity: the six zone probabilities and the global score in the SR; the zone overlay of
         ``SeverityPredictions`` as the Secondary Capture (no boxes, so no presentation state); with ``lung_seg``
         the lung mask it scored in as a binary Segmentation (resized from the network's grid to the image)."""
-        import highdicom as hd
         from PIL import Image
 
         from cutremain_monai.constants import BRIXIA_ZONES
@@ -266,15 +300,18 @@ class DicomResults:
                 ds, lung_mask, path, model_name=self.model_name, version=self.version, manufacturer=device.manufacturer,
                 series_number=self.series_number + 3, sop_instance_uid=uid)))
         for kind, write in jobs:
-            uid = str(hd.UID())
+            uid = self._uid(ds, kind)
             os.makedirs(os.path.join(self.output_dir, kind), exist_ok=True)
             path = os.path.join(self.output_dir, kind, f"{uid}.dcm")
             try:
-                write(path, uid)
+                from cutremain_monai.io.dicom import quiet_pydicom
+
+                with quiet_pydicom():
+                    write(path, uid)
                 manifest.append({"file": name, "object": kind, "path": os.path.relpath(path, self.output_dir), "error": ""})
             except Exception as e:  # one object that cannot be written never stops the others
                 logger.warning("DICOM %s for %s not written: %s", kind, name, type(e).__name__)
-                manifest.append({"file": name, "object": kind, "path": "", "error": f"{type(e).__name__}: {e}"})
+                manifest.append({"file": name, "object": kind, "path": "", "error": type(e).__name__})
 
     def _findings(self, row: dict, full: dict[int, np.ndarray], tau: float):
         from cutremain_monai.io.sr import Finding

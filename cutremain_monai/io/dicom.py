@@ -24,7 +24,7 @@ from monai.utils import ensure_tuple, optional_import
 
 pydicom, _ = optional_import("pydicom")
 
-__all__ = ["DicomReadError", "UnnamedFile", "dcmread_unnamed", "read_xray_dicom", "XrayDicomReader", "WINDOW_AUTO", "WINDOW_NONE"]
+__all__ = ["DicomReadError", "UnnamedFile", "dcmread_unnamed", "quiet_pydicom", "result_source_header", "read_xray_dicom", "XrayDicomReader", "WINDOW_AUTO", "WINDOW_NONE"]
 
 WINDOW_AUTO = "auto"  # first VOI LUT / window in the file, else min-max of the modality output
 WINDOW_NONE = "none"  # no VOI transform: min-max of the modality output
@@ -88,6 +88,71 @@ def dcmread_unnamed(path: PathLike, **kwargs):
     is read and closed (deferred values cannot be read later)."""
     with UnnamedFile(path) as fp:
         return pydicom.dcmread(fp, **kwargs)
+
+
+class quiet_pydicom:
+    """Silence pydicom's warnings and log lines for the duration (they quote attribute values: a malformed
+    birth date appears in the log as it is)."""
+
+    def __enter__(self):
+        import logging
+
+        self._logger = logging.getLogger("pydicom")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.CRITICAL)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        return self
+
+    def __exit__(self, *exc):
+        self._warnings.__exit__(*exc)
+        self._logger.setLevel(self._level)
+
+
+# Patient and General Study attributes of type 2 (present, may be empty) that results copy from their source
+_TYPE2 = {"PatientName": "PN", "PatientID": "LO", "PatientBirthDate": "DA", "PatientSex": "CS", "StudyDate": "DA",
+          "StudyTime": "TM", "ReferringPhysicianName": "PN", "StudyID": "SH", "AccessionNumber": "SH"}
+
+
+def result_source_header(ds):
+    """A copy of an image's header to derive results from: without its pixel data, with every type-2 patient and
+    study attribute present (empty where the source lacks it) and emptied where its value is malformed (a
+    ``1970-01-01`` birth date makes highdicom refuse the whole object). The source is not changed."""
+    import copy
+
+    from pydicom.valuerep import DA, TM
+
+    from pydicom.dataset import Dataset
+
+    pixels = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+    out = Dataset()
+    for tag in ds.keys():  # a new dataset of the same elements (pixel data left out): the source stays whole
+        if int(tag) not in pixels:
+            out[tag] = ds.get_item(tag)
+    if hasattr(ds, "file_meta"):
+        out.file_meta = copy.deepcopy(ds.file_meta)
+    with quiet_pydicom():
+        for kw, vr in _TYPE2.items():
+            try:
+                value = out.get(kw)
+            except Exception:
+                value = None
+            if value is None:
+                setattr(out, kw, None)
+                continue
+            text = str(value).strip()
+            try:
+                if vr == "DA" and text:
+                    DA(text, validation_mode=2)
+                elif vr == "TM" and text:
+                    TM(text, validation_mode=2)
+                elif vr == "CS" and text and text not in ("M", "F", "O"):
+                    raise ValueError(kw)
+            except Exception:
+                setattr(out, kw, None)
+    out.Rows, out.Columns = int(ds.Rows), int(ds.Columns)
+    return out
 
 
 def read_dataset(path: PathLike):

@@ -155,8 +155,12 @@ def write_box_gsps(
 
         wc, ww = _multi(image_ds.WindowCenter), _multi(image_ds.WindowWidth)
         voi = [hd.pr.SoftcopyVOILUTTransformation(window_center=wc, window_width=ww)]
+    # MONOCHROME1 (most CR): the presentation LUT inverts, or a conforming viewer shows the image negative
+    inverse = str(image_ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
+    presentation = hd.PresentationLUTTransformation(presentation_lut_shape="INVERSE") if inverse else None
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[image_ds],
+        presentation_lut_transformation=presentation,
         series_instance_uid=series_instance_uid or hd.UID(),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid or hd.UID(),

@@ -474,6 +474,9 @@ def ingest(
         if not (gsps if kind == "gsps" else sr):
             quarantine(rel, path, f"{what} ignored (run with --{kind} to read its boxes)")
             continue
+        if kind == "gsps" and str(ds.get("ContentLabel", "")) == "AI_FINDINGS":  # our model's answer, back from
+            quarantine(rel, path, "presentation state of model findings (not an annotation)")  # the PACS
+            continue
         if kind == "gsps":
             report.presentation_states += 1
         else:

@@ -166,6 +166,15 @@ def write_findings_sr(
         series_number=series_number, sop_instance_uid=sop_instance_uid or hd.UID(), instance_number=instance_number,
         manufacturer=device.manufacturer, is_complete=True, is_final=False, is_verified=False,
         series_description=series_description[:64])
+    # highdicom records the source's acquisition equipment (manufacturer, institution, station, serial number):
+    # more of the source than the patient and study modules the PACS needs
+    kept = [it for it in sr.get("ContributingEquipmentSequence", [])
+            if str(it.get("ContributionDescription", "")) != "Acquisition equipment of the source image(s)"]
+    if "ContributingEquipmentSequence" in sr:
+        if kept:
+            sr.ContributingEquipmentSequence = kept
+        else:
+            del sr.ContributingEquipmentSequence
     sr.ManufacturerModelName = device.model_name[:64]
     sr.SoftwareVersions = str(device.version)[:64]
     if any(s == PRIVATE_SCHEME for s in _schemes(sr)):

@@ -75,7 +75,7 @@ def send_files(paths: Sequence[str], dest: Destination, calling_ae: str = "CUTRE
     if not datasets:
         return result
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     for sop_class, ts in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets.values()}):
         ae.add_requested_context(sop_class, [ts, "1.2.840.10008.1.2.1"] if ts != "1.2.840.10008.1.2.1" else [ts])
     try:
@@ -98,8 +98,11 @@ def send_files(paths: Sequence[str], dest: Destination, calling_ae: str = "CUTRE
             except Exception as e:
                 result[p] = f"C-STORE failed ({type(e).__name__}: {e})"
                 continue
+            from pynetdicom.status import code_to_category
+
             code = int(getattr(status, "Status", 0xC000)) if status else 0xC000
-            result[p] = "" if code == 0x0000 or (code & 0xF000) == 0xB000 else f"C-STORE status 0x{code:04X}"
+            ok = code_to_category(code) in ("Success", "Warning")  # (0xB000, 0xB007, 0xB006, 0x0001, 0x0107, ...)
+            result[p] = "" if ok else f"C-STORE status 0x{code:04X}"
     finally:
         assoc.release()
     return result
@@ -124,10 +127,12 @@ class RetryQueue:
                 shutil.copy2(path, kept)
             note = self._note(kept)
             attempts = note.get("attempts", 0) + 1
+            delay = min(self.max_delay, self.base_delay * 2 ** min(attempts - 1, 30))
             note.update(destination=[dest.host, dest.port, dest.ae_title], reason=reason, attempts=attempts,
-                        next_try=time.time() + min(self.max_delay, self.base_delay * 2 ** (attempts - 1)))
-            with open(kept + ".json", "w") as f:
+                        next_try=time.time() + delay)
+            with open(kept + ".json.tmp", "w") as f:
                 json.dump(note, f)
+            os.replace(kept + ".json.tmp", kept + ".json")  # a crash never leaves a torn note
         logger.warning("result %s kept for retry (%s), attempt %d", name, reason, attempts)
         return kept
 
@@ -141,7 +146,7 @@ class RetryQueue:
     def pending(self) -> list[dict]:
         out = []
         for name in sorted(os.listdir(self.folder)):
-            if name.endswith(".json"):
+            if name.endswith((".json", ".tmp")):
                 continue
             note = self._note(os.path.join(self.folder, name))
             out.append({"file": name, **note})
@@ -168,12 +173,22 @@ class RetryQueue:
         return delivered
 
 
+# CR, DX / MG / IO for presentation, and secondary capture (some PACS store digitised films so)
+XRAY_SOP_CLASS_UIDS = frozenset(["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
+                                 "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.3",
+                                 "1.2.840.10008.5.1.4.1.1.7"])
+
+
 def _is_xray_image(ds) -> str:
     """"" when ``ds`` can be scored, else why not."""
-    from cutremain_monai.data.folder import IMAGE_SOP_CLASS_UIDS
+    from cutremain_monai.io.paths import valid_uid
 
-    if str(ds.get("SOPClassUID", "")) not in IMAGE_SOP_CLASS_UIDS:
-        return "not an image storage SOP class"
+    sop = str(ds.get("SOPClassUID", ""))
+    if sop not in XRAY_SOP_CLASS_UIDS:
+        return "not a projection X-ray for presentation (CR / DX / MG / IO / SC)"
+    for kw in ("SOPInstanceUID", "StudyInstanceUID"):
+        if not valid_uid(str(ds.get(kw, ""))):
+            return f"{kw} missing or not a valid UID"
     if "PixelData" not in ds:
         return "no pixel data"
     if str(ds.get("PhotometricInterpretation", "")) not in ("MONOCHROME1", "MONOCHROME2"):
@@ -208,6 +223,8 @@ class Listener:
         self.retry = RetryQueue(os.path.join(self.work_dir, "retry"), base_delay=retry_base_delay)
         self._last: dict[str, float] = {}  # study token -> time of its last instance
         self._seen: set[str] = set()  # SOP Instance UIDs received (a second copy is processed once)
+        self._pending: set[str] = set()  # being written
+        self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server = None
@@ -215,9 +232,13 @@ class Listener:
         self.scored: list[dict] = []  # per study: token, images, results sent, kept for retry
         self.received = 0
         self.duplicates = 0
-        for d in os.listdir(os.path.join(self.work_dir, "incoming")):  # a restarted node knows what it has
-            for f in os.listdir(os.path.join(self.work_dir, "incoming", d)):
-                self._seen.add(f[:-4])
+        os.makedirs(os.path.join(self.work_dir, "scored"), exist_ok=True)
+        for sub in ("incoming", "scored"):  # a restarted node knows what it has, and scores what it had not
+            for d in os.listdir(os.path.join(self.work_dir, sub)):
+                names = [f for f in os.listdir(os.path.join(self.work_dir, sub, d)) if f.endswith(".dcm")]
+                self._seen.update(f[:-4] for f in names)
+                if sub == "incoming" and names:
+                    self._last[d] = 0.0
 
     # --- receiving ---
     def _study_token(self, study_uid: str) -> str:
@@ -250,7 +271,8 @@ class Listener:
         except Exception as e:  # undecodable dataset: answered, nothing to keep
             logger.warning("received dataset undecodable (%s)", type(e).__name__)
             return 0x0000
-        self.received += 1
+        with self._lock:
+            self.received += 1
         reason = ""
         try:
             reason = _is_xray_image(ds)
@@ -259,31 +281,53 @@ class Listener:
         if reason:
             self._set_aside(ds, reason)
             return 0x0000  # answered: the sender must not retry a file we will never score
-        uid = str(ds.SOPInstanceUID)
+        uid = str(ds.SOPInstanceUID)  # (a valid UID: checked above, so it is safe as a file name)
         with self._lock:
-            if uid in self._seen:
+            if uid in self._seen or uid in self._pending:
                 self.duplicates += 1
                 return 0x0000
-            self._seen.add(uid)
+            self._pending.add(uid)
         token = self._study_token(str(ds.StudyInstanceUID))
         folder = os.path.join(self.work_dir, "incoming", token)
-        os.makedirs(folder, exist_ok=True)
-        ds.save_as(os.path.join(folder, uid + ".dcm"), enforce_file_format=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".{uid}.tmp")
+            ds.save_as(tmp, enforce_file_format=True)
+            os.replace(tmp, os.path.join(folder, uid + ".dcm"))  # never a torn file under the final name
+        except Exception as e:  # not kept: answered with a failure, so the sender sends it again
+            logger.error("received instance not stored (%s)", type(e).__name__)
+            with self._lock:
+                self._pending.discard(uid)
+            return 0xA700  # out of resources
         with self._lock:
+            self._pending.discard(uid)
+            self._seen.add(uid)
             self._last[token] = time.time()
         return 0x0000
 
     # --- scoring and answering ---
     def _score(self, token: str) -> None:
+        """Score the instances of study ``token`` received so far (moved to a batch folder first: an instance
+        that arrives meanwhile waits for the next batch, so nothing is scored twice), send the results, and file
+        the instances under ``scored/``. A failure puts them back and the study is tried again later."""
         from monai.bundle import ConfigWorkflow
 
         from cutremain_monai.engines.experiment import bundle_configs, bundle_files
 
-        out = os.path.join(self.work_dir, "results", token)
-        settings = {"bundle_root": self.bundle, "datalist_task": None, **self.overrides,
-                    "input_dir": os.path.join(self.work_dir, "incoming", token), "dicom_out": True,
-                    "dicom_out_dir": out, "inference_dir": os.path.join(out, "inference"), "inference_cam": False}
-        record = {"study": token, "images": len(os.listdir(settings["input_dir"])), "sent": 0, "kept_for_retry": 0}
+        incoming = os.path.join(self.work_dir, "incoming", token)
+        names = sorted(f for f in os.listdir(incoming) if f.endswith(".dcm")) if os.path.isdir(incoming) else []
+        if not names:
+            return
+        seq = time.time_ns()
+        batch = os.path.join(self.work_dir, "batches", f"{token}-{seq}")
+        os.makedirs(batch)
+        for f in names:
+            os.replace(os.path.join(incoming, f), os.path.join(batch, f))
+        out = os.path.join(self.work_dir, "results", token, str(seq))
+        settings = {"bundle_root": self.bundle, "datalist_task": None, **self.overrides, "input_dir": batch,
+                    "dicom_out": True, "dicom_out_dir": out, "inference_dir": os.path.join(out, "inference"),
+                    "inference_cam": False}
+        record = {"study": token, "images": len(names), "sent": 0, "kept_for_retry": 0, "not_written": 0}
         try:
             wf = ConfigWorkflow(config_file=bundle_configs(self.bundle, self.configs + ["inference.yaml"]),
                                 workflow_type="infer", **bundle_files(self.bundle), **settings)
@@ -291,12 +335,27 @@ class Listener:
             wf.run()
             wf.finalize()
             with open(os.path.join(out, "manifest.csv")) as f:
-                files = [os.path.join(out, r["path"]) for r in csv.DictReader(f) if r["path"]]
+                rows = list(csv.DictReader(f))
+            files = [os.path.join(out, r["path"]) for r in rows if r["path"]]
+            record["not_written"] = sum(1 for r in rows if r["error"])
         except Exception as e:
-            logger.error("study %s not scored: %s", token, type(e).__name__)
-            record["error"] = f"{type(e).__name__}: {e}"
+            for f in names:  # back where they came from: the study is tried again
+                os.makedirs(incoming, exist_ok=True)
+                os.replace(os.path.join(batch, f), os.path.join(incoming, f))
+            shutil.rmtree(batch, ignore_errors=True)
+            self._failures[token] = self._failures.get(token, 0) + 1
+            record["error"] = type(e).__name__
+            if self._failures[token] < 3:
+                with self._lock:
+                    self._last[token] = time.time() + 30.0 * self._failures[token]
+            logger.error("study %s not scored (%s), attempt %d", token, type(e).__name__, self._failures[token])
             self.scored.append(record)
             return
+        done = os.path.join(self.work_dir, "scored", token)
+        os.makedirs(done, exist_ok=True)
+        for f in names:
+            os.replace(os.path.join(batch, f), os.path.join(done, f))
+        shutil.rmtree(batch, ignore_errors=True)
         for p, reason in send_files(files, self.forward, self.ae_title).items():
             if reason:
                 self.retry.add(p, self.forward, reason)
@@ -304,8 +363,8 @@ class Listener:
             else:
                 record["sent"] += 1
         self.scored.append(record)
-        logger.info("study %s: %d images scored, %d results sent, %d kept for retry", token, record["images"],
-                    record["sent"], record["kept_for_retry"])
+        logger.info("study %s: %d images scored, %d results sent, %d kept for retry, %d not written", token,
+                    record["images"], record["sent"], record["kept_for_retry"], record["not_written"])
 
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
@@ -315,7 +374,10 @@ class Listener:
                 for t in due:
                     del self._last[t]
             for t in due:
-                self._score(t)
+                try:
+                    self._score(t)
+                except Exception as e:  # the node never stops for one study
+                    logger.error("study %s: %s", t, type(e).__name__)
             try:
                 self.retry.retry_due(calling_ae=self.ae_title)
             except Exception as e:  # never stop the node for a retry
@@ -342,11 +404,11 @@ class Listener:
             return not self._last
 
     def stop(self) -> None:
+        if self._server is not None:  # no new instance first; then the scoring thread ends (what it has not
+            self._server.shutdown()  # scored stays in incoming/ and is scored when the node starts again)
         self._stop.set()
         if self._worker is not None:
             self._worker.join()
-        if self._server is not None:
-            self._server.shutdown()
 
     def report(self) -> dict:
         return {"received": self.received, "duplicates": self.duplicates, "studies": self.scored,
@@ -354,6 +416,13 @@ class Listener:
 
 
 def send_folder(folder: str, dest: Destination, calling_ae: str = "CUTREMAIN") -> dict[str, str]:
-    """Every DICOM file under ``folder`` to ``dest``; ``{relative path: reason}`` of the ones not sent."""
-    paths = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in sorted(fs) if not f.endswith((".json", ".csv"))]
+    """The objects of ``folder``'s ``manifest.csv`` (a ``--dicom-out`` folder), else every file under it, to
+    ``dest``; ``{relative path: reason}`` of the ones not sent."""
+    manifest = os.path.join(folder, "manifest.csv")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            paths = [os.path.join(folder, r["path"]) for r in csv.DictReader(f) if r.get("path")]
+    else:
+        paths = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in sorted(fs)
+                 if not f.endswith((".json", ".csv", ".tmp"))]
     return {os.path.relpath(p, folder): r for p, r in send_files(paths, dest, calling_ae).items() if r}

@@ -96,3 +96,25 @@ def test_lung_mask_segmentation(tmp_path):
     seg = pydicom.dcmread(path)
     assert seg.StudyInstanceUID == ds.StudyInstanceUID and seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[
         0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_monochrome1_is_not_shown_inverted(tmp_path):
+    """Found in review: for a MONOCHROME1 image (most CR) the presentation state needs an INVERSE presentation
+    LUT, or a conforming viewer shows the negative. dcmp2pgm under our state equals the plain rendering."""
+    from PIL import Image
+
+    ds = pydicom.dcmread(os.path.join(SAMPLES, "clavicle", "clavicle_001.dcm"))
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    ds.decompress()
+    image = str(tmp_path / "image.dcm")
+    ds.save_as(image)
+    path = str(tmp_path / "pr.dcm")
+    write_box_gsps(ds, [[10, 12, 40, 30]], ["fracture"], path)
+    assert dcmpschk_ok(path)[0] and dciodvfy_errors(path) == []
+    tool = shutil.which("dcmp2pgm")
+    assert tool, "dcmp2pgm (Debian package dcmtk) is required; .ci/run installs it"
+    subprocess.run([tool, "--pstate", path, image, str(tmp_path / "ps.pgm")], check=True, capture_output=True)
+    subprocess.run([tool, image, str(tmp_path / "plain.pgm")], check=True, capture_output=True)
+    ps = np.asarray(Image.open(tmp_path / "ps.pgm")).astype(int)
+    plain = np.asarray(Image.open(tmp_path / "plain.pgm")).astype(int)
+    assert np.corrcoef(ps.ravel(), plain.ravel())[0, 1] > 0.99  # not the negative (which correlates at -1)

@@ -112,12 +112,21 @@ def test_listener_scores_a_study_and_keeps_results_until_the_destination_is_up(t
         assert record["images"] == 2 and record["sent"] == 0 and record["kept_for_retry"] == 6  # destination down
         assert node.duplicates == 1
         rows = open(tmp_path / "node" / "set_aside.csv").read()
-        assert "not an image storage SOP class" in rows
+        assert "not a projection X-ray for presentation" in rows
         scp = StoreSCP(dest_port)  # the PACS comes back: the retries deliver everything
         assert _wait(lambda: len(scp.received) == 6 and not node.retry.pending(), 60), node.retry.pending()
         kinds = sorted(str(d.Modality) for d in scp.received)
         assert kinds == ["OT", "OT", "PR", "PR", "SR", "SR"]
         assert {str(d.StudyInstanceUID) for d in scp.received} == {study}
+        # a late instance of the same study: only it is scored, the first two are not answered twice
+        late = pydicom.dcmread(os.path.join(SAMPLES, "clavicle", "clavicle_002.dcm"))
+        late.StudyInstanceUID = study
+        late.save_as(str(tmp_path / "late.dcm"))
+        assert send_files([str(tmp_path / "late.dcm")], Destination("127.0.0.1", node_port, "CUTREMAIN")) == {
+            str(tmp_path / "late.dcm"): ""}
+        assert _wait(lambda: len(node.scored) == 2 and len(scp.received) == 9, 60), (node.scored, len(scp.received))
+        assert node.scored[1]["images"] == 1 and node.scored[1]["sent"] == 3
+        assert len({str(d.SOPInstanceUID) for d in scp.received}) == 9
     finally:
         node.stop()
         if scp is not None:
