@@ -7,8 +7,9 @@ predicted box of each positive finding on the *source* image: the Grad-CAM map o
 back through the bundle's preprocessing (the image or one of its ``SplitHalvesd`` halves, resized to the network
 size) onto the stored image, thresholded at the validation-chosen ``tau`` (``cutremain localize`` writes it) and
 boxed around its largest connected region. Files are written under ``output_dir/{SR,SC,PR}/<SOP Instance
-UID>.dcm``, with ``manifest.csv`` (source name, object, file); a file that cannot be written is listed there with
-its error, and the others are still written.
+UID>.dcm``, with ``manifest.csv`` (source name, object, file; a file that cannot be written is listed there with
+its error, and the others are still written) and ``findings.csv`` (what each SR says: finding, probability,
+box).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class DicomResults:
             localize`` whose validation-chosen ``tau`` is used); a positive finding without a region gets no box.
         finding_names: the finding named in the SR for a binary model (default: the last class name).
         path_key / half_key / id_key: sample keys (the source file, the half, the row name).
-        series_number: of the SR; the SC and PR take the next two.
+        series_number: of the SR; the SC, PR and SEG take the next three. series_description: the prefix of the
+            series descriptions ("<prefix> findings", "<prefix> overlay", "<prefix> boxes", "<prefix> lung mask").
         enabled: switch (``dicom_out`` in ``inference.yaml``).
     """
 
@@ -91,7 +93,8 @@ class DicomResults:
                  model_name: str = "model", registry_version: str | None = None, tau=0.5,
                  label_mode: str = "binary", class_names: Sequence[str] | None = None,
                  finding_names: Sequence[str] | None = None, path_key: str = "image_path", half_key: str = "half",
-                 id_key: str = "image_id", series_number: int = 901, lung_seg: bool = False, enabled: bool = True):
+                 id_key: str = "image_id", series_number: int = 901, series_description: str = "cutremain",
+                 lung_seg: bool = False, enabled: bool = True):
         self.output_dir = output_dir
         self.predictions = predictions
         self.network, self.target_layer = network, target_layer
@@ -109,15 +112,17 @@ class DicomResults:
         self.finding_names = list(finding_names or [])
         self.path_key, self.half_key, self.id_key = path_key, half_key, id_key
         self.series_number = int(series_number)
+        self.series_prefix = str(series_description)
         self.lung_seg = bool(lung_seg)
         self.enabled = enabled
         self._maps: dict = {}
         self.written: list[dict] = []
+        self.findings: list[dict] = []  # what the SRs say, one row per finding (findings.csv)
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
             return
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._maps.clear())
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: (self._maps.clear(), self.findings.clear()))
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
         loader = getattr(engine, "data_loader", None)
@@ -157,6 +162,15 @@ class DicomResults:
             half = item.get(self.half_key) or ""
             entry["halves"][half] = maps
             entry["probs"][half] = prob.numpy()
+
+    def _record(self, name: str, ds, findings) -> None:
+        sr_uid = self._uid(ds, "SR")
+        for f in findings:
+            box = list(f.box) if f.box is not None else ["", "", "", ""]
+            self.findings.append({"file": name, "sr_uid": sr_uid, "finding": f.name,
+                                  "probability": "" if f.probability is None else round(float(f.probability), 6),
+                                  "score": "" if f.score is None else round(float(f.score), 4),
+                                  **dict(zip(("x0", "y0", "x1", "y1"), box))})
 
     def _uid(self, ds, kind: str) -> str:
         """The same result of the same model for the same image gets the same UID: scored twice (a study that
@@ -236,22 +250,25 @@ class DicomResults:
 
             def sr(path, uid):
                 return write_findings_sr(ds, findings, device, path, series_number=self.series_number,
+                                         series_description=f"{self.series_prefix} findings",
                                          sop_instance_uid=uid)
 
             def sc(path, uid):
                 return write_secondary_capture(ds, rgb, caption, path, manufacturer=device.manufacturer,
                                                model_name=self.model_name, software_version=self.version,
-                                               series_number=self.series_number + 1, sop_instance_uid=uid)
+                                               series_number=self.series_number + 1, sop_instance_uid=uid,
+                                               series_description=f"{self.series_prefix} overlay")
 
             def pr(path, uid):
                 return write_box_gsps(ds, [f.box for f in boxes], [f.name for f in boxes], path,
                                       texts=[f"{f.name} {100 * f.probability:.0f}%" for f in boxes],
                                       layer_name="CUTREMAIN_AI", content_label="AI_FINDINGS",
                                       content_description=device.label[:64], series_number=self.series_number + 2,
-                                      series_description="cutremain findings", manufacturer=device.manufacturer,
+                                      series_description=f"{self.series_prefix} boxes", manufacturer=device.manufacturer,
                                       model_name=self.model_name, software_version=self.version,
                                       sop_instance_uid=uid)
 
+            self._record(name, ds, findings)
             for kind, write in [("SR", sr), ("SC", sc)] + ([("PR", pr)] if boxes else []):
                 uid = self._uid(ds, kind)
                 path = os.path.join(self.output_dir, kind, f"{uid}.dcm")
@@ -264,10 +281,15 @@ class DicomResults:
                     logger.warning("DICOM %s for %s not written: %s", kind, name, type(e).__name__)
                     manifest.append({"file": name, "object": kind, "path": "", "error": type(e).__name__})
         self.written = manifest
+        os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, "manifest.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["file", "object", "path", "error"])
             w.writeheader()
             w.writerows(manifest)
+        with open(os.path.join(self.output_dir, "findings.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["file", "sr_uid", "finding", "probability", "score", "x0", "y0", "x1", "y1"])
+            w.writeheader()
+            w.writerows(self.findings)
         logger.info("DICOM results: %d objects for %d images in %s", sum(1 for m in manifest if m["path"]),
                     len({m["file"] for m in manifest}), self.output_dir)
 
@@ -285,20 +307,24 @@ class DicomResults:
         findings.append(Finding("global severity score", None, score=float(row["global_score"])))
         caption = [device.label, f"global score {float(row['global_score']):.1f} (zones "
                    + " ".join(f"{z}{int(row[f'zone_{z}'])}" for z in BRIXIA_ZONES) + ")"]
+        self._record(name, ds, findings)
         jobs = [("SR", lambda path, uid: write_findings_sr(ds, findings, device, path, series_number=self.series_number,
+                                                           series_description=f"{self.series_prefix} findings",
                                                            sop_instance_uid=uid))]
         overlay = os.path.join(getattr(self.predictions, "output_dir", ""), str(row.get("overlay") or ""))
         if row.get("overlay") and os.path.exists(overlay):
             rgb = np.asarray(Image.open(overlay).convert("RGB"))
             jobs.append(("SC", lambda path, uid: write_secondary_capture(
                 ds, rgb, caption, path, manufacturer=device.manufacturer, model_name=self.model_name,
-                software_version=self.version, series_number=self.series_number + 1, sop_instance_uid=uid)))
+                software_version=self.version, series_number=self.series_number + 1, sop_instance_uid=uid,
+                series_description=f"{self.series_prefix} overlay")))
         if lung_mask is not None:
             from cutremain_monai.io.seg import write_mask_seg
 
             jobs.append(("SEG", lambda path, uid: write_mask_seg(
                 ds, lung_mask, path, model_name=self.model_name, version=self.version, manufacturer=device.manufacturer,
-                series_number=self.series_number + 3, sop_instance_uid=uid)))
+                series_number=self.series_number + 3, sop_instance_uid=uid,
+                series_description=f"{self.series_prefix} lung mask")))
         for kind, write in jobs:
             uid = self._uid(ds, kind)
             os.makedirs(os.path.join(self.output_dir, kind), exist_ok=True)

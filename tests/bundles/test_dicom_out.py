@@ -34,6 +34,7 @@ def test_inference_writes_sr_sc_and_pr(tmp_path, clavicle_data):
     manifest = list(csv.DictReader(open(out / "inference" / "dicom" / "manifest.csv")))
     assert all(not m["error"] for m in manifest)
     by = {(m["file"], m["object"]): out / "inference" / "dicom" / m["path"] for m in manifest}
+    findings = list(csv.DictReader(open(out / "inference" / "dicom" / "findings.csv")))
     assert set(by) == {(f, k) for f in rows for k in ("SR", "SC", "PR")}
     tool = shutil.which("dsr2html")
     assert tool, "dsr2html (Debian package dcmtk) is required; .ci/run installs it"
@@ -51,6 +52,8 @@ def test_inference_writes_sr_sc_and_pr(tmp_path, clavicle_data):
         (finding,) = read_sr_findings(pydicom.dcmread(by[name, "SR"]))
         assert finding["finding"] == "fracture" and finding["image"] == src.SOPInstanceUID
         assert finding["probability"] == pytest.approx(float(row["probability"]), abs=1e-6)  # the CSV's
+        (listed,) = [r for r in findings if r["file"] == name]  # findings.csv: the same box
+        assert finding["box"] == pytest.approx([float(listed[k]) for k in ("x0", "y0", "x1", "y1")], abs=1e-3)
         x0, y0, x1, y1 = finding["box"]
         assert 0 <= x0 < x1 <= src.Columns and 0 <= y0 < y1 <= src.Rows
         sc = pydicom.dcmread(by[name, "SC"])
