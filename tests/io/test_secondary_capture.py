@@ -18,6 +18,7 @@ IMAGE = os.path.join(SAMPLES, "clavicle", "clavicle_000.dcm")
 def test_secondary_capture(tmp_path):
     ds = pydicom.dcmread(IMAGE)
     ds.PatientName, ds.PatientID = "TESTER^SC", "SC-7"
+    ds.InstitutionName, ds.StationName = "ST ELSEWHERE HOSPITAL", "XRAYROOM7"
     rgb = np.zeros((ds.Rows, ds.Columns, 3), dtype=np.uint8)
     rgb[10:20, 10:30] = (255, 0, 0)
     path = str(tmp_path / "sc.dcm")
@@ -35,6 +36,7 @@ def test_secondary_capture(tmp_path):
     assert (back.PatientName, back.PatientID, back.StudyInstanceUID) == (ds.PatientName, ds.PatientID,
                                                                           ds.StudyInstanceUID)
     assert back.SOPInstanceUID != ds.SOPInstanceUID and back.SeriesInstanceUID != ds.SeriesInstanceUID
+    assert "ELSEWHERE" not in str(back) and "XRAYROOM7" not in str(back)  # the source's equipment stays behind
     with pytest.raises(ValueError, match="uint8"):
         write_secondary_capture(ds, rgb.astype(np.float32), [], None)
 

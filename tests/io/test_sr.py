@@ -20,6 +20,7 @@ def _image():
     ds = pydicom.dcmread(IMAGE)
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = "TESTER^SR", "SR-0042", "19700101"
     ds.AccessionNumber = "ACC123"
+    ds.InstitutionName, ds.StationName = "ST ELSEWHERE HOSPITAL", "XRAYROOM7"  # the source's, not ours to copy
     return ds
 
 
@@ -48,6 +49,8 @@ def test_sr_validates_renders_and_reads_back(tmp_path):
         assert str(back.get(kw)) == str(ds.get(kw)), kw
     for kw in ("PixelData", "WindowCenter", "ViewPosition", "BodyPartExamined", "PixelSpacing"):
         assert kw not in back, kw
+    text = str(back)
+    assert "ELSEWHERE" not in text and "XRAYROOM7" not in text  # (highdicom copies the source's equipment)
     assert back.SeriesNumber == 901 and back.Modality == "SR" and sr.CompletionFlag == "COMPLETE"
 
 
@@ -119,3 +122,20 @@ def test_write_ingest_datalist_round_trip(tmp_path):
     rows = open(tmp_path / "dl_quarantine.csv").read()
     assert "orphan.dcm,quarantined,structured report references no usable image in the batch" in rows
     assert json.load(open(out))["ingest"]["quarantined"] == 1
+
+
+def test_malformed_type2_values_do_not_stop_the_results():
+    """Found in review: a birth date written 1970-01-01 (not DICOM DA) or a missing StudyID made highdicom refuse
+    the SR and the presentation state; the cleaned header empties or adds them."""
+    from cutremain_monai.io.dicom import quiet_pydicom, result_source_header
+    from cutremain_monai.io.gsps import write_box_gsps
+
+    ds = _image()
+    with quiet_pydicom():
+        ds.PatientBirthDate = "1970-01-01"
+    del ds.StudyID
+    clean = result_source_header(ds)
+    assert "PixelData" in ds and "PixelData" not in clean and clean.PatientBirthDate in (None, "")
+    sr = write_findings_sr(clean, [Finding("fracture", 0.5, [1, 1, 9, 9])], DEVICE)
+    pr = write_box_gsps(clean, [[1, 1, 9, 9]], ["fracture"])
+    assert sr.StudyID in (None, "") and pr.PatientID == ds.PatientID
