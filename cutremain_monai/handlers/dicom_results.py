@@ -269,17 +269,7 @@ class DicomResults:
                                       sop_instance_uid=uid)
 
             self._record(name, ds, findings)
-            for kind, write in [("SR", sr), ("SC", sc)] + ([("PR", pr)] if boxes else []):
-                uid = self._uid(ds, kind)
-                path = os.path.join(self.output_dir, kind, f"{uid}.dcm")
-                try:
-                    with quiet_pydicom():
-                        write(path, uid)
-                    manifest.append({"file": name, "object": kind, "path": os.path.relpath(path, self.output_dir),
-                                     "error": ""})
-                except Exception as e:  # one object that cannot be written never stops the others
-                    logger.warning("DICOM %s for %s not written: %s", kind, name, type(e).__name__)
-                    manifest.append({"file": name, "object": kind, "path": "", "error": type(e).__name__})
+            self._write(name, ds, [("SR", sr), ("SC", sc)] + ([("PR", pr)] if boxes else []), manifest)
         self.written = manifest
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, "manifest.csv"), "w", newline="") as f:
@@ -325,17 +315,22 @@ class DicomResults:
                 ds, lung_mask, path, model_name=self.model_name, version=self.version, manufacturer=device.manufacturer,
                 series_number=self.series_number + 3, sop_instance_uid=uid,
                 series_description=f"{self.series_prefix} lung mask")))
+        self._write(name, ds, jobs, manifest)
+
+    def _write(self, name: str, ds, jobs, manifest: list) -> None:
+        """Each ``(kind, write(path, uid))`` under ``output_dir/<kind>/<uid>.dcm``; one that fails is listed in
+        the manifest with its error type and never stops the others."""
+        from cutremain_monai.io.dicom import quiet_pydicom
+
         for kind, write in jobs:
             uid = self._uid(ds, kind)
             os.makedirs(os.path.join(self.output_dir, kind), exist_ok=True)
             path = os.path.join(self.output_dir, kind, f"{uid}.dcm")
             try:
-                from cutremain_monai.io.dicom import quiet_pydicom
-
                 with quiet_pydicom():
                     write(path, uid)
                 manifest.append({"file": name, "object": kind, "path": os.path.relpath(path, self.output_dir), "error": ""})
-            except Exception as e:  # one object that cannot be written never stops the others
+            except Exception as e:
                 logger.warning("DICOM %s for %s not written: %s", kind, name, type(e).__name__)
                 manifest.append({"file": name, "object": kind, "path": "", "error": type(e).__name__})
 

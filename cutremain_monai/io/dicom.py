@@ -24,7 +24,7 @@ from monai.utils import ensure_tuple, optional_import
 
 pydicom, _ = optional_import("pydicom")
 
-__all__ = ["DicomReadError", "UnnamedFile", "dcmread_unnamed", "quiet_pydicom", "result_source_header", "read_xray_dicom", "XrayDicomReader", "WINDOW_AUTO", "WINDOW_NONE"]
+__all__ = ["DicomReadError", "UnnamedFile", "dcmread_unnamed", "quiet_pydicom", "result_source_header", "drop_source_equipment", "read_xray_dicom", "XrayDicomReader", "WINDOW_AUTO", "WINDOW_NONE"]
 
 WINDOW_AUTO = "auto"  # first VOI LUT / window in the file, else min-max of the modality output
 WINDOW_NONE = "none"  # no VOI transform: min-max of the modality output
@@ -153,6 +153,22 @@ def result_source_header(ds):
                 setattr(out, kw, None)
     out.Rows, out.Columns = int(ds.Rows), int(ds.Columns)
     return out
+
+
+def drop_source_equipment(ds) -> None:
+    """Remove from a derived object what highdicom copied of its source's equipment (the "Acquisition equipment
+    of the source image(s)" contributing-equipment item, institution and station): results carry the source's
+    patient and study modules, nothing else of it."""
+    for kw in ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName"):
+        if kw in ds:
+            delattr(ds, kw)
+    kept = [it for it in ds.get("ContributingEquipmentSequence", [])
+            if str(it.get("ContributionDescription", "")) != "Acquisition equipment of the source image(s)"]
+    if "ContributingEquipmentSequence" in ds:
+        if kept:
+            ds.ContributingEquipmentSequence = kept
+        else:
+            del ds.ContributingEquipmentSequence
 
 
 def read_dataset(path: PathLike):

@@ -71,6 +71,8 @@ def write_secondary_capture(
     import highdicom as hd
     from pydicom.dataset import Dataset
 
+    from cutremain_monai.io.dicom import drop_source_equipment
+
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"rgb must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
@@ -83,18 +85,7 @@ def write_secondary_capture(
         coordinate_system="PATIENT", series_instance_uid=series_instance_uid or hd.UID(), series_number=series_number,
         sop_instance_uid=sop_instance_uid or hd.UID(), instance_number=instance_number, manufacturer=manufacturer,
         patient_orientation=orientation, transfer_syntax_uid="1.2.840.10008.1.2.1")
-    # highdicom copies the source's equipment (institution, station, its contributing-equipment record): more
-    # of the source than the patient and study modules the PACS files the picture by
-    for kw in ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName"):
-        if kw in sc:
-            delattr(sc, kw)
-    kept = [it for it in sc.get("ContributingEquipmentSequence", [])
-            if str(it.get("ContributionDescription", "")) != "Acquisition equipment of the source image(s)"]
-    if "ContributingEquipmentSequence" in sc:
-        if kept:
-            sc.ContributingEquipmentSequence = kept
-        else:
-            del sc.ContributingEquipmentSequence
+    drop_source_equipment(sc)  # (highdicom copies the source's institution, station and equipment record)
     if "Laterality" not in sc:  # General Series 2C: present (empty) when the image has no paired-part laterality
         sc.Laterality = image_ds.get("Laterality") or None
     sc.BurnedInAnnotation = "YES"

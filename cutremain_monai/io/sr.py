@@ -113,6 +113,7 @@ def write_findings_sr(
     from pydicom.sr.codedict import codes
 
     from cutremain_monai.io.boxes import validate_boxes
+    from cutremain_monai.io.dicom import drop_source_equipment
 
     if not findings:
         raise ValueError("an SR needs at least one finding")
@@ -166,15 +167,7 @@ def write_findings_sr(
         series_number=series_number, sop_instance_uid=sop_instance_uid or hd.UID(), instance_number=instance_number,
         manufacturer=device.manufacturer, is_complete=True, is_final=False, is_verified=False,
         series_description=series_description[:64])
-    # highdicom records the source's acquisition equipment (manufacturer, institution, station, serial number):
-    # more of the source than the patient and study modules the PACS needs
-    kept = [it for it in sr.get("ContributingEquipmentSequence", [])
-            if str(it.get("ContributionDescription", "")) != "Acquisition equipment of the source image(s)"]
-    if "ContributingEquipmentSequence" in sr:
-        if kept:
-            sr.ContributingEquipmentSequence = kept
-        else:
-            del sr.ContributingEquipmentSequence
+    drop_source_equipment(sr)  # (highdicom records the source's acquisition equipment in the SR)
     sr.ManufacturerModelName = device.model_name[:64]
     sr.SoftwareVersions = str(device.version)[:64]
     if any(s == PRIVATE_SCHEME for s in _schemes(sr)):
@@ -235,24 +228,27 @@ def _group_finding(group) -> str:
     return tracking
 
 
-def _group_score(group) -> float | None:
+def _group_num(group, code: str) -> tuple[float, str] | None:
+    """(value, UCUM unit) of the group's first NUM item named ``code``."""
     for item in _walk(group.get("ContentSequence", [])):
-        if item.get("ValueType") == "NUM" and _value(item, "ConceptNameCodeSequence") == "SCORE":
+        if item.get("ValueType") == "NUM" and _value(item, "ConceptNameCodeSequence") == code:
             mv = item.get("MeasuredValueSequence", [])
             if mv:
-                return float(mv[0].NumericValue)
+                return float(mv[0].NumericValue), _value(mv[0], "MeasurementUnitsCodeSequence")
     return None
+
+
+def _group_score(group) -> float | None:
+    found = _group_num(group, "SCORE")
+    return None if found is None else found[0]
 
 
 def _group_probability(group) -> float | None:
-    for item in _walk(group.get("ContentSequence", [])):
-        if item.get("ValueType") == "NUM" and _value(item, "ConceptNameCodeSequence") == "122157":
-            mv = item.get("MeasuredValueSequence", [])
-            if mv:
-                value = float(mv[0].NumericValue)
-                unit = _value(mv[0], "MeasurementUnitsCodeSequence")
-                return value / 100.0 if unit == "%" else value
-    return None
+    found = _group_num(group, "122157")  # DCM Probability
+    if found is None:
+        return None
+    value, unit = found
+    return value / 100.0 if unit == "%" else value
 
 
 def _regions(group):
