@@ -113,8 +113,9 @@ def test_orthanc_round_trip(tmp_path, orthanc):
     assert sum(s["kept_for_retry"] for s in node.scored) == 0 and node.retry.pending() == []
     # our results are in Orthanc, in the studies of their images
     predictions = {}
-    for p in glob.glob(str(tmp_path / "node" / "results" / "*" / "inference" / "predictions.csv")):
+    for p in glob.glob(str(tmp_path / "node" / "results" / "*" / "*" / "inference" / "predictions.csv")):
         predictions.update({r["file"]: float(r["probability"]) for r in csv.DictReader(open(p))})
+    assert len(predictions) == len(files)  # every image scored once
     found = {"SR": 0, "OT": 0, "PR": 0}
     for study in _http(orthanc["url"] + "/studies"):
         info = _http(orthanc["url"] + f"/studies/{study}")
