@@ -1,5 +1,5 @@
 """Fuzzing the DICOM front end: mutated copies of the sample files (byte flips, truncations, insertions, broken
-lengths and VRs) through read_xray_dicom and the GSPS reader. Every input must end in success or in our
+lengths and VRs) through read_xray_dicom, the GSPS reader and the SR box reader (seeded with SRs we write). Every input must end in success or in our
 DicomReadError (naming the file and the reason): never another exception, a Rust panic or a hang (5 s per input).
 The count comes from CUTREMAIN_FUZZ_INPUTS (default 20,000, about 3 minutes on 2 cores); seeds are the committed
 dicom_samples (and the real CR files of ../shared/data when present). Crashes it found are the regression tests
@@ -52,15 +52,36 @@ def _seeds() -> list[str]:
     return seeds
 
 
-def _read(path: str, gsps: bool) -> None:
-    if gsps:
+def _sr_seeds(folder) -> list[str]:
+    """Two of our own SRs (a localised finding and a plain one), written from the samples, as seeds for the SR
+    box reader."""
+    import pydicom
+
+    from cutremain_monai.io.sr import Finding, ModelDevice, write_findings_sr
+
+    out = []
+    for i, name in enumerate(("clavicle_000.dcm", "clavicle_001.dcm")):
+        ds = pydicom.dcmread(os.path.join(SAMPLES, "clavicle", name))
+        path = os.path.join(folder, f"seed_{i}_sr.dcm")
+        write_findings_sr(ds, [Finding("fracture", 0.7, [3, 4, 30, 40] if i == 0 else None)],
+                          ModelDevice("clavicle_fracture", "0.1", "m"), path)
+        out.append(path)
+    return out
+
+
+def _read(path: str, seed: str) -> None:
+    if seed.endswith("_gsps.dcm"):
         read_gsps_file(path, dataset=read_dataset(path))
+    elif seed.endswith("_sr.dcm"):
+        from cutremain_monai.io.sr import read_sr_file
+
+        read_sr_file(path)
     else:
         read_xray_dicom(path)
 
 
 def test_fuzz_dicom_readers(tmp_path):
-    seeds = _seeds()
+    seeds = _seeds() + _sr_seeds(str(tmp_path)) * 10  # (the SR reader gets about a tenth of the inputs)
     data = [open(p, "rb").read() for p in seeds]
     rng = np.random.default_rng(2026)
     path = str(tmp_path / "input.dcm")
@@ -88,7 +109,7 @@ def test_fuzz_dicom_readers(tmp_path):
             signal.setitimer(signal.ITIMER_REAL, 5.0)
             try:
                 hung.clear()
-                _read(path, seeds[j].endswith("_gsps.dcm"))
+                _read(path, seeds[j])
                 ok += 1
             except DicomReadError as e:
                 assert e.path == path and e.reason  # names the file and says why
