@@ -314,7 +314,11 @@ def read_sr_file(path, dataset=None) -> dict[str, list[tuple[np.ndarray, str]]]:
     from cutremain_monai.io.dicom import DicomReadError, read_dataset
 
     ds = read_dataset(path) if dataset is None else dataset
-    if not is_sr(ds):
+    try:
+        sr = is_sr(ds)  # (a corrupt SOP Class UID element fails here: found by fuzzing)
+    except Exception as e:
+        raise DicomReadError(path, f"structured report unreadable ({type(e).__name__}: {e})") from e
+    if not sr:
         raise DicomReadError(path, "not a structured report")
     try:
         return read_sr_boxes(ds)

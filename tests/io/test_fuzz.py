@@ -306,3 +306,18 @@ def test_codestream_size_is_checked_before_decoding(tmp_path, case):
     with pytest.raises(DicomReadError) as err:
         read_xray_dicom(path)
     assert err.value.reason.startswith(reason), err.value.reason
+
+
+def test_corrupt_sop_class_of_an_sr_is_a_read_error(tmp_path):
+    """Found by fuzzing the SR box reader: an unknown VR on (0008,0016) SOP Class UID raised NotImplementedError
+    while checking that the file is an SR."""
+    from cutremain_monai.io.sr import read_sr_file
+
+    seed = _sr_seeds(str(tmp_path))[1]
+    src = open(seed, "rb").read()
+    i = src.index(b"\x08\x00\x16\x00")  # (0008,0016): its explicit VR replaced
+    path = str(tmp_path / "bad_sr.dcm")
+    open(path, "wb").write(src[: i + 4] + b"Un" + src[i + 6 :])
+    with pytest.raises(DicomReadError) as err:
+        read_sr_file(path)
+    assert err.value.path == path and "NotImplementedError" in err.value.reason, err.value.reason
