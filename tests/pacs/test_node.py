@@ -1,6 +1,7 @@
 """The DICOM node: sending with a retry folder, and the listener's paths (scored study, duplicate, a non-image,
 destination down then up), against a pynetdicom Storage SCP on 127.0.0.1."""
 
+import glob
 import json
 import os
 import shutil
@@ -104,12 +105,20 @@ def test_listener_scores_a_study_and_keeps_results_until_the_destination_is_up(t
             ds.save_as(paths[-1])
         shutil.copy(os.path.join(SAMPLES, "clavicle", "clavicle_000_gsps.dcm"), tmp_path / "pr.dcm")
         shutil.copy(paths[0], tmp_path / "again.dcm")  # a second copy of the same SOP Instance
-        sent = send_files(paths + [str(tmp_path / "again.dcm"), str(tmp_path / "pr.dcm")],
+        broken = pydicom.dcmread(os.path.join(SAMPLES, "clavicle", "clavicle_005.dcm"))
+        if broken.file_meta.TransferSyntaxUID.is_compressed:
+            broken.decompress()
+        broken.StudyInstanceUID = study
+        broken.PixelData = broken.PixelData[: len(broken.PixelData) // 3]  # an image whose pixels cannot be read
+        broken.save_as(str(tmp_path / "broken.dcm"))
+        sent = send_files(paths + [str(tmp_path / "again.dcm"), str(tmp_path / "pr.dcm"), str(tmp_path / "broken.dcm")],
                           Destination("127.0.0.1", node_port, "CUTREMAIN"))
         assert all(r == "" for r in sent.values()), sent  # every object answered, the duplicate and the PR too
         assert _wait(lambda: node.scored), "the study was not scored"
         record = node.scored[0]
-        assert record["images"] == 2 and record["sent"] == 0 and record["kept_for_retry"] == 6  # destination down
+        assert record["images"] == 3 and record["sent"] == 0 and record["kept_for_retry"] == 6  # destination down
+        aside = glob.glob(str(tmp_path / "node" / "results" / "*" / "*" / "inference" / "set_aside.csv"))
+        assert len(aside) == 1 and "truncated pixel data" in open(aside[0]).read()  # answered, set aside, reason
         assert node.duplicates == 1
         rows = open(tmp_path / "node" / "set_aside.csv").read()
         assert "not a projection X-ray for presentation" in rows
