@@ -32,7 +32,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import re
 import warnings
 
 __all__ = ["folder_datalist", "IMAGE_SOP_CLASS_UIDS"]
@@ -52,7 +51,6 @@ _PHOTOMETRIC_TERMS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR
                       "PALETTE COLOR", "HSV", "ARGB", "CMYK", "XYB")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DEFLATED = "1.2.840.10008.1.2.1.99"
-_UID_SYNTAX = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")  # PS3.5 9.1
 
 
 def _image_sop_classes() -> frozenset[str]:
@@ -78,7 +76,9 @@ def _sop_class_reason(uid: str) -> str:
     entry = UID_dictionary.get(uid)
     name = entry[0] if entry and entry[1] == "SOP Class" else ""
     if not name:
-        if len(uid) > 64 or not _UID_SYNTAX.match(uid):  # never echo arbitrary text
+        from cutremain_monai.io.paths import valid_uid
+
+        if not valid_uid(uid):  # never echo arbitrary text
             return "invalid SOP Class UID"
         return f"unknown SOP class {uid} (not an image storage class)"
     low = name.lower()
