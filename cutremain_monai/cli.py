@@ -101,8 +101,10 @@ def _deidentify(args) -> int:
     return 0 if not report.failed else 1
 
 
-# collections known to hold the same radiograph twice (under other patient ids, or with no patient ids at all)
-NEAR_DUPLICATE_DEFAULTS = {"brixia": 0.85, "lungmasks": 0.85, "fracatlas": 0.85}
+# collections known to hold the same radiograph twice (under other patient ids, or with no patient ids at all);
+# FracAtlas at 0.97: over its 1,899 films, limb views of different patients on the same dark detector background reach
+# 0.85-0.95 and chained 50 blocks into one group of 1,116 images at 0.85 (cutremain_monai.data.near_duplicates)
+NEAR_DUPLICATE_DEFAULTS = {"brixia": 0.85, "lungmasks": 0.85, "fracatlas": 0.97}
 
 
 def _import(args) -> int:
@@ -195,10 +197,27 @@ def _experiment(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from cutremain_monai.engines.compare import compare
+
+    items = _readable_items(args.datalist, args.task)
+    overrides, output = _overrides_and_output(args, "compare")
+    methods = [m.strip() for m in (args.methods or "none,cut_remain,sup_cutout,sup_mixup,sup_cutmix,hide_and_seek,gain,isnet").split(",")
+               if m.strip()]
+    gammas = [float(v) for v in args.gammas.split(",") if v.strip()] if args.gammas else []
+    compare(os.path.abspath(args.bundle), items, output, methods, folds=args.folds, seed=args.seed, gammas=gammas,
+            gamma_folds=args.gamma_folds, fold_limit=args.fold_limit, threshold_rule=args.threshold_rule,
+            target_sensitivity=args.target_sensitivity, localization_method=args.localization_method,
+            heatmap_images=args.heatmap_images, shrink=args.shrink, **overrides)
+    print(open(os.path.join(output, "compare_table.md")).read())
+    print(f"report: {output}/report.html; tables: {output}/compare_table.md, compare_summary.json")
+    return 0
+
+
 def _gamma(args) -> int:
     from cutremain_monai.engines.experiment import gamma_curve
 
-    gammas = [float(v) for v in args.gammas.split(",") if v.strip()]
+    gammas = [float(v) for v in (args.gammas or "0,0.2,0.4,0.6,0.8,1.0").split(",") if v.strip()]
     overrides, output = _overrides_and_output(args, "gamma")
     from cutremain_monai.io.datalist import load_datalist
     from cutremain_monai.io.loader import split_readable
@@ -404,14 +423,24 @@ def main(argv=None) -> int:
                        "(gamma), progressive self-training (self-train), adversarial-erasing region mining (erase) or "
                        "the shortcut test of guided training (shortcut), ISNet on COVID severity (severity-guidance), background "
                             "learning against CAM (background)")
-    p.add_argument("kind", choices=["cv", "gamma", "self-train", "erase", "shortcut", "severity-guidance", "background"])
+    p.add_argument("kind", choices=["cv", "compare", "gamma", "self-train", "erase", "shortcut", "severity-guidance", "background"])
     p.add_argument("--bundle", required=True)
     p.add_argument("--datalist", help="datalist JSON (default: dicom_samples/datalist.json)", default="dicom_samples/datalist.json")
     p.add_argument("--task", default=None, help="section of a multi-task datalist (e.g. clavicle)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--augmentations", default="none,cut_remain,sup_cutout,sup_mixup,sup_cutmix")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gammas", default="0,0.2,0.4,0.6,0.8,1.0", help="gamma: fractions of training images whose boxes are used")
+    p.add_argument("--gammas", default=None, help="gamma: fractions of training images whose boxes are used (default "
+                   "0,0.2,...,1.0); compare: the annotation-budget curve at these (default: none)")
+    p.add_argument("--gamma-folds", type=int, default=None, help="compare: the gamma curve on the first N folds (default: all run)")
+    p.add_argument("--fold-limit", type=int, default=None, help="compare: run only the first N of the folds (a subsampled setting)")
+    p.add_argument("--threshold-rule", default="youden", choices=["youden", "sensitivity", "f1"],
+                   help="compare: how each fold's validation share chooses the operating threshold (default youden)")
+    p.add_argument("--target-sensitivity", type=float, default=0.9, help="compare: --threshold-rule sensitivity target")
+    p.add_argument("--localization-method", default="gradcam", help="compare: the map scored and shown (cam, gradcam, lrp)")
+    p.add_argument("--shrink", type=int, default=None, metavar="N",
+                   help="compare: train on copies of the images with long side N px, made once (a CPU setting)")
+    p.add_argument("--heatmap-images", type=int, default=6, help="compare: test images in the report's heatmap grid")
     p.add_argument("--unlabelled", help="self-train: datalist of unlabelled images with lung masks")
     p.add_argument("--schedule", help="self-train: shares of the unlabelled images per round, e.g. 0.3,0.6,1.0 (default: the bundle's self_training.yaml)")
     p.add_argument("--round-overrides", help="self-train: JSON of overrides for the student rounds only, e.g. '{\"epochs\": 6}'")
@@ -423,7 +452,8 @@ def main(argv=None) -> int:
     p.add_argument("--delta", type=float, default=None, help="erase: mine the min-max CAM at or above this instead of top-q")
     p.add_argument("--max-auc-drop", type=float, default=0.05, help="erase: stop when validation AUC falls by more than this")
     p.add_argument("--max-boxes", type=int, default=1, help="erase: mined boxes per image (largest components)")
-    p.add_argument("--methods", help="shortcut: methods to train (default none,cut_remain,sup_cutout,gain,isnet; also cut_remain+isnet); "
+    p.add_argument("--methods", help="compare: augmentations and guidances (default none,cut_remain,sup_cutout,sup_mixup,"
+                                     "sup_cutmix,hide_and_seek,gain,isnet; a+b combines); shortcut: methods to train (default none,cut_remain,sup_cutout,gain,isnet; also cut_remain+isnet); "
                                      "severity-guidance: none,isnet (also isnet_free)")
     p.add_argument("--images", type=int, default=200, help="shortcut: phantoms to generate (60/20/20 split)")
     p.add_argument("--size", type=int, default=128, help="shortcut: phantom size in pixels")
@@ -434,7 +464,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-cam", action="store_true", help="background: skip the whole-image CAM baseline")
     p.add_argument("--overrides", help='JSON of bundle overrides, e.g. \'{"epochs": 10, "image_size": [128, 128]}\'')
     p.add_argument("-o", "--output")
-    p.set_defaults(func=lambda a: {"gamma": _gamma, "self-train": _self_train, "erase": _erase, "shortcut": _shortcut,
+    p.set_defaults(func=lambda a: {"compare": _compare, "gamma": _gamma, "self-train": _self_train, "erase": _erase, "shortcut": _shortcut,
                                      "severity-guidance": _severity_guidance, "background": _background}.get(a.kind, _experiment)(a))
 
     args = parser.parse_args(argv)

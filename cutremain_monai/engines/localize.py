@@ -140,6 +140,7 @@ def _score(results, methods, tau_from: dict | None) -> tuple[list[dict], dict, d
             table[method] = {}
             continue
         energy, hits, iou05, hit05, mba, loc = [], [], [], [], [], []
+        first_row = len(rows)
         for name, _, boxes, target, maps in results:
             m, b = maps[method], [boxes]
             e = float(M.energy_in_box(m, b)["per_image"][0])
@@ -163,7 +164,10 @@ def _score(results, methods, tau_from: dict | None) -> tuple[list[dict], dict, d
             k = int(np.argmin(np.abs(loc_thresholds - tau_from[method])))
             loc_value, loc_note = float(loc_curve[k]), f"tau {tau_from[method]:.2f} from validation"
         else:
+            k = int(np.argmax(loc_curve))
             loc_value, loc_note = float(loc_curve.max()), "max over tau on this set"
+        for row, hit in zip(rows[first_row:], loc):  # the image's Loc. Acc. hit at the tau the table uses
+            row["loc_hit"] = int(hit[k])
         table[method] = {"energy_in_box": float(np.nanmean(energy)) if np.isfinite(energy).any() else float("nan"),
                          "pointing_game": float(np.mean(hits)), "iou_acc@0.5": float(np.mean(hit05)),
                          "max_box_acc": float(np.mean(mba, axis=0).max()), "loc_acc": loc_value,
@@ -234,7 +238,7 @@ def localize_items(model: torch.nn.Module, items: Sequence[dict], load: Callable
     os.makedirs(output_dir, exist_ok=True)
     csv_path = os.path.join(output_dir, f"{prefix}_localization.csv")
     with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "method", "class", "energy_in_box", "pointing_hit", "iou@0.5"])
+        w = csv.DictWriter(f, fieldnames=["image", "method", "class", "energy_in_box", "pointing_hit", "iou@0.5", "loc_hit"])
         w.writeheader()
         w.writerows(rows)
     md = os.path.join(output_dir, f"{prefix}_localization_table.md")

@@ -42,11 +42,18 @@ class ClassificationReport:
         mode: ``binary`` | ``multiclass`` (softmax probabilities, class-index or one-hot labels; no threshold) |
             ``multilabel`` (one threshold per class, saved as a list).
         class_names: names for the per-class entries (multi-class / multi-label).
+        threshold_rule / target_sensitivity: how the threshold is chosen on this data (``f1``, ``youden`` or
+            ``sensitivity``; :func:`~cutremain_monai.metrics.classification.choose_threshold`).
     """
 
     def __init__(self, output_dir: str, prefix: str = "val", threshold=None, threshold_file: str | None = None,
                  pred_key: str = "pred", label_key: str = "label", save_roc: bool = True, mode: str = "binary",
-                 class_names=None):
+                 class_names=None, threshold_rule: str = "f1", target_sensitivity: float = 0.9):
+        from cutremain_monai.metrics.classification import THRESHOLD_RULES
+
+        if threshold_rule not in THRESHOLD_RULES:
+            raise ValueError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
+        self.rule, self.target_sensitivity = threshold_rule, float(target_sensitivity)
         if mode not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"mode must be binary, multiclass or multilabel, got {mode!r}")
         self.mode = mode
@@ -96,10 +103,12 @@ class ClassificationReport:
 
     def _metrics(self, labels: torch.Tensor, preds: torch.Tensor) -> dict:
         if self.mode == "binary":
-            return binary_metrics(labels.numpy().reshape(-1), preds.numpy().reshape(-1), self._fixed_threshold())
+            return binary_metrics(labels.numpy().reshape(-1), preds.numpy().reshape(-1), self._fixed_threshold(),
+                                  self.rule, self.target_sensitivity)
         if self.mode == "multiclass":
             return multiclass_metrics(labels.numpy(), preds.numpy(), self.class_names)
-        return multilabel_metrics(labels.numpy() > 0.5, preds.numpy(), self.class_names, self._fixed_threshold())
+        return multilabel_metrics(labels.numpy() > 0.5, preds.numpy(), self.class_names, self._fixed_threshold(),
+                                  self.rule, self.target_sensitivity)
 
     def __call__(self, engine: Engine) -> None:
         preds = _gather(torch.cat(self._preds)) if self._preds else torch.zeros(0, 1)
@@ -108,7 +117,7 @@ class ClassificationReport:
             return
         y, p = labels.numpy(), preds.numpy()
         m = self._metrics(labels, preds)
-        for k in ("auc", "f1", "accuracy", "threshold", "map", "cf1", "of1"):
+        for k in ("auc", "f1", "accuracy", "sensitivity", "specificity", "threshold", "map", "cf1", "of1"):
             if k in m:
                 engine.state.metrics[f"{self.prefix}_{k}"] = m[k]
         if rank() != 0:
@@ -122,7 +131,7 @@ class ClassificationReport:
             if self.threshold is None and self.threshold_file is None and self.mode != "multiclass":
                 chosen = {"thresholds": m["thresholds"]} if self.mode == "multilabel" else {"threshold": m["threshold"]}
                 with open(os.path.join(self.output_dir, "threshold.json"), "w") as f:
-                    json.dump({**chosen, "chosen_on": self.prefix, "epoch": getattr(engine.state, "epoch", None), "auc": m["auc"]}, f)
+                    json.dump({**chosen, "rule": self.rule, "chosen_on": self.prefix, "epoch": getattr(engine.state, "epoch", None), "auc": m["auc"]}, f)
             if self.save_roc and np.isfinite(m["auc"]):
                 self._plot(y, p, m)
 

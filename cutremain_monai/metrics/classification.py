@@ -15,7 +15,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-__all__ = ["auc_ci", "best_f1_threshold", "binary_metrics", "multiclass_metrics", "multilabel_metrics", "mean_auc", "roc_points"]
+__all__ = ["THRESHOLD_RULES", "auc_ci", "best_f1_threshold", "choose_threshold", "binary_metrics", "multiclass_metrics", "multilabel_metrics", "mean_auc", "roc_points"]
 
 
 def best_f1_threshold(y_true, y_score) -> float:
@@ -32,17 +32,53 @@ def best_f1_threshold(y_true, y_score) -> float:
     return best_t
 
 
-def binary_metrics(y_true, y_score, threshold: float | None = None) -> dict:
-    """AUC-ROC, F1 and accuracy; the threshold is chosen by :func:`best_f1_threshold` when not given."""
+THRESHOLD_RULES = ("f1", "youden", "sensitivity")
+
+
+def choose_threshold(y_true, y_score, rule: str = "f1", target_sensitivity: float = 0.9) -> float:
+    """The operating threshold chosen on these (validation) labels by ``rule``:
+
+    - ``f1``: best F1 (:func:`best_f1_threshold`). F1 counts true negatives nowhere, so the threshold moves with
+      the share of positives: chosen where half the images are positive, it flags too many where few are.
+    - ``youden``: the score that maximises Youden's J = sensitivity + specificity - 1 (ties: the higher score).
+      Sensitivity and specificity are rates within each class, so J does not depend on the share of positives.
+    - ``sensitivity``: the highest score whose sensitivity is at least ``target_sensitivity`` (a screening
+      operating point; also prevalence-free).
+
+    One class only: 0.5."""
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
+    y = np.asarray(y_true).reshape(-1).astype(int)
+    p = np.asarray(y_score, dtype=np.float64).reshape(-1)
+    if rule == "f1":
+        return best_f1_threshold(y, p)
+    if y.min() == y.max():
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+    keep = np.isfinite(thr)  # the first point is "above every score"
+    fpr, tpr, thr = fpr[keep], tpr[keep], thr[keep]
+    if rule == "youden":
+        return float(thr[int(np.argmax(tpr - fpr))])  # thresholds fall: argmax's first hit is the higher score
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+    return float(thr[int(np.argmax(tpr >= target_sensitivity - 1e-12))])
+
+
+def binary_metrics(y_true, y_score, threshold: float | None = None, rule: str = "f1",
+                   target_sensitivity: float = 0.9) -> dict:
+    """AUC-ROC, F1, accuracy, sensitivity and specificity; the threshold is chosen by :func:`choose_threshold`
+    (``rule``) when not given."""
     y_true = np.asarray(y_true).reshape(-1).astype(int)
     y_score = np.asarray(y_score, dtype=np.float64).reshape(-1)
-    t = best_f1_threshold(y_true, y_score) if threshold is None else float(threshold)
+    t = choose_threshold(y_true, y_score, rule, target_sensitivity) if threshold is None else float(threshold)
     pred = (y_score >= t).astype(int)
     both = len(np.unique(y_true)) == 2
     return {
         "auc": float(roc_auc_score(y_true, y_score)) if both else float("nan"),
         "f1": float(f1_score(y_true, pred, zero_division=0)),
         "accuracy": float(accuracy_score(y_true, pred)),
+        "sensitivity": float(pred[y_true == 1].mean()) if y_true.any() else float("nan"),
+        "specificity": float(1 - pred[y_true == 0].mean()) if (y_true == 0).any() else float("nan"),
         "threshold": t,
         "n": int(len(y_true)),
         "positives": int(y_true.sum()),
@@ -117,14 +153,15 @@ def multiclass_metrics(y_true, y_prob, class_names=None) -> dict:
     }
 
 
-def multilabel_metrics(y_true, y_prob, class_names=None, thresholds=None) -> dict:
+def multilabel_metrics(y_true, y_prob, class_names=None, thresholds=None, rule: str = "f1",
+                       target_sensitivity: float = 0.9) -> dict:
     """Multi-label metrics of ChestX-ray14 papers (the Cut&Remain paper's Tables 4 and 5).
 
     Per class: AUC-ROC, average precision and F1 at that class's threshold. Summary: mean AUC (over classes with
     both labels present), mAP (mean AP over classes with a positive), CF1 = 2 CP CR / (CP + CR) from the per-class
     mean precision CP and recall CR, and OF1 from the overall (micro) precision and recall, the definitions of
     Chen et al. (ML-GCN) that Table 5 uses. ``thresholds``: one per class, or None to choose each on these labels
-    by best F1 (validation; pass the saved ones on test). ``accuracy`` is the exact-match (subset) accuracy.
+    by ``rule`` (:func:`choose_threshold`; validation; pass the saved ones on test). ``accuracy`` is the exact-match (subset) accuracy.
     """
     y = np.asarray(y_true).astype(int)
     p = np.asarray(y_prob, dtype=np.float64)
@@ -135,7 +172,7 @@ def multilabel_metrics(y_true, y_prob, class_names=None, thresholds=None) -> dic
     if len(names) != k:
         raise ValueError(f"{len(names)} class names for {k} classes")
     if thresholds is None:
-        thresholds = [best_f1_threshold(y[:, c], p[:, c]) for c in range(k)]
+        thresholds = [choose_threshold(y[:, c], p[:, c], rule, target_sensitivity) for c in range(k)]
     t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     if len(t) != k:
         raise ValueError(f"{len(t)} thresholds for {k} classes")

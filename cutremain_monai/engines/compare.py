@@ -1,0 +1,377 @@
+"""``cutremain experiment compare``: every method (an augmentation, a guidance, or both) trained and tested on the same
+grouped folds, pooled out-of-fold statistics with confidence intervals, paired differences to the baseline, the
+annotation-budget curve, and one report to look at.
+
+What it adds to :func:`~cutremain_monai.engines.experiment.cross_validate` (mean +/- sd of per-fold numbers):
+
+- **the same images for every method**: the folds are drawn once (by ``group``: patient, or blocks of image
+  numbers merged by near-duplicates), saved in ``folds.json``, and a re-run over other data is refused;
+- **pooled out-of-fold AUC** with DeLong's 95% interval, and the **paired** DeLong difference of every method to
+  the baseline on the same images, with its interval and p-value (:mod:`cutremain_monai.metrics.comparison`);
+- **an operating point that survives a change of prevalence**: each fold's threshold is chosen on that fold's
+  validation share by ``threshold_rule`` (default Youden's J; or a target sensitivity), never on the held-out
+  fold; sensitivity, specificity and F1 pooled over the folds, and calibration (Brier score, reliability curve);
+- **localisation** of the test images with boxes (energy in box, pointing game, Loc. Acc. at the validation tau),
+  pooled per image with bootstrap intervals;
+- **the annotation-budget curve** (Cut&Remain at each gamma) on the same folds, with DeLong intervals; gamma 0
+  uses no box at all, so it is the ``none`` run, and gamma 1 the ``cut_remain`` run, when those are compared;
+- **resumable**: a finished fold x method leaves ``result.json`` and is not run again; a killed one continues
+  from its last epoch checkpoint (the bundle's ``resume``);
+- ``report.html`` (:mod:`cutremain_monai.engines.compare_report`), logged to MLflow with its figures.
+
+Validation is carved out of each training fold (``val_fraction`` of its groups); the held-out fold is used once.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from cutremain_monai.io.datalist import kfold_by_group, split_by_group
+
+__all__ = ["AUGMENTATIONS", "GUIDANCES", "method_overrides", "compare", "summarise_compare"]
+
+logger = logging.getLogger(__name__)
+
+AUGMENTATIONS = ("none", "cut_remain", "sup_cutout", "sup_mixup", "sup_cutmix", "hide_and_seek")
+GUIDANCES = ("gain", "isnet")
+
+
+def method_overrides(method: str) -> dict:
+    """Bundle overrides of a method name: an augmentation (``cut_remain``), a guidance (``gain``, ``isnet``: no
+    augmentation), or both joined by ``+`` (``cut_remain+isnet``)."""
+    augmentation, guidance = "none", "none"
+    parts = [p.strip() for p in method.split("+") if p.strip()]
+    if not parts or len(parts) > 2:
+        raise ValueError(f"method {method!r}: an augmentation, a guidance, or augmentation+guidance")
+    for p in parts:
+        if p in AUGMENTATIONS and augmentation == "none":
+            augmentation = p
+        elif p in GUIDANCES and guidance == "none":
+            guidance = p
+        else:
+            raise ValueError(f"method {method!r}: {p!r} is not one of the augmentations ({', '.join(AUGMENTATIONS)}) "
+                             f"or guidances ({', '.join(GUIDANCES)})")
+    return {"augmentation": augmentation, "guidance": guidance}
+
+
+def _gamma_name(g: float) -> str:
+    return f"cut_remain@gamma{g:.2f}"
+
+
+def _label(item: dict) -> int:
+    v = item.get("label", 0)
+    return int(np.max(np.asarray(v, dtype=float))) if np.size(v) else 0
+
+
+def _key(item: dict) -> str:
+    return str(item.get("image_id") or item["image"])
+
+
+def _items_hash(items: Sequence[dict]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([_key(it), _label(it), it.get("group")]).encode())
+    return h.hexdigest()[:16]
+
+
+def _prepare_folds(items: list[dict], output_dir: str, folds: int, seed: int, val_fraction: float,
+                   shrink: int | None = None) -> list[str]:
+    """The fold datalists (written once, reused on resume); refuses an output folder made for other items."""
+    meta_path = os.path.join(output_dir, "folds.json")
+    digest = _items_hash(items)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if (meta["items_hash"] != digest or meta["folds"] != folds or meta["seed"] != seed
+                or meta["val_fraction"] != val_fraction or meta.get("shrink") != shrink):
+            raise ValueError(f"{meta_path}: this folder holds a comparison of other data or folds (items {meta['items_hash']}, "
+                             f"{meta['folds']} folds, seed {meta['seed']}, shrink {meta.get('shrink')}); use a new output folder")
+        return [os.path.join(output_dir, f"fold{k}_datalist.json") for k in range(folds)]
+    paths, assignment = [], {}
+    for k, (train_items, test_items) in enumerate(kfold_by_group(items, folds, seed)):
+        inner = split_by_group(train_items, (1 - val_fraction, val_fraction, 0.0), seed + k)
+        path = os.path.join(output_dir, f"fold{k}_datalist.json")
+        with open(path, "w") as f:
+            json.dump({"training": inner["training"], "validation": inner["validation"] + inner["test"], "test": test_items}, f)
+        assignment.update({_key(it): k for it in test_items})
+        paths.append(path)
+    with open(meta_path, "w") as f:
+        json.dump({"items_hash": digest, "folds": folds, "seed": seed, "val_fraction": val_fraction, "shrink": shrink,
+                   "test_fold": assignment}, f)
+    return paths
+
+
+def _read_run(run_dir: str, fold_items: list[dict], loc_method: str) -> dict:
+    """Per-image test probabilities, the fold's validation threshold and per-image localisation of one run."""
+    labels = {_key(it): _label(it) for it in fold_items}
+    probs: dict = {}
+    with open(os.path.join(run_dir, "test_predictions.csv")) as f:
+        for row in csv.DictReader(f):
+            if not row.get("error") and row["file"] in labels:
+                probs[row["file"]] = float(row["probability"])
+    with open(os.path.join(run_dir, "threshold.json")) as f:
+        threshold = float(json.load(f)["threshold"])
+    loc: dict = {}
+    loc_csv = os.path.join(run_dir, "test_localization.csv")
+    if os.path.exists(loc_csv):
+        with open(loc_csv) as f:
+            for row in csv.DictReader(f):
+                if row["method"] == loc_method:
+                    loc[row["image"]] = {"energy_in_box": float(row["energy_in_box"]), "pointing_hit": float(row["pointing_hit"]),
+                                         "loc_hit": float(row["loc_hit"]) if row.get("loc_hit") not in (None, "") else float("nan")}
+    return {"files": sorted(probs), "prob": [probs[k] for k in sorted(probs)], "label": [labels[k] for k in sorted(probs)],
+            "threshold": threshold, "localization": loc}
+
+
+def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[str], folds: int = 5, seed: int = 0,
+            val_fraction: float = 0.2, extra_configs: Sequence[str] = ("cpu.yaml",), gammas: Sequence[float] = (),
+            gamma_folds: int | None = None, threshold_rule: str = "youden", target_sensitivity: float = 0.9,
+            localization_method: str = "gradcam", heatmap_images: int = 6, fold_limit: int | None = None,
+            shrink: int | None = None, tracking: bool = True, n_boot: int = 2000, **overrides) -> dict:
+    """Run (or resume) the comparison and write its tables, figures and ``report.html``; returns the summary.
+
+    ``methods``: names for :func:`method_overrides`; the first is the reference of the paired differences (``none``
+    when it is listed). ``gammas``: the annotation-budget curve on the first ``gamma_folds`` folds (all when None).
+    ``fold_limit``: run only the first so many folds (a subsampled CPU setting; the report says so).
+    ``shrink``: train on copies whose long side is this many pixels, made once
+    (:func:`~cutremain_monai.data.resized_copies.resized_copies`; a CPU setting).
+    ``overrides`` go to every run of the bundle (``epochs``, ``image_size``, ``network_depth``...).
+    """
+    from cutremain_monai.engines.experiment import train_and_test
+
+    methods = list(dict.fromkeys(methods))
+    for m in methods:
+        method_overrides(m)
+    if not methods:
+        raise ValueError("no methods to compare")
+    os.makedirs(output_dir, exist_ok=True)
+    items = [{**it, "image_id": _key(it)} for it in items]
+    if shrink:
+        from cutremain_monai.data.resized_copies import resized_copies
+
+        items = resized_copies(items, os.path.join(output_dir, f"images_{int(shrink)}"), int(shrink))
+    fold_paths = _prepare_folds(items, output_dir, folds, seed, val_fraction, shrink)
+    run_folds = list(range(folds if fold_limit is None else min(folds, fold_limit)))
+    gamma_folds_used = run_folds if gamma_folds is None else run_folds[:gamma_folds]
+    plan: list[tuple[int, str, dict]] = [(k, m, method_overrides(m)) for k in run_folds for m in methods]
+    gamma_alias = {}
+    for g in gammas:
+        g = float(g)
+        if not 0.0 <= g <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {g}")
+        if g == 0.0 and "none" in methods:
+            gamma_alias[g] = "none"
+        elif g == 1.0 and "cut_remain" in methods:
+            gamma_alias[g] = "cut_remain"
+        else:
+            gamma_alias[g] = _gamma_name(g)
+            plan += [(k, _gamma_name(g), {"augmentation": "cut_remain", "guidance": "none", "gamma": g}) for k in gamma_folds_used]
+    settings = {"bundle": os.path.basename(os.path.normpath(bundle)), "methods": methods, "folds": folds,
+                "folds_run": len(run_folds), "gamma_folds": len(gamma_folds_used), "gammas": [float(g) for g in gammas],
+                "seed": seed, "val_fraction": val_fraction, "threshold_rule": threshold_rule,
+                "target_sensitivity": target_sensitivity, "localization_method": localization_method,
+                "configs": ["train.yaml", *extra_configs], "overrides": overrides, "images": len(items),
+                "shrink": shrink}
+    experiment = f"compare_{settings['bundle']}"
+    for i, (k, name, ov) in enumerate(plan):
+        run_dir = os.path.join(output_dir, "runs", f"fold{k}", name.replace("+", "_plus_").replace("@", "_"))
+        done = os.path.join(run_dir, "result.json")
+        if os.path.exists(done):
+            continue
+        logger.info("compare %d/%d: fold %d, %s", i + 1, len(plan), k, name)
+        m = train_and_test(bundle, fold_paths[k], run_dir, extra_configs, seed=seed, register_model=False,
+                           experiment_name=experiment, run_name=f"fold{k}_{name}", threshold_rule=threshold_rule,
+                           target_sensitivity=target_sensitivity, **{**overrides, **ov})
+        with open(done, "w") as f:
+            json.dump({"fold": k, "method": name, "overrides": ov, "test": m}, f, indent=1)
+    runs: dict = {}
+    for k, name, _ in plan:
+        with open(fold_paths[k]) as f:
+            test_items = json.load(f)["test"]
+        run_dir = os.path.join(output_dir, "runs", f"fold{k}", name.replace("+", "_plus_").replace("@", "_"))
+        runs.setdefault(name, {})[k] = {**_read_run(run_dir, test_items, localization_method), "dir": run_dir}
+    summary = summarise_compare(runs, methods, gamma_alias, gamma_folds_used, n_boot=n_boot, seed=seed)
+    summary["settings"] = settings
+    _write_tables(summary, output_dir)
+    from cutremain_monai.engines.compare_report import write_report
+
+    heat = _heatmaps(bundle, output_dir, fold_paths, runs, methods, run_folds, extra_configs, overrides,
+                     localization_method, heatmap_images) if heatmap_images else None
+    report = write_report(summary, runs, output_dir, heatmaps=heat)
+    if tracking:
+        _log_mlflow(output_dir, experiment, summary, report)
+    return summary
+
+
+def _pool(fold_runs: dict) -> dict:
+    files, prob, label, pred = [], [], [], []
+    for k in sorted(fold_runs):
+        r = fold_runs[k]
+        files += [f"{k}:{f}" for f in r["files"]]
+        prob += r["prob"]
+        label += r["label"]
+        pred += [int(p >= r["threshold"]) for p in r["prob"]]
+    return {"files": files, "prob": np.asarray(prob), "label": np.asarray(label, dtype=int), "pred": np.asarray(pred)}
+
+
+def summarise_compare(runs: dict, methods: Sequence[str], gamma_alias: dict | None = None,
+                      gamma_folds: Sequence[int] | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
+    """The per-method table, the paired differences to ``methods[0]`` and the gamma curve from the runs'
+    per-image predictions (``runs[name][fold] = {"files", "prob", "label", "threshold", "localization"}``);
+    ``gamma_alias``: ``{gamma: run name}``, pooled over ``gamma_folds`` (the same images at every gamma)."""
+    from cutremain_monai.metrics.classification import _auc_or_nan
+    from cutremain_monai.metrics.comparison import bootstrap_mean_ci, calibration, delong_ci, delong_paired
+
+    def pooled_auc(pool):
+        if len(np.unique(pool["label"])) < 2:
+            return float("nan"), float("nan"), float("nan")
+        return delong_ci(pool["label"], pool["prob"])
+
+    table, paired = [], []
+    pools = {m: _pool(runs[m]) for m in methods}
+    ref = methods[0]
+    for m in methods:
+        pool = pools[m]
+        fold_auc = [_auc_or_nan(runs[m][k]["label"], runs[m][k]["prob"]) for k in sorted(runs[m])]
+        fa = np.asarray([a for a in fold_auc if np.isfinite(a)])
+        auc, low, high = pooled_auc(pool)
+        y, pred = pool["label"], pool["pred"]
+        sens = bootstrap_mean_ci(pred[y == 1], n_boot, seed=seed)
+        spec = bootstrap_mean_ci(1 - pred[y == 0], n_boot, seed=seed)
+        tp, fp, fn = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum()), int(((1 - pred) & (y == 1)).sum())
+        cal = calibration(y, pool["prob"])
+        loc = {}
+        for key in ("energy_in_box", "pointing_hit", "loc_hit"):
+            vals = [v[key] for k in sorted(runs[m]) for v in runs[m][k]["localization"].values()]
+            loc[key] = bootstrap_mean_ci(vals, n_boot, seed=seed) + (len(vals),)
+        table.append({"method": m, "fold_auc": fold_auc, "auc_mean": float(fa.mean()) if len(fa) else float("nan"),
+                      "auc_sd": float(fa.std(ddof=1)) if len(fa) > 1 else float("nan"),
+                      "pooled_auc": auc, "pooled_auc_low": low, "pooled_auc_high": high, "n": int(len(y)),
+                      "positives": int(y.sum()), "sensitivity": sens, "specificity": spec,
+                      "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
+                      "thresholds": [runs[m][k]["threshold"] for k in sorted(runs[m])], "brier": cal["brier"],
+                      "reliability": cal, "localization": loc})
+        if m != ref:
+            common = sorted(set(pools[ref]["files"]) & set(pool["files"]))
+            a = dict(zip(pool["files"], pool["prob"]))
+            b = dict(zip(pools[ref]["files"], pools[ref]["prob"]))
+            lab = dict(zip(pool["files"], pool["label"]))
+            yy = np.asarray([lab[f] for f in common])
+            if len(common) and len(np.unique(yy)) == 2:
+                d = delong_paired(yy, [a[f] for f in common], [b[f] for f in common])
+            else:
+                d = {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "p": float("nan")}
+            paired.append({"method": m, "reference": ref, "n": len(common), **d})
+    gamma = []
+    for g, name in sorted((gamma_alias or {}).items()):
+        sub = {k: runs[name][k] for k in (gamma_folds if gamma_folds is not None else sorted(runs.get(name, {})))
+               if k in runs.get(name, {})}
+        auc, low, high = pooled_auc(_pool(sub)) if sub else (float("nan"),) * 3
+        gamma.append({"gamma": g, "run": name, "pooled_auc": auc, "low": low, "high": high, "folds": len(sub),
+                      "n": int(sum(len(r["files"]) for r in sub.values()))})
+    return {"table": table, "paired": paired, "gamma": gamma, "reference": ref}
+
+
+def _fmt_ci(v, low, high) -> str:
+    return "n/a" if not np.isfinite(v) else f"{v:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _write_tables(summary: dict, output_dir: str) -> None:
+    lines = ["| method | AUC per fold (mean ± sd) | pooled AUC [95% CI, DeLong] | sensitivity [95% CI] | specificity [95% CI] "
+             "| F1 | Brier | energy in box | pointing game | Loc. Acc. | images (fractured) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["table"]:
+        loc = r["localization"]
+        lines.append(f"| {r['method']} | {r['auc_mean']:.3f} ± {r['auc_sd']:.3f} | "
+                     f"{_fmt_ci(r['pooled_auc'], r['pooled_auc_low'], r['pooled_auc_high'])} | {_fmt_ci(*r['sensitivity'])} | "
+                     f"{_fmt_ci(*r['specificity'])} | {r['f1']:.3f} | {r['brier']:.3f} | {_fmt_ci(*loc['energy_in_box'][:3])} | "
+                     f"{_fmt_ci(*loc['pointing_hit'][:3])} | {_fmt_ci(*loc['loc_hit'][:3])} | {r['n']} ({r['positives']}) |")
+    paired = ["| method | vs | AUC difference [95% CI] | p (DeLong, paired) | images |", "|---|---|---|---|---|"]
+    for d in summary["paired"]:
+        paired.append(f"| {d['method']} | {d['reference']} | {_fmt_ci(d['difference'], d['low'], d['high'])} | "
+                      f"{d['p']:.3f} | {d['n']} |")
+    gamma = ["| gamma | run | pooled AUC [95% CI] | folds |", "|---|---|---|---|"]
+    gamma += [f"| {g['gamma']:.2f} | {g['run']} | {_fmt_ci(g['pooled_auc'], g['low'], g['high'])} | {g['folds']} |" for g in summary["gamma"]]
+    with open(os.path.join(output_dir, "compare_table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n\n" + "\n".join(paired) + "\n")
+        if summary["gamma"]:
+            f.write("\n" + "\n".join(gamma) + "\n")
+    with open(os.path.join(output_dir, "compare_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=float)
+    with open(os.path.join(output_dir, "compare_results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "fold", "auc", "threshold"])
+        for r in summary["table"]:
+            for k, (a, t) in enumerate(zip(r["fold_auc"], r["thresholds"])):
+                w.writerow([r["method"], k, a, t])
+
+
+def _heatmaps(bundle, output_dir, fold_paths, runs, methods, run_folds, extra_configs, overrides, method, limit):
+    """The same boxed positive test images of the first fold that has them, with each method's map (``method``)."""
+    import torch
+    from monai.transforms import Compose
+
+    from cutremain_monai.engines.experiment import bundle_parser
+    from cutremain_monai.engines.localize import _cases, compute_map
+    from cutremain_monai.networks.ensemble import checkpoint_state
+
+    for k in run_folds:
+        with open(fold_paths[k]) as f:
+            test_items = [it for it in json.load(f)["test"] if _label(it) and it.get("boxes")]
+        if test_items:
+            break
+    else:
+        return None
+    grid = []
+    for m in methods:
+        run_dir = runs[m][k]["dir"]
+        parser = bundle_parser(bundle, ["train.yaml", *extra_configs], **{**overrides, **method_overrides(m)},
+                               output_dir=run_dir, device="cpu")
+        net = parser.get_parsed_content("network_def")
+        net.load_state_dict(checkpoint_state(os.path.join(run_dir, "checkpoints", "model.pt")))
+        net.eval()
+        load = Compose(parser.get_parsed_content("load_transforms"))
+        final = Compose(parser.get_parsed_content("final_transforms"))
+        row = []
+        for name, native, boxes, x, target in _cases(test_items, load, final, parser["label_mode"],
+                                                     parser["class_names"], set(parser["lesion_box_labels"])):
+            mp = compute_map(method, net, x[None], target, layer=parser["cam_layer"])[0, 0].detach()
+            mp = torch.nn.functional.interpolate(mp[None, None].float(), size=native.shape, mode="bilinear",
+                                                 align_corners=False)[0, 0].numpy()
+            with torch.no_grad():
+                p = float(torch.sigmoid(net(x[None])).reshape(-1)[target]) if parser["label_mode"] != "multiclass" else float("nan")
+            row.append({"name": name, "image": native, "boxes": np.asarray(boxes), "map": mp, "prob": p})
+            if len(row) >= limit:
+                break
+        grid.append((m, row))
+    return {"fold": k, "method": method, "grid": grid}
+
+
+def _log_mlflow(output_dir: str, experiment: str, summary: dict, report: dict) -> None:
+    import mlflow
+
+    from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
+
+    mlflow.set_tracking_uri(default_tracking_uri(output_dir))
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="compare_report"):
+        s = summary["settings"]
+        mlflow.log_params({"methods": ",".join(s["methods"]), "folds": s["folds"], "folds_run": s["folds_run"],
+                           "threshold_rule": s["threshold_rule"], "seed": s["seed"], "images": s["images"]})
+        for r in summary["table"]:
+            vals = {"pooled_auc": r["pooled_auc"], "pooled_auc_low": r["pooled_auc_low"], "pooled_auc_high": r["pooled_auc_high"],
+                    "sensitivity": r["sensitivity"][0], "specificity": r["specificity"][0], "brier": r["brier"]}
+            mlflow.log_metrics({f"{r['method'].replace('+', '_')}_{k}": float(v) for k, v in vals.items() if np.isfinite(v)})
+        for d in summary["paired"]:
+            if np.isfinite(d["difference"]):
+                mlflow.log_metrics({f"{d['method'].replace('+', '_')}_auc_diff": d["difference"], f"{d['method'].replace('+', '_')}_auc_diff_p": d["p"]})
+        mlflow.log_artifact(report["html"])
+        for path in report["figures"] + [os.path.join(output_dir, n) for n in ("compare_table.md", "compare_summary.json")]:
+            mlflow.log_artifact(path, artifact_path="figures" if path.endswith(".png") else None)
