@@ -208,7 +208,8 @@ def _compare(args) -> int:
     compare(os.path.abspath(args.bundle), items, output, methods, folds=args.folds, seed=args.seed, gammas=gammas,
             gamma_folds=args.gamma_folds, fold_limit=args.fold_limit, threshold_rule=args.threshold_rule,
             target_sensitivity=args.target_sensitivity, localization_method=args.localization_method,
-            heatmap_images=args.heatmap_images, shrink=args.shrink, **overrides)
+            heatmap_images=args.heatmap_images, shrink=args.shrink,
+            extra_configs=[c.strip() for c in args.configs.split(",") if c.strip()], **overrides)
     print(open(os.path.join(output, "compare_table.md")).read())
     print(f"report: {output}/report.html; tables: {output}/compare_table.md, compare_summary.json")
     return 0
@@ -438,6 +439,8 @@ def main(argv=None) -> int:
                    help="compare: how each fold's validation share chooses the operating threshold (default youden)")
     p.add_argument("--target-sensitivity", type=float, default=0.9, help="compare: --threshold-rule sensitivity target")
     p.add_argument("--localization-method", default="gradcam", help="compare: the map scored and shown (cam, gradcam, lrp)")
+    p.add_argument("--configs", default="cpu.yaml", help="compare: override files of the bundle after train.yaml "
+                   "(cpu.yaml: the CPU setting; gpu.yaml: ResNet-50, 448 px, AMP, channels_last)")
     p.add_argument("--shrink", type=int, default=None, metavar="N",
                    help="compare: train on copies of the images with long side N px, made once (a CPU setting)")
     p.add_argument("--heatmap-images", type=int, default=6, help="compare: test images in the report's heatmap grid")

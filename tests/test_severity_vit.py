@@ -62,3 +62,93 @@ def test_zone_logits_are_the_pooled_probabilities_logits():
     assert torch.allclose(torch.sigmoid(logits), prob, atol=1e-6)
     assert logits[0, 2] == head[0, 0][zones[0, 0] == 3].max()  # zone C's logit: the head's maximum over its pixels
     assert prob[1, 5] == 0 and logits[1, 5] == -20.0
+
+
+def _xrv_densenet_class():
+    """torchxrayvision's own ``DenseNet`` class. PyPI's torchvision does not import beside the CPU torch wheel, and
+    torchxrayvision imports it at the top of its package but never for this model: the test gives it an empty
+    placeholder module (torchxrayvision is installed without dependencies, as zennit is; nothing is downloaded)."""
+    import sys
+    import types
+
+    import pytest
+
+    if "torchvision" not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except Exception:
+            tv = types.ModuleType("torchvision")
+            tv.models, tv.transforms = types.ModuleType("torchvision.models"), types.ModuleType("torchvision.transforms")
+            sys.modules.update({"torchvision": tv, "torchvision.models": tv.models, "torchvision.transforms": tv.transforms})
+    xrv = pytest.importorskip("torchxrayvision")
+    return xrv.models.DenseNet
+
+
+def _randomise_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+
+
+def test_torchxrayvision_densenet_weights_map_onto_the_features(tmp_path):
+    """The state dict of torchxrayvision's DenseNet-121 (random weights) loads into SeverityViT's extractor, and
+    the features before transition 3 are equal on the same input; so do its torchvision-layout variants."""
+    import pytest
+
+    torch.manual_seed(0)
+    ref = _xrv_densenet_class()(weights=None).eval()
+    _randomise_bn(ref)
+    torch.save(ref.state_dict(), tmp_path / "xrv.pt")
+    net = SeverityViT(img_size=64, feature_weights=str(tmp_path / "xrv.pt"), **SMALL).eval()
+    upto_dense3 = torch.nn.Sequential(*list(ref.features.children())[:9])  # conv0 .. denseblock3
+    assert [n for n, _ in list(ref.features.named_children())[:9]][-1] == "denseblock3"
+    x = torch.randn(2, 1, 64, 64) * 300
+    with torch.no_grad():
+        torch.testing.assert_close(net.features(x), upto_dense3(x), rtol=1e-4, atol=1e-4)
+    # torchvision's layout: ImageNet's 3-channel first convolution (summed for the grey image), DataParallel's
+    # prefix, the oldest checkpoints' "norm.1" spelling, and a {"state_dict": ...} wrapper
+    tv = {}
+    for k, v in ref.state_dict().items():
+        if k == "features.conv0.weight":
+            v = torch.cat([v / 2, v / 4, v / 4], dim=1)  # (exact in floating point: their sum is v)
+        k = k.replace("denselayer1.norm1.", "denselayer1.norm.1.").replace("denselayer2.conv2.", "denselayer2.conv.2.")
+        tv["module." + k] = v
+    torch.save({"state_dict": tv}, tmp_path / "tv.pt")
+    net_tv = SeverityViT(img_size=64, feature_weights=str(tmp_path / "tv.pt"), **SMALL).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net_tv.features(x), upto_dense3(x), rtol=1e-4, atol=1e-4)
+        # the grey image repeated in three channels through the 3-channel convolution: the same first layer
+        three = torch.nn.functional.conv2d(x.repeat(1, 3, 1, 1), tv["module.features.conv0.weight"], stride=2, padding=3)
+        torch.testing.assert_close(net_tv.features.conv0(x), three, rtol=1e-4, atol=1e-3)
+    # the input range of torchxrayvision's training ([-1024, 1024]) from our [0, 1] images
+    scaled = SeverityViT(img_size=64, feature_weights=str(tmp_path / "xrv.pt"), feature_input_range=[-1024, 1024], **SMALL).eval()
+    u = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled.features(scaled._scaled(u)), upto_dense3(u * 2048 - 1024), rtol=1e-4, atol=1e-3)
+    # a pickled model (what torchxrayvision downloads) is refused with the way out
+    torch.save(ref, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match=r"pickled.pt: not a plain state dict .*torch.save\(model.state_dict\(\)"):
+        SeverityViT(img_size=64, feature_weights=str(tmp_path / "pickled.pt"), **SMALL)
+    # another DenseNet (169's block sizes) is named, not half-loaded
+    other = _xrv_densenet_class()(block_config=(6, 12, 32, 32), weights=None)
+    torch.save(other.state_dict(), tmp_path / "d169.pt")
+    with pytest.raises(ValueError, match="d169.pt: denseblock3.denselayer25.* another DenseNet"):
+        SeverityViT(img_size=64, feature_weights=str(tmp_path / "d169.pt"), **SMALL)
+
+
+def test_monai_densenet_weights_map_onto_the_features(tmp_path):
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(0)
+    ref = DenseNet121(spatial_dims=2, in_channels=1, out_channels=3).eval()
+    _randomise_bn(ref, seed=2)
+    torch.save(ref.state_dict(), tmp_path / "monai.pt")
+    net = SeverityViT(img_size=64, feature_weights=str(tmp_path / "monai.pt"), **SMALL).eval()
+    names = ["conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "denseblock2", "transition2", "denseblock3"]
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.features(x), torch.nn.Sequential(*[getattr(ref.features, n) for n in names])(x))

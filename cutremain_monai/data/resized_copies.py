@@ -32,6 +32,7 @@ def resized_copies(items: Sequence[dict], folder: str, max_side: int, key: str =
 
     if max_side < 8:
         raise ValueError(f"max_side must be at least 8, got {max_side}")
+    folder = os.path.abspath(folder)  # the copies are named from datalists written anywhere
     os.makedirs(folder, exist_ok=True)
     out = []
     for it in items:

@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 from cutremain_monai.handlers.classification_report import _gather
 from cutremain_monai.handlers.utils import rank
 from cutremain_monai.localization.severity_overlay import save_severity_overlay
-from cutremain_monai.metrics.severity import rater_agreement, severity_metrics, severity_table
+from cutremain_monai.metrics.severity import beats_baselines, rater_agreement, severity_metrics, severity_table
 
 __all__ = ["SeverityReport"]
 
@@ -34,15 +34,21 @@ class SeverityReport:
         network / dataset / overlays: draw overlays of that many dataset samples with this network (0: none).
         relevance: also draw the LRP relevance of the zone logits (what ISNet trains; the first ensemble member)
             over the whole image, with the share outside the lungs, under ``{prefix}_relevance_overlays/``.
+        baseline_items / baseline_transform: the training items and the preprocessing chain: the constant and
+            zone-intensity baselines (:mod:`cutremain_monai.engines.severity_baselines`) are fitted on them once
+            and scored on ``items`` beside the model (rows of the table, ``baselines`` in the JSON).
     """
 
     def __init__(self, output_dir: str, prefix: str = "val", items: list | None = None, network=None, dataset=None,
-                 overlays: int = 8, pred_key: str = "pred", label_key: str = "label", relevance: bool = False):
+                 overlays: int = 8, pred_key: str = "pred", label_key: str = "label", relevance: bool = False,
+                 baseline_items: list | None = None, baseline_transform=None):
         self.output_dir, self.prefix = output_dir, prefix
         self.items = items or []
         self.network, self.dataset, self.overlays = network, dataset, overlays
         self.pred_key, self.label_key = pred_key, label_key
         self.relevance = relevance
+        self.baseline_items, self.baseline_transform = baseline_items, baseline_transform
+        self.baselines: dict | None = None
         self.best = -np.inf
         self._p: list = []
         self._y: list = []
@@ -71,14 +77,24 @@ class SeverityReport:
         if rank() != 0:
             return
         os.makedirs(self.output_dir, exist_ok=True)
+        baselines = self._baselines()
         with open(os.path.join(self.output_dir, f"{self.prefix}_metrics.json"), "w") as f:
-            json.dump({**m, "raters": raters}, f, indent=1)
+            json.dump({**m, "raters": raters, "baselines": baselines,
+                       "beats_baselines": beats_baselines(m, baselines) if baselines else None}, f, indent=1)
         with open(os.path.join(self.output_dir, f"{self.prefix}_severity_table.md"), "w") as f:
-            f.write(severity_table(m, raters))
+            f.write(severity_table(m, raters, baselines=baselines))
         score = m["mean_zone_auc"] if np.isfinite(m["mean_zone_auc"]) else -m["mse"]
         if score > self.best:
             self.best = score
             self.draw()
+
+    def _baselines(self) -> dict | None:
+        if self.baselines is None and self.baseline_items and self.baseline_transform is not None:
+            from cutremain_monai.engines.severity_baselines import severity_baselines
+
+            out = severity_baselines(self.baseline_items, self.items, self.baseline_transform)
+            self.baselines = {k: v for k, v in out.items() if k != "n_train"}
+        return self.baselines
 
     def draw(self) -> int:
         if not self.overlays or self.network is None or self.dataset is None:

@@ -15,7 +15,7 @@ from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score, r
 
 from cutremain_monai.constants import BRIXIA_ZONES
 
-__all__ = ["severity_metrics", "rater_agreement", "severity_table"]
+__all__ = ["severity_metrics", "rater_agreement", "severity_table", "beats_baselines"]
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,10 +58,30 @@ def rater_agreement(items: list[dict], reference_key: str = "zone_scores", other
     return severity_metrics([it[reference_key] for it in both], [it[other_key] for it in both])
 
 
-def severity_table(model: dict, raters: dict | None, model_name: str = "model", rater_name: str = "rater J vs rater S") -> str:
-    """Markdown table: the model and the second rater, each against the reference rater."""
+def severity_table(model: dict, raters: dict | None, model_name: str = "model", rater_name: str = "rater J vs rater S",
+                   baselines: dict | None = None) -> str:
+    """Markdown table: the model, the baselines (``{name: metrics}``) and the second rater, each against the
+    reference rater; with baselines, a last line says whether the model beats every one of them on MSE (lower)
+    and on Pearson (higher)."""
     lines = ["| | n | MSE | MAE | Pearson | R² | mean zone AUC |", "|---|---|---|---|---|---|---|"]
-    for name, m in ((model_name, model), (rater_name, raters)):
+    rows = [(model_name, model)] + [(f"baseline: {k}", v) for k, v in (baselines or {}).items()] + [(rater_name, raters)]
+    for name, m in rows:
         if m:
             lines.append(f"| {name} | {m['n']} | {m['mse']:.3f} | {m['mae']:.3f} | {m['pearson']:.3f} | {m['r2']:.3f} | {m['mean_zone_auc']:.3f} |")
-    return "\n".join(lines) + "\n"
+    out = "\n".join(lines) + "\n"
+    if baselines:
+        verdict = beats_baselines(model, baselines)
+        out += ("\nThe model beats every baseline on MSE and Pearson.\n" if verdict["all"] else
+                "\nThe model does NOT beat every baseline: " + "; ".join(
+                    f"{k}: MSE {'better' if v['mse'] else 'not better'}, Pearson {'better' if v['pearson'] else 'not better'}"
+                    for k, v in verdict["per_baseline"].items()) + ".\n")
+    return out
+
+
+def beats_baselines(model: dict, baselines: dict) -> dict:
+    """Per baseline: does the model have a lower global-score MSE and a higher Pearson correlation (NaN: no)."""
+    per = {}
+    for k, b in baselines.items():
+        per[k] = {"mse": bool(model["mse"] < b["mse"]),
+                  "pearson": bool(np.isfinite(model["pearson"]) and (not np.isfinite(b["pearson"]) or model["pearson"] > b["pearson"]))}
+    return {"per_baseline": per, "all": all(v["mse"] and v["pearson"] for v in per.values())}

@@ -14,7 +14,9 @@ network starts from random weights. ``freeze_features`` stops their gradients.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import TransformerBlock
@@ -23,11 +25,51 @@ from torch import nn
 
 from cutremain_monai.networks.lung_zone_pool import LungZoneMaxPool, lung_zone_max_pool
 
-__all__ = ["SeverityViT", "PackedSeverityViT", "VIT_B16", "SMALL", "EMPTY_ZONE_LOGIT"]
+__all__ = ["SeverityViT", "PackedSeverityViT", "VIT_B16", "SMALL", "EMPTY_ZONE_LOGIT", "densenet_feature_state"]
 
 VIT_B16 = {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072}
 SMALL = {"embed_dim": 192, "depth": 4, "num_heads": 3, "mlp_dim": 768}
 EMPTY_ZONE_LOGIT = -20.0
+
+
+_OLD_TORCHVISION = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_LAYER = re.compile(r"^(denseblock\d+\.denselayer\d+\.)(?!layers\.)")
+
+
+def densenet_feature_state(state: dict, in_channels: int = 1) -> dict:
+    """A DenseNet-121 state dict in the key layout of MONAI ``DenseNet121(...).features``.
+
+    Accepts what users already hold: a MONAI ``DenseNet121`` state dict; torchxrayvision's ``xrv.models.DenseNet``
+    and torchvision's ``densenet121`` (their dense layers hold ``norm1`` ... ``conv2`` directly, MONAI's under
+    ``layers.``; torchvision's oldest checkpoints spell ``norm.1``); each with or without the ``features.`` prefix, a
+    ``module.`` prefix (DataParallel), or wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``. A 3-channel first
+    convolution (ImageNet weights) is summed over its input channels for a 1-channel X-ray, which gives the same
+    output as the grey image repeated in the three channels. The classifier is left out."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not state:
+        raise ValueError("not a state dict")
+    out = {}
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            continue
+        k = key[len("module."):] if key.startswith("module.") else key
+        k = k[len("features."):] if k.startswith("features.") else k
+        if k.startswith(("classifier.", "class_layers.", "fc.")) or k == "op_threshs":
+            continue
+        m = _OLD_TORCHVISION.match(k)
+        if m:
+            k = m.group(1) + m.group(2)
+        k = _LAYER.sub(r"\1layers.", k)
+        out[k] = value
+    w = out.get("conv0.weight")
+    if w is not None and w.ndim == 4 and w.shape[1] != in_channels:
+        if in_channels == 1:
+            out["conv0.weight"] = w.sum(dim=1, keepdim=True)
+        else:
+            raise ValueError(f"conv0.weight has {w.shape[1]} input channels, the network {in_channels}")
+    return out
 
 
 def _up_block(cin: int, cout: int) -> nn.Sequential:
@@ -44,17 +86,25 @@ class SeverityViT(nn.Module):
         in_channels: image channels (1 for X-rays).
         img_size: input side (256 in the paper); the token grid is ``img_size // 16``.
         embed_dim / depth / num_heads / mlp_dim: transformer sizes (:data:`VIT_B16` default, :data:`SMALL`).
-        feature_weights: path to a state dict of MONAI ``DenseNet121`` (or of its ``features``) to start from.
+        feature_weights: path to DenseNet-121 weights to start the feature extractor from: a state dict of MONAI
+            ``DenseNet121``, of torchxrayvision's ``xrv.models.DenseNet`` or of torchvision's ``densenet121`` (or of
+            their ``features``; see :func:`densenet_feature_state`).
         freeze_features: keep the DenseNet features fixed.
+        feature_input_range: ``[low, high]``: the [0, 1] input is mapped onto this range before the DenseNet
+            features (torchxrayvision's weights were trained on images scaled to ``[-1024, 1024]``); None: as is.
         return_map: ``forward`` returns (zone probabilities, lesion map); False: the zone probabilities only (what
             MONAI's trainer/evaluator and the loss take; the map is then :meth:`masked_map`).
     """
 
     def __init__(self, in_channels: int = 1, img_size: int = 256, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_dim: int = 3072, dropout: float = 0.0, feature_weights: str | None = None,
-                 freeze_features: bool = False, return_map: bool = True):
+                 freeze_features: bool = False, return_map: bool = True,
+                 feature_input_range: Sequence[float] | None = None):
         super().__init__()
         self.return_map = return_map
+        if feature_input_range is not None and len(feature_input_range) != 2:
+            raise ValueError(f"feature_input_range must be [low, high], got {feature_input_range}")
+        self.feature_input_range = None if feature_input_range is None else tuple(float(v) for v in feature_input_range)
         if img_size % 16:
             raise ValueError(f"img_size must be a multiple of 16, got {img_size}")
         densenet = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=1)
@@ -79,19 +129,42 @@ class SeverityViT(nn.Module):
         self.pool = LungZoneMaxPool()
 
     def _load_features(self, path: str) -> None:
-        """Accepts a state dict of ``DenseNet121`` (``features.*`` keys) or of its ``features``; every weight of
-        the layers used must be present (a ``ValueError`` names the file and the first missing key)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")} or state
+        """Load ``path`` into :attr:`features` through :func:`densenet_feature_state`; a ``ValueError`` names the
+        file and what is wrong with it."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickled nn.Module (torchxrayvision's downloads) needs code execution to load
+            raise ValueError(f"{path}: not a plain state dict ({type(e).__name__}); a pickled model, such as the files "
+                             "torchxrayvision downloads, must be saved as its state dict first: "
+                             "torch.save(model.state_dict(), 'densenet121.pt')") from e
         wanted = self.features.state_dict()
-        missing = [k for k in wanted if k not in state]
+        try:
+            mapped = densenet_feature_state(state, in_channels=wanted["conv0.weight"].shape[1])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        missing = [k for k in wanted if k not in mapped and not k.endswith("num_batches_tracked")]  # (older files)
         if missing:
             raise ValueError(f"{path}: not DenseNet-121 feature weights (missing {missing[0]} and {len(missing) - 1} more)")
-        self.features.load_state_dict({k: state[k] for k in wanted})
+        used = tuple(f"{n}." for n in self.features._modules)
+        extra = [k for k in mapped if k.startswith(used) and k not in wanted]
+        if extra:
+            raise ValueError(f"{path}: {extra[0]} (and {len(extra) - 1} more) is not in DenseNet-121's first three "
+                             "blocks: another DenseNet (169, 201?)")
+        bad = [k for k in wanted if k in mapped and tuple(mapped[k].shape) != tuple(wanted[k].shape)]
+        if bad:
+            raise ValueError(f"{path}: {bad[0]} has shape {tuple(mapped[bad[0]].shape)}, expected {tuple(wanted[bad[0]].shape)} "
+                             "(not DenseNet-121: another growth rate or block sizes?)")
+        self.features.load_state_dict({k: mapped.get(k, wanted[k]) for k in wanted})
+
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_input_range is None:
+            return x
+        lo, hi = self.feature_input_range
+        return x * (hi - lo) + lo
 
     def lesion_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The map head's output ``(B, 1, H, W)`` before the sigmoid and the lung mask."""
-        f = self.embed(self.features(x))  # (B, D, g, g)
+        f = self.embed(self.features(self._scaled(x)))  # (B, D, g, g)
         b, d, g, _ = f.shape
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), f.flatten(2).transpose(1, 2)], dim=1) + self.pos_embed
         for blk in self.blocks:

@@ -62,7 +62,7 @@ def test_shared_classification_yaml_identical():
     assert len(set(shared.values())) == 1, "the shared section of train.yaml differs between bundles"
     task = {b: t[: t.index(MARKER)] for b, t in texts.items()}
     assert len(set(task.values())) == 3  # and the task sections do differ
-    for name in ("evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf", "cpu.yaml"):
+    for name in ("evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf", "cpu.yaml", "gpu.yaml"):
         files = {open(os.path.join(BUNDLES, b, "configs", name)).read() for b in CLASSIFICATION}
         assert len(files) == 1, f"{name} differs between the classification bundles"
 
@@ -244,3 +244,23 @@ def test_inference_when_no_file_can_be_read(tmp_path, bundle):
     assert "presentation state" in skipped["PS0001"]
     errors = {r["file"]: r["error"] for r in rows}
     assert all(errors.values()) and set(errors) | set(skipped) == {p.name for p in folder.iterdir()}
+
+
+def test_gpu_setting_is_channels_last_resnet50_with_amp(tmp_path):
+    """gpu.yaml, parsed on this CPU box: ResNet-50 at 448 px with AMP; the network's convolutions and the prepared
+    batches are in channels_last layout (what the comparison's GPU setting runs)."""
+    from monai.bundle import ConfigParser
+
+    from cutremain_monai.engines.experiment import bundle_configs
+
+    root = os.path.join(BUNDLES, "clavicle_fracture")
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(root, ["train.yaml", "gpu.yaml"]))
+    parser.update({"bundle_root": root, "device": "$torch.device('cpu')", "output_dir": str(tmp_path)})
+    assert parser["amp"] is True and parser["image_size"] == [448, 448] and parser["network_depth"] == 50
+    net = parser.get_parsed_content("network")
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    prep = parser.get_parsed_content("validate#prepare_batch")
+    x, _ = prep({"image": torch.rand(2, 3, 32, 32), "label": torch.tensor([0, 1])})  # (1 channel: both layouts agree)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
