@@ -215,6 +215,29 @@ def _compare(args) -> int:
     return 0
 
 
+def _severity_baselines(args) -> int:
+    from cutremain_monai.engines.experiment import bundle_parser
+    from cutremain_monai.engines.severity_baselines import severity_baselines
+    from cutremain_monai.io.datalist import load_datalist
+    from cutremain_monai.metrics.severity import rater_agreement, severity_table
+
+    overrides, output = _overrides_and_output(args, "severity_baselines")
+    parser = bundle_parser(os.path.abspath(args.bundle), ["train.yaml", "cpu.yaml"], **overrides)
+    transform = parser.get_parsed_content("preprocessing")
+    train = load_datalist(args.datalist, "training", task=args.task)
+    test = load_datalist(args.datalist, args.section, task=args.task)
+    out = severity_baselines(train, test, transform)
+    table = severity_table(None, rater_agreement(test), baselines={k: out[k] for k in ("constant", "zone_intensity")})
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, f"{args.section}_baselines.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    with open(os.path.join(output, f"{args.section}_baselines.md"), "w") as f:
+        f.write(table)
+    print(f"fitted on {out['n_train']} training images, scored on the {args.section} section:")
+    print(table)
+    return 0
+
+
 def _gamma(args) -> int:
     from cutremain_monai.engines.experiment import gamma_curve
 
@@ -424,7 +447,7 @@ def main(argv=None) -> int:
                        "(gamma), progressive self-training (self-train), adversarial-erasing region mining (erase) or "
                        "the shortcut test of guided training (shortcut), ISNet on COVID severity (severity-guidance), background "
                             "learning against CAM (background)")
-    p.add_argument("kind", choices=["cv", "compare", "gamma", "self-train", "erase", "shortcut", "severity-guidance", "background"])
+    p.add_argument("kind", choices=["cv", "compare", "severity-baselines", "gamma", "self-train", "erase", "shortcut", "severity-guidance", "background"])
     p.add_argument("--bundle", required=True)
     p.add_argument("--datalist", help="datalist JSON (default: dicom_samples/datalist.json)", default="dicom_samples/datalist.json")
     p.add_argument("--task", default=None, help="section of a multi-task datalist (e.g. clavicle)")
@@ -467,7 +490,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-cam", action="store_true", help="background: skip the whole-image CAM baseline")
     p.add_argument("--overrides", help='JSON of bundle overrides, e.g. \'{"epochs": 10, "image_size": [128, 128]}\'')
     p.add_argument("-o", "--output")
-    p.set_defaults(func=lambda a: {"compare": _compare, "gamma": _gamma, "self-train": _self_train, "erase": _erase, "shortcut": _shortcut,
+    p.add_argument("--section", default="test", help="severity-baselines: the section scored (test, validation)")
+    p.set_defaults(func=lambda a: {"compare": _compare, "severity-baselines": _severity_baselines, "gamma": _gamma, "self-train": _self_train, "erase": _erase, "shortcut": _shortcut,
                                      "severity-guidance": _severity_guidance, "background": _background}.get(a.kind, _experiment)(a))
 
     args = parser.parse_args(argv)

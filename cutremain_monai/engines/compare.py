@@ -160,8 +160,7 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
     fold_paths = _prepare_folds(items, output_dir, folds, seed, val_fraction, shrink)
     run_folds = list(range(folds if fold_limit is None else min(folds, fold_limit)))
     gamma_folds_used = run_folds if gamma_folds is None else run_folds[:gamma_folds]
-    plan: list[tuple[int, str, dict]] = [(k, m, method_overrides(m)) for k in run_folds for m in methods]
-    gamma_alias = {}
+    gamma_alias, gamma_runs = {}, []
     for g in gammas:
         g = float(g)
         if not 0.0 <= g <= 1.0:
@@ -172,7 +171,12 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
             gamma_alias[g] = "cut_remain"
         else:
             gamma_alias[g] = _gamma_name(g)
-            plan += [(k, _gamma_name(g), {"augmentation": "cut_remain", "guidance": "none", "gamma": g}) for k in gamma_folds_used]
+            gamma_runs.append((_gamma_name(g), {"augmentation": "cut_remain", "guidance": "none", "gamma": g}))
+    # fold by fold (its methods, then its gamma runs): a comparison stopped early still has whole folds
+    plan: list[tuple[int, str, dict]] = []
+    for k in run_folds:
+        plan += [(k, m, method_overrides(m)) for m in methods]
+        plan += [(k, name, ov) for name, ov in gamma_runs if k in gamma_folds_used]
     settings = {"bundle": os.path.basename(os.path.normpath(bundle)), "methods": methods, "folds": folds,
                 "folds_run": len(run_folds), "gamma_folds": len(gamma_folds_used), "gammas": [float(g) for g in gammas],
                 "seed": seed, "val_fraction": val_fraction, "threshold_rule": threshold_rule,

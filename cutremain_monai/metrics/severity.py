@@ -58,7 +58,7 @@ def rater_agreement(items: list[dict], reference_key: str = "zone_scores", other
     return severity_metrics([it[reference_key] for it in both], [it[other_key] for it in both])
 
 
-def severity_table(model: dict, raters: dict | None, model_name: str = "model", rater_name: str = "rater J vs rater S",
+def severity_table(model: dict | None, raters: dict | None, model_name: str = "model", rater_name: str = "rater J vs rater S",
                    baselines: dict | None = None) -> str:
     """Markdown table: the model, the baselines (``{name: metrics}``) and the second rater, each against the
     reference rater; with baselines, a last line says whether the model beats every one of them on MSE (lower)
@@ -69,7 +69,7 @@ def severity_table(model: dict, raters: dict | None, model_name: str = "model", 
         if m:
             lines.append(f"| {name} | {m['n']} | {m['mse']:.3f} | {m['mae']:.3f} | {m['pearson']:.3f} | {m['r2']:.3f} | {m['mean_zone_auc']:.3f} |")
     out = "\n".join(lines) + "\n"
-    if baselines:
+    if baselines and model:
         verdict = beats_baselines(model, baselines)
         out += ("\nThe model beats every baseline on MSE and Pearson.\n" if verdict["all"] else
                 "\nThe model does NOT beat every baseline: " + "; ".join(

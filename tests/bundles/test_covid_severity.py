@@ -38,7 +38,12 @@ def test_train_ensemble_evaluate_register(tmp_path, covid_data):
     assert len(list((out / "val_overlays").glob("*.png"))) == 2
     covid(tmp_path, CPU + ["evaluate.yaml"], datalist=covid_data)
     test = json.load(open(out / "test_metrics.json"))
-    assert test["n"] == 3 and "| model | 3 |" in open(out / "test_severity_table.md").read()
+    table = open(out / "test_severity_table.md").read()
+    assert test["n"] == 3 and "| model | 3 |" in table
+    # the baselines, fitted on the 6 training images, scored on the same 3 test images, with the verdict
+    assert set(test["baselines"]) == {"constant", "zone_intensity"} and test["baselines"]["constant"]["n"] == 3
+    assert "| baseline: constant | 3 |" in table and "| baseline: zone_intensity | 3 |" in table
+    assert ("beats every baseline" in table) == test["beats_baselines"]["all"]
     # the evaluated model is the mean of the last two epochs' models: recompute one sample by hand
     from monai.bundle import ConfigParser
 
