@@ -124,8 +124,14 @@ def _read_run(run_dir: str, fold_items: list[dict], loc_method: str) -> dict:
         with open(loc_csv) as f:
             for row in csv.DictReader(f):
                 if row["method"] == loc_method:
-                    loc[row["image"]] = {"energy_in_box": float(row["energy_in_box"]), "pointing_hit": float(row["pointing_hit"]),
-                                         "loc_hit": float(row["loc_hit"]) if row.get("loc_hit") not in (None, "") else float("nan")}
+                    # a constant map points nowhere: its tie "hit" is a miss here. Files from before the "flat" column:
+                    # a CAM / Grad-CAM map (non-negative) with no energy at all (energy in box 0/0 = NaN) is all zero
+                    flat = row["flat"] == "1" if row.get("flat") not in (None, "") else (
+                        loc_method in ("cam", "gradcam", "gradcam_pp") and not np.isfinite(float(row["energy_in_box"])))
+                    loc[row["image"]] = {"energy_in_box": float(row["energy_in_box"]),
+                                         "pointing_hit": 0.0 if flat else float(row["pointing_hit"]),
+                                         "loc_hit": float(row["loc_hit"]) if row.get("loc_hit") not in (None, "") else float("nan"),
+                                         "flat": float(flat)}
     return {"files": sorted(probs), "prob": [probs[k] for k in sorted(probs)], "label": [labels[k] for k in sorted(probs)],
             "threshold": threshold, "localization": loc}
 
@@ -252,8 +258,8 @@ def summarise_compare(runs: dict, methods: Sequence[str], gamma_alias: dict | No
         tp, fp, fn = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum()), int(((1 - pred) & (y == 1)).sum())
         cal = calibration(y, pool["prob"])
         loc = {}
-        for key in ("energy_in_box", "pointing_hit", "loc_hit"):
-            vals = [v[key] for k in sorted(runs[m]) for v in runs[m][k]["localization"].values()]
+        for key in ("energy_in_box", "pointing_hit", "loc_hit", "flat"):
+            vals = [v.get(key, float("nan")) for k in sorted(runs[m]) for v in runs[m][k]["localization"].values()]
             loc[key] = bootstrap_mean_ci(vals, n_boot, seed=seed) + (len(vals),)
         table.append({"method": m, "fold_auc": fold_auc, "auc_mean": float(fa.mean()) if len(fa) else float("nan"),
                       "auc_sd": float(fa.std(ddof=1)) if len(fa) > 1 else float("nan"),
@@ -283,20 +289,30 @@ def summarise_compare(runs: dict, methods: Sequence[str], gamma_alias: dict | No
     return {"table": table, "paired": paired, "gamma": gamma, "reference": ref}
 
 
+def _flat(loc: dict) -> str:
+    share, n = loc["flat"][0], loc["flat"][3]
+    return "n/a" if not n or not np.isfinite(share) else f"{int(round(share * n))}/{n}"
+
+
+def _mean_sd(r: dict) -> str:
+    n = sum(np.isfinite(a) for a in r["fold_auc"])
+    return f"{r['auc_mean']:.3f} ± {r['auc_sd']:.3f}" if n > 1 else f"{r['auc_mean']:.3f} (1 fold)"
+
+
 def _fmt_ci(v, low, high) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _write_tables(summary: dict, output_dir: str) -> None:
     lines = ["| method | AUC per fold (mean ± sd) | pooled AUC [95% CI, DeLong] | sensitivity [95% CI] | specificity [95% CI] "
-             "| F1 | Brier | energy in box | pointing game | Loc. Acc. | images (fractured) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| F1 | Brier | energy in box | pointing game | Loc. Acc. | flat maps | images (fractured) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["table"]:
         loc = r["localization"]
-        lines.append(f"| {r['method']} | {r['auc_mean']:.3f} ± {r['auc_sd']:.3f} | "
+        lines.append(f"| {r['method']} | {_mean_sd(r)} | "
                      f"{_fmt_ci(r['pooled_auc'], r['pooled_auc_low'], r['pooled_auc_high'])} | {_fmt_ci(*r['sensitivity'])} | "
                      f"{_fmt_ci(*r['specificity'])} | {r['f1']:.3f} | {r['brier']:.3f} | {_fmt_ci(*loc['energy_in_box'][:3])} | "
-                     f"{_fmt_ci(*loc['pointing_hit'][:3])} | {_fmt_ci(*loc['loc_hit'][:3])} | {r['n']} ({r['positives']}) |")
+                     f"{_fmt_ci(*loc['pointing_hit'][:3])} | {_fmt_ci(*loc['loc_hit'][:3])} | {_flat(loc)} | {r['n']} ({r['positives']}) |")
     paired = ["| method | vs | AUC difference [95% CI] | p (DeLong, paired) | images |", "|---|---|---|---|---|"]
     for d in summary["paired"]:
         paired.append(f"| {d['method']} | {d['reference']} | {_fmt_ci(d['difference'], d['low'], d['high'])} | "

@@ -15,6 +15,18 @@ import numpy as np
 
 __all__ = ["write_report"]
 
+
+def _mean_sd(r):
+    from cutremain_monai.engines.compare import _mean_sd as f
+
+    return f(r)
+
+
+def _flat(loc):
+    from cutremain_monai.engines.compare import _flat as f
+
+    return f(loc)
+
 _CSS = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1400px}
 table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #bbb;padding:4px 8px;font-size:13px;text-align:right}
 th{background:#eef}td:first-child,th:first-child{text-align:left}img{max-width:100%}.note{color:#555;font-size:13px}"""
@@ -158,14 +170,14 @@ def write_report(summary: dict, runs: dict, output_dir: str, heatmaps: dict | No
         _heat_grid(heatmaps, heat)
         figures.append(heat)
     head = ["method", "AUC per fold, mean ± sd", "pooled AUC [95% CI]", "sensitivity [95% CI]", "specificity [95% CI]",
-            "F1", "Brier", "energy in box", "pointing game", "Loc. Acc.", "images (positive)"]
+            "F1", "Brier", "energy in box", "pointing game", "Loc. Acc.", "flat maps", "images (positive)"]
     rows = [_row(head, header=True)]
     for r in summary["table"]:
         loc = r["localization"]
-        rows.append(_row([r["method"], f"{r['auc_mean']:.3f} ± {r['auc_sd']:.3f}",
+        rows.append(_row([r["method"], _mean_sd(r),
                           _ci((r["pooled_auc"], r["pooled_auc_low"], r["pooled_auc_high"])), _ci(r["sensitivity"]),
                           _ci(r["specificity"]), f"{r['f1']:.3f}", f"{r['brier']:.3f}", _ci(loc["energy_in_box"]),
-                          _ci(loc["pointing_hit"]), _ci(loc["loc_hit"]), f"{r['n']} ({r['positives']})"]))
+                          _ci(loc["pointing_hit"]), _ci(loc["loc_hit"]), _flat(loc), f"{r['n']} ({r['positives']})"]))
     paired = [_row(["method", "reference", "AUC difference [95% CI]", "p (paired DeLong)", "images"], header=True)]
     for d in summary["paired"]:
         paired.append(_row([d["method"], d["reference"], _ci((d["difference"], d["low"], d["high"])),
@@ -182,7 +194,7 @@ def write_report(summary: dict, runs: dict, output_dir: str, heatmaps: dict | No
             f"Pooled AUC: every image's out-of-fold probability, with DeLong's 95% interval; sensitivity, specificity and "
             f"localisation: percentile bootstrap over images (2,000 resamples). Localisation: {html.escape(s['localization_method'])} "
             f"maps of the fractured test images with boxes ({', '.join(f'{k}: {v}' for k, v in loc_n.items())}); Loc. Acc. at the "
-            f"threshold chosen on validation.</p>",
+            f"threshold chosen on validation. A flat (constant) map points nowhere and counts as a pointing-game miss.</p>",
             "<h2>Methods</h2><table>" + "".join(rows) + "</table>",
             f"<h2>Paired differences to {html.escape(summary['reference'])}</h2><table>" + "".join(paired) + "</table>",
             "<h2>ROC curves and calibration</h2>", _img(roc), _img(rel)]

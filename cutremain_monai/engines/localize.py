@@ -155,7 +155,8 @@ def _score(results, methods, tau_from: dict | None) -> tuple[list[dict], dict, d
             mba.append(np.asarray(mb["correct"][0], dtype=float))
             loc.append(np.asarray(la["correct"][0], dtype=float))
             rows.append({"image": name, "method": method, "class": target, "energy_in_box": round(e, 5),
-                         "pointing_hit": h, "iou@0.5": round(iou05[-1], 5)})
+                         "pointing_hit": h, "iou@0.5": round(iou05[-1], 5),
+                         "flat": int(float(np.max(m)) - float(np.min(m)) <= 1e-12 * max(1.0, abs(float(np.max(m)))))})
         loc_thresholds = np.asarray(la["thresholds"], dtype=float)
         loc_curve = np.mean(loc, axis=0)
         own_tau = M.choose_tau({"thresholds": loc_thresholds, "accuracy": loc_curve})
@@ -238,7 +239,7 @@ def localize_items(model: torch.nn.Module, items: Sequence[dict], load: Callable
     os.makedirs(output_dir, exist_ok=True)
     csv_path = os.path.join(output_dir, f"{prefix}_localization.csv")
     with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "method", "class", "energy_in_box", "pointing_hit", "iou@0.5", "loc_hit"])
+        w = csv.DictWriter(f, fieldnames=["image", "method", "class", "energy_in_box", "pointing_hit", "iou@0.5", "loc_hit", "flat"])
         w.writeheader()
         w.writerows(rows)
     md = os.path.join(output_dir, f"{prefix}_localization_table.md")
