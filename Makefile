@@ -14,6 +14,9 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	# zennit (reference LRP for the tests) without its torchvision requirement: PyPI's torchvision is a CUDA build
 	# that does not import beside the CPU torch wheel, and zennit needs it only for torchvision's own models.
 	$(PY) -m pip install -q --no-deps "zennit==0.5.1"
+	# torchxrayvision (its DenseNet class, for the weight-mapping test) without torchvision, for the same reason:
+	# its other requirements (scikit-image, pandas, requests, imageio, tqdm) come with the ones above.
+	$(PY) -m pip install -q --no-deps "torchxrayvision==1.5.7"
 	touch $(STAMP)
 
 install: $(STAMP)
