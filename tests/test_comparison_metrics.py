@@ -105,13 +105,27 @@ def test_threshold_rules_by_hand():
 
 
 def test_youden_does_not_move_with_prevalence_but_f1_does():
-    rng = np.random.default_rng(5)
+    """The same two score distributions (positives N(1.5, 1), negatives N(0, 1), evenly spaced quantiles, so no
+    sampling noise) at 50% and at 10% positives: Youden's threshold stays near the crossing point 0.75, F1's moves."""
+    from scipy.stats import norm as normal
+
     def sample(n_pos, n_neg):
-        return np.r_[np.ones(n_pos), np.zeros(n_neg)].astype(int), np.r_[rng.normal(1.5, 1, n_pos), rng.normal(0, 1, n_neg)]
-    y1, s1 = sample(3000, 3000)
-    y2, s2 = sample(600, 5400)  # 10% positives, the same score distributions
-    assert abs(choose_threshold(y1, s1, "youden") - choose_threshold(y2, s2, "youden")) < 0.25
+        q = lambda n: (np.arange(n) + 0.5) / n  # noqa: E731
+        return (np.r_[np.ones(n_pos), np.zeros(n_neg)].astype(int),
+                np.r_[normal.ppf(q(n_pos), 1.5, 1), normal.ppf(q(n_neg), 0, 1)])
+    y1, s1 = sample(400, 400)
+    y2, s2 = sample(100, 900)
+    t1, t2 = choose_threshold(y1, s1, "youden"), choose_threshold(y2, s2, "youden")
+    assert abs(t1 - 0.75) < 0.1 and abs(t2 - 0.75) < 0.1
     assert choose_threshold(y2, s2, "f1") - choose_threshold(y1, s1, "f1") > 0.5
+
+
+def test_delong_edge_cases():
+    auc, low, high = delong_ci([1, 0, 0, 0], [0.9, 0.1, 0.2, 0.3])  # one positive: no interval
+    assert auc == 1.0 and np.isnan(low) and np.isnan(high)
+    y = np.array([0, 0, 1, 1])
+    d = delong_paired(y, [0.1, 0.2, 0.8, 0.9], [0.2, 0.1, 0.8, 0.9])  # both AUC 1: nothing to tell apart
+    assert d["difference"] == 0 and d["p"] == 1.0
 
 
 def test_operating_point_and_calibration():

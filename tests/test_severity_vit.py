@@ -64,7 +64,7 @@ def test_zone_logits_are_the_pooled_probabilities_logits():
     assert prob[1, 5] == 0 and logits[1, 5] == -20.0
 
 
-def _xrv_densenet_class():
+def _xrv_densenet_class(monkeypatch):
     """torchxrayvision's own ``DenseNet`` class. PyPI's torchvision does not import beside the CPU torch wheel, and
     torchxrayvision imports it at the top of its package but never for this model: the test gives it an empty
     placeholder module (torchxrayvision is installed without dependencies, as zennit is; nothing is downloaded)."""
@@ -79,7 +79,8 @@ def _xrv_densenet_class():
         except Exception:
             tv = types.ModuleType("torchvision")
             tv.models, tv.transforms = types.ModuleType("torchvision.models"), types.ModuleType("torchvision.transforms")
-            sys.modules.update({"torchvision": tv, "torchvision.models": tv.models, "torchvision.transforms": tv.transforms})
+            for name, mod in (("torchvision", tv), ("torchvision.models", tv.models), ("torchvision.transforms", tv.transforms)):
+                monkeypatch.setitem(sys.modules, name, mod)  # removed again after the test
     xrv = pytest.importorskip("torchxrayvision")
     return xrv.models.DenseNet
 
@@ -94,13 +95,14 @@ def _randomise_bn(model, seed=0):
             m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
 
 
-def test_torchxrayvision_densenet_weights_map_onto_the_features(tmp_path):
+def test_torchxrayvision_densenet_weights_map_onto_the_features(tmp_path, monkeypatch):
     """The state dict of torchxrayvision's DenseNet-121 (random weights) loads into SeverityViT's extractor, and
     the features before transition 3 are equal on the same input; so do its torchvision-layout variants."""
     import pytest
 
     torch.manual_seed(0)
-    ref = _xrv_densenet_class()(weights=None).eval()
+    xrv_densenet = _xrv_densenet_class(monkeypatch)
+    ref = xrv_densenet(weights=None).eval()
     _randomise_bn(ref)
     torch.save(ref.state_dict(), tmp_path / "xrv.pt")
     net = SeverityViT(img_size=64, feature_weights=str(tmp_path / "xrv.pt"), **SMALL).eval()
@@ -124,17 +126,21 @@ def test_torchxrayvision_densenet_weights_map_onto_the_features(tmp_path):
         # the grey image repeated in three channels through the 3-channel convolution: the same first layer
         three = torch.nn.functional.conv2d(x.repeat(1, 3, 1, 1), tv["module.features.conv0.weight"], stride=2, padding=3)
         torch.testing.assert_close(net_tv.features.conv0(x), three, rtol=1e-4, atol=1e-3)
-    # the input range of torchxrayvision's training ([-1024, 1024]) from our [0, 1] images
+    # the input range of torchxrayvision's training ([-1024, 1024]) from our [0, 1] images (not with LRP)
     scaled = SeverityViT(img_size=64, feature_weights=str(tmp_path / "xrv.pt"), feature_input_range=[-1024, 1024], **SMALL).eval()
     u = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(scaled.features(scaled._scaled(u)), upto_dense3(u * 2048 - 1024), rtol=1e-4, atol=1e-3)
+    from cutremain_monai.localization.lrp import make_lrp_ready
+
+    with pytest.raises(ValueError, match="does not take a SeverityViT with feature_input_range"):
+        make_lrp_ready(scaled)
     # a pickled model (what torchxrayvision downloads) is refused with the way out
     torch.save(ref, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match=r"pickled.pt: not a plain state dict .*torch.save\(model.state_dict\(\)"):
         SeverityViT(img_size=64, feature_weights=str(tmp_path / "pickled.pt"), **SMALL)
     # another DenseNet (169's block sizes) is named, not half-loaded
-    other = _xrv_densenet_class()(block_config=(6, 12, 32, 32), weights=None)
+    other = xrv_densenet(block_config=(6, 12, 32, 32), weights=None)
     torch.save(other.state_dict(), tmp_path / "d169.pt")
     with pytest.raises(ValueError, match="d169.pt: denseblock3.denselayer25.* another DenseNet"):
         SeverityViT(img_size=64, feature_weights=str(tmp_path / "d169.pt"), **SMALL)

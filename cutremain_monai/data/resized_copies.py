@@ -37,7 +37,7 @@ def resized_copies(items: Sequence[dict], folder: str, max_side: int, key: str =
     out = []
     for it in items:
         for other in ("gsps", "lung_mask", "sr"):
-            if other in it:
+            if it.get(other) is not None:
                 raise ValueError(f"{it.get(key) or it['image']}: resized copies keep the image and its boxes only, "
                                  f"not '{other}' (import the boxes into the datalist first)")
         name = str(it.get(key) or it["image"])

@@ -143,8 +143,8 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
             shrink: int | None = None, tracking: bool = True, n_boot: int = 2000, **overrides) -> dict:
     """Run (or resume) the comparison and write its tables, figures and ``report.html``; returns the summary.
 
-    ``methods``: names for :func:`method_overrides`; the first is the reference of the paired differences (``none``
-    when it is listed). ``gammas``: the annotation-budget curve on the first ``gamma_folds`` folds (all when None).
+    ``methods``: names for :func:`method_overrides` (binary bundles only); the reference of the paired differences is
+    ``none`` when it is listed, else the first. ``gammas``: the annotation-budget curve on the first ``gamma_folds`` folds (all when None).
     ``fold_limit``: run only the first so many folds (a subsampled CPU setting; the report says so).
     ``shrink``: train on copies whose long side is this many pixels, made once
     (:func:`~cutremain_monai.data.resized_copies.resized_copies`; a CPU setting).
@@ -157,6 +157,16 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
         method_overrides(m)
     if not methods:
         raise ValueError("no methods to compare")
+    if "none" in methods:  # the reference of the paired differences comes first
+        methods = ["none"] + [m for m in methods if m != "none"]
+    from cutremain_monai.engines.experiment import bundle_parser
+
+    parser = bundle_parser(bundle, ["train.yaml", *extra_configs], **overrides)
+    if parser["label_mode"] != "binary":
+        raise ValueError(f"compare handles binary bundles (one probability per image, one threshold); {bundle} is "
+                         f"{parser['label_mode']!r}: use `cutremain experiment cv` for it")
+    if localization_method not in parser["localization_methods"]:
+        overrides = {**overrides, "localization_methods": [*parser["localization_methods"], localization_method]}
     os.makedirs(output_dir, exist_ok=True)
     items = [{**it, "image_id": _key(it)} for it in items]
     if shrink:
@@ -188,19 +198,28 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
                 "seed": seed, "val_fraction": val_fraction, "threshold_rule": threshold_rule,
                 "target_sensitivity": target_sensitivity, "localization_method": localization_method,
                 "configs": ["train.yaml", *extra_configs], "overrides": overrides, "images": len(items),
-                "shrink": shrink}
+                "shrink": shrink, "n_boot": n_boot}
     experiment = f"compare_{settings['bundle']}"
     for i, (k, name, ov) in enumerate(plan):
         run_dir = os.path.join(output_dir, "runs", f"fold{k}", name.replace("+", "_plus_").replace("@", "_"))
         done = os.path.join(run_dir, "result.json")
+        run_settings = {"configs": list(extra_configs), "overrides": {**overrides, **ov}, "threshold_rule": threshold_rule,
+                        "target_sensitivity": target_sensitivity, "seed": seed}
+        digest = hashlib.sha256(json.dumps(run_settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
         if os.path.exists(done):
+            with open(done) as f:
+                previous = json.load(f).get("settings_hash")
+            if previous is not None and previous != digest:  # (runs from before the hash was kept are taken as they are)
+                raise ValueError(f"{done}: this run was made with other settings (overrides, configs, threshold rule or "
+                                 "seed); use a new output folder or delete the run")
             continue
         logger.info("compare %d/%d: fold %d, %s", i + 1, len(plan), k, name)
         m = train_and_test(bundle, fold_paths[k], run_dir, extra_configs, seed=seed, register_model=False,
                            experiment_name=experiment, run_name=f"fold{k}_{name}", threshold_rule=threshold_rule,
                            target_sensitivity=target_sensitivity, **{**overrides, **ov})
         with open(done, "w") as f:
-            json.dump({"fold": k, "method": name, "overrides": ov, "test": m}, f, indent=1)
+            json.dump({"fold": k, "method": name, "overrides": ov, "settings_hash": digest, "settings": run_settings,
+                       "test": m}, f, indent=1, default=str)
     runs: dict = {}
     for k, name, _ in plan:
         with open(fold_paths[k]) as f:

@@ -192,7 +192,7 @@ def write_report(summary: dict, runs: dict, output_dir: str, heatmaps: dict | No
             f"({s['folds_run']} run); validation carved out of each training fold ({s['val_fraction']:.0%} of its groups) "
             f"chose the checkpoint and the threshold ({html.escape(s['threshold_rule'])}); each held-out fold used once. "
             f"Pooled AUC: every image's out-of-fold probability, with DeLong's 95% interval; sensitivity, specificity and "
-            f"localisation: percentile bootstrap over images (2,000 resamples). Localisation: {html.escape(s['localization_method'])} "
+            f"localisation: percentile bootstrap over images ({s.get('n_boot', 2000):,} resamples). Localisation: {html.escape(s['localization_method'])} "
             f"maps of the fractured test images with boxes ({', '.join(f'{k}: {v}' for k, v in loc_n.items())}); Loc. Acc. at the "
             f"threshold chosen on validation. A flat (constant) map points nowhere and counts as a pointing-game miss.</p>",
             "<h2>Methods</h2><table>" + "".join(rows) + "</table>",

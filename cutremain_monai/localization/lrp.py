@@ -210,6 +210,10 @@ def make_lrp_ready(model: nn.Module, inplace: bool = False) -> nn.Module:
     weights and outputs stay the same). MONAI's DenseNet already has one ReLU module per use and only needs the
     first step. Other networks that call a ReLU module twice are rejected by :func:`lrp`.
     """
+    if getattr(model, "feature_input_range", None) is not None:
+        # the rescaling before the first convolution is not a layer LRP's z^B rule can start from
+        raise ValueError("LRP (ISNet, relevance overlays) does not take a SeverityViT with feature_input_range: "
+                         "scale the image in the preprocessing instead (e.g. ScaleIntensityRanged) and set the LRP bounds")
     if not inplace:
         model = copy.deepcopy(model)
     return make_resnet_lrp_ready(model)

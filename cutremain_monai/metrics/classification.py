@@ -45,7 +45,7 @@ def choose_threshold(y_true, y_score, rule: str = "f1", target_sensitivity: floa
     - ``sensitivity``: the highest score whose sensitivity is at least ``target_sensitivity`` (a screening
       operating point; also prevalence-free).
 
-    One class only: 0.5."""
+    One class only: 0.5 for ``youden`` and ``sensitivity`` (``f1``: :func:`best_f1_threshold`'s rule)."""
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
     y = np.asarray(y_true).reshape(-1).astype(int)

@@ -45,14 +45,18 @@ def delong_covariance(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
     auc = (tz[:, :m].sum(1) - m * (m + 1) / 2) / (m * n)
     v10 = (tz[:, :m] - tx) / n
     v01 = 1.0 - (tz[:, m:] - ty) / m
-    s10 = np.atleast_2d(np.cov(v10)) if m > 1 else np.zeros((len(x), len(x)))
-    s01 = np.atleast_2d(np.cov(v01)) if n > 1 else np.zeros((len(x), len(x)))
+    if m < 2 or n < 2:  # one positive or one negative: no sample covariance, so no interval
+        return auc, np.full((len(x), len(x)), np.nan)
+    s10 = np.atleast_2d(np.cov(v10))
+    s01 = np.atleast_2d(np.cov(v01))
     return auc, s10 / m + s01 / n
 
 
 def delong_ci(y_true, score, alpha: float = 0.05) -> tuple[float, float, float]:
-    """``(AUC, low, high)``: DeLong's normal interval, clipped to [0, 1]."""
+    """``(AUC, low, high)``: DeLong's normal interval, clipped to [0, 1] (NaN bounds with one positive or negative)."""
     auc, cov = delong_covariance(y_true, score)
+    if not np.isfinite(cov[0, 0]):
+        return float(auc[0]), float("nan"), float("nan")
     half = norm.ppf(1 - alpha / 2) * np.sqrt(max(cov[0, 0], 0.0))
     return float(auc[0]), float(max(0.0, auc[0] - half)), float(min(1.0, auc[0] + half))
 
@@ -63,10 +67,12 @@ def delong_paired(y_true, score_a, score_b, alpha: float = 0.05) -> dict:
     auc, cov = delong_covariance(y_true, np.stack([np.asarray(score_a, float).reshape(-1), np.asarray(score_b, float).reshape(-1)]))
     diff = float(auc[0] - auc[1])
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
-    sd = np.sqrt(max(var, 0.0))
+    sd = np.sqrt(max(var, 0.0)) if np.isfinite(var) else float("nan")
     half = norm.ppf(1 - alpha / 2) * sd
-    if sd <= 1e-12:
-        z, p = 0.0, 1.0 if abs(diff) < 1e-12 else 0.0
+    if not np.isfinite(var):
+        z, p = float("nan"), float("nan")
+    elif sd <= 1e-12:  # no variance of the difference: equal scores (p 1) or a difference that cannot be chance
+        z, p = (0.0, 1.0) if abs(diff) < 1e-12 else (float(np.copysign(np.inf, diff)), 0.0)
     else:
         z = diff / sd
         p = float(2 * norm.sf(abs(z)))

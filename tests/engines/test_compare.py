@@ -29,6 +29,13 @@ def test_method_overrides():
         method_overrides("cut_remain+cut_remain")
 
 
+def test_compare_refuses_a_non_binary_bundle(tmp_path):
+    from cutremain_monai.engines.compare import compare
+
+    with pytest.raises(ValueError, match="compare handles binary bundles.*'multiclass'"):
+        compare(os.path.join(BUNDLES, "femur_fracture"), [], str(tmp_path), ["none"])
+
+
 def _predictions(run_dir):
     with open(os.path.join(run_dir, "test_predictions.csv")) as f:
         return {r["file"]: float(r["probability"]) for r in csv.DictReader(f)}
@@ -105,6 +112,10 @@ def test_compare_end_to_end(tmp_path):
     assert len(stamps) == 5
     assert cli_main(args) == 0
     assert {p: os.path.getmtime(p) for p in out.glob("runs/*/*/result.json")} == stamps
+    # nor with other settings for the same runs
+    changed = [*args[:-3], json.dumps({**overrides, "epochs": 2}), "-o", str(out)]
+    with pytest.raises(ValueError, match="made with other settings"):
+        cli_main(changed)
     # the folder of one comparison is not reused for other data
     (tmp_path / "other").mkdir()
     other = tiny_datalist(tmp_path / "other", n=(6, 4, 4))
