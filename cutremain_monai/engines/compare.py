@@ -256,7 +256,7 @@ def summarise_compare(runs: dict, methods: Sequence[str], gamma_alias: dict | No
     per-image predictions (``runs[name][fold] = {"files", "prob", "label", "threshold", "localization"}``);
     ``gamma_alias``: ``{gamma: run name}``, pooled over ``gamma_folds`` (the same images at every gamma)."""
     from cutremain_monai.metrics.classification import _auc_or_nan
-    from cutremain_monai.metrics.comparison import bootstrap_mean_ci, calibration, delong_ci, delong_paired
+    from cutremain_monai.metrics.comparison import bootstrap_mean_ci, calibration, delong_ci, delong_paired, operating_point
 
     def pooled_auc(pool):
         if len(np.unique(pool["label"])) < 2:
@@ -274,7 +274,6 @@ def summarise_compare(runs: dict, methods: Sequence[str], gamma_alias: dict | No
         y, pred = pool["label"], pool["pred"]
         sens = bootstrap_mean_ci(pred[y == 1], n_boot, seed=seed)
         spec = bootstrap_mean_ci(1 - pred[y == 0], n_boot, seed=seed)
-        tp, fp, fn = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum()), int(((1 - pred) & (y == 1)).sum())
         cal = calibration(y, pool["prob"])
         loc = {}
         for key in ("energy_in_box", "pointing_hit", "loc_hit", "flat"):
@@ -284,7 +283,7 @@ def summarise_compare(runs: dict, methods: Sequence[str], gamma_alias: dict | No
                       "auc_sd": float(fa.std(ddof=1)) if len(fa) > 1 else float("nan"),
                       "pooled_auc": auc, "pooled_auc_low": low, "pooled_auc_high": high, "n": int(len(y)),
                       "positives": int(y.sum()), "sensitivity": sens, "specificity": spec,
-                      "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
+                      "f1": operating_point(y, pred, 0.5)["f1"],  # pred is 0/1 at each fold's own threshold
                       "thresholds": [runs[m][k]["threshold"] for k in sorted(runs[m])], "brier": cal["brier"],
                       "reliability": cal, "localization": loc})
         if m != ref:
@@ -358,7 +357,7 @@ def _heatmaps(bundle, output_dir, fold_paths, runs, methods, run_folds, extra_co
     from monai.transforms import Compose
 
     from cutremain_monai.engines.experiment import bundle_parser
-    from cutremain_monai.engines.localize import _cases, compute_map
+    from cutremain_monai.engines.localize import _cases, _upsample, compute_map
     from cutremain_monai.networks.ensemble import checkpoint_state
 
     for k in run_folds:
@@ -381,9 +380,7 @@ def _heatmaps(bundle, output_dir, fold_paths, runs, methods, run_folds, extra_co
         row = []
         for name, native, boxes, x, target in _cases(test_items, load, final, parser["label_mode"],
                                                      parser["class_names"], set(parser["lesion_box_labels"])):
-            mp = compute_map(method, net, x[None], target, layer=parser["cam_layer"])[0, 0].detach()
-            mp = torch.nn.functional.interpolate(mp[None, None].float(), size=native.shape, mode="bilinear",
-                                                 align_corners=False)[0, 0].numpy()
+            mp = _upsample(compute_map(method, net, x[None], target, layer=parser["cam_layer"])[0, 0].detach(), native.shape)
             with torch.no_grad():
                 p = float(torch.sigmoid(net(x[None])).reshape(-1)[target]) if parser["label_mode"] != "multiclass" else float("nan")
             row.append({"name": name, "image": native, "boxes": np.asarray(boxes), "map": mp, "prob": p})

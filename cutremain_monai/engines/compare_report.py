@@ -13,19 +13,9 @@ import os
 
 import numpy as np
 
+from cutremain_monai.engines.compare import _flat, _mean_sd, _pool  # (compare imports this module only when it runs)
+
 __all__ = ["write_report"]
-
-
-def _mean_sd(r):
-    from cutremain_monai.engines.compare import _mean_sd as f
-
-    return f(r)
-
-
-def _flat(loc):
-    from cutremain_monai.engines.compare import _flat as f
-
-    return f(loc)
 
 _CSS = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1400px}
 table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #bbb;padding:4px 8px;font-size:13px;text-align:right}
@@ -41,42 +31,36 @@ def _plt():
     return plt
 
 
+def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
+    """The y = x diagonal, labels and legend of the ROC and reliability plots; saved and closed."""
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc=legend_loc, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+
+
 def _roc(summary: dict, runs: dict, path: str) -> None:
     from sklearn.metrics import roc_curve
 
-    from cutremain_monai.engines.compare import _pool
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=100)
+    fig, ax = _plt().subplots(figsize=(5.5, 5), dpi=100)
     for r in summary["table"]:
         pool = _pool(runs[r["method"]])
         if len(np.unique(pool["label"])) == 2:
             fpr, tpr, _ = roc_curve(pool["label"], pool["prob"])
             ax.plot(fpr, tpr, lw=1.5, label=f"{r['method']} {r['pooled_auc']:.3f}")
-    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title("ROC, pooled out-of-fold")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, "1 - specificity", "sensitivity", "ROC, pooled out-of-fold", "lower right")
 
 
 def _reliability(summary: dict, path: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=100)
+    fig, ax = _plt().subplots(figsize=(5.5, 5), dpi=100)
     for r in summary["table"]:
         c = r["reliability"]
         ax.plot(c["mean_predicted"], c["fraction_positive"], "o-", ms=3, lw=1, label=f"{r['method']} Brier {r['brier']:.3f}")
-    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-    ax.set_xlabel("mean predicted probability")
-    ax.set_ylabel("fraction positive")
-    ax.set_title("reliability (10 bins)")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, "mean predicted probability", "fraction positive", "reliability (10 bins)", "upper left")
 
 
 def _gamma(summary: dict, path: str) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from cutremain_monai.metrics.comparison import bootstrap_mean_ci
+
 __all__ = ["METHODS", "outside_lung_share", "severity_guidance_experiment"]
 
 logger = logging.getLogger(__name__)
@@ -41,13 +43,6 @@ def outside_lung_share(model: torch.nn.Module, x: torch.Tensor, lung_mask: torch
         xb, mb, zb = x[i : i + batch], lung_mask[i : i + batch], zones[i : i + batch]
         out.append(outside_share(severity_relevance(model, xb, mb, zb), mb).numpy())
     return np.concatenate(out)
-
-
-def _mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and its percentile-bootstrap 95% interval over the images."""
-    rng = np.random.default_rng(seed)
-    boots = rng.choice(values, size=(n_boot, len(values)), replace=True).mean(1)
-    return float(values.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def severity_guidance_experiment(bundle: str, datalist: str, output_dir: str, methods: Sequence[str] = ("none", "isnet"),
@@ -84,7 +79,7 @@ def severity_guidance_experiment(bundle: str, datalist: str, output_dir: str, me
             test = json.load(f)
         model = parser.get_parsed_content("network_def", instantiate=True)
         model.load_state_dict(checkpoint_state(os.path.join(out, "checkpoints", "model.pt")))
-        share, low, high = _mean_ci(outside_lung_share(model, x, mask, zones))
+        share, low, high = bootstrap_mean_ci(outside_lung_share(model, x, mask, zones))
         rows.append({"guidance": m, "n_test": test["n"], "n_relevance": len(samples), "mse": test["mse"], "mae": test["mae"], "pearson": test["pearson"],
                      "mean_zone_auc": test["mean_zone_auc"], "outside_lung_relevance": share,
                      "outside_lung_low": low, "outside_lung_high": high})
