@@ -292,6 +292,21 @@ def _erase(args) -> int:
     return 0
 
 
+def _psl(args) -> int:
+    from cutremain_monai.engines.lesion_segmentation import psl_experiment
+    from cutremain_monai.engines.localize import _table_md
+
+    overrides, output = _overrides_and_output(args, "psl")
+    seg = json.loads(args.seg_overrides) if args.seg_overrides else {}
+    seg_bundle = os.path.abspath(args.seg_bundle or os.path.join(os.path.dirname(os.path.abspath(args.bundle)), "lesion_segmentation"))
+    table = psl_experiment(os.path.abspath(args.bundle), seg_bundle, os.path.abspath(args.datalist), output,
+                           rounds=args.rounds, q=args.q, delta=args.delta, bg_threshold=args.bg_threshold,
+                           cls_overrides=overrides, seg_overrides=seg, task=args.task)
+    print(_table_md(table))
+    print(f"results: {output}/psl_localization_table.md, pseudo_masks/pseudo_masks.csv, erasing/erasing_rounds.md")
+    return 0
+
+
 def _severity_guidance(args) -> int:
     from cutremain_monai.engines.severity_guidance import severity_guidance_experiment
 
@@ -446,8 +461,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("experiment", help="k-fold cross-validation of augmentations (cv), the annotation-budget curve "
                        "(gamma), progressive self-training (self-train), adversarial-erasing region mining (erase) or "
                        "the shortcut test of guided training (shortcut), ISNet on COVID severity (severity-guidance), background "
-                            "learning against CAM (background)")
-    p.add_argument("kind", choices=["cv", "compare", "severity-baselines", "gamma", "self-train", "erase", "shortcut", "severity-guidance", "background"])
+                            "learning against CAM (background), AE-PSL lesion segmentation from erasing (psl)")
+    p.add_argument("kind", choices=["cv", "compare", "severity-baselines", "gamma", "self-train", "erase", "shortcut", "severity-guidance", "background", "psl"])
     p.add_argument("--bundle", required=True)
     p.add_argument("--datalist", help="datalist JSON (default: dicom_samples/datalist.json)", default="dicom_samples/datalist.json")
     p.add_argument("--task", default=None, help="section of a multi-task datalist (e.g. clavicle)")
@@ -478,6 +493,9 @@ def main(argv=None) -> int:
     p.add_argument("--delta", type=float, default=None, help="erase: mine the min-max CAM at or above this instead of top-q")
     p.add_argument("--max-auc-drop", type=float, default=0.05, help="erase: stop when validation AUC falls by more than this")
     p.add_argument("--max-boxes", type=int, default=1, help="erase: mined boxes per image (largest components)")
+    p.add_argument("--seg-bundle", default=None, help="psl: the lesion-segmentation bundle (default: lesion_segmentation beside --bundle)")
+    p.add_argument("--seg-overrides", default=None, help="psl: JSON of overrides for the lesion-segmentation bundle")
+    p.add_argument("--bg-threshold", type=float, default=0.2, help="psl: normalised CAM below which a pixel is background")
     p.add_argument("--methods", help="compare: augmentations and guidances (default none,cut_remain,sup_cutout,sup_mixup,"
                                      "sup_cutmix,hide_and_seek,gain,isnet; a+b combines); shortcut: methods to train (default none,cut_remain,sup_cutout,gain,isnet; also cut_remain+isnet); "
                                      "severity-guidance: none,isnet (also isnet_free)")
@@ -492,7 +510,7 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output")
     p.add_argument("--section", default="test", help="severity-baselines: the section scored (test, validation)")
     p.set_defaults(func=lambda a: {"compare": _compare, "severity-baselines": _severity_baselines, "gamma": _gamma, "self-train": _self_train, "erase": _erase, "shortcut": _shortcut,
-                                     "severity-guidance": _severity_guidance, "background": _background}.get(a.kind, _experiment)(a))
+                                     "severity-guidance": _severity_guidance, "background": _background, "psl": _psl}.get(a.kind, _experiment)(a))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

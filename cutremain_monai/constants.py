@@ -10,6 +10,9 @@ ZONES = "zones"
 ZONE_SCORES = "zone_scores"
 GROUP = "group"  # pseudonymous grouping key (never a patient identifier) used for patient-wise splits
 
+SEG_LABEL = "seg_label"  # a pseudo-mask label map: 0 background, c + 1 class c, IGNORE_LABEL unknown
+IGNORE_LABEL = 255
+
 BOX_MODE = "xyxy"
 
 DATALIST_SECTIONS = ("training", "validation", "test")

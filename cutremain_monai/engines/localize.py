@@ -31,14 +31,17 @@ from cutremain_monai.metrics import localization as M
 __all__ = ["METHODS", "compute_map", "positive_classes", "localize_items", "localize"]
 
 logger = logging.getLogger(__name__)
-METHODS = ("cam", "gradcam", "gradcam_pp", "lrp", "targetness")
+METHODS = ("cam", "gradcam", "gradcam_pp", "lrp", "targetness", "psl")
 
 
 def compute_map(method: str, model: torch.nn.Module, x: torch.Tensor, target: int, layer: str | None = None,
                 bounds=None, **kwargs) -> torch.Tensor:
     """Raw ``(B, 1, H, W)`` map of ``method`` for class ``target`` at the input's size (not normalised).
     ``"targetness"``: ``model`` is a background-learning patch classifier (``target`` unused) and ``kwargs`` go to
-    :func:`~cutremain_monai.localization.targetness.targetness_map` (``window``, ``stride``, ...)."""
+    :func:`~cutremain_monai.localization.targetness.targetness_map` (``window``, ``stride``, ...). ``"psl"``: ``model`` is a
+    :class:`~cutremain_monai.networks.psl.PSLNet`; the map is its class-weighted probability of ``target``."""
+    if method == "psl":  # a lesion-segmentation network: its class-weighted probability of class `target`
+        return model(x)[:, target + 1 : target + 2].float()
     if method == "targetness":
         from cutremain_monai.localization.targetness import targetness_map
 

@@ -1,4 +1,5 @@
-"""A binary mask of a projection X-ray as DICOM Segmentation (the lungs that COVID severity scored in).
+"""A binary mask of a projection X-ray as DICOM Segmentation (the lungs that COVID severity scored in, or the
+lesion mask of the lesion-segmentation bundle).
 
 What this adds to highdicom's ``Segmentation``: the settings a 2D X-ray needs and nothing else (one frame, no
 frame of reference, the source's Patient Orientation, or empty when it has none, as General Image's Type 2C asks),
@@ -28,16 +29,19 @@ def _to_size(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def write_mask_seg(image_ds, mask: np.ndarray, path: str | os.PathLike | None = None, label: str = "lungs",
                    model_name: str = "cutremain_monai", version: str = "0.1.0", manufacturer: str = "cutremain_monai",
                    series_number: int = 904, series_description: str = "cutremain lung mask",
-                   sop_instance_uid: str | None = None, series_instance_uid: str | None = None):
-    """A binary Segmentation of ``mask`` (any size: resized to the image) on ``image_ds``; returned and saved."""
+                   sop_instance_uid: str | None = None, series_instance_uid: str | None = None,
+                   property_category=None, property_type=None):
+    """A binary Segmentation of ``mask`` (any size: resized to the image) on ``image_ds``; returned and saved.
+    ``property_category`` / ``property_type``: the segment's codes (default SCT Organ / Lung; a lesion mask passes
+    SCT Morphologically Abnormal Structure / Lesion)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     shape = (int(image_ds.Rows), int(image_ds.Columns))
     pixels = _to_size(mask, shape)
     desc = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=label[:64], segmented_property_category=codes.SCT.Organ,
-        segmented_property_type=codes.SCT.Lung, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        segment_number=1, segment_label=label[:64], segmented_property_category=property_category or codes.SCT.Organ,
+        segmented_property_type=property_type or codes.SCT.Lung, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name=model_name[:64], version=str(version)[:64], family=codes.DCM.ArtificialIntelligence))
     seg = hd.seg.Segmentation(

@@ -24,6 +24,17 @@ from cutremain_monai.transforms.patches import (
     patch_type,
 )
 from cutremain_monai.transforms.lung_zones import LungZones, LungZonesd, LungZonesD, LungZonesDict, split_lung_zones
+from cutremain_monai.transforms.pseudo_labels import (
+    ApplyPseudoLabelsd,
+    ApplyPseudoLabelsD,
+    ApplyPseudoLabelsDict,
+    DefaultLabelMapd,
+    LabelMap,
+    LabelMapd,
+    LabelMapD,
+    LabelMapDict,
+    PseudoLabelBank,
+)
 from cutremain_monai.transforms.split_halves import SplitHalves, SplitHalvesd, SplitHalvesD, SplitHalvesDict
 from cutremain_monai.transforms.sup_mix import (
     SupCutmix,
@@ -50,5 +61,7 @@ __all__ = [
     "SplitHalves", "SplitHalvesd", "SplitHalvesD", "SplitHalvesDict",
     "SupCutmix", "SupCutmixd", "SupCutmixD", "SupCutmixDict", "SupCutout", "SupCutoutd", "SupCutoutD",
     "SupCutoutDict", "SupMixup", "SupMixupd", "SupMixupD", "SupMixupDict",
+    "LabelMap", "LabelMapd", "LabelMapD", "LabelMapDict", "PseudoLabelBank", "DefaultLabelMapd", "ApplyPseudoLabelsd", "ApplyPseudoLabelsD",
+    "ApplyPseudoLabelsDict",
     "RandPatches", "RandPatchesd", "RandPatchesD", "RandPatchesDict", "background_plan", "patch_type",
 ]

@@ -17,6 +17,10 @@ COVID_TINY = {"image_size": 64, "epochs": 2, "batch_size": 4, "num_workers": 0, 
 BG_TINY = {"image_size": 64, "patch_size": 12, "window_stride": 4, "backbone": "resnet10", "epochs": 2,
            "images_per_batch": 4, "num_workers": 0, "overlays": 2, "window_batch": 256}
 
+# lesion_segmentation: 64 px, ResNet-10 encoder, a refresh of the pseudo-masks after each epoch
+LS_TINY = {"image_size": [64, 64], "network_depth": 10, "decoder_channels": 16, "epochs": 2, "batch_size": 4,
+           "num_workers": 0, "overlays": 2, "refresh_start": 1, "refresh_every": 1}
+
 
 def tiny_datalist(tmp_path, task="clavicle", n=(6, 4, 4)) -> str:
     """A small datalist over dicom_samples/<task> with absolute paths (balanced where possible)."""

@@ -15,14 +15,14 @@ import sys
 import pytest
 import torch
 
-from tests.bundles.conftest import BG_TINY, BUNDLES, COVID_TINY, TINY, config_arg, tiny_datalist
+from tests.bundles.conftest import BG_TINY, BUNDLES, COVID_TINY, LS_TINY, TINY, config_arg, tiny_datalist
 from tests.conftest import ROOT, SAMPLES, SHARED_MONAI
 
 CLASSIFICATION = ["clavicle_fracture", "femur_fracture", "cxr14"]
-ALL = CLASSIFICATION + ["covid_severity", "background_learning"]
+ALL = CLASSIFICATION + ["covid_severity", "background_learning", "lesion_segmentation"]
 MARKER = "# ==== shared classification workflow"
 TASKS = {"clavicle_fracture": "clavicle", "femur_fracture": "pelvis", "cxr14": "chest", "covid_severity": "covid",
-         "background_learning": "clavicle"}
+         "background_learning": "clavicle", "lesion_segmentation": "clavicle"}
 
 
 def _env():
@@ -38,7 +38,7 @@ def _args(settings: dict) -> list[str]:
 
 
 def _tiny(bundle):
-    return {"covid_severity": COVID_TINY, "background_learning": BG_TINY}.get(bundle, TINY)
+    return {"covid_severity": COVID_TINY, "background_learning": BG_TINY, "lesion_segmentation": LS_TINY}.get(bundle, TINY)
 
 
 @pytest.mark.parametrize("bundle", ALL)
@@ -136,7 +136,9 @@ def test_net_in_out_and_export(tmp_path, bundle):
     copy = tmp_path / bundle
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("outputs"))
     ts = copy / "models" / "model.ts"
-    trace = ["--use_trace", "True", "--input_shape", json.dumps([1, 3, size[0], size[1]])] if covid else []
+    # (covid: a packed 3-channel input; lesion_segmentation: forward's return_parts switch, which script cannot type)
+    trace = ["--use_trace", "True", "--input_shape", json.dumps([1, 3 if covid else 1, size[0], size[1]])] \
+        if covid or bundle == "lesion_segmentation" else []
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", net_id, "--filepath", "models/model.ts",
                            "--ckpt_file", str(ckpt), "--meta_file", "configs/metadata.json", "--config_file", cfg,
                            *trace, *_args(overrides)], capture_output=True, text=True, cwd=copy, env=_env(), timeout=600)
@@ -190,7 +192,7 @@ def test_copy_outside_repository_trains_and_sets_bad_files_aside(tmp_path, bundl
     db = "sqlite:///" + str(tmp_path / "mlruns.db")
     settings = {**_tiny(bundle), "epochs": 1, "register_model": "True", "datalist": dl, "datalist_task": "null",
                 "tracking_uri": db, "experiment_name": "copy"}
-    if bundle == "covid_severity" or bundle == "background_learning":
+    if bundle in ("covid_severity", "background_learning", "lesion_segmentation"):
         settings["overlays"] = 0
     else:
         settings["cam_images"] = 0
@@ -198,9 +200,10 @@ def test_copy_outside_repository_trains_and_sets_bad_files_aside(tmp_path, bundl
                            *_args(settings)], capture_output=True, text=True, cwd=copy, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Not all config files are in" not in proc.stdout + proc.stderr
-    out = copy / "outputs" / {"covid_severity": "severity", "background_learning": "bg_x1"}.get(bundle, "cut_remain")
+    out = copy / "outputs" / {"covid_severity": "severity", "background_learning": "bg_x1",
+                              "lesion_segmentation": "psl"}.get(bundle, "cut_remain")
     assert (out / "checkpoints" / "model.pt").exists()
-    assert bundle == "background_learning" or (out / "val_metrics.json").exists()
+    assert bundle in ("background_learning", "lesion_segmentation") or (out / "val_metrics.json").exists()
     rows = list(csv.DictReader(open(out / "set_aside.csv")))
     assert [r["file"] for r in rows] == paths and {r["section"] for r in rows} == {"training"}
     reasons = [r["reason"] for r in rows]

@@ -1,0 +1,81 @@
+"""Trainer handler: PSL's online update of the pseudo-masks (seed 002's AE-PSL) on a schedule.
+
+At the end of epoch ``start_epoch`` and every ``every`` epochs after it, the network (in eval mode) predicts the
+class-weighted probabilities of each training image through the bundle's deterministic chain (no augmentation),
+and :func:`~cutremain_monai.localization.pseudo_masks.refresh_labels` fills the ignored pixels of the image's
+*initial* pseudo-mask where the prediction is confident; the result goes to the
+:class:`~cutremain_monai.transforms.PseudoLabelBank` that the training chain reads
+(:class:`~cutremain_monai.transforms.ApplyPseudoLabelsd`). ``engine.state.metrics["psl_labelled_share"]`` is the
+share of training pixels with a label after the refresh (ignore left out). Every rank refreshes the whole bank
+(ranks read different images). An item that no longer reads is skipped with a warning (the training dataset has
+set it aside already).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from cutremain_monai.constants import IGNORE_LABEL, IMAGE, LABEL, SEG_LABEL
+
+__all__ = ["RefreshPseudoLabels"]
+
+logger = logging.getLogger(__name__)
+
+
+class RefreshPseudoLabels:
+    def __init__(self, network: torch.nn.Module, items: Sequence[dict], preprocessing, bank, start_epoch: int = 2,
+                 every: int = 2, confidence: float = 0.9, enabled: bool = True, id_key: str = "image_path",
+                 seg_key: str = SEG_LABEL, label_key: str = LABEL, image_key: str = IMAGE) -> None:
+        if start_epoch < 1 or every < 1:
+            raise ValueError(f"start_epoch and every must be >= 1, got {start_epoch}, {every}")
+        if not 0 < confidence <= 1:
+            raise ValueError(f"confidence must be in (0, 1], got {confidence}")
+        self.network, self.items, self.preprocessing, self.bank = network, list(items), preprocessing, bank
+        self.start_epoch, self.every, self.confidence, self.enabled = int(start_epoch), int(every), float(confidence), enabled
+        self.id_key, self.seg_key, self.label_key, self.image_key = id_key, seg_key, label_key, image_key
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled and not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def due(self, epoch: int) -> bool:
+        return self.enabled and epoch >= self.start_epoch and (epoch - self.start_epoch) % self.every == 0
+
+    def __call__(self, engine: Engine) -> None:
+        if not self.due(engine.state.epoch):
+            return
+        from cutremain_monai.localization.pseudo_masks import refresh_labels
+
+        net = self.network
+        device = next(net.parameters()).device
+        was_training = net.training
+        net.eval()
+        labelled = total = 0
+        try:
+            for item in self.items:
+                try:
+                    s = self.preprocessing(dict(item))
+                except Exception as e:  # noqa: BLE001 (named and skipped; the dataset set it aside)
+                    logger.warning("pseudo-mask refresh: %s skipped (%s: %s)", item.get(IMAGE), type(e).__name__, e)
+                    continue
+                x = torch.as_tensor(s[self.image_key]).float()[None].to(device)
+                with torch.no_grad():
+                    probs = net(x)[0].float().cpu().numpy()
+                initial = np.asarray(torch.as_tensor(s[self.seg_key]).cpu())[0].round().astype(np.uint8)
+                label = np.asarray(torch.as_tensor(s[self.label_key]).cpu(), dtype=float).reshape(-1)
+                new = refresh_labels(initial, probs, label, self.confidence)
+                self.bank.update(s[self.id_key], new)
+                labelled += int((new != IGNORE_LABEL).sum())
+                total += new.size
+        finally:
+            net.train(was_training)
+        self.bank.refreshes += 1
+        share = labelled / total if total else float("nan")
+        engine.state.metrics["psl_labelled_share"] = share
+        logger.info("pseudo-masks refreshed after epoch %d (%d maps): %.3f of the pixels labelled",
+                    engine.state.epoch, len(self.bank), share)
