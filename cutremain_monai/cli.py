@@ -292,6 +292,19 @@ def _erase(args) -> int:
     return 0
 
 
+def _severity_cv(args) -> int:
+    from cutremain_monai.engines.severity_cv import DEFAULT_SETTINGS, severity_cv
+
+    overrides, output = _overrides_and_output(args, "severity_cv")
+    settings = json.loads(args.settings) if args.settings else DEFAULT_SETTINGS
+    result = severity_cv(os.path.abspath(args.bundle), os.path.abspath(args.datalist), output, settings, folds=args.folds,
+                         seed=args.seed, task=args.task, **overrides)
+    print(open(os.path.join(output, "severity_cv.md")).read())
+    print(open(os.path.join(output, "severity_cv_test.md")).read())
+    print(f"chosen on CV: {result['chosen']}; results: {output}/severity_cv.md, severity_cv_test.md, severity_cv.json")
+    return 0
+
+
 def _psl(args) -> int:
     from cutremain_monai.engines.lesion_segmentation import psl_experiment
     from cutremain_monai.engines.localize import _table_md
@@ -461,8 +474,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("experiment", help="k-fold cross-validation of augmentations (cv), the annotation-budget curve "
                        "(gamma), progressive self-training (self-train), adversarial-erasing region mining (erase) or "
                        "the shortcut test of guided training (shortcut), ISNet on COVID severity (severity-guidance), background "
-                            "learning against CAM (background), AE-PSL lesion segmentation from erasing (psl)")
-    p.add_argument("kind", choices=["cv", "compare", "severity-baselines", "gamma", "self-train", "erase", "shortcut", "severity-guidance", "background", "psl"])
+                            "learning against CAM (background), AE-PSL lesion segmentation from erasing (psl), COVID severity "
+                            "settings chosen by CV on the dev data (severity-cv)")
+    p.add_argument("kind", choices=["cv", "compare", "severity-baselines", "gamma", "self-train", "erase", "shortcut", "severity-guidance", "background", "psl", "severity-cv"])
     p.add_argument("--bundle", required=True)
     p.add_argument("--datalist", help="datalist JSON (default: dicom_samples/datalist.json)", default="dicom_samples/datalist.json")
     p.add_argument("--task", default=None, help="section of a multi-task datalist (e.g. clavicle)")
@@ -493,6 +507,8 @@ def main(argv=None) -> int:
     p.add_argument("--delta", type=float, default=None, help="erase: mine the min-max CAM at or above this instead of top-q")
     p.add_argument("--max-auc-drop", type=float, default=0.05, help="erase: stop when validation AUC falls by more than this")
     p.add_argument("--max-boxes", type=int, default=1, help="erase: mined boxes per image (largest components)")
+    p.add_argument("--settings", default=None, help="severity-cv: JSON {name: bundle overrides} of the settings to "
+                   "compare (default: today, small_head, frozen_features, augment)")
     p.add_argument("--seg-bundle", default=None, help="psl: the lesion-segmentation bundle (default: lesion_segmentation beside --bundle)")
     p.add_argument("--seg-overrides", default=None, help="psl: JSON of overrides for the lesion-segmentation bundle")
     p.add_argument("--bg-threshold", type=float, default=0.2, help="psl: normalised CAM below which a pixel is background")
@@ -510,7 +526,8 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output")
     p.add_argument("--section", default="test", help="severity-baselines: the section scored (test, validation)")
     p.set_defaults(func=lambda a: {"compare": _compare, "severity-baselines": _severity_baselines, "gamma": _gamma, "self-train": _self_train, "erase": _erase, "shortcut": _shortcut,
-                                     "severity-guidance": _severity_guidance, "background": _background, "psl": _psl}.get(a.kind, _experiment)(a))
+                                     "severity-guidance": _severity_guidance, "background": _background, "psl": _psl,
+                                     "severity-cv": _severity_cv}.get(a.kind, _experiment)(a))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

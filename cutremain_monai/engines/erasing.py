@@ -12,8 +12,8 @@ Validation images stay as they are, so a falling validation AUC shows over-erasi
 Outputs under ``output_dir``: ``round<t>/`` (the bundle's outputs and the round's datalist), ``images/round<t>/``
 (the erased training images, 16-bit PNG), ``masks/`` (the union per image, 8-bit PNG), ``mined_datalist.json`` (the
 training items with the mined boxes, the largest components of the union, as ``boxes`` with ``box_labels``, and
-``mined: true``; validation and test unchanged), and ``erasing_rounds.csv`` / ``.md`` (AUC and mined share per
-round, and why the rounds stopped).
+``mined: true``; validation and test unchanged), ``erasing_rounds.csv`` / ``.md`` (AUC and mined share per
+round, and why the rounds stopped) and ``erasing_settings.json`` (the fill value and the settings).
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ def adversarial_erasing(bundle: str, datalist: str, output_dir: str, rounds: int
     class_names = parser0.get_parsed_content("class_names")
     fill = dataset_mean(originals)
     logger.info("erasing fill value (training mean in [0, 1]): %.4f", fill)
+    with open(os.path.join(output_dir, "erasing_settings.json"), "w") as f:  # what later steps must match
+        json.dump({"fill": fill, "rounds": rounds, "q": q, "delta": delta, "max_auc_drop": max_auc_drop, "pool": pool,
+                   "configs": list(configs), "overrides": settings}, f, indent=1, default=str)
     seen: dict = {}
     stems = [_stem(it["image"], seen) for it in originals]
     union: dict[int, np.ndarray] = {}

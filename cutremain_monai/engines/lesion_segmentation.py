@@ -77,9 +77,12 @@ def class_maps(item: dict, preprocess, model, label_mode: str, classes: int, sha
 
 
 def build_pseudo_masks(bundle: str, erasing_dir: str, output_dir: str, bg_threshold: float = 0.2,
-                       body_min_area: float = 0.01, configs: Sequence[str] = ("train.yaml", "cpu.yaml"),
-                       pool: str = "avgpool", **overrides) -> str:
-    """Step 2 of the module doc; returns the path of the pseudo-mask datalist."""
+                       body_min_area: float = 0.01, use_body: bool = True,
+                       configs: Sequence[str] = ("train.yaml", "cpu.yaml"), pool: str = "avgpool", **overrides) -> str:
+    """Step 2 of the module doc; returns the path of the pseudo-mask datalist. ``use_body=False`` leaves the body
+    mask out (background from low CAM alone): for images where the body is not brighter than the air around it.
+    ``pseudo_masks.csv`` also gives each image's body share and the share of its mined pixels outside the body
+    (a high share says the body rule is wrong for these images)."""
     from PIL import Image
 
     with open(os.path.join(erasing_dir, "mined_datalist.json")) as f:
@@ -92,7 +95,8 @@ def build_pseudo_masks(bundle: str, erasing_dir: str, output_dir: str, bg_thresh
     os.makedirs(os.path.join(output_dir, "seg_labels"), exist_ok=True)
     with open(os.path.join(erasing_dir, "round1", "datalist.json")) as f:  # the annotated boxes (mined ones replace them)
         originals = json.load(f)["training"]
-    lesion = set(parser["lesion_box_labels"]) if "lesion_box_labels" in parser else None
+    lesion = _lesion_labels(parser)
+    output_dir = os.path.abspath(output_dir)  # the datalist holds absolute map paths: it is read from anywhere
     seen: dict = {}
     training, rows = [], []
     for it, original in zip(mined["training"], originals):
@@ -114,7 +118,7 @@ def build_pseudo_masks(bundle: str, erasing_dir: str, output_dir: str, bg_thresh
             union = np.asarray(Image.open(it["mined_mask"])) > 127
         region = np.stack([union & (y[c] > 0) for c in range(classes)])
         cams = class_maps(it, preprocess, model, label_mode, classes, image.shape, pool)
-        body = body_mask(image, body_min_area)
+        body = body_mask(image, body_min_area) if use_body else np.ones(image.shape, dtype=bool)
         pm = pseudo_mask(y, region, cams, body, bg_threshold)  # (absent classes' maps are zeros: they never block)
         path = os.path.join(output_dir, "seg_labels", stem + ".png")
         Image.fromarray(pm).save(path)
@@ -122,6 +126,8 @@ def build_pseudo_masks(bundle: str, erasing_dir: str, output_dir: str, bg_thresh
         training.append({**entry, "seg_label": path})  # (mined boxes are not annotations: left out)
         row = {"image": stem, "lesion": round(float(((pm > 0) & (pm != IGNORE)).mean()), 5),
                "background": round(float((pm == 0).mean()), 5), "ignore": round(float((pm == IGNORE).mean()), 5),
+               "body": round(float(body.mean()), 4),
+               "mined_outside_body": round(float((union & ~body).sum() / union.sum()), 4) if union.any() else "",
                "lesion_in_box": ""}
         boxes = _lesion_boxes(original, lesion)
         if len(boxes) and row["lesion"] > 0:
@@ -135,11 +141,17 @@ def build_pseudo_masks(bundle: str, erasing_dir: str, output_dir: str, bg_thresh
     with open(out, "w") as f:
         json.dump({"training": training, "validation": mined["validation"], "test": mined["test"]}, f, indent=1)
     with open(os.path.join(output_dir, "pseudo_masks.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "lesion", "background", "ignore", "lesion_in_box"])
+        w = csv.DictWriter(f, fieldnames=["image", "lesion", "background", "ignore", "body", "mined_outside_body",
+                                          "lesion_in_box"])
         w.writeheader()
         w.writerows(rows)
     logger.info("pseudo-masks: %d maps of positive images -> %s", len(rows), out)
     return out
+
+
+def _lesion_labels(parser):
+    labels = parser.get_parsed_content("lesion_box_labels") if "lesion_box_labels" in parser else None
+    return None if labels is None else set(labels)
 
 
 def _used_rounds(erasing_dir: str) -> list[int]:
@@ -177,13 +189,18 @@ def localisation_table(cls_bundle: str, seg_bundle: str, output_dir: str, datali
     parser = parsers[0]
     label_mode = parser.get_parsed_content("label_mode")
     class_names = parser.get_parsed_content("class_names")
-    lesion = parser.get_parsed_content("lesion_box_labels") if "lesion_box_labels" in parser else None
+    lesion_set = _lesion_labels(parser)
     preprocess = parser.get_parsed_content("preprocessing")
     load, final = parser.get_parsed_content("load_transforms"), parser.get_parsed_content("final_transforms")
     from monai.transforms import Compose
 
     load, final = Compose(load), Compose(final)
-    fill = dataset_mean(load_datalist(datalist, "training"))
+    settings_file = os.path.join(erasing_dir, "erasing_settings.json")
+    if os.path.exists(settings_file):  # the fill the rounds used in training
+        with open(settings_file) as f:
+            fill = float(json.load(f)["fill"])
+    else:
+        fill = dataset_mean(load_datalist(datalist, "training"))
     segs = {}
     for name, out in seg_runs.items():
         sp = bundle_parser(seg_bundle, seg_configs, **{**(seg_overrides or {}), "output_dir": out, "datalist": datalist,
@@ -192,7 +209,6 @@ def localisation_table(cls_bundle: str, seg_bundle: str, output_dir: str, datali
         net.load_state_dict(checkpoint_state(sp.get_parsed_content("model_path")))
         segs[name] = (net.eval(), Compose(sp.get_parsed_content("load_transforms")),
                       Compose(sp.get_parsed_content("final_transforms")))
-    lesion_set = None if lesion is None else set(lesion)
 
     def results_for(section: str) -> list:
         items = load_datalist(datalist, section)
@@ -236,11 +252,34 @@ def psl_experiment(cls_bundle: str, seg_bundle: str, datalist: str, output_dir: 
                    seg_configs: Sequence[str] = ("train.yaml", "cpu.yaml"), cls_overrides: dict | None = None,
                    seg_overrides: dict | None = None, variants: Sequence[str] = ("psl", "psl_sec"), task: str | None = None,
                    overlays: int = 8) -> dict:
-    """Steps 1-4 of the module doc; returns the localisation table."""
+    """Steps 1-4 of the module doc; returns the localisation table. Binary classification bundles only (one lesion
+    class): the erasing stage keeps one mined union per image, which cannot tell two classes apart. A folder made
+    with other settings is refused (``psl_settings.json``)."""
+    output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     cls_overrides = dict(cls_overrides or {})
-    if "split_halves" in bundle_parser(cls_bundle, cls_configs):
+    parser = bundle_parser(cls_bundle, cls_configs, **cls_overrides)
+    if parser["label_mode"] != "binary":
+        raise ValueError(f"psl handles binary bundles (one lesion class); {cls_bundle} is {parser['label_mode']!r}: the "
+                         "erasing stage mines one region per image, which cannot be told apart between classes")
+    if "split_halves" in parser:
         cls_overrides.setdefault("split_halves", False)
+    lesion = _lesion_labels(parser)
+    seg_overrides = {"class_names": list(parser.get_parsed_content("class_names"))[:1],
+                     "target_box_labels": sorted(lesion) if lesion else list(parser.get_parsed_content("class_names"))[:1],
+                     **(seg_overrides or {})}
+    settings = {"rounds": rounds, "q": q, "delta": delta, "bg_threshold": bg_threshold, "cls_configs": list(cls_configs),
+                "seg_configs": list(seg_configs), "cls_overrides": cls_overrides, "seg_overrides": seg_overrides,
+                "datalist": os.path.abspath(datalist)}
+    stamp = os.path.join(output_dir, "psl_settings.json")
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            previous = json.load(f)
+        if json.dumps(previous, sort_keys=True, default=str) != json.dumps(settings, sort_keys=True, default=str):
+            raise ValueError(f"{output_dir} was made with other settings (see {stamp}); use a new output folder")
+    else:
+        with open(stamp, "w") as f:
+            json.dump(settings, f, indent=1, default=str)
     erasing_dir = os.path.join(output_dir, "erasing")
     if not os.path.exists(os.path.join(erasing_dir, "mined_datalist.json")):
         adversarial_erasing(cls_bundle, datalist, erasing_dir, rounds=rounds, q=q, delta=delta, configs=cls_configs,
@@ -256,14 +295,14 @@ def psl_experiment(cls_bundle: str, seg_bundle: str, datalist: str, output_dir: 
             raise ValueError(f"variants are psl and psl_sec, got {variant!r}")
         out = os.path.join(output_dir, variant)
         done = os.path.join(out, "done.json")
-        settings = {**(seg_overrides or {}), "sec": variant == "psl_sec"}
+        run = {**seg_overrides, "sec": variant == "psl_sec"}
         if not os.path.exists(done):
             run_bundle(seg_bundle, seg_configs, datalist=pm_datalist, datalist_task=None, output_dir=out,
-                       register_model=False, **settings)
+                       register_model=False, **run)
             with open(done, "w") as f:
-                json.dump({"settings": settings}, f, default=str)
+                json.dump({"settings": run}, f, default=str)
         runs[variant] = out
     table = localisation_table(cls_bundle, seg_bundle, output_dir, pm_datalist, erasing_dir, runs, cls_configs,
-                               seg_configs, q, delta, cls_overrides, {**(seg_overrides or {})}, overlays)
+                               seg_configs, q, delta, cls_overrides, seg_overrides, overlays)
     logger.info("AE-PSL localisation:\n%s", _table_md(table))
     return table

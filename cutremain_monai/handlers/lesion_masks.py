@@ -133,8 +133,11 @@ class LesionMaskWriter:
                 seg.save_as(os.path.join(self.output_dir, "seg", stem + ".dcm"), enforce_file_format=True)
             return ""
         except Exception as e:  # noqa: BLE001 (the mask and the row are kept; the table names the failure)
-            logger.warning("lesion SEG of %s not written (%s: %s)", stem, type(e).__name__, e)
-            return f"DICOM Segmentation not written: {type(e).__name__}: {e}"
+            from cutremain_monai.data.set_aside import _scrub
+
+            reason = _scrub(f"{type(e).__name__}: {e}", sample, stem)  # no file path in the table
+            logger.warning("lesion SEG of %s not written (%s)", stem, reason)
+            return f"DICOM Segmentation not written: {reason}"
 
     def _write(self, engine: Engine) -> None:
         if rank() != 0:

@@ -6,14 +6,16 @@ and :func:`~cutremain_monai.localization.pseudo_masks.refresh_labels` fills the 
 *initial* pseudo-mask where the prediction is confident; the result goes to the
 :class:`~cutremain_monai.transforms.PseudoLabelBank` that the training chain reads
 (:class:`~cutremain_monai.transforms.ApplyPseudoLabelsd`). ``engine.state.metrics["psl_labelled_share"]`` is the
-share of training pixels with a label after the refresh (ignore left out). Every rank refreshes the whole bank
-(ranks read different images). An item that no longer reads is skipped with a warning (the training dataset has
-set it aside already).
+share of the refreshed maps' pixels (the positive images: a negative image is background everywhere and never
+refreshed) with a label after the refresh. Every rank refreshes the whole bank (ranks read different images),
+through the bare module when the network is wrapped in DDP (no collective per image). An item that fails to read
+here is skipped with a warning naming its file only (its initial map is used).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,17 +53,21 @@ class RefreshPseudoLabels:
             return
         from cutremain_monai.localization.pseudo_masks import refresh_labels
 
-        net = self.network
+        net = self.network.module if hasattr(self.network, "module") else self.network
         device = next(net.parameters()).device
         was_training = net.training
         net.eval()
         labelled = total = 0
         try:
             for item in self.items:
+                y = np.asarray(torch.as_tensor(item.get(self.label_key, 0)).cpu(), dtype=float).reshape(-1)
+                if not (y > 0.5).any():
+                    continue  # no lesion in the image: its map is background everywhere, nothing to refresh
                 try:
                     s = self.preprocessing(dict(item))
-                except Exception as e:  # noqa: BLE001 (named and skipped; the dataset set it aside)
-                    logger.warning("pseudo-mask refresh: %s skipped (%s: %s)", item.get(IMAGE), type(e).__name__, e)
+                except Exception as e:  # noqa: BLE001 (named and skipped; its initial map stays)
+                    logger.warning("pseudo-mask refresh: %s skipped (%s)", os.path.basename(str(item.get(IMAGE))),
+                                   type(e).__name__)
                     continue
                 x = torch.as_tensor(s[self.image_key]).float()[None].to(device)
                 with torch.no_grad():

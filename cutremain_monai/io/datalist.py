@@ -2,7 +2,7 @@
 
 Each item holds ``image`` (path, relative to the datalist's folder or absolute), ``label`` (int, or a list for
 multi-label), ``boxes`` (``(N, 4)`` xyxy pixels of the stored image), ``box_labels`` (``(N,)``), and optionally
-``lung_mask``, ``zone_scores`` (6 ints) and ``group`` (a pseudonymous key for group-wise splits). A top-level
+``lung_mask``, ``seg_label`` (a label-map path), ``zone_scores`` (6 ints) and ``group`` (a pseudonymous key for group-wise splits). A top-level
 ``root`` (absolute, or relative to the datalist's folder) is the folder relative paths are resolved against
 instead of the datalist's own folder: ``cutremain ingest`` writes the export root there, or its link folder of
 files named by SOP Instance UID (:mod:`cutremain_monai.io.paths`), so no path under the root is written out in
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from monai.config import PathLike
 
-from cutremain_monai.constants import BOX_LABELS, BOXES, DATALIST_SECTIONS, GROUP, IMAGE, LABEL
+from cutremain_monai.constants import BOX_LABELS, BOXES, DATALIST_SECTIONS, GROUP, IMAGE, LABEL, SEG_LABEL
 
 __all__ = ["DatalistError", "DatalistSectionError", "DatalistTaskError", "load_datalist", "save_datalist", "datalist_root", "validate_item", "split_by_group", "kfold_by_group", "datalist_hash", "group_keys"]
 
@@ -73,7 +73,7 @@ def validate_item(item: dict, where: str = "item") -> dict:
         if not isinstance(z, list) or len(z) != 6:
             raise ValueError(f"{where}: field 'zone_scores' must hold 6 values (zones A-F), got "
                              f"{len(z) if isinstance(z, list) else type(z).__name__}")
-    for key in ("lung_mask", "gsps"):
+    for key in ("lung_mask", "gsps", SEG_LABEL):
         if key in item and item[key] is not None and not isinstance(item[key], str):
             raise ValueError(f"{where}: field '{key}' must be a path, got {type(item[key]).__name__}")
     return out
@@ -115,7 +115,7 @@ def load_datalist(path: PathLike, section: str = "training", task: str | None = 
             raise DatalistError(path, str(e)) from e
         if rooted and "image_id" not in item:  # outputs name the file as the datalist does, not by its full path
             item["image_id"] = item[IMAGE]
-        for key in (IMAGE, "lung_mask", "gsps"):
+        for key in (IMAGE, "lung_mask", "gsps", SEG_LABEL):
             if isinstance(item.get(key), str) and item[key] and not os.path.isabs(item[key]):
                 item[key] = os.path.normpath(os.path.join(base, item[key]))
         items.append(item)
@@ -149,7 +149,7 @@ def save_datalist(datalist: dict, path: PathLike, relative_to: PathLike | None =
             items = []
             for i, item in enumerate(value):
                 item = validate_item(item, f"{key}[{i}]")
-                for k in (IMAGE, "lung_mask", "gsps"):
+                for k in (IMAGE, "lung_mask", "gsps", SEG_LABEL):
                     if isinstance(item.get(k), str) and os.path.isabs(item[k]):
                         rel = os.path.relpath(item[k], base)
                         item[k] = rel if not rel.startswith("..") else item[k]

@@ -17,12 +17,13 @@ TorchScript and the localisation metrics use); ``forward(x, return_parts=True)``
 logits)`` for the training step (through DDP, which wraps only ``forward``).
 
 What this adds to MONAI (``FlexibleUNet``, ``UNet``): the classification head on the encoder's features and the
-class-probability weighting that PSL needs; the encoder is the project's LRP-ready ResNet, so the classification
-bundles' backbones and their checkpoints' ``conv1`` .. ``layer4`` keys are shared.
+class-probability weighting that PSL needs. The encoder is the project's LRP-ready ResNet under ``encoder.``: a
+classification bundle's checkpoint of the same depth maps onto it by adding that prefix (not done automatically).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +47,7 @@ def class_weighted_log_probs(seg_logits: torch.Tensor, class_logits: torch.Tenso
     if seg_logits.shape[0] != class_logits.shape[0] or seg_logits.shape[1] != class_logits.shape[1] + 1:
         raise ValueError(f"seg_logits {tuple(seg_logits.shape)} needs one channel more than class_logits "
                          f"{tuple(class_logits.shape)} (the background) and the same batch")
-    log_w = torch.log(torch.sigmoid(class_logits.float()).clamp_min(eps))
+    log_w = F.logsigmoid(class_logits.float()).clamp_min(float(np.log(eps)))
     log_w = torch.cat([torch.zeros_like(log_w[:, :1]), log_w], 1)[..., None, None]
     return torch.log_softmax(seg_logits.float() + log_w, dim=1)
 

@@ -1,8 +1,8 @@
 """Pseudo-mask label maps in the training chain of the lesion-segmentation bundle.
 
 - :class:`LabelMap` / :class:`LabelMapd`: a label map stored as an 8-bit PNG (0 background, ``c + 1`` class ``c``,
-  255 ignore; :mod:`cutremain_monai.localization.pseudo_masks`) and loaded by ``LoadXrayd`` (which scales to
-  [0, 1]) back to its integer values, as float so that ``Resized(mode="nearest")`` and flips keep it exact.
+  255 ignore; :mod:`cutremain_monai.localization.pseudo_masks`) read with its stored integers, as float so that
+  ``Resized(mode="nearest")`` and flips keep it exact.
 - :class:`DefaultLabelMapd`: the map of an item that has none, from its image label (all background or all ignore).
 - :class:`PseudoLabelBank`: the refreshed pseudo-masks at the network's input size, by ``image_id``, written by
   :class:`~cutremain_monai.handlers.RefreshPseudoLabels` (PSL's online update) and checkpointed with the model
@@ -16,6 +16,8 @@ is refreshed between epochs.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Hashable, Mapping
 
 import numpy as np
@@ -26,13 +28,15 @@ from monai.transforms import MapTransform, RandomizableTrait, Transform
 
 from cutremain_monai.constants import IGNORE_LABEL, SEG_LABEL
 
-__all__ = ["LabelMap", "LabelMapd", "LabelMapD", "LabelMapDict", "DefaultLabelMapd", "PseudoLabelBank", "ApplyPseudoLabels",
+__all__ = ["LabelMap", "LabelMapd", "LabelMapD", "LabelMapDict", "DefaultLabelMapd", "PseudoLabelBank", "bank_key", "ApplyPseudoLabels",
            "ApplyPseudoLabelsd", "ApplyPseudoLabelsD", "ApplyPseudoLabelsDict"]
 
 
 class LabelMap(Transform):
-    """``(1, H, W)`` map scaled from 8 bits to [0, 1] -> its stored integers (float); values must be 0 .. ``num_classes``
-    or 255 (ignore), else ``ValueError`` naming the values."""
+    """A label map: a path (8- or 16-bit PNG / TIFF / BMP, or ``.npy``, read with its stored integers, no scaling)
+    or an array ``(H, W)`` / ``(1, H, W)`` of integers -> float ``(1, H, W)``. Values must be 0 .. ``num_classes`` or
+    255 (ignore), else ``ValueError`` naming the file and the values. (Not through ``LoadXrayd``: its [0, 1]
+    scaling cannot tell an 8-bit ``{0, 255}`` map from a ``{0, 1}`` one.)"""
 
     def __init__(self, num_classes: int = 1) -> None:
         if num_classes < 1:
@@ -40,16 +44,29 @@ class LabelMap(Transform):
         self.num_classes = num_classes
 
     def __call__(self, label):
-        t = torch.as_tensor(label, dtype=torch.float32)
-        if float(t.max()) <= 1.0 + 1e-6:
-            t = torch.round(t * 255.0)
+        where = ""
+        if isinstance(label, (str, os.PathLike)):
+            where = f"{os.fspath(label)}: "
+            try:
+                if os.fspath(label).endswith(".npy"):
+                    a = np.load(label)
+                else:
+                    from PIL import Image
+
+                    with Image.open(label) as im:
+                        a = np.asarray(im)
+            except OSError as e:
+                raise ValueError(f"{where}field 'seg_label' cannot be read ({type(e).__name__}: {e})") from e
+            label = a
+        t = torch.as_tensor(np.asarray(label.detach().cpu() if isinstance(label, torch.Tensor) else label), dtype=torch.float32)
+        t = t[None] if t.ndim == 2 else t
+        if t.ndim != 3 or t.shape[0] != 1:
+            raise ValueError(f"{where}a label map must be (H, W) or (1, H, W), got shape {tuple(t.shape)}")
         values = set(torch.unique(t).tolist())
         bad = sorted(v for v in values if v != IGNORE_LABEL and not (0 <= v <= self.num_classes and v == int(v)))
         if bad:
-            raise ValueError(f"a label map holds {bad[:5]}; expected 0 (background), 1..{self.num_classes} (classes) "
-                             f"or {IGNORE_LABEL} (ignore)")
-        if isinstance(label, MetaTensor):
-            return MetaTensor(t, meta=label.meta, applied_operations=label.applied_operations)
+            raise ValueError(f"{where}field 'seg_label' holds {bad[:5]}; expected 0 (background), 1..{self.num_classes} "
+                             f"(classes) or {IGNORE_LABEL} (ignore)")
         return t
 
 
@@ -91,8 +108,14 @@ class DefaultLabelMapd(MapTransform):
         return d
 
 
+def bank_key(path) -> str:
+    """The bank's key of an image: a digest of its path, so checkpoints hold no file path (paths can carry patient
+    names); the same path gives the same key on resume."""
+    return hashlib.sha256(os.fspath(str(path)).encode()).hexdigest()[:20]
+
+
 class PseudoLabelBank:
-    """Refreshed label maps ``(H, W)`` uint8 by image id (module doc)."""
+    """Refreshed label maps ``(H, W)`` uint8 by image (:func:`bank_key` of its path; module doc)."""
 
     def __init__(self) -> None:
         self.maps: dict[str, torch.Tensor] = {}
@@ -101,17 +124,17 @@ class PseudoLabelBank:
     def __len__(self) -> int:
         return len(self.maps)
 
-    def __contains__(self, key) -> bool:
-        return str(key) in self.maps
+    def __contains__(self, path) -> bool:
+        return bank_key(path) in self.maps
 
-    def get(self, key):
-        return self.maps.get(str(key))
+    def get(self, path):
+        return self.maps.get(bank_key(path))
 
-    def update(self, key, label) -> None:
+    def update(self, path, label) -> None:
         a = np.asarray(label.detach().cpu() if isinstance(label, torch.Tensor) else label)
         if a.ndim != 2:
             raise ValueError(f"a label map must be (H, W), got shape {a.shape}")
-        self.maps[str(key)] = torch.as_tensor(a.astype(np.uint8))
+        self.maps[bank_key(path)] = torch.as_tensor(a.astype(np.uint8))
 
     def state_dict(self) -> dict:
         return {"maps": dict(self.maps), "refreshes": self.refreshes}

@@ -45,21 +45,27 @@ def _pseudo_mask_datalist(tmp_path) -> str:
 @pytest.mark.parametrize("sec", [False, True])
 def test_train_refresh_evaluate(tmp_path, sec):
     dl = _pseudo_mask_datalist(tmp_path)
-    wf, _ = run_bundle("lesion_segmentation", CPU, tmp_path, tiny=LS_TINY, datalist=dl, register_model=False, sec=sec)
+    wf, _ = run_bundle("lesion_segmentation", CPU, tmp_path, tiny=LS_TINY, datalist=dl, register_model=False, sec=sec,
+                       flip_prob=0.0)
     trainer = wf.parser.get_parsed_content("train#trainer")
     metrics = trainer.state.metrics
     assert {"psl_seed", "psl_cls"} <= set(metrics) and ({"psl_expand", "psl_constrain"} <= set(metrics)) == sec
     assert 0 < metrics["psl_labelled_share"] <= 1
     bank = wf.parser.get_parsed_content("bank")
-    assert len(bank) == 8 and bank.refreshes == 2  # refreshed after epochs 1 and 2, every training image
+    assert len(bank) == 4 and bank.refreshes == 2  # refreshed after epochs 1 and 2, the 4 fractured images
     ckpt = [f for f in os.listdir(tmp_path / "out" / "checkpoints") if f.startswith("checkpoint")]
     state = torch.load(tmp_path / "out" / "checkpoints" / ckpt[0], weights_only=False)
-    assert state["bank"]["refreshes"] == 2 and len(state["bank"]["maps"]) == 8  # resumes with its refreshed maps
+    assert state["bank"]["refreshes"] == 2 and len(state["bank"]["maps"]) == 4  # resumes with its refreshed maps
     # a refreshed map keeps its labelled pixels (the fracture box stays lesion)
     fractured = next(it for it in json.load(open(dl))["training"] if "seg_label" in it)
     initial = np.asarray(wf.parser.get_parsed_content("preprocessing")(dict(fractured))["seg_label"])[0]
     refreshed = bank.get(fractured["image"]).numpy()
     assert ((refreshed == 1) | (initial != 1)).all() and ((refreshed == 0) | (initial != 0)).all()
+    # and the training chain hands the refreshed map, not the initial one, to the next batch
+    item = next(it for it in wf.parser.get_parsed_content("train#dataset").data if it["image"] == fractured["image"])
+    sample = wf.parser.get_parsed_content("train#preprocessing")(dict(item))
+    np.testing.assert_array_equal(np.asarray(sample["seg_label"])[0], refreshed)
+    assert not any(os.sep in k for k in state["bank"]["maps"])  # keyed by a digest: no file path in the checkpoint
     run_bundle("lesion_segmentation", CPU + ["evaluate.yaml"], tmp_path, tiny=LS_TINY, datalist=dl, sec=sec)
     report = json.load(open(tmp_path / "out" / "test_psl_localization.json"))
     assert set(report["methods"]) == {"psl"} and report["methods"]["psl"]["n"] == 2

@@ -69,3 +69,16 @@ def test_psl_experiment_on_phantoms(tmp_path):
                            str(out), rounds=2, cls_overrides=CLS, seg_overrides=SEG)
     assert {p: os.path.getmtime(out / p) for p in stamps} == stamps
     assert again["psl"]["energy_in_box"] == pytest.approx(table["psl"]["energy_in_box"])
+    with pytest.raises(ValueError, match="other settings"):  # a folder made with other settings is not reused
+        psl_experiment(os.path.join(BUNDLES, "clavicle_fracture"), os.path.join(BUNDLES, "lesion_segmentation"), dl,
+                       str(out), rounds=2, q=0.3, cls_overrides=CLS, seg_overrides=SEG)
+    rows = list(csv.DictReader(open(out / "pseudo_masks" / "pseudo_masks.csv")))
+    assert all(0 < float(r["body"]) <= 1 for r in rows)
+
+
+def test_psl_refuses_a_multilabel_bundle(tmp_path):
+    from cutremain_monai.engines.lesion_segmentation import psl_experiment
+
+    dl = tiny_datalist(tmp_path, "chest", n=(2, 2, 2))
+    with pytest.raises(ValueError, match="binary bundles"):
+        psl_experiment(os.path.join(BUNDLES, "cxr14"), os.path.join(BUNDLES, "lesion_segmentation"), dl, str(tmp_path / "o"))

@@ -9,7 +9,6 @@ from monai.transforms import Compose
 from PIL import Image
 
 from cutremain_monai.constants import IGNORE_LABEL
-from cutremain_monai.io.loader import LoadXrayd
 from cutremain_monai.transforms import ApplyPseudoLabelsd, DefaultLabelMapd, LabelMapd, PseudoLabelBank
 
 
@@ -19,14 +18,20 @@ def _png(tmp_path, values, name="m.png"):
     return str(path)
 
 
-def test_label_map_png_round_trip_is_exact(tmp_path):
+def test_label_map_is_read_with_its_stored_integers(tmp_path):
     values = np.array([[0, 1, 255], [2, 0, 1]])
-    d = LoadXrayd(keys="seg_label")({"seg_label": _png(tmp_path, values)})
-    out = LabelMapd(num_classes=2)(d)["seg_label"]
+    out = LabelMapd(num_classes=2)({"seg_label": _png(tmp_path, values)})["seg_label"]
     assert out.shape == (1, 2, 3)
     np.testing.assert_array_equal(np.asarray(out)[0], values)
-    with pytest.raises(ValueError, match=r"holds \[3.0\]"):
-        LabelMapd(num_classes=2)(LoadXrayd(keys="seg_label")({"seg_label": _png(tmp_path, [[3, 0]], "bad.png")}))
+    # a map of background and ignore only stays that (a [0, 1] scaling would make 255 a class)
+    only = LabelMapd()({"seg_label": _png(tmp_path, [[0, 255]], "bg_ignore.png")})["seg_label"]
+    np.testing.assert_array_equal(np.asarray(only)[0], [[0, 255]])
+    np.save(tmp_path / "m.npy", np.array([[0, 1], [1, 0]]))
+    np.testing.assert_array_equal(np.asarray(LabelMapd()({"seg_label": str(tmp_path / "m.npy")})["seg_label"])[0], [[0, 1], [1, 0]])
+    with pytest.raises(ValueError, match=r"bad.png: field 'seg_label' holds \[3.0\]"):
+        LabelMapd(num_classes=2)({"seg_label": _png(tmp_path, [[3, 0]], "bad.png")})
+    with pytest.raises(ValueError, match="missing.png: field 'seg_label' cannot be read"):
+        LabelMapd()({"seg_label": str(tmp_path / "missing.png")})
 
 
 def test_default_label_map_from_the_image_label():
