@@ -113,3 +113,31 @@ def test_inference_writes_masks_at_native_size_and_a_valid_dicom_seg(tmp_path):
     from cutremain_monai.io.seg import read_mask_seg
 
     np.testing.assert_array_equal(read_mask_seg(seg), mask == 1)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_refresh_and_checkpoint(tmp_path):
+    """torchrun with two gloo processes: the step goes through DDP (return_parts), each rank refreshes the whole bank
+    and rank 0's checkpoint holds it."""
+    import subprocess
+    import sys
+
+    from tests.bundles.conftest import BUNDLES, config_arg
+    from tests.conftest import ROOT
+
+    dl = _pseudo_mask_datalist(tmp_path)
+    out = tmp_path / "ddp"
+    args = []
+    for k, v in LS_TINY.items():
+        args += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    root = os.path.join(BUNDLES, "lesion_segmentation")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29551", "-m", "monai.bundle",
+           "run", "--config_file", config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"]), "--bundle_root", root,
+           "--output_dir", str(out), "--datalist", dl, "--datalist_task", "None", "--register_model", "False", *args]
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = list((out / "checkpoints").glob("checkpoint_epoch=*.pt"))
+    assert len(ckpt) == 1
+    state = torch.load(ckpt[0], weights_only=False)
+    assert state["bank"]["refreshes"] == 2 and len(state["bank"]["maps"]) == 4

@@ -69,3 +69,20 @@ def test_cache_dataset_sees_a_refresh_made_after_caching():
     assert (ds[0]["seg_label"] == IGNORE_LABEL).all()
     bank.update("x", np.ones((2, 2)))
     assert (ds[0]["seg_label"] == 1).all()
+
+
+def test_datalist_resolves_seg_label_paths_and_rejects_a_non_path(tmp_path):
+    import json
+
+    from cutremain_monai.io.datalist import DatalistError, load_datalist
+
+    (tmp_path / "maps").mkdir()
+    _png(tmp_path / "maps", [[0, 1]], "a.png")
+    dl = tmp_path / "d.json"
+    dl.write_text(json.dumps({"training": [{"image": "a.png", "label": 1, "seg_label": "maps/a.png"}]}))
+    item = load_datalist(str(dl), "training")[0]
+    assert item["seg_label"] == str(tmp_path / "maps" / "a.png")
+    np.testing.assert_array_equal(np.asarray(LabelMapd()(item)["seg_label"])[0], [[0, 1]])
+    dl.write_text(json.dumps({"training": [{"image": "a.png", "label": 1, "seg_label": 3}]}))
+    with pytest.raises(DatalistError, match="seg_label"):
+        load_datalist(str(dl), "training")
