@@ -298,7 +298,7 @@ def _severity_cv(args) -> int:
     overrides, output = _overrides_and_output(args, "severity_cv")
     settings = json.loads(args.settings) if args.settings else DEFAULT_SETTINGS
     result = severity_cv(os.path.abspath(args.bundle), os.path.abspath(args.datalist), output, settings, folds=args.folds,
-                         seed=args.seed, task=args.task, **overrides)
+                         seed=args.seed, task=args.task, fold_limit=args.fold_limit, **overrides)
     print(open(os.path.join(output, "severity_cv.md")).read())
     print(open(os.path.join(output, "severity_cv_test.md")).read())
     print(f"chosen on CV: {result['chosen']}; results: {output}/severity_cv.md, severity_cv_test.md, severity_cv.json")
@@ -486,7 +486,7 @@ def main(argv=None) -> int:
     p.add_argument("--gammas", default=None, help="gamma: fractions of training images whose boxes are used (default "
                    "0,0.2,...,1.0); compare: the annotation-budget curve at these (default: none)")
     p.add_argument("--gamma-folds", type=int, default=None, help="compare: the gamma curve on the first N folds (default: all run)")
-    p.add_argument("--fold-limit", type=int, default=None, help="compare: run only the first N of the folds (a subsampled setting)")
+    p.add_argument("--fold-limit", type=int, default=None, help="compare, severity-cv: run only the first N of the folds (a subsampled setting)")
     p.add_argument("--threshold-rule", default="youden", choices=["youden", "sensitivity", "f1"],
                    help="compare: how each fold's validation share chooses the operating threshold (default youden)")
     p.add_argument("--target-sensitivity", type=float, default=0.9, help="compare: --threshold-rule sensitivity target")

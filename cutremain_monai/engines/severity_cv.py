@@ -60,8 +60,10 @@ def _name(item: dict) -> str:
 
 def severity_cv(bundle: str, datalist: str, output_dir: str, settings: Mapping[str, dict] | None = None, folds: int = 3,
                 seed: int = 0, configs: Sequence[str] = ("train.yaml", "cpu.yaml"), task: str | None = None,
-                **common) -> dict:
-    """Run (or resume) the CV and the test look (module doc); returns ``{"cv": ..., "chosen": name, "test": ...}``."""
+                fold_limit: int | None = None, **common) -> dict:
+    """Run (or resume) the CV and the test look (module doc); returns ``{"cv": ..., "chosen": name, "test": ...}``.
+    ``fold_limit``: run only the first so many of the ``folds`` folds (a subsampled setting: the tables say so, and
+    the test look is then the mean of that many fold models)."""
     from cutremain_monai.engines.severity_baselines import severity_baselines
     from cutremain_monai.metrics.severity import severity_metrics, severity_table
 
@@ -72,6 +74,8 @@ def severity_cv(bundle: str, datalist: str, output_dir: str, settings: Mapping[s
     dev = load_datalist(datalist, "training", task=task) + load_datalist(datalist, "validation", task=task)
     test = load_datalist(datalist, "test", task=task)
     splits = kfold_by_group(dev, folds, seed)
+    run_folds = len(splits) if fold_limit is None else max(1, min(len(splits), int(fold_limit)))
+    splits = splits[:run_folds]
     common = {"register_model": False, "baselines": False, "overlays": 0, **common}
     preprocess = bundle_parser(bundle, configs, **common).get_parsed_content("preprocessing")
     cv: dict[str, list[dict]] = {name: [] for name in settings}
@@ -108,13 +112,16 @@ def severity_cv(bundle: str, datalist: str, output_dir: str, settings: Mapping[s
     for name, rows in cv.items():
         summary[name] = {m: _mean_sd([r[m] for r in rows]) for m in ("mse", "pearson", "mean_zone_auc")}
     chosen = min(settings, key=lambda n: summary[n]["mse"][0])
-    lines = [f"{folds}-fold CV on the dev data ({len(dev)} images; training + validation sections, split by patient); "
-             "mean +/- sd over folds of the held-out folds' global-score metrics against the reference rater.", "",
+    subsampled = f" (only the first {run_folds} of the {folds} folds were run)" if run_folds < folds else ""
+    lines = [f"{folds}-fold CV on the dev data ({len(dev)} images; training + validation sections, split by patient)"
+             f"{subsampled}; mean +/- sd over the folds run of the held-out folds' global-score metrics against the "
+             "reference rater.", "",
              "| setting | overrides | MSE | Pearson | mean zone AUC |", "|---|---|---|---|---|"]
     for name, s in summary.items():
         ov = json.dumps(settings.get(name, {})) if name in settings else "fitted on the training folds"
         lines.append(f"| {name}{' (chosen)' if name == chosen else ''} | `{ov}` | " + " | ".join(
-            f"{s[m][0]:.3f} +/- {s[m][1]:.3f}" for m in ("mse", "pearson", "mean_zone_auc")) + " |")
+            f"{s[m][0]:.3f}" + (f" +/- {s[m][1]:.3f}" if np.isfinite(s[m][1]) else "")
+            for m in ("mse", "pearson", "mean_zone_auc")) + " |")
     with open(os.path.join(output_dir, "severity_cv.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     # the test look: fold ensembles and the baselines fitted on all of the dev data
@@ -125,9 +132,9 @@ def severity_cv(bundle: str, datalist: str, output_dir: str, settings: Mapping[s
         if not files:
             continue
         p = np.stack([np.mean([pr[f] for pr in preds], axis=0) for f in files])
-        test_metrics[f"{name} (fold ensemble of {folds})"] = severity_metrics(np.stack([y[f] for f in files]), p)
+        test_metrics[f"{name} (fold ensemble of {run_folds})"] = severity_metrics(np.stack([y[f] for f in files]), p)
     base = severity_baselines(dev, test, preprocess)
-    chosen_key = f"{chosen} (fold ensemble of {folds})"
+    chosen_key = f"{chosen} (fold ensemble of {run_folds})"
     table = severity_table(test_metrics.get(chosen_key), None, model_name=chosen_key + ", chosen on CV",
                            rater_name="", baselines={"constant": base["constant"], "zone_intensity": base["zone_intensity"]})
     others = [f"| {k} | {m['n']} | {m['mse']:.3f} | {m['mae']:.3f} | {m['pearson']:.3f} | {m['r2']:.3f} | "
@@ -137,7 +144,7 @@ def severity_cv(bundle: str, datalist: str, output_dir: str, settings: Mapping[s
     with open(os.path.join(output_dir, "severity_cv_test.md"), "w") as f:
         f.write(text)
     result = {"cv": summary, "chosen": chosen, "test": test_metrics, "baselines_test": base, "settings": settings,
-              "folds": folds, "dev_images": len(dev)}
+              "folds": folds, "folds_run": run_folds, "dev_images": len(dev)}
     with open(os.path.join(output_dir, "severity_cv.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     return result

@@ -133,7 +133,7 @@ def test_ddp_two_cpu_processes_refresh_and_checkpoint(tmp_path):
     root = os.path.join(BUNDLES, "lesion_segmentation")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29551", "-m", "monai.bundle",
            "run", "--config_file", config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"]), "--bundle_root", root,
-           "--output_dir", str(out), "--datalist", dl, "--datalist_task", "None", "--register_model", "False", *args]
+           "--output_dir", str(out), "--datalist", dl, "--datalist_task", "null", "--register_model", "False", *args]
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
