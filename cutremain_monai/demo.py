@@ -14,11 +14,15 @@ import os
 import sys
 import time
 
+from cutremain_monai.experiments.cross_validation import train_and_test
+from cutremain_monai.experiments.feature_similarity import augmentation_pairs
+from cutremain_monai.io.datalist import load_datalist
+from cutremain_monai.io.ingest import ingest
+from cutremain_monai.metrics.feature_similarity import feature_distances
+from cutremain_monai.networks import resnet
+
 
 def main(argv=None) -> int:
-    from cutremain_monai.engines.experiment import train_and_test
-    from cutremain_monai.io.ingest import ingest
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     samples = os.path.join(root, "dicom_samples")
     bundle = os.path.join(root, "bundles", "clavicle_fracture")
@@ -50,10 +54,6 @@ def main(argv=None) -> int:
     print("\n== 4. feature similarity (paper Table 6): last-conv features of validation halves vs their augmented copy")
     import torch
 
-    from cutremain_monai.engines.experiment import augmentation_pairs
-    from cutremain_monai.io.datalist import load_datalist
-    from cutremain_monai.metrics.feature_similarity import feature_distances
-    from cutremain_monai.networks import resnet
 
     val_items = load_datalist(os.path.join(samples, "datalist.json"), "validation", task="clavicle")
     print(f"{'model':<12} {'augmentation':<14} {'euclidean':>10} {'cosine':>8} {'pairs':>6}")
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         net = resnet(settings["network_depth"])
         net.load_state_dict(torch.load(os.path.join(out_dir, model_aug, "checkpoints", "model.pt"), map_location="cpu", weights_only=True))
         for aug in ("cut_remain", "sup_cutout", "hide_and_seek"):
-            d = feature_distances(net, augmentation_pairs(val_items, aug, settings["image_size"]))
+            d = feature_distances(net, augmentation_pairs(bundle, val_items, aug, settings["image_size"]))
             results[model_aug][f"features_{aug}"] = d
             print(f"{model_aug:<12} {aug:<14} {d['euclidean']:10.3f} {d['cosine']:8.4f} {d['pairs']:6d}")
     with open(os.path.join(out_dir, "demo_results.json"), "w") as f:

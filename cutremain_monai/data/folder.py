@@ -34,6 +34,10 @@ import logging
 import os
 import warnings
 
+from cutremain_monai.io.dicom import dcmread_unnamed, short_read, UnnamedFile
+from cutremain_monai.io.paths import (file_token, header_identifiers, path_carries_identifiers, resolve_path_mode,
+                                      valid_uid)
+
 __all__ = ["folder_datalist", "IMAGE_SOP_CLASS_UIDS"]
 
 logger = logging.getLogger(__name__)
@@ -76,8 +80,6 @@ def _sop_class_reason(uid: str) -> str:
     entry = UID_dictionary.get(uid)
     name = entry[0] if entry and entry[1] == "SOP Class" else ""
     if not name:
-        from cutremain_monai.io.paths import valid_uid
-
         if not valid_uid(uid):  # never echo arbitrary text
             return "invalid SOP Class UID"
         return f"unknown SOP class {uid} (not an image storage class)"
@@ -116,7 +118,6 @@ def _has_top_level_pixels(fp, ds, path: str) -> bool:
             return True
         if not head:
             return False
-    from cutremain_monai.io.dicom import dcmread_unnamed
 
     full = dcmread_unnamed(path, defer_size=256, force=False)
     return any(k in full for k in _PIXEL_KEYWORDS)
@@ -141,7 +142,6 @@ def _classify_dicom(path: str, header: dict | None = None) -> tuple[bool | None,
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from cutremain_monai.io.dicom import UnnamedFile
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warnings may quote attribute values (patient names)
@@ -152,8 +152,6 @@ def _classify_dicom(path: str, header: dict | None = None) -> tuple[bool | None,
                 except InvalidDicomError:
                     return None, ""
                 if header is not None:
-                    from cutremain_monai.io.paths import header_identifiers
-
                     header["uid"] = _raw_text(ds, 0x00080018)  # SOP Instance UID
                     header["identifiers"] = header_identifiers(ds)
                 sop = _raw_text(ds, 0x00080016)  # SOP Class UID
@@ -181,8 +179,6 @@ def _classify_dicom(path: str, header: dict | None = None) -> tuple[bool | None,
 
 def _truncation(ds) -> str:
     """A reason when the header read ended inside the file (:func:`cutremain_monai.io.dicom.short_read`)."""
-    from cutremain_monai.io.dicom import short_read
-
     found = short_read(ds)
     if found is None:
         return ""
@@ -273,7 +269,6 @@ def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: s
         files += [os.path.join(d, n) for n in names]
     rels = sorted((os.path.relpath(p, input_dir).replace(os.sep, "/"), p) for p in files)
 
-    from cutremain_monai.io.paths import file_token, path_carries_identifiers, resolve_path_mode, valid_uid
 
     resolve_path_mode(path_mode, False)
     items: list[dict] = []

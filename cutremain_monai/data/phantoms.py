@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cutremain_monai.constants import BRIXIA_ZONES, CXR14_LABELS
+from cutremain_monai.io.dx_writer import make_uid, write_dx
+from cutremain_monai.io.gsps import write_box_gsps
+from cutremain_monai.data.lung_zones import split_lung_zones
 
 __all__ = ["Phantom", "render_clavicle", "render_pelvis", "render_chest", "render_covid", "generate_samples",
            "burn_marker", "generate_shortcut_samples", "render_target_scene", "generate_background_samples",
@@ -168,8 +171,6 @@ def _lungs(yy, xx, h, w, rng):
 def phantom_lung_zone_maps(n: int, size: int = 256, seed: int = 0) -> np.ndarray:
     """``(n, size, size)`` uint8 Brixia zone maps (0 outside, 1..6) of the phantoms' two-ellipse lungs, jittered
     per map: the zone maps ``LungZonesd`` makes, for tests and the zone-pooling benchmark."""
-    from cutremain_monai.transforms.lung_zones import split_lung_zones
-
     rng = np.random.default_rng(seed)
     yy, xx = _grid(size, size)
     return np.stack([split_lung_zones(_lungs(yy, xx, size, size, rng)) for _ in range(n)])
@@ -221,7 +222,6 @@ def render_covid(rng: np.random.Generator, size: int = 192, zone_scores=None) ->
     h = w = size
     yy, xx, img, lungs = _thorax(rng, h, w, rib_amp=0.06)
     scores = list(rng.integers(0, 4, size=6)) if zone_scores is None else list(zone_scores)
-    from cutremain_monai.transforms.lung_zones import split_lung_zones
 
     zones = split_lung_zones(lungs)
     noise = rng.standard_normal((h, w))
@@ -261,8 +261,6 @@ def generate_samples(out_dir: str, seed: int = 0, counts: dict | None = None, gs
     import pydicom
     from PIL import Image
 
-    from cutremain_monai.io.dx_writer import make_uid, write_dx
-    from cutremain_monai.io.gsps import write_box_gsps
 
     counts = counts or {"clavicle": 120, "pelvis": 24, "chest": 24, "covid": 16}
     datalist: dict = {"description": "synthetic phantoms from cutremain_monai.data.phantoms", "seed": seed}
@@ -370,8 +368,6 @@ def generate_shortcut_samples(out_dir: str, n: int = 200, seed: int = 0, size: i
     ``test`` it is drawn independently of the label (probability ``test_marker_rate``), so a network that reads
     the tag scores near chance there. Writes DX files and ``datalist.json`` (section ``shortcut``; items carry
     ``marker`` (bool) and ``marker_box``) under ``out_dir``; returns the datalist."""
-    from cutremain_monai.io.dx_writer import make_uid, write_dx
-
     os.makedirs(os.path.join(out_dir, "shortcut"), exist_ok=True)
     n_train, n_val = int(round(split[0] * n)), int(round(split[1] * n))
     sections: dict = {"training": [], "validation": [], "test": []}
@@ -466,7 +462,6 @@ def generate_export_tree(root: str, n_images: int, images_per_patient: int = 2, 
     "id", "birth_date"}], "images": [paths], "damaged": [...], "not_dicom": [...]}``."""
     import pydicom
 
-    from cutremain_monai.io.dx_writer import write_dx
 
     rng = np.random.default_rng(seed)
     n_patients = max(1, -(-n_images // images_per_patient))

@@ -16,6 +16,11 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cutremain_monai.io.loader import load_xray, save_png16
 
 __all__ = ["resized_copies"]
 
@@ -24,12 +29,6 @@ def resized_copies(items: Sequence[dict], folder: str, max_side: int, key: str =
     """``items`` with ``image`` pointing at the copies in ``folder`` and ``boxes`` scaled; ``key`` (else the image
     path) stays the item's name in outputs. Items that hold paths the copy cannot follow (``gsps``, ``lung_mask``)
     are refused: their boxes or masks would no longer line up."""
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-
-    from cutremain_monai.io.loader import load_xray
-
     if max_side < 8:
         raise ValueError(f"max_side must be at least 8, got {max_side}")
     folder = os.path.abspath(folder)  # the copies are named from datalists written anywhere
@@ -54,10 +53,7 @@ def resized_copies(items: Sequence[dict], folder: str, max_side: int, key: str =
             scale = min(1.0, max_side / max(h0, w0))
             h1, w1 = max(1, round(h0 * scale)), max(1, round(w0 * scale))
             small = F.interpolate(torch.as_tensor(np.asarray(img), dtype=torch.float32)[None], size=(h1, w1), mode="area")[0, 0]
-            arr = np.clip(np.rint(small.numpy() * 65535.0), 0, 65535).astype(np.uint16)
-            tmp = path + ".tmp.png"
-            Image.fromarray(arr).save(tmp)
-            os.replace(tmp, path)
+            save_png16(path, small.numpy())
             with open(size_path, "w") as f:
                 f.write(f"{h0} {w0}")
         sy, sx = h1 / h0, w1 / w0

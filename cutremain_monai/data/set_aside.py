@@ -24,7 +24,7 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose
 
-__all__ = ["SetAsideDataset", "SetAsideError", "REPORT_FIELDS", "read_set_aside"]
+__all__ = ["SetAsideDataset", "SetAsideError", "REPORT_FIELDS", "read_set_aside", "scrub_paths"]
 
 logger = logging.getLogger(__name__)
 REPORT_FIELDS = ("section", "file", "reason")
@@ -47,7 +47,7 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".replace("\n", " ")
 
 
-def _scrub(reason: str, item, name: str) -> str:
+def scrub_paths(reason: str, item, name: str) -> str:
     """``reason`` with the item's file paths replaced by ``name`` (or ``<key> of <name>``)."""
     if not isinstance(item, dict):
         return reason
@@ -110,7 +110,7 @@ class SetAsideDataset(CacheDataset):
             try:
                 out = self._load_cache_item(i)
             except Exception as e:  # one bad file never ends the run: it is set aside with its reason
-                reason = _scrub(_reason(e), item, self._name(item))
+                reason = scrub_paths(_reason(e), item, self._name(item))
                 self.set_aside.append({"section": self.section, "file": self._name(item), "reason": reason})
                 logger.warning("%s: set aside %s (%s)", self.section, self._name(item), reason)
                 continue

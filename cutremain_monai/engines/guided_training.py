@@ -54,12 +54,12 @@ from monai.utils.enums import CommonKeys as Keys
 
 from cutremain_monai.constants import BOX_MASK
 from cutremain_monai.engines.guidance import choose_band, gain_erase, isnet_heatmap_loss
+from cutremain_monai.engines.methods import GUIDANCES, check_guidance
 from cutremain_monai.localization.grad_cam import differentiable_grad_cam
 from cutremain_monai.localization.lrp import WithInputs, lrp, make_lrp_ready
 
-__all__ = ["GuidedTraining", "GUIDANCE", "frozen_batchnorm", "selective_objective", "stochastic_targets", "labelled_class"]
+__all__ = ["GuidedTraining", "frozen_batchnorm", "selective_objective", "stochastic_targets", "labelled_class"]
 
-GUIDANCE = ("none", "gain", "isnet")
 logger = logging.getLogger(__name__)
 
 
@@ -164,10 +164,8 @@ class GuidedTraining:
                  isnet_decay: float = 0.0, isnet_e: float = 1.0, isnet_w1: float = 1.0, isnet_w2: float = 1.0,
                  isnet_foreground: str = "hybrid", isnet_bounds=(0.0, 1.0), clip_grad_norm: float | None = 1.0,
                  log_interval: int = 10, seed: int = 0, evaluator=None, key_metric_saver=None,
-                 explain_kwargs: dict | None = None, pred_from_logits: str | None = None, supported=GUIDANCE):
-        supported = tuple(supported)
-        if guidance not in supported or guidance not in GUIDANCE:
-            raise ValueError(f"guidance must be one of {', '.join(supported)} here, got {guidance!r}")
+                 explain_kwargs: dict | None = None, pred_from_logits: str | None = None, supported=GUIDANCES):
+        check_guidance(guidance, tuple(supported))
         if label_mode not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"label_mode must be binary, multiclass or multilabel, got {label_mode!r}")
         if isnet_variant not in ("selective", "stochastic", "sum"):

@@ -17,20 +17,13 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from cutremain_monai.handlers.utils import rank
-from cutremain_monai.metrics.classification import binary_metrics, multiclass_metrics, multilabel_metrics, roc_points
+from cutremain_monai.handlers.utils import gather_all, rank
+from cutremain_monai.metrics.classification import (binary_metrics, multiclass_metrics, multilabel_metrics,
+                                                    roc_points, THRESHOLD_RULES)
 
 __all__ = ["ClassificationReport"]
 
 logger = logging.getLogger(__name__)
-
-
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return t
-    from monai.utils import evenly_divisible_all_gather
-
-    return evenly_divisible_all_gather(t, concat=True)
 
 
 class ClassificationReport:
@@ -45,12 +38,9 @@ class ClassificationReport:
         threshold_rule / target_sensitivity: how the threshold is chosen on this data (``f1``, ``youden`` or
             ``sensitivity``; :func:`~cutremain_monai.metrics.classification.choose_threshold`).
     """
-
     def __init__(self, output_dir: str, prefix: str = "val", threshold=None, threshold_file: str | None = None,
                  pred_key: str = "pred", label_key: str = "label", save_roc: bool = True, mode: str = "binary",
                  class_names=None, threshold_rule: str = "f1", target_sensitivity: float = 0.9):
-        from cutremain_monai.metrics.classification import THRESHOLD_RULES
-
         if threshold_rule not in THRESHOLD_RULES:
             raise ValueError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
         self.rule, self.target_sensitivity = threshold_rule, float(target_sensitivity)
@@ -111,8 +101,8 @@ class ClassificationReport:
                                   self.rule, self.target_sensitivity)
 
     def __call__(self, engine: Engine) -> None:
-        preds = _gather(torch.cat(self._preds)) if self._preds else torch.zeros(0, 1)
-        labels = _gather(torch.cat(self._labels)) if self._labels else torch.zeros(0, 1)
+        preds = gather_all(torch.cat(self._preds)) if self._preds else torch.zeros(0, 1)
+        labels = gather_all(torch.cat(self._labels)) if self._labels else torch.zeros(0, 1)
         if len(labels) == 0:
             return
         y, p = labels.numpy(), preds.numpy()

@@ -24,7 +24,16 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from cutremain_monai.constants import BRIXIA_ZONES
 from cutremain_monai.handlers.utils import rank
+from cutremain_monai.io.dicom import (dcmread_unnamed, DicomReadError, quiet_pydicom, read_xray_dicom,
+                                      result_source_header)
+from cutremain_monai.io.gsps import write_box_gsps
+from cutremain_monai.io.secondary_capture import write_secondary_capture
+from cutremain_monai.io.seg import write_mask_seg
+from cutremain_monai.io.sr import Finding, ModelDevice, write_findings_sr
+from cutremain_monai.localization.cam import overlay_image
+from cutremain_monai.localization.grad_cam import grad_cam
 
 __all__ = ["DicomResults", "map_box", "to_source_frame"]
 
@@ -86,7 +95,6 @@ class DicomResults:
             series descriptions ("<prefix> findings", "<prefix> overlay", "<prefix> boxes", "<prefix> lung mask").
         enabled: switch (``dicom_out`` in ``inference.yaml``).
     """
-
     def __init__(self, output_dir: str, predictions, network: torch.nn.Module | None = None,
                  target_layer: str = "layer3", bundle_root: str | None = None, bundle: str = "cutremain",
                  version: str = "0.1.0",
@@ -146,7 +154,6 @@ class DicomResults:
             return
         if self.network is None:
             return
-        from cutremain_monai.localization.grad_cam import grad_cam
 
         net = self.network.module if hasattr(self.network, "module") else self.network
         device = next(net.parameters()).device
@@ -201,11 +208,6 @@ class DicomResults:
     def __call__(self, engine: Engine) -> None:
         if rank() != 0:
             return
-        from cutremain_monai.io.dicom import DicomReadError, dcmread_unnamed, quiet_pydicom, read_xray_dicom, result_source_header
-        from cutremain_monai.io.gsps import write_box_gsps
-        from cutremain_monai.io.secondary_capture import write_secondary_capture
-        from cutremain_monai.io.sr import ModelDevice, write_findings_sr
-        from cutremain_monai.localization.cam import overlay_image
 
         rows = {r["file"]: r for r in getattr(self.predictions, "rows", []) if not r.get("error")}
         device = ModelDevice(self.bundle, self.version, self.model_name, self.registry_version)
@@ -289,9 +291,6 @@ class DicomResults:
         the lung mask it scored in as a binary Segmentation (resized from the network's grid to the image)."""
         from PIL import Image
 
-        from cutremain_monai.constants import BRIXIA_ZONES
-        from cutremain_monai.io.secondary_capture import write_secondary_capture
-        from cutremain_monai.io.sr import Finding, write_findings_sr
 
         findings = [Finding(f"lung opacity zone {z}", float(row[f"p_{z}"])) for z in BRIXIA_ZONES]
         findings.append(Finding("global severity score", None, score=float(row["global_score"])))
@@ -309,8 +308,6 @@ class DicomResults:
                 software_version=self.version, series_number=self.series_number + 1, sop_instance_uid=uid,
                 series_description=f"{self.series_prefix} overlay")))
         if lung_mask is not None:
-            from cutremain_monai.io.seg import write_mask_seg
-
             jobs.append(("SEG", lambda path, uid: write_mask_seg(
                 ds, lung_mask, path, model_name=self.model_name, version=self.version, manufacturer=device.manufacturer,
                 series_number=self.series_number + 3, sop_instance_uid=uid,
@@ -320,7 +317,6 @@ class DicomResults:
     def _write(self, name: str, ds, jobs, manifest: list) -> None:
         """Each ``(kind, write(path, uid))`` under ``output_dir/<kind>/<uid>.dcm``; one that fails is listed in
         the manifest with its error type and never stops the others."""
-        from cutremain_monai.io.dicom import quiet_pydicom
 
         for kind, write in jobs:
             uid = self._uid(ds, kind)
@@ -335,8 +331,6 @@ class DicomResults:
                 manifest.append({"file": name, "object": kind, "path": "", "error": type(e).__name__})
 
     def _findings(self, row: dict, full: dict[int, np.ndarray], tau: float):
-        from cutremain_monai.io.sr import Finding
-
         out = []
         if self.label_mode == "binary":
             p = float(row["probability"])

@@ -13,7 +13,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from cutremain_monai.handlers.utils import best_model, rank
-from cutremain_monai.localization.cam import energy_in_box, save_overlay
+from cutremain_monai.localization.cam import save_overlay
+from cutremain_monai.metrics.localization import energy_in_mask
 from cutremain_monai.localization.grad_cam import grad_cam
 from cutremain_monai.localization.lrp import lrp
 
@@ -78,7 +79,7 @@ class GradCAMReport:
                 img = torch.as_tensor(s["image"]).float()[None].to(device)
                 c = self._class(s)
                 cam = self._map(model, img, c)
-                e = energy_in_box(cam, torch.as_tensor(mask)[0])
+                e = energy_in_mask(cam, torch.as_tensor(mask)[0])
                 energies.append(e)
                 with torch.no_grad():
                     prob = self._prob(model(img), c)

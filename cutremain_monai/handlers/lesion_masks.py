@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from cutremain_monai.data.set_aside import scrub_paths
 from cutremain_monai.handlers.utils import rank
+from cutremain_monai.io.dicom import drop_source_equipment, quiet_pydicom, result_source_header
+from cutremain_monai.io.loader import is_dicom_path
+from cutremain_monai.io.seg import write_mask_seg
+from cutremain_monai.localization.cam import save_overlay
+from cutremain_monai.metrics.localization import largest_component_box
 
 __all__ = ["LesionMaskWriter"]
 
@@ -69,8 +75,6 @@ class LesionMaskWriter:
     def _collect(self, engine: Engine) -> None:
         from PIL import Image
 
-        from cutremain_monai.localization.cam import save_overlay
-        from cutremain_monai.metrics.localization import largest_component_box
 
         out = engine.state.output
         outs = out if isinstance(out, list) else [out]
@@ -112,15 +116,11 @@ class LesionMaskWriter:
     def _seg(self, sample: dict, mask: np.ndarray, stem: str) -> str:
         path = str(sample.get("image_path", ""))
         try:
-            from cutremain_monai.io.loader import is_dicom_path
-
             if not path or not os.path.exists(path) or not is_dicom_path(path):
                 return ""
             import pydicom
             from pydicom.sr.codedict import codes
 
-            from cutremain_monai.io.dicom import drop_source_equipment, quiet_pydicom, result_source_header
-            from cutremain_monai.io.seg import write_mask_seg
 
             with quiet_pydicom():
                 ds = result_source_header(pydicom.dcmread(path))
@@ -133,9 +133,8 @@ class LesionMaskWriter:
                 seg.save_as(os.path.join(self.output_dir, "seg", stem + ".dcm"), enforce_file_format=True)
             return ""
         except Exception as e:  # noqa: BLE001 (the mask and the row are kept; the table names the failure)
-            from cutremain_monai.data.set_aside import _scrub
 
-            reason = _scrub(f"{type(e).__name__}: {e}", sample, stem)  # no file path in the table
+            reason = scrub_paths(f"{type(e).__name__}: {e}", sample, stem)  # no file path in the table
             logger.warning("lesion SEG of %s not written (%s)", stem, reason)
             return f"DICOM Segmentation not written: {reason}"
 

@@ -1,20 +1,99 @@
-"""Evaluator handler: at the end of an evaluation, the localisation table of the evaluated model (CAM, Grad-CAM,
-LRP... scored against the boxes) for the evaluated images, through the same code as ``cutremain localize``
-(:func:`cutremain_monai.engines.localize.localize_items`), so the bundle's ``evaluate.yaml`` and the command give
-the same numbers. Loc. Acc.'s threshold comes from ``val_items`` (the validation section), never from the images
-reported. Rank 0 only."""
+"""Where the model looks, measured: maps of several methods for the boxed images of a datalist section, scored with
+the localisation metrics, written as a per-image CSV, a method x metric table, side-by-side overlays, and MLflow.
+
+:func:`localize_items` writes the report; ``cutremain localize`` (:mod:`cutremain_monai.experiments.localize`) and
+the evaluator handler :class:`LocalizationReport` (the classification bundles' ``evaluate.yaml``) both call it, so
+they give the same table for the same model and images. The maps come from
+:mod:`cutremain_monai.localization.report`, the scores from :func:`cutremain_monai.metrics.localization.score_maps`:
+energy in box, pointing game, IoU accuracy at 0.5 (largest component of the min-max map at 0.5), MaxBoxAcc (v1),
+and Loc. Acc. (IoU >= 0.4) at the threshold chosen on the validation section when one is given (never on the
+section reported), else reported as "max over tau" and marked. The handler runs on rank 0 only."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Compose
 
 from cutremain_monai.handlers.utils import rank
+from cutremain_monai.localization.report import case_maps, check_map_methods, scored_cases, write_overlays
+from cutremain_monai.metrics.localization import localization_table_md, score_maps
 
-__all__ = ["LocalizationReport"]
+__all__ = ["LocalizationReport", "localize_items"]
+
+logger = logging.getLogger(__name__)
+
+
+def localize_items(model: torch.nn.Module, items: Sequence[dict], load: Callable, final: Callable, output_dir: str,
+                   methods: Sequence[str] = ("cam", "gradcam", "lrp"), label_mode: str = "binary",
+                   class_names: Sequence[str] = (), lesion_box_labels=None, prefix: str = "test",
+                   val_items: Sequence[dict] | None = None, layer: str | None = None, bounds=None, overlays: int = 16,
+                   tracking_uri: str | None = None, experiment_name: str = "localization", run_name: str | None = None,
+                   method_kwargs: dict | None = None) -> dict:
+    """Score ``methods`` on ``items`` (module doc); writes ``{prefix}_localization.csv``, ``{prefix}_localization_table.md``
+    (``.json`` also, with Loc. Acc. at every threshold) and ``{prefix}_localization_overlays/``; returns the table
+    ``{method: {metric: value}}``. ``method_kwargs``: ``{method: {argument: value}}`` for :func:`~cutremain_monai.localization.report.compute_map`."""
+    methods = check_map_methods(methods)
+    lesion = None if lesion_box_labels is None else set(lesion_box_labels)
+    was_training = model.training
+    model.eval()
+    try:
+        taus = None
+        if val_items:
+            val = case_maps(model, scored_cases(val_items, load, final, label_mode, class_names, lesion), methods, layer, bounds, method_kwargs)
+            _, _, taus = score_maps(val, methods, None)
+        results = case_maps(model, scored_cases(items, load, final, label_mode, class_names, lesion), methods, layer, bounds, method_kwargs)
+    finally:
+        model.train(was_training)
+    rows, table, _ = score_maps(results, methods, taus)
+    os.makedirs(output_dir, exist_ok=True)
+    csv_path = os.path.join(output_dir, f"{prefix}_localization.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "method", "class", "energy_in_box", "pointing_hit", "iou@0.5", "loc_hit", "flat"])
+        w.writeheader()
+        w.writerows(rows)
+    md = os.path.join(output_dir, f"{prefix}_localization_table.md")
+    with open(md, "w") as f:
+        f.write(localization_table_md(table))
+    with open(os.path.join(output_dir, f"{prefix}_localization.json"), "w") as f:
+        json.dump({"methods": table, "validation_tau": taus or {}}, f, indent=1)
+    ov_dir = os.path.join(output_dir, f"{prefix}_localization_overlays")
+    write_overlays(results, methods, ov_dir, overlays)
+    if tracking_uri:
+        _log_mlflow(tracking_uri, experiment_name, run_name or prefix, table, [csv_path, md], ov_dir)
+    logger.info("localisation (%d samples):\n%s", len(results), localization_table_md(table))
+    return table
+
+
+def _log_mlflow(uri, experiment, run_name, table, files, folder) -> None:
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=run_name):
+            mlflow.log_metrics({f"{m}_{k}".replace("@", "_at_"): float(v) for m, t in table.items() for k, v in t.items()
+                                if isinstance(v, (int, float)) and np.isfinite(v)})
+            for p in files:
+                mlflow.log_artifact(p)
+            if os.path.isdir(folder):
+                mlflow.log_artifacts(folder, artifact_path=os.path.basename(folder))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 
 
 class LocalizationReport:
@@ -37,8 +116,6 @@ class LocalizationReport:
     def __call__(self, engine: Engine) -> None:
         if not self.enabled or rank() != 0:
             return
-        from cutremain_monai.engines.localize import localize_items
-
         net = self.network.module if hasattr(self.network, "module") else self.network
         self.table = localize_items(net, self.items, self.load, self.final, self.output_dir, methods=self.methods,
                                     label_mode=self.label_mode, class_names=self.class_names,

@@ -23,6 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from cutremain_monai.constants import IGNORE_LABEL, IMAGE, LABEL, SEG_LABEL
+from cutremain_monai.localization.pseudo_masks import refresh_labels
 
 __all__ = ["RefreshPseudoLabels"]
 
@@ -51,7 +52,6 @@ class RefreshPseudoLabels:
     def __call__(self, engine: Engine) -> None:
         if not self.due(engine.state.epoch):
             return
-        from cutremain_monai.localization.pseudo_masks import refresh_labels
 
         net = self.network.module if hasattr(self.network, "module") else self.network
         device = next(net.parameters()).device

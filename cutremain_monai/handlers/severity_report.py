@@ -17,10 +17,12 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from cutremain_monai.handlers.classification_report import _gather
-from cutremain_monai.handlers.utils import rank
+from cutremain_monai.handlers.utils import gather_all, rank
+from cutremain_monai.localization.cam import save_overlay
+from cutremain_monai.localization.lrp import make_lrp_ready, outside_share, severity_relevance
 from cutremain_monai.localization.severity_overlay import save_severity_overlay
 from cutremain_monai.metrics.severity import beats_baselines, rater_agreement, severity_metrics, severity_table
+from cutremain_monai.metrics.severity_baselines import severity_baselines
 
 __all__ = ["SeverityReport"]
 
@@ -35,10 +37,9 @@ class SeverityReport:
         relevance: also draw the LRP relevance of the zone logits (what ISNet trains; the first ensemble member)
             over the whole image, with the share outside the lungs, under ``{prefix}_relevance_overlays/``.
         baseline_items / baseline_transform: the training items and the preprocessing chain: the constant and
-            zone-intensity baselines (:mod:`cutremain_monai.engines.severity_baselines`) are fitted on them once
+            zone-intensity baselines (:mod:`cutremain_monai.metrics.severity_baselines`) are fitted on them once
             and scored on ``items`` beside the model (rows of the table, ``baselines`` in the JSON).
     """
-
     def __init__(self, output_dir: str, prefix: str = "val", items: list | None = None, network=None, dataset=None,
                  overlays: int = 8, pred_key: str = "pred", label_key: str = "label", relevance: bool = False,
                  baseline_items: list | None = None, baseline_transform=None):
@@ -69,7 +70,7 @@ class SeverityReport:
     def __call__(self, engine: Engine) -> None:
         if not self._p:
             return
-        p, y = _gather(torch.cat(self._p)).numpy(), _gather(torch.cat(self._y)).numpy()
+        p, y = gather_all(torch.cat(self._p)).numpy(), gather_all(torch.cat(self._y)).numpy()
         m = severity_metrics(y, p)
         raters = rater_agreement(self.items)
         for k in ("mse", "mae", "pearson", "r2", "mean_zone_auc"):
@@ -90,8 +91,6 @@ class SeverityReport:
 
     def _baselines(self) -> dict | None:
         if self.baselines is None and self.baseline_items and self.baseline_transform is not None:
-            from cutremain_monai.engines.severity_baselines import severity_baselines
-
             out = severity_baselines(self.baseline_items, self.items, self.baseline_transform)
             self.baselines = {k: v for k, v in out.items() if k != "n_train"}
         return self.baselines
@@ -120,7 +119,6 @@ class SeverityReport:
                                   title=f"global {float(probs.sum()):.1f}" + (f" / ref {int(np.sum(labels))}" if labels is not None else ""))
             if self.relevance:
                 if explainer is None:  # one LRP-ready copy per drawing, not per image
-                    from cutremain_monai.localization.lrp import make_lrp_ready
 
                     explainer = make_lrp_ready(members[0]).eval()
                 self._draw_relevance(explainer, x, mask, zones, s["image"][0], i)
@@ -128,9 +126,6 @@ class SeverityReport:
         return n
 
     def _draw_relevance(self, model, x, mask, zones, image, i: int) -> None:
-        from cutremain_monai.localization.cam import save_overlay
-        from cutremain_monai.localization.lrp import outside_share, severity_relevance
-
         relevance = severity_relevance(model, x, mask, zones).detach()
         outside = float(outside_share(relevance, mask)[0])
         heat = relevance.abs()[0, 0].cpu()

@@ -29,6 +29,9 @@ from ignite.engine import Engine, Events
 from monai.transforms import Compose
 
 from cutremain_monai.handlers.utils import rank
+from cutremain_monai.localization.cam import save_overlay
+from cutremain_monai.metrics.localization import largest_component_box
+from cutremain_monai.transforms.patches import PATCH_TYPE, RandPatchesd
 
 __all__ = ["PatchTypeHistogram", "TargetnessWriter", "comparison_table"]
 
@@ -41,7 +44,6 @@ class PatchTypeHistogram:
         preprocessing: the bundle's chain to the model's size (with ``box_mask``).
         num_patches / patch_size / min_inside: as in training; ``bins``: histogram bins over [0, 1].
     """
-
     def __init__(self, network: torch.nn.Module, items: Sequence[dict], preprocessing, output_dir: str,
                  num_patches: int = 8, patch_size: int = 48, min_inside: float = 0.1, prefix: str = "test",
                  bins: int = 20, seed: int = 0, enabled: bool = True):
@@ -56,7 +58,6 @@ class PatchTypeHistogram:
 
     def scores(self) -> dict[str, np.ndarray]:
         """Backgroundness ``1 - p`` of the sampled patches, by type."""
-        from cutremain_monai.transforms.patches import PATCH_TYPE, RandPatchesd
 
         net = self.network.module if hasattr(self.network, "module") else self.network
         patcher = RandPatchesd(keys="image", num_patches=self.num_patches, patch_size=self.patch_size,
@@ -153,7 +154,6 @@ class TargetnessWriter:
         min_score: the image-level score below which no box is drawn (0.5: the covering windows call the pixel
             target on average).
     """
-
     def __init__(self, output_dir: str, tau: float = 0.5, tau_file: str | None = None, overlays: bool = True,
                  set_aside=None, method: str = "targetness", min_score: float = 0.5):
         self.output_dir, self.overlays, self.set_aside, self.method = output_dir, overlays, set_aside, method
@@ -169,9 +169,6 @@ class TargetnessWriter:
         engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _collect(self, engine: Engine) -> None:
-        from cutremain_monai.localization.cam import save_overlay
-        from cutremain_monai.metrics.localization import largest_component_box
-
         out = engine.state.output
         outs = out if isinstance(out, list) else [out]
         batch = engine.state.batch  # MONAI decollates it into one dict per image

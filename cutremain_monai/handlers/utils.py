@@ -6,15 +6,24 @@ import copy
 import os
 
 import torch
+from monai.utils import evenly_divisible_all_gather
 
 from cutremain_monai.networks.ensemble import checkpoint_state
 
-__all__ = ["rank", "best_model"]
+__all__ = ["rank", "gather_all", "best_model"]
 
 
 def rank() -> int:
     """This process's rank under torch.distributed, 0 when not distributed."""
     return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def gather_all(t: torch.Tensor) -> torch.Tensor:
+    """``t`` concatenated over every process under torch.distributed (MONAI's even all-gather; uneven shards padded
+    and trimmed), ``t`` itself when not distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return t
+    return evenly_divisible_all_gather(t, concat=True)
 
 
 def best_model(network: torch.nn.Module, checkpoint: str | None = None) -> torch.nn.Module:

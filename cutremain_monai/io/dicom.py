@@ -24,7 +24,7 @@ from monai.utils import ensure_tuple, optional_import
 
 pydicom, _ = optional_import("pydicom")
 
-__all__ = ["DicomReadError", "UnnamedFile", "dcmread_unnamed", "quiet_pydicom", "result_source_header", "drop_source_equipment", "read_xray_dicom", "XrayDicomReader", "WINDOW_AUTO", "WINDOW_NONE"]
+__all__ = ["DicomReadError", "element_value", "UnnamedFile", "dcmread_unnamed", "quiet_pydicom", "result_source_header", "drop_source_equipment", "read_xray_dicom", "XrayDicomReader", "WINDOW_AUTO", "WINDOW_NONE"]
 
 WINDOW_AUTO = "auto"  # first VOI LUT / window in the file, else min-max of the modality output
 WINDOW_NONE = "none"  # no VOI transform: min-max of the modality output
@@ -42,7 +42,7 @@ class DicomReadError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-def _multi(value, index: int = 0) -> float:
+def element_value(value, index: int = 0) -> float:
     """One value of a possibly multi-valued DICOM element."""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return float(value[index])
@@ -355,8 +355,8 @@ def _window_from(ds, window) -> dict | None:
             raise ValueError(f"window index {index} out of range: {n} window(s) in the file")
         fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         return {
-            "center": _multi(ds.WindowCenter, index),
-            "width": _multi(ds.WindowWidth, index),
+            "center": element_value(ds.WindowCenter, index),
+            "width": element_value(ds.WindowWidth, index),
             "function": fn,
             "source": "WindowCenter/WindowWidth",
         }

@@ -20,6 +20,9 @@ import numpy as np
 from monai.config import PathLike
 from monai.utils import optional_import
 
+from cutremain_monai.io.boxes import validate_boxes
+from cutremain_monai.io.dicom import element_value, DicomReadError, read_dataset
+
 pydicom, _ = optional_import("pydicom")
 hd, _ = optional_import("highdicom")
 
@@ -60,8 +63,6 @@ def read_gsps_file(path: PathLike, image_size: dict[str, tuple[int, int]] | None
     """:func:`read_gsps_boxes` of the file ``path``; anything unreadable in it (not DICOM, truncated, a corrupt
     element, a malformed graphic) is a :class:`~cutremain_monai.io.dicom.DicomReadError` naming the file and the
     reason."""
-    from cutremain_monai.io.dicom import DicomReadError, read_dataset
-
     ds = read_dataset(path) if dataset is None else dataset
     try:
         return read_gsps_boxes(ds, image_size)
@@ -124,8 +125,6 @@ def write_box_gsps(
     Returns the ``highdicom`` dataset, also saved to ``path`` when given. The window of the image (if any) is
     carried over as the softcopy VOI LUT so a viewer shows the image as the annotator saw it.
     """
-    from cutremain_monai.io.boxes import validate_boxes
-
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(labels) != len(boxes):
         raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
@@ -151,9 +150,7 @@ def write_box_gsps(
         )
     voi = None
     if "WindowCenter" in image_ds and "WindowWidth" in image_ds:
-        from cutremain_monai.io.dicom import _multi
-
-        wc, ww = _multi(image_ds.WindowCenter), _multi(image_ds.WindowWidth)
+        wc, ww = element_value(image_ds.WindowCenter), element_value(image_ds.WindowWidth)
         voi = [hd.pr.SoftcopyVOILUTTransformation(window_center=wc, window_width=ww)]
     # MONOCHROME1 (most CR): the presentation LUT inverts, or a conforming viewer shows the image negative
     inverse = str(image_ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"

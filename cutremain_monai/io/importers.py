@@ -30,6 +30,8 @@ import numpy as np
 
 from cutremain_monai.constants import BRIXIA_ZONES, CXR14_LABELS
 from cutremain_monai.io.boxes import validate_boxes, xywh_to_xyxy
+from cutremain_monai.io.dicom import dcmread_unnamed
+from cutremain_monai.io.loader import decode_image
 
 __all__ = [
     "ImportedItems",
@@ -54,7 +56,6 @@ QUARANTINE_FIELDS = ("file", "status", "reason")
 class ImportedItems(list):
     """The items of an import (a plain ``list`` of dicts) plus ``quarantined``: ``[(file, reason), ...]``, the
     images or masks left out because they do not decode."""
-
     def __init__(self, items=(), quarantined=()):
         super().__init__(items)
         self.quarantined = list(quarantined)
@@ -79,8 +80,6 @@ def write_quarantine(path: str, quarantined) -> str:
 
 def _decode(path: str) -> tuple[tuple[int, int] | None, str | None]:
     """``((H, W), None)`` when ``path`` decodes completely (as training reads it), else ``(None, reason)``."""
-    from cutremain_monai.io.loader import decode_image
-
     try:
         return decode_image(path), None
     except Exception as e:  # any decoder error sets this one file aside, with its type and message
@@ -118,8 +117,6 @@ def _image_size(path: str) -> tuple[int, int] | None:
     """(H, W) from the file header (PIL for raster images, pydicom for DICOM); None when unreadable."""
     try:
         if path.lower().endswith((".dcm", ".dicom")):
-            from cutremain_monai.io.dicom import dcmread_unnamed
-
             ds = dcmread_unnamed(path, stop_before_pixels=True)
             return int(ds.Rows), int(ds.Columns)
         from PIL import Image

@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cutremain_monai.io.boxes import validate_boxes
-from cutremain_monai.io.datalist import save_datalist, split_by_group
+from cutremain_monai.io.datalist import load_datalist, save_datalist, split_by_group
 from cutremain_monai.io.dicom import DicomReadError, check_xray_image, read_dataset, read_xray_dicom
 from cutremain_monai.io.gsps import gsps_referenced_sop_uids, is_gsps, read_gsps_file
-from cutremain_monai.io.sr import is_sr, read_sr_file, sr_referenced_sop_uids
 from cutremain_monai.io.importers import import_csv
+from cutremain_monai.io.near_duplicates import group_near_duplicates_for_split
 from cutremain_monai.io.paths import (
     QUARANTINED,
     LinkFolder,
@@ -59,6 +59,7 @@ from cutremain_monai.io.paths import (
     valid_uid,
 )
 from cutremain_monai.io.pseudonyms import keyed_pseudonym, site_key
+from cutremain_monai.io.sr import is_sr, read_sr_file, sr_referenced_sop_uids
 
 __all__ = ["IngestReport", "ingest", "journal_path", "link_folder_path"]
 
@@ -70,7 +71,6 @@ JOURNAL_VERSION = 1
 @dataclass
 class IngestReport:
     """What an ingest did; ``quarantined`` / ``box_warnings`` hold (name as written, reason)."""
-
     images: int = 0
     presentation_states: int = 0
     structured_reports: int = 0
@@ -128,7 +128,7 @@ def _walk(root: str, skip_prefixes: tuple[str, ...] = ()) -> Iterator[tuple[str,
 _PLACEHOLDER = "<file>"
 
 
-def _scrub(text: str, path: str) -> str:
+def scrub_paths(text: str, path: str) -> str:
     """An error message without the file's path (messages of open(), pydicom and decoders quote it, sometimes in
     its repr): the report names the file itself, by a name that carries no identifier."""
     for p in sorted({path, os.path.abspath(path), repr(path)[1:-1], repr(os.path.abspath(path))[1:-1]}, key=len,
@@ -170,11 +170,11 @@ def _examine(args: tuple[str, str, bytes]) -> dict:
         rec.update(t="image", uid=str(meta["sop_instance_uid"] or ""), group=keyed_pseudonym(pid, key),
                    size=[int(meta["rows"]), int(meta["columns"])])
     except DicomReadError as e:
-        rec["reason"] = _scrub(e.reason, path)
+        rec["reason"] = scrub_paths(e.reason, path)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # a batch never dies for one file: anything else is reported with its type
-        rec["reason"] = _scrub(f"unexpected error ({type(e).__name__}: {e})", path)
+        rec["reason"] = scrub_paths(f"unexpected error ({type(e).__name__}: {e})", path)
     return rec
 
 
@@ -277,8 +277,6 @@ def _read_journal(path: str, header: dict) -> tuple[dict[str, dict], dict[str, i
 def _external_boxes(path: str) -> dict[str, dict]:
     """Boxes keyed by absolute image path, from a plain CSV or a datalist JSON."""
     if path.lower().endswith(".json"):
-        from cutremain_monai.io.datalist import load_datalist
-
         with open(path) as f:
             sections = [k for k in json.load(f) if k in ("training", "validation", "test")]
         items = [it for s in sections for it in load_datalist(path, s)]
@@ -318,7 +316,7 @@ def ingest(
             the report gives them.
         near_duplicates: with ``split``, merge the patient groups of images whose thumbnails correlate at
             ``|r| >=`` this (the same radiograph exported twice under different PatientIDs); see
-            :mod:`cutremain_monai.data.near_duplicates`.
+            :mod:`cutremain_monai.io.near_duplicates`.
         path_mode: ``auto`` | ``relative`` | ``uid`` (:mod:`cutremain_monai.io.paths`); ``auto`` decides on the
             whole batch (uid when any file's full path holds its own patient's name, ID or birth date).
         workers: processes that decode files (1: in this process).
@@ -463,7 +461,7 @@ def ingest(
             refs = [u for u in (gsps_referenced_sop_uids(ds) if kind == "gsps" else sr_referenced_sop_uids(ds))
                     if u in images]
         except DicomReadError as e:
-            quarantine(rel, path, _scrub(e.reason, path))
+            quarantine(rel, path, scrub_paths(e.reason, path))
             continue
         except Exception as e:  # a corrupt reference sequence is reported, never ends the batch
             quarantine(rel, path, f"{what} unreadable ({type(e).__name__})")
@@ -484,7 +482,7 @@ def ingest(
         try:
             found_boxes = read_gsps_file(path, sizes, dataset=ds) if kind == "gsps" else read_sr_file(path, ds)
         except DicomReadError as e:  # a corrupt presentation state / report is reported, never ends the batch
-            quarantine(rel, path, _scrub(e.reason, path))
+            quarantine(rel, path, scrub_paths(e.reason, path))
             continue
         try:
             ids = header_identifiers(ds)  # the presentation state / report carries its patient's module
@@ -514,8 +512,6 @@ def ingest(
     report.images = len(items)
     near = {}
     if split and near_duplicates:
-        from cutremain_monai.data.near_duplicates import group_near_duplicates_for_split
-
         on_disk = [{**it, "image": where[it["image"]] if links is None else os.path.join(links.folder, it["image"])}
                    for it in items]
         merged, near, _ = group_near_duplicates_for_split(on_disk, near_duplicates, output)  # all readable here

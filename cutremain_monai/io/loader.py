@@ -55,6 +55,7 @@ from monai.utils import ensure_tuple
 from cutremain_monai.io.dicom import XrayDicomReader
 
 __all__ = [
+    "save_png16",
     "load_xray",
     "LoadXrayd",
     "LoadXrayD",
@@ -340,3 +341,18 @@ def split_readable(
         else:
             bad.append(failed)
     return ok, bad
+
+
+def save_png16(path: str, image) -> str:
+    """Write an image in [0, 1] (``(H, W)`` or ``(1, H, W)``) as a 16-bit PNG that :func:`load_xray` reads back to the
+    same intensities (to 1 / 65535), atomically (a temporary file, then a rename); returns ``path``."""
+    from PIL import Image
+
+    a = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float64).squeeze()
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp.png"
+    Image.fromarray(np.clip(np.rint(a * 65535.0), 0, 65535).astype(np.uint16)).save(tmp)
+    os.replace(tmp, path)
+    return path

@@ -29,7 +29,7 @@ import unicodedata
 
 from cutremain_monai.io.pseudonyms import keyed_pseudonym
 
-__all__ = ["PATH_MODES", "header_identifiers", "path_carries_identifiers", "file_token", "LinkFolder",
+__all__ = ["unique_stem", "PATH_MODES", "header_identifiers", "path_carries_identifiers", "file_token", "LinkFolder",
            "resolve_path_mode", "valid_uid"]
 
 PATH_MODES = ("auto", "relative", "uid")
@@ -155,3 +155,12 @@ class LinkFolder:
                 shutil.copy2(src, tmp)
         os.replace(tmp, dst)  # atomic: a killed ingest never leaves a half-made link under the final name
         return dst
+
+
+def unique_stem(path: str, seen: dict) -> str:
+    """The file name of ``path`` without its extension, made unique among the names ``seen`` so far (``IM1``,
+    ``IM1_1``, ...); ``seen`` counts each stem and is updated."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    n = seen.get(stem, 0)
+    seen[stem] = n + 1
+    return stem if n == 0 else f"{stem}_{n}"

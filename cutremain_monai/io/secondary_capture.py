@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cutremain_monai.io.dicom import drop_source_equipment
+
 __all__ = ["write_secondary_capture", "burn_caption"]
 
 CAPTION_PREFIX = "MODEL OUTPUT, NOT A DIAGNOSIS"
@@ -71,7 +73,6 @@ def write_secondary_capture(
     import highdicom as hd
     from pydicom.dataset import Dataset
 
-    from cutremain_monai.io.dicom import drop_source_equipment
 
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:

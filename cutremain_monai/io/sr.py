@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cutremain_monai.io.boxes import validate_boxes
+from cutremain_monai.io.dicom import DicomReadError, drop_source_equipment, read_dataset
+
 __all__ = ["Finding", "ModelDevice", "write_findings_sr", "read_sr_findings", "read_sr_boxes", "read_sr_file",
            "is_sr", "SR_SOP_CLASS_UIDS", "finding_code"]
 
@@ -55,7 +58,6 @@ class Finding:
     """One answer of the model for an image: ``name`` (a class name), ``probability`` in [0, 1], and ``box``
     (xyxy, stored-image pixels) when the finding is localised; or, with ``score`` (and ``probability`` None), a
     score such as COVID severity's global Brixia score (unit ``{score}``)."""
-
     name: str
     probability: float | None
     box: Sequence[float] | None = None
@@ -65,7 +67,6 @@ class Finding:
 @dataclass
 class ModelDevice:
     """The model as the SR's observer: bundle name and version, model name, registry version (when registered)."""
-
     bundle: str
     version: str
     model_name: str
@@ -112,8 +113,6 @@ def write_findings_sr(
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from cutremain_monai.io.boxes import validate_boxes
-    from cutremain_monai.io.dicom import drop_source_equipment
 
     if not findings:
         raise ValueError("an SR needs at least one finding")
@@ -311,8 +310,6 @@ def _regions_of_item(item):
 def read_sr_file(path, dataset=None) -> dict[str, list[tuple[np.ndarray, str]]]:
     """:func:`read_sr_boxes` of the file ``path``; anything unreadable is a
     :class:`~cutremain_monai.io.dicom.DicomReadError` naming the file and the reason."""
-    from cutremain_monai.io.dicom import DicomReadError, read_dataset
-
     ds = read_dataset(path) if dataset is None else dataset
     try:
         sr = is_sr(ds)  # (a corrupt SOP Class UID element fails here: found by fuzzing)

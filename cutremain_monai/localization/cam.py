@@ -1,5 +1,5 @@
-"""Class activation maps (CAM, Zhou et al. 2016) for networks ending in global average pooling + linear, the
-share of map energy inside the ground-truth boxes, and PNG overlays with the boxes drawn.
+"""Class activation maps (CAM, Zhou et al. 2016) for networks ending in global average pooling + linear, and PNG
+overlays with the boxes drawn.
 
 Grad-CAM and Grad-CAM++ (any named layer) live in :mod:`cutremain_monai.localization.grad_cam`; both modules share
 the conventions below (the helpers here are used by both):
@@ -13,9 +13,8 @@ the conventions below (the helpers here are used by both):
   train / eval flag is restored afterwards; hooks are removed even when the call fails; parameters' ``.grad`` is
   never touched.
 
-``energy_in_box`` is the localisation number the Cut&Remain paper argues about ("does the model look at the
-lesion"): ``sum(cam * M) / sum(cam)`` with ``M`` the union of the boxes, 1.0 when all the evidence lies in the
-annotated region and about ``box_area / image_area`` for a map that ignores it.
+The share of a map's energy inside the boxes, the localisation number the Cut&Remain paper argues about, is
+:func:`cutremain_monai.metrics.localization.energy_in_box` (and ``energy_in_mask`` for a mask already drawn).
 """
 
 from __future__ import annotations
@@ -28,7 +27,9 @@ import numpy as np
 import torch
 from monai.visualize.visualizer import default_upsampler
 
-__all__ = ["cam", "cam_grid", "energy_in_box", "overlay_image", "save_overlay"]
+from cutremain_monai.localization.normalise import as_array, normalise_map
+
+__all__ = ["cam", "cam_grid", "overlay_image", "save_overlay"]
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -224,26 +225,14 @@ def cam(model: torch.nn.Module, x: torch.Tensor, target=None, normalise: bool = 
 
 
 # ------------------------------------------------------------------------------------- box agreement, overlays
-def energy_in_box(cam, box_mask) -> float:
-    """Share of the map's total energy inside ``box_mask`` (same spatial shape); NaN for an all-zero map."""
-    cam = np.asarray(cam.detach().cpu() if isinstance(cam, torch.Tensor) else cam, dtype=np.float64)
-    mask = np.asarray(box_mask.detach().cpu() if isinstance(box_mask, torch.Tensor) else box_mask) > 0
-    if cam.shape != mask.shape:
-        raise ValueError(f"cam shape {cam.shape} and box mask shape {mask.shape} differ")
-    total = cam.sum()
-    return float(cam[mask].sum() / total) if total > 0 else float("nan")
-
-
 def overlay_image(image, cam, boxes: Sequence[Sequence[float]] = (), title: str = ""):
     """Grey image + jet-coloured CAM (alpha 0.4) + green ground-truth boxes, as a PIL RGB image (matplotlib's
     colormap)."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
-    img = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32).squeeze()
-    heat = np.asarray(cam.detach().cpu() if isinstance(cam, torch.Tensor) else cam, dtype=np.float32).squeeze()
-    lo, hi = float(img.min()), float(img.max())
-    grey = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    grey = normalise_map(as_array(image, np.float32).squeeze()).astype(np.float32)
+    heat = as_array(cam, np.float32).squeeze()
     rgb = np.stack([grey] * 3, axis=-1)
     colour = colormaps["jet"](np.clip(heat, 0, 1))[..., :3]
     blend = (0.6 * rgb + 0.4 * colour) * 255

@@ -9,7 +9,7 @@ components, boxed, become ``boxes`` that Cut&Remain can use on images nobody ann
 What this adds to MONAI / scikit-image (``label``, ``regionprops``): the AE-specific rules (top-q with ties kept
 whole, per-map normalisation, erasing with a fill value, union bookkeeping, boxes of the largest components in the
 project's xyxy pixel-edge convention). The rounds themselves (training the bundle each round, early stopping on the
-validation AUC) are :func:`cutremain_monai.engines.erasing.adversarial_erasing`.
+validation AUC) are :func:`cutremain_monai.experiments.erasing.adversarial_erasing`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cutremain_monai.localization.normalise import as_array, normalise_map
+
 __all__ = ["top_region", "erase", "mined_boxes"]
 
 
 def _normalised(cam) -> np.ndarray:
-    a = np.asarray(cam.detach().cpu() if isinstance(cam, torch.Tensor) else cam, dtype=np.float64).squeeze()
+    a = as_array(cam).squeeze()
     if a.ndim != 2:
         raise ValueError(f"a map must be (H, W) (or (1, H, W)), got shape {a.shape}")
     if not np.all(np.isfinite(a)):
         raise ValueError("the map holds NaN or inf")
-    lo, hi = a.min(), a.max()
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return normalise_map(a)
 
 
 def top_region(cam, q: float = 0.2, delta: float | None = None) -> np.ndarray:

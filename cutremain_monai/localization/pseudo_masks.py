@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from cutremain_monai.constants import IGNORE_LABEL
+from cutremain_monai.localization.normalise import normalise_map
 
-__all__ = ["IGNORE", "body_mask", "normalise_map", "pseudo_mask", "refresh_labels"]
+__all__ = ["IGNORE", "body_mask", "pseudo_mask", "refresh_labels"]
 
 IGNORE = IGNORE_LABEL
 
@@ -42,11 +43,6 @@ def _array(x, name: str, ndim: int | None = None) -> np.ndarray:
     return a
 
 
-def normalise_map(m) -> np.ndarray:
-    """Min-max normalised copy of a map (a constant map -> zeros)."""
-    a = _array(m, "map").astype(np.float64)
-    lo, hi = float(a.min()), float(a.max())
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
 def body_mask(image, min_area: float = 0.01) -> np.ndarray:

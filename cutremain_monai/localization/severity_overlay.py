@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cutremain_monai.constants import BRIXIA_ZONES
+from cutremain_monai.localization.normalise import normalise_map
 
 __all__ = ["zone_borders", "save_severity_overlay"]
 
@@ -34,8 +35,7 @@ def save_severity_overlay(path: str, image, lesion_map, zones, zone_probs=None, 
     img = _np(image).astype(np.float32)
     heat = np.clip(_np(lesion_map).astype(np.float32), 0, 1)
     z = _np(zones).astype(np.int64)
-    lo, hi = float(img.min()), float(img.max())
-    grey = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    grey = normalise_map(img).astype(np.float32)
     rgb = np.stack([grey] * 3, axis=-1)
     colour = colormaps["jet"](heat)[..., :3]
     alpha = np.where(z > 0, 0.45, 0.0)[..., None]

@@ -15,7 +15,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-__all__ = ["THRESHOLD_RULES", "auc_ci", "best_f1_threshold", "choose_threshold", "binary_metrics", "multiclass_metrics", "multilabel_metrics", "mean_auc", "roc_points"]
+__all__ = ["THRESHOLD_RULES", "auc_or_nan", "auc_ci", "best_f1_threshold", "choose_threshold", "binary_metrics", "multiclass_metrics", "multilabel_metrics", "mean_auc", "roc_points"]
 
 
 def best_f1_threshold(y_true, y_score) -> float:
@@ -37,7 +37,6 @@ THRESHOLD_RULES = ("f1", "youden", "sensitivity")
 
 def choose_threshold(y_true, y_score, rule: str = "f1", target_sensitivity: float = 0.9) -> float:
     """The operating threshold chosen on these (validation) labels by ``rule``:
-
     - ``f1``: best F1 (:func:`best_f1_threshold`). F1 counts true negatives nowhere, so the threshold moves with
       the share of positives: chosen where half the images are positive, it flags too many where few are.
     - ``youden``: the score that maximises Youden's J = sensitivity + specificity - 1 (ties: the higher score).
@@ -90,7 +89,8 @@ def roc_points(y_true, y_score):
     return fpr, tpr
 
 
-def _auc_or_nan(y, p) -> float:
+def auc_or_nan(y, p) -> float:
+    """ROC AUC of binary labels ``y`` and scores ``p``; NaN when ``y`` holds one class only."""
     y = np.asarray(y).astype(int)
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
@@ -100,7 +100,7 @@ def auc_ci(y_true, y_score, n_boot: int = 2000, alpha: float = 0.05, seed: int =
     ``n_boot`` times; resamples with one class only are drawn again). NaN when ``y_true`` has one class."""
     y = np.asarray(y_true).reshape(-1).astype(int)
     p = np.asarray(y_score, dtype=np.float64).reshape(-1)
-    auc = _auc_or_nan(y, p)
+    auc = auc_or_nan(y, p)
     if not np.isfinite(auc):
         return auc, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
@@ -124,7 +124,7 @@ def mean_auc(y_true, y_score) -> float:
     negatives, common for rare findings in a small validation set, is left out instead of making the mean NaN)."""
     y = np.asarray(y_true).reshape(len(y_true), -1)
     p = np.asarray(y_score, dtype=np.float64).reshape(len(y_score), -1)
-    return _nanmean([_auc_or_nan(y[:, k], p[:, k]) for k in range(y.shape[1])])
+    return _nanmean([auc_or_nan(y[:, k], p[:, k]) for k in range(y.shape[1])])
 
 
 def multiclass_metrics(y_true, y_prob, class_names=None) -> dict:
@@ -142,7 +142,7 @@ def multiclass_metrics(y_true, y_prob, class_names=None) -> dict:
         raise ValueError(f"{len(names)} class names for {k} classes")
     pred = p.argmax(1)
     f1s = f1_score(y, pred, labels=list(range(k)), average=None, zero_division=0)
-    per_class = {n: {"auc": _auc_or_nan(y == c, p[:, c]), "f1": float(f1s[c]), "support": int((y == c).sum())}
+    per_class = {n: {"auc": auc_or_nan(y == c, p[:, c]), "f1": float(f1s[c]), "support": int((y == c).sum())}
                  for c, n in enumerate(names)}
     return {
         "auc": _nanmean([v["auc"] for v in per_class.values()]),
@@ -181,7 +181,7 @@ def multilabel_metrics(y_true, y_prob, class_names=None, thresholds=None, rule: 
     cr = recall_score(y, pred, average="macro", zero_division=0)
     per_class = {}
     for c, n in enumerate(names):
-        per_class[n] = {"auc": _auc_or_nan(y[:, c], p[:, c]),
+        per_class[n] = {"auc": auc_or_nan(y[:, c], p[:, c]),
                         "ap": float(average_precision_score(y[:, c], p[:, c])) if y[:, c].any() else float("nan"),
                         "f1": float(f1_score(y[:, c], pred[:, c], zero_division=0)), "threshold": float(t[c]),
                         "positives": int(y[:, c].sum())}

@@ -41,18 +41,23 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from cutremain_monai.localization.normalise import is_flat, normalise_map
+
 __all__ = [
     "IOU_ACCURACY_THRESHOLDS",
     "LOC_ACC_THRESHOLDS",
     "boxes_mask",
     "choose_tau",
     "energy_in_box",
+    "energy_in_mask",
     "iou_accuracy",
     "largest_component_box",
     "loc_acc",
     "loc_acc_at",
     "max_box_acc",
     "pointing_game",
+    "score_maps",
+    "localization_table_md",
 ]
 
 IOU_ACCURACY_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -186,20 +191,27 @@ def _overlap(pred: np.ndarray, gts: np.ndarray, mode: str) -> float:
     return float((inter / (area_p + area_g - inter)).max())
 
 
-def _minmax(m: np.ndarray) -> np.ndarray | None:
-    lo, hi = float(m.min()), float(m.max())
-    return None if hi <= lo else (m - lo) / (hi - lo)
-
-
 # ----------------------------------------------------------------------------------------------------- metrics
+def energy_in_mask(map_, mask) -> float:
+    """Share of one map's non-negative energy inside a binary ``mask`` of the same shape: ``sum(S[mask]) / sum(S)``
+    with ``S = max(map, 0)``, the rule of :func:`energy_in_box` for a mask already drawn (the bundles' ``box_mask``
+    at the network's size); NaN for a map that is all zero after clipping."""
+    m = _np(map_)
+    inside = _np(mask) > 0
+    if m.shape != inside.shape:
+        raise ValueError(f"map shape {m.shape} and mask shape {inside.shape} differ")
+    s = np.clip(m, 0.0, None)
+    total = s.sum()
+    return float(s[inside].sum() / total) if total > 0 else float("nan")
+
+
 def energy_in_box(maps, boxes, image_size=None) -> dict:
     """Share of each map's non-negative energy that lies inside the union of its boxes (Score-CAM's
     "energy-based pointing game"): ``sum(S[inside]) / sum(S)`` with ``S = max(map, 0)`` (negative values are
     clipped to 0, not min-max shifted), "inside" by the pixel-centre rule of :func:`boxes_mask`; overlapping
     boxes count each pixel once.
 
-    Batched and box-based, unlike ``cutremain_monai.localization.cam.energy_in_box(cam, box_mask)``, which takes
-    one map and a mask and does not clip negatives.
+    Batched and box-based; :func:`energy_in_mask` is the same rule for one map and a mask already drawn.
 
     Returns a dict: ``per_image`` (B,) float, NaN for an image without boxes and for a map that is all zero after
     clipping; ``mean`` over the finite per-image values (both kinds of NaN left out); ``n_scored``;
@@ -307,9 +319,9 @@ def iou_accuracy(maps, boxes, thresholds=IOU_ACCURACY_THRESHOLDS, iou: float = 0
         if not len(b):
             continue
         ov[i] = 0.0
-        norm = _minmax(mi)
-        if norm is None:
+        if float(mi.max()) <= float(mi.min()):  # a constant map has no region
             continue
+        norm = normalise_map(mi)
         last_count, last_box = -1, None
         for k, t in enumerate(th):
             binary = norm >= t
@@ -424,3 +436,66 @@ def loc_acc_at(maps, boxes, tau: float, iou: float = 0.4, image_size=None) -> di
         "n_scored": r["n_scored"],
         "iou": float(iou),
     }
+
+
+def score_maps(results, methods, tau_from: dict | None) -> tuple[list[dict], dict, dict]:
+    """``results``: ``(name, native image, boxes (N, 4), class, {method: map at the image's size})`` per image
+    (:func:`cutremain_monai.localization.report.case_maps`). Per-image scores, the table, and the Loc. Acc.
+    threshold each method would choose on these images. Images are scored one by one (their native sizes differ) and the per-threshold hits averaged, which is what the metrics'
+    batch forms compute for same-size maps."""
+    rows, table, taus = [], {}, {}
+    for method in methods:
+        if not results:
+            table[method] = {}
+            continue
+        energy, hits, iou05, hit05, mba, loc = [], [], [], [], [], []
+        first_row = len(rows)
+        for name, _, boxes, target, maps in results:
+            m, b = maps[method], [boxes]
+            e = float(energy_in_box(m, b)["per_image"][0])
+            h = int(pointing_game(m, b)["hits"][0])
+            r = iou_accuracy(m, b, thresholds=(0.5,), iou=0.5)
+            mb = max_box_acc(m, b, iou=0.5)
+            la = loc_acc(m, b, iou=0.4)
+            energy.append(e)
+            hits.append(h)
+            iou05.append(float(r["overlaps"][0, 0]))
+            hit05.append(float(r["correct"][0, 0]))
+            mba.append(np.asarray(mb["correct"][0], dtype=float))
+            loc.append(np.asarray(la["correct"][0], dtype=float))
+            rows.append({"image": name, "method": method, "class": target, "energy_in_box": round(e, 5),
+                         "pointing_hit": h, "iou@0.5": round(iou05[-1], 5),
+                         "flat": int(is_flat(m))})
+        loc_thresholds = np.asarray(la["thresholds"], dtype=float)
+        loc_curve = np.mean(loc, axis=0)
+        own_tau = choose_tau({"thresholds": loc_thresholds, "accuracy": loc_curve})
+        taus[method] = own_tau
+        if tau_from and method in tau_from:  # the validation threshold, applied as it is
+            tau = float(tau_from[method])
+            tau_hits = [int(loc_acc_at(mp[method], [bx], tau)["correct"][0]) for _, _, bx, _, mp in results]
+            loc_value, loc_note = float(np.mean(tau_hits)), f"tau {tau:.2f} from validation"
+        else:
+            k = int(np.argmax(loc_curve))
+            tau_hits = [int(hit[k]) for hit in loc]
+            loc_value, loc_note = float(loc_curve.max()), "max over tau on this set"
+        for row, hit in zip(rows[first_row:], tau_hits):  # the image's Loc. Acc. hit at the tau the table uses
+            row["loc_hit"] = hit
+        table[method] = {"energy_in_box": float(np.nanmean(energy)) if np.isfinite(energy).any() else float("nan"),
+                         "pointing_game": float(np.mean(hits)), "iou_acc@0.5": float(np.mean(hit05)),
+                         "max_box_acc": float(np.mean(mba, axis=0).max()), "loc_acc": loc_value,
+                         "loc_acc_tau": loc_note, "n": len(results),
+                         "loc_acc_by_tau": {f"{t:.2f}": float(a) for t, a in zip(loc_thresholds, loc_curve)}}
+    return rows, table, taus
+
+
+def localization_table_md(table: dict) -> str:
+    """The method x metric table of :func:`score_maps` as markdown."""
+    lines = ["| method | energy in box | pointing game | IoU acc @0.5 | MaxBoxAcc | Loc. Acc. (IoU >= 0.4) | images |",
+             "|---|---|---|---|---|---|---|"]
+    for method, t in table.items():
+        if not t:
+            lines.append(f"| {method} | - | - | - | - | - | 0 |")
+            continue
+        lines.append(f"| {method} | {t['energy_in_box']:.3f} | {t['pointing_game']:.3f} | {t['iou_acc@0.5']:.3f} | "
+                     f"{t['max_box_acc']:.3f} | {t['loc_acc']:.3f} ({t['loc_acc_tau']}) | {t['n']} |")
+    return "\n".join(lines) + "\n"

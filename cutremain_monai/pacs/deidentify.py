@@ -34,6 +34,9 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from cutremain_monai.io.dicom import dcmread_unnamed
+from cutremain_monai.io.pseudonyms import site_key
+
 __all__ = ["DeidentifyReport", "deidentify", "REMOVED"]
 
 logger = logging.getLogger(__name__)
@@ -98,9 +101,7 @@ def deidentify(in_dir: str, out_dir: str, key: bytes | None = None, report_path:
     import dicognito
     from dicognito.anonymizer import Anonymizer
 
-    from cutremain_monai.io.dicom import dcmread_unnamed
 
-    from cutremain_monai.io.pseudonyms import site_key
 
     key = site_key() if key is None else key
     anonymizers: dict[str, Anonymizer] = {}

@@ -29,6 +29,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cutremain_monai.engines.bundle import bundle_configs, bundle_files
+from cutremain_monai.io.paths import file_token, valid_uid
+from cutremain_monai.io.pseudonyms import keyed_pseudonym, site_key
+
 __all__ = ["Destination", "send_files", "send_folder", "RetryQueue", "Listener", "parse_destination"]
 
 logger = logging.getLogger(__name__)
@@ -112,7 +116,6 @@ class RetryQueue:
     """Results that could not be sent: each file in ``folder`` beside ``<file>.json`` (destination, reason,
     attempts, next try). ``add`` keeps a copy; ``retry_due`` sends what is due and backs off what fails again
     (``base_delay * 2**attempts``, at most ``max_delay``)."""
-
     def __init__(self, folder: str, base_delay: float = 5.0, max_delay: float = 3600.0):
         self.folder = folder
         self.base_delay, self.max_delay = base_delay, max_delay
@@ -181,8 +184,6 @@ XRAY_SOP_CLASS_UIDS = frozenset(["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1
 
 def _is_xray_image(ds) -> str:
     """"" when ``ds`` can be scored, else why not."""
-    from cutremain_monai.io.paths import valid_uid
-
     sop = str(ds.get("SOPClassUID", ""))
     if sop not in XRAY_SOP_CLASS_UIDS:
         return "not a projection X-ray for presentation (CR / DX / MG / IO / SC)"
@@ -206,12 +207,9 @@ class Listener:
         overrides: bundle settings (``output_dir`` holding the trained checkpoint, ``image_size`` ...).
         quiet_seconds: a study is scored this long after its last instance arrived.
     """
-
     def __init__(self, bundle: str, work_dir: str, forward: Destination, ae_title: str = "CUTREMAIN",
                  port: int = 11112, host: str = "127.0.0.1", configs: Sequence[str] = ("train.yaml",),
                  overrides: dict | None = None, quiet_seconds: float = 5.0, retry_base_delay: float = 5.0):
-        from cutremain_monai.io.pseudonyms import site_key
-
         self.bundle, self.work_dir, self.forward = os.path.abspath(bundle), os.path.abspath(work_dir), forward
         self.ae_title, self.port, self.host = ae_title, int(port), host
         self.configs = list(configs)
@@ -242,13 +240,9 @@ class Listener:
 
     # --- receiving ---
     def _study_token(self, study_uid: str) -> str:
-        from cutremain_monai.io.pseudonyms import keyed_pseudonym
-
         return "s" + keyed_pseudonym("study:" + study_uid, self.key)
 
     def _set_aside(self, ds, reason: str) -> None:
-        from cutremain_monai.io.paths import file_token
-
         token = file_token("received:" + str(ds.get("SOPInstanceUID", "")) + str(time.time()), self.key)
         path = os.path.join(self.work_dir, "set_aside", token + ".dcm")
         try:
@@ -312,7 +306,6 @@ class Listener:
         the instances under ``scored/``. A failure puts them back and the study is tried again later."""
         from monai.bundle import ConfigWorkflow
 
-        from cutremain_monai.engines.experiment import bundle_configs, bundle_files
 
         incoming = os.path.join(self.work_dir, "incoming", token)
         names = sorted(f for f in os.listdir(incoming) if f.endswith(".dcm")) if os.path.isdir(incoming) else []

@@ -22,6 +22,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 
 from cutremain_monai.constants import BOX_MASK, BOXES
+from cutremain_monai.io.boxes import validate_boxes
 
 __all__ = [
     "RecordSized",
@@ -72,8 +73,6 @@ def check_boxes(boxes, key: Hashable = BOXES) -> np.ndarray:
 
 def clip_boxes(boxes: np.ndarray, height: int, width: int, source: str = "") -> np.ndarray:
     """Clip to the image; warn (naming ``source``) about clipped boxes; drop empty ones with a warning."""
-    from cutremain_monai.io.boxes import validate_boxes
-
     kept, _, _ = validate_boxes(boxes, (height, width), source=source or "boxes")
     return kept
 
@@ -113,7 +112,6 @@ def aspect_ratio_boxes(box: Sequence[float], factors: Sequence[float] = ASPECT_F
 
 class BoxesToMask(Transform):
     """Boxes ``(N, 4)`` xyxy -> union mask ``(1, H, W)`` (float32 0/1) for an image of ``spatial_size``."""
-
     def __call__(self, boxes, spatial_size: Sequence[int]) -> torch.Tensor:
         return torch.from_numpy(boxes_to_mask(boxes, spatial_size)[None].astype(np.float32))
 
@@ -124,7 +122,6 @@ class BoxesToMaskd(MapTransform):
     The mask is what batch-level transforms (``SupCutmixd``, ``SupMixupd``) read after collation, where boxes of
     different counts cannot be stacked.
     """
-
     def __init__(
         self,
         keys: KeysCollection = BOXES,
@@ -165,7 +162,6 @@ class SwapBoxAxesd(MapTransform):
     ``[SwapBoxAxesd("boxes"), FlipBoxd(image_keys="image", box_keys="boxes", spatial_axis=1), SwapBoxAxesd("boxes")]``
     flips columns (``spatial_axis=1`` is the last axis of a ``(C, H, W)`` image).
     """
-
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
@@ -184,7 +180,6 @@ SwapBoxAxesD = SwapBoxAxesDict = SwapBoxAxesd
 class RecordSized(MapTransform):
     """Store the spatial size of ``keys[0]`` as ``name`` (``[H, W]``) before a resize, so a box found at the
     model's size can be taken back to the image's own pixels (background learning's inference boxes)."""
-
     def __init__(self, keys: KeysCollection = "image", name: str = "native_size", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.name = name

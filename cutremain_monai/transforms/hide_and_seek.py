@@ -19,6 +19,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, Transform
 
 from cutremain_monai.constants import IMAGE
+from cutremain_monai.io.loader import load_xray
 
 __all__ = ["HideAndSeek", "HideAndSeekd", "HideAndSeekD", "HideAndSeekDict", "dataset_mean"]
 
@@ -29,8 +30,6 @@ def _load_image(path: str):
     """The training loader (:func:`cutremain_monai.io.loader.load_xray`): DICOM through the display pipeline,
     PNG / JPEG / ... scaled by their bit depth, NIfTI / MHA / NRRD by the loader's rule; all ``(1, H, W)`` in
     [0, 1], the scale the network is trained on (PNG / JPEG used to come in unscaled, 0-255)."""
-    from cutremain_monai.io.loader import load_xray
-
     return load_xray(path)
 
 
@@ -63,7 +62,6 @@ class HideAndSeek(Randomizable, Transform):
         grid_sizes: patch side lengths in pixels to draw from per image (0 = no hiding).
         prob: probability of hiding each patch (0.5 in the paper).
     """
-
     def __init__(self, mean: float | Sequence[float], grid_sizes: Sequence[int] = DEFAULT_GRID_SIZES, prob: float = 0.5):
         if not grid_sizes or any(int(g) < 0 for g in grid_sizes):
             raise ValueError(f"grid_sizes must be non-negative ints, got {grid_sizes}")
@@ -112,7 +110,6 @@ class HideAndSeek(Randomizable, Transform):
 
 class HideAndSeekd(Randomizable, MapTransform):
     """Dictionary wrapper of :class:`HideAndSeek` (one draw per sample, applied to every key)."""
-
     def __init__(
         self,
         keys: KeysCollection = IMAGE,

@@ -55,7 +55,7 @@ def run_bundle(bundle: str, configs, tmp_path, tiny=None, workflow_type="train",
     from monai.bundle import ConfigWorkflow
 
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    from cutremain_monai.engines.experiment import bundle_configs, bundle_files
+    from cutremain_monai.engines.bundle import bundle_configs, bundle_files
 
     path = os.path.join(root or BUNDLES, bundle)
     settings = {"bundle_root": path, "output_dir": str(tmp_path / "out"), "datalist_task": None,

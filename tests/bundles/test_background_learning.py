@@ -101,7 +101,7 @@ def test_ddp_two_cpu_processes(tmp_path, scenes):
 
 def test_background_plan_modes_in_the_bundle(tmp_path, scenes):
     """bg_ratio 4 by more patches per background image, or by repeating the background images."""
-    from cutremain_monai.engines.experiment import bundle_parser
+    from cutremain_monai.engines.bundle import bundle_parser
 
     parser = bundle_parser(os.path.join(BUNDLES, "background_learning"), CPU, datalist=scenes, datalist_task="background",
                            bg_ratio=4)
@@ -123,7 +123,7 @@ def test_background_learning_localises_where_cam_does_not(tmp_path):
     mislabelled ones (F). Measured when written (seed 0): BG x1 0.375, CAM 0.000 on the 8 test targets; P 0.525,
     F 0.584, N 0.554. The bounds are loose on purpose."""
     from cutremain_monai.data.phantoms import generate_background_samples
-    from cutremain_monai.engines.background_learning import background_experiment
+    from cutremain_monai.experiments.background_learning import background_experiment
 
     generate_background_samples(str(tmp_path / "scenes"), n=80, size=64)
     rows = background_experiment(os.path.join(BUNDLES, "background_learning"), str(tmp_path / "scenes" / "datalist.json"),

@@ -47,7 +47,7 @@ def test_train_ensemble_evaluate_register(tmp_path, covid_data):
     # the evaluated model is the mean of the last two epochs' models: recompute one sample by hand
     from monai.bundle import ConfigParser
 
-    from cutremain_monai.engines.experiment import bundle_configs
+    from cutremain_monai.engines.bundle import bundle_configs
     from cutremain_monai.io import load_datalist
 
     parser = ConfigParser()
@@ -155,7 +155,7 @@ def test_lung_seg_then_inference(tmp_path, covid_data):
 
 @pytest.mark.slow
 def test_self_training_rounds(tmp_path, covid_data):
-    from cutremain_monai.engines.self_training import progressive_self_training, read_schedule
+    from cutremain_monai.experiments.self_training import progressive_self_training, read_schedule
     from cutremain_monai.io import load_datalist
 
     assert read_schedule(os.path.join(BUNDLES, "covid_severity"))["schedule"] == [0.3, 0.6, 1.0]

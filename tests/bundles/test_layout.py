@@ -71,7 +71,7 @@ def test_shared_classification_yaml_identical():
 def test_check_properties(tmp_path, bundle):
     from monai.bundle import ConfigWorkflow
 
-    from cutremain_monai.engines.experiment import bundle_configs, bundle_files
+    from cutremain_monai.engines.bundle import bundle_configs, bundle_files
 
     root = os.path.join(BUNDLES, bundle)
     dl = tiny_datalist(tmp_path, TASKS[bundle], n=(2, 2, 2))
@@ -254,7 +254,7 @@ def test_gpu_setting_is_channels_last_resnet50_with_amp(tmp_path):
     batches are in channels_last layout (what the comparison's GPU setting runs)."""
     from monai.bundle import ConfigParser
 
-    from cutremain_monai.engines.experiment import bundle_configs
+    from cutremain_monai.engines.bundle import bundle_configs
 
     root = os.path.join(BUNDLES, "clavicle_fracture")
     parser = ConfigParser()

@@ -4,7 +4,8 @@ against a hand-built case."""
 import numpy as np
 import pytest
 
-from cutremain_monai.localization.pseudo_masks import IGNORE, body_mask, normalise_map, pseudo_mask, refresh_labels
+from cutremain_monai.localization.normalise import normalise_map
+from cutremain_monai.localization.pseudo_masks import IGNORE, body_mask, pseudo_mask, refresh_labels
 
 
 def _phantom():

@@ -21,38 +21,23 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["METHODS", "method_settings", "shortcut_experiment", "score_shortcut", "shortcut_table"]
+from cutremain_monai.data.phantoms import generate_shortcut_samples
+from cutremain_monai.engines.bundle import bundle_parser, load_network
+from cutremain_monai.experiments.cross_validation import train_and_test
+from cutremain_monai.handlers.reproducibility import latest_checkpoint
+from cutremain_monai.io.datalist import load_datalist
+from cutremain_monai.localization.report import compute_map
+from cutremain_monai.metrics.classification import auc_ci, mean_auc
+from cutremain_monai.metrics.localization import energy_in_box
+from cutremain_monai.engines.methods import method_overrides
+
+__all__ = ["shortcut_experiment", "score_shortcut", "shortcut_table"]
 
 logger = logging.getLogger(__name__)
-
-# method -> bundle settings; "isnet_free" is ISNet without the gradient clipping (and with GWRP decay 0.9): on this
-# small set the clipped steps (gradient norms of ~100 clipped to 1) barely move the heatmap loss in 20 epochs
-METHODS = {"none": {"augmentation": "none", "guidance": "none"},
-           "cut_remain": {"augmentation": "cut_remain", "guidance": "none"},
-           "sup_cutout": {"augmentation": "sup_cutout", "guidance": "none"},
-           "gain": {"augmentation": "none", "guidance": "gain"},
-           "isnet": {"augmentation": "none", "guidance": "isnet"},
-           "isnet_free": {"augmentation": "none", "guidance": "isnet", "clip_grad_norm": None, "isnet_decay": 0.9},
-           "cut_remain+isnet": {"augmentation": "cut_remain", "guidance": "isnet"},
-           "cut_remain+isnet_free": {"augmentation": "cut_remain", "guidance": "isnet", "clip_grad_norm": None, "isnet_decay": 0.9}}
-
-
-def method_settings(method: str) -> dict:
-    if method not in METHODS:
-        raise ValueError(f"unknown shortcut method {method!r}; choose from {', '.join(METHODS)}")
-    return dict(METHODS[method])
-
 
 def score_shortcut(bundle: str, datalist: str, checkpoints: dict, **overrides) -> dict:
     """Scores of each trained model (``{name: checkpoint path}``) on the shortcut datalist (see the module
     docstring): ``{name: scores}``. The bundle is parsed and the images preprocessed once for all of them."""
-    from cutremain_monai.engines.experiment import bundle_parser
-    from cutremain_monai.engines.localize import compute_map
-    from cutremain_monai.io.datalist import load_datalist
-    from cutremain_monai.metrics.classification import auc_ci, mean_auc
-    from cutremain_monai.metrics.localization import energy_in_box
-    from cutremain_monai.networks.ensemble import checkpoint_state
-
     parser = bundle_parser(bundle, ["train.yaml", "cpu.yaml"], datalist=datalist, **overrides)
     chain = parser.get_parsed_content("preprocessing")
     loader = next(t for t in chain.transforms if type(t).__name__ == "LoadXrayd")
@@ -72,9 +57,7 @@ def score_shortcut(bundle: str, datalist: str, checkpoints: dict, **overrides) -
     lesion_boxes = [[b for b, lab in zip(it["boxes"], it["box_labels"]) if lab == "fracture"] for it, p in zip(items, pos) if p]
     results = {}
     for name, checkpoint in checkpoints.items():
-        model = parser.get_parsed_content("network_def", instantiate=True)
-        model.load_state_dict(checkpoint_state(checkpoint))
-        model.eval()
+        model = load_network(parser, checkpoint)
         with torch.no_grad():
             prob = {s: torch.sigmoid(model(xs)).reshape(-1).numpy() for s, (_, xs, _) in data.items()}
         auc, low, high = auc_ci(y, prob["test"])
@@ -95,12 +78,8 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
                         data_dir: str | None = None, **overrides) -> list[dict]:
     """Generate the shortcut set (once, under ``data_dir`` or ``output_dir/data``), train and score every method;
     writes ``shortcut_results.csv`` / ``shortcut_table.md`` under ``output_dir`` and returns the rows."""
-    from cutremain_monai.data.phantoms import generate_shortcut_samples
-    from cutremain_monai.engines.experiment import train_and_test
-    from cutremain_monai.handlers.reproducibility import latest_checkpoint
-
     for m in methods:
-        method_settings(m)
+        method_overrides(m)
     data_dir = os.path.abspath(data_dir or os.path.join(output_dir, "data"))
     datalist = os.path.join(data_dir, "datalist.json")
     if not os.path.exists(datalist):
@@ -114,7 +93,7 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
         out = os.path.abspath(os.path.join(output_dir, m.replace("+", "_")))
         logger.info("shortcut test: training %s", m)
         train_and_test(bundle, datalist, out, task="shortcut", run_name=f"shortcut_{m}",
-                       **{**settings, **method_settings(m)})
+                       **{**settings, **method_overrides(m)})
         ckpt_dir = os.path.join(out, "checkpoints")
         scores = score_shortcut(bundle, datalist, {"best val": os.path.join(ckpt_dir, "model.pt"), "last": latest_checkpoint(ckpt_dir)},
                                 **{k: v for k, v in settings.items() if k in ("split_halves", "image_size", "network_depth", "cam_layer")},

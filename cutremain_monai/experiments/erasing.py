@@ -1,7 +1,7 @@
 """Adversarial-erasing rounds over a classification bundle (seed 002's AE region mining), run by
 ``cutremain experiment erase``.
 
-Round t trains the bundle (its own configs, through :func:`~cutremain_monai.engines.experiment.run_bundle`) on the
+Round t trains the bundle (its own configs, through :func:`~cutremain_monai.experiments.cross_validation.run_bundle`) on the
 images of round t, takes the CAM of the ground-truth class of every positive training sample (each half, for
 bundles that split images) through the bundle's one preprocessing chain, marks its top ``q`` share of pixels (or
 the pixels at or above ``delta`` of the min-max map), adds the region to the image's union of mined regions, and
@@ -28,57 +28,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cutremain_monai.engines.experiment import bundle_parser, run_bundle
-from cutremain_monai.engines.localize import positive_classes
+from cutremain_monai.engines.bundle import bundle_parser, load_network, run_bundle
 from cutremain_monai.io.datalist import load_datalist
-from cutremain_monai.io.loader import load_xray
-from cutremain_monai.localization.cam import cam
-from cutremain_monai.localization.erasing import mined_boxes, top_region
-from cutremain_monai.networks.ensemble import checkpoint_state
+from cutremain_monai.io.loader import load_xray, save_png16
+from cutremain_monai.io.paths import unique_stem
+from cutremain_monai.localization.erasing import erase, mined_boxes, top_region
+from cutremain_monai.localization.report import positive_class_maps, positive_classes
 from cutremain_monai.transforms.hide_and_seek import dataset_mean
 
-__all__ = ["adversarial_erasing"]
+__all__ = ["adversarial_erasing", "mined_region"]
 
 logger = logging.getLogger(__name__)
 
 
-def _region_for(item: dict, preprocess, model, label_mode: str, q: float, delta: float | None, layer_pool: str,
-                shape: tuple[int, int]) -> np.ndarray:
+def mined_region(item: dict, preprocess, model, label_mode: str, q: float, delta: float | None, layer_pool: str,
+                 shape: tuple[int, int]) -> np.ndarray:
     """The round's mined region of one image at its native size (union over its positive samples and classes)."""
     samples = preprocess(dict(item))
     samples = samples if isinstance(samples, list) else [samples]
     h, w = shape
     region = np.zeros((h, w), dtype=bool)
-    device = next(model.parameters()).device
     for s in samples:
-        classes = positive_classes(s["label"], label_mode)
-        if not classes:
-            continue
-        half = s.get("half")
-        x0, x1 = {"left": (0, w // 2), "right": (w // 2, w)}.get(half, (0, w))
-        x = torch.as_tensor(s["image"]).float()[None].to(device)
-        maps = cam(model, x, target=[classes[0]] if len(classes) == 1 else None, pool=layer_pool)
-        for c in classes:
-            m = maps[0, 0] if maps.shape[1] == 1 else maps[0, c]
-            r = top_region(m.cpu(), q=q, delta=delta)
+        x0, x1 = {"left": (0, w // 2), "right": (w // 2, w)}.get(s.get("half"), (0, w))
+        for m in positive_class_maps(model, s, label_mode, pool=layer_pool).values():
+            r = top_region(m, q=q, delta=delta)
             r = F.interpolate(torch.as_tensor(r, dtype=torch.float32)[None, None], size=(h, x1 - x0), mode="nearest")[0, 0]
             region[:, x0:x1] |= r.numpy() > 0.5
     return region
-
-
-def _save_png16(path: str, image: np.ndarray) -> str:
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(np.clip(np.rint(image * 65535), 0, 65535).astype(np.uint16)).save(path)
-    return path
-
-
-def _stem(path: str, seen: dict) -> str:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    n = seen.get(stem, 0)
-    seen[stem] = n + 1
-    return stem if n == 0 else f"{stem}_{n}"
 
 
 def adversarial_erasing(bundle: str, datalist: str, output_dir: str, rounds: int = 3, q: float = 0.2,
@@ -102,7 +78,7 @@ def adversarial_erasing(bundle: str, datalist: str, output_dir: str, rounds: int
         json.dump({"fill": fill, "rounds": rounds, "q": q, "delta": delta, "max_auc_drop": max_auc_drop, "pool": pool,
                    "configs": list(configs), "overrides": settings}, f, indent=1, default=str)
     seen: dict = {}
-    stems = [_stem(it["image"], seen) for it in originals]
+    stems = [unique_stem(it["image"], seen) for it in originals]
     union: dict[int, np.ndarray] = {}
     current = [dict(it) for it in originals]
     rows, prev_auc = [], None
@@ -125,9 +101,7 @@ def adversarial_erasing(bundle: str, datalist: str, output_dir: str, rounds: int
             break
         parser = bundle_parser(bundle, configs, **{**settings, "output_dir": out})
         preprocess = parser.get_parsed_content("preprocessing")
-        model = parser.get_parsed_content("network_def", instantiate=True)
-        model.load_state_dict(checkpoint_state(parser.get_parsed_content("model_path")))
-        model.eval()
+        model = load_network(parser)
         shares = []
         nxt = []
         for i, (orig, it) in enumerate(zip(originals, current)):
@@ -135,16 +109,14 @@ def adversarial_erasing(bundle: str, datalist: str, output_dir: str, rounds: int
                 nxt.append(it)
                 continue
             image = load_xray(orig["image"]).numpy()[0]
-            region = _region_for(it, preprocess, model, label_mode, q, delta, pool, image.shape)
+            region = mined_region(it, preprocess, model, label_mode, q, delta, pool, image.shape)
             if region.any() or i in union:
                 union[i] = union.get(i, np.zeros(image.shape, dtype=bool)) | region
             if i not in union:
                 nxt.append(it)
                 continue
             shares.append(float(union[i].mean()))
-            erased = image.copy()
-            erased[union[i]] = fill
-            path = _save_png16(os.path.join(output_dir, "images", f"round{t + 1}", stems[i] + ".png"), erased)
+            path = save_png16(os.path.join(output_dir, "images", f"round{t + 1}", stems[i] + ".png"), erase(image, union[i], fill))
             nxt.append({**it, "image": path})
         row["mined_share"] = round(float(np.mean(shares)), 4) if shares else 0.0
         rows.append(row)

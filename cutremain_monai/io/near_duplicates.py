@@ -36,6 +36,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from cutremain_monai.io.datalist import group_keys
+from cutremain_monai.io.loader import load_xray
+
 __all__ = ["THUMB", "DEFAULT_THRESHOLD", "thumbnail", "fingerprints", "near_duplicate_pairs",
            "merge_near_duplicate_groups", "drop_near_duplicates_of", "group_near_duplicates_for_split"]
 
@@ -64,8 +67,6 @@ def thumbnail(image) -> np.ndarray:
 def fingerprints(items: Sequence[dict], key: str = "image") -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Thumbnails of the items' images: ``(n_read, THUMB*THUMB)``, the indices of the items read, and the
     ``(path, reason)`` of those that could not be read (set aside by the caller, never silently dropped)."""
-    from cutremain_monai.io.loader import load_xray
-
     rows, read, bad = [], [], []
     for i, it in enumerate(items):
         path = it[key]
@@ -110,8 +111,6 @@ def merge_near_duplicate_groups(items: Sequence[dict], threshold: float = DEFAUL
     own group key before an image path, so keys stay pseudonymous and stable), the pairs found (file names and
     ``r``; no patient ids), and the unreadable files (their items keep their own group). Items without a group
     count as their own group (their path), as in ``split_by_group``."""
-    from cutremain_monai.io.datalist import group_keys
-
     key, group_key = "image", "group"
     items = [dict(it) for it in items]
     groups = group_keys(items)
@@ -161,7 +160,6 @@ def group_near_duplicates_for_split(items: Sequence[dict], threshold: float, dat
     report path) for the datalist's log, plus the unreadable files."""
     import csv
 
-    from cutremain_monai.io.datalist import group_keys
 
     merged, pairs, bad = merge_near_duplicate_groups(items, threshold)
     report = os.path.splitext(datalist_path)[0] + ".near_duplicates.csv"

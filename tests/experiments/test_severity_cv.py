@@ -13,7 +13,7 @@ from tests.bundles.conftest import BUNDLES, COVID_TINY, tiny_datalist
 
 @pytest.mark.slow
 def test_severity_cv_chooses_on_dev_and_reports_fold_ensembles(tmp_path):
-    from cutremain_monai.engines.severity_cv import severity_cv
+    from cutremain_monai.experiments.severity_cv import severity_cv
     from cutremain_monai.io.datalist import load_datalist
 
     dl = tiny_datalist(tmp_path, "covid", n=(10, 3, 3))
@@ -35,7 +35,7 @@ def test_severity_cv_chooses_on_dev_and_reports_fold_ensembles(tmp_path):
     dev = load_datalist(dl, "training") + load_datalist(dl, "validation")
     assert sorted(held) == sorted(it["image"] for it in dev)
     # the fold ensemble is the mean of the fold models' zone probabilities on the 3 test images
-    from cutremain_monai.engines.severity_cv import _predictions
+    from cutremain_monai.experiments.severity_cv import _predictions
     from cutremain_monai.metrics.severity import severity_metrics
 
     preds = [_predictions(str(out / "today" / f"fold{k}" / "test_section_severity.csv")) for k in range(2)]

@@ -27,8 +27,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from cutremain_monai.constants import BRIXIA_ZONES
-from cutremain_monai.engines.experiment import bundle_parser, run_bundle
+from cutremain_monai.engines.bundle import bundle_parser, run_bundle
 from cutremain_monai.io.datalist import kfold_by_group, load_datalist
+from cutremain_monai.metrics.severity import severity_metrics, severity_table
+from cutremain_monai.metrics.severity_baselines import severity_baselines
 
 __all__ = ["severity_cv", "DEFAULT_SETTINGS"]
 
@@ -64,9 +66,6 @@ def severity_cv(bundle: str, datalist: str, output_dir: str, settings: Mapping[s
     """Run (or resume) the CV and the test look (module doc); returns ``{"cv": ..., "chosen": name, "test": ...}``.
     ``fold_limit``: run only the first so many of the ``folds`` folds (a subsampled setting: the tables say so, and
     the test look is then the mean of that many fold models)."""
-    from cutremain_monai.engines.severity_baselines import severity_baselines
-    from cutremain_monai.metrics.severity import severity_metrics, severity_table
-
     settings = dict(settings or DEFAULT_SETTINGS)
     if not settings:
         raise ValueError("no settings to compare")

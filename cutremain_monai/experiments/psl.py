@@ -1,7 +1,7 @@
 """AE-PSL end to end (seed 002): adversarial erasing -> pseudo-masks -> PSL (and PSL with SEC's losses) -> one
 localisation table, run by ``cutremain experiment psl``.
 
-1. :func:`~cutremain_monai.engines.erasing.adversarial_erasing` on a classification bundle (``erasing/``; reused
+1. :func:`~cutremain_monai.experiments.erasing.adversarial_erasing` on a classification bundle (``erasing/``; reused
    when ``erasing/mined_datalist.json`` exists).
 2. :func:`build_pseudo_masks`: per training image, the label map of
    :func:`~cutremain_monai.localization.pseudo_masks.pseudo_mask` from the mined union (the lesion), the CAM of
@@ -36,14 +36,18 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cutremain_monai.engines.erasing import _region_for, _save_png16, _stem, adversarial_erasing
-from cutremain_monai.engines.experiment import bundle_parser, run_bundle
-from cutremain_monai.engines.localize import _cases, _lesion_boxes, _overlays, _score, _table_md, _upsample, compute_map, positive_classes
+from cutremain_monai.engines.bundle import bundle_parser, load_network, run_bundle
+from cutremain_monai.experiments.erasing import adversarial_erasing, mined_region
 from cutremain_monai.io.datalist import load_datalist
-from cutremain_monai.io.loader import load_xray
-from cutremain_monai.localization.cam import cam
-from cutremain_monai.localization.pseudo_masks import IGNORE, body_mask, normalise_map, pseudo_mask
-from cutremain_monai.networks.ensemble import checkpoint_state
+from cutremain_monai.io.loader import load_xray, save_png16
+from cutremain_monai.io.paths import unique_stem
+from cutremain_monai.localization.erasing import erase
+from cutremain_monai.localization.normalise import normalise_map
+from cutremain_monai.localization.pseudo_masks import IGNORE, body_mask, pseudo_mask
+from cutremain_monai.localization.report import (compute_map, lesion_boxes, positive_class_maps, positive_classes,
+                                                 scored_cases, upsample_map, write_overlays)
+from cutremain_monai.metrics.localization import localization_table_md, score_maps
+from cutremain_monai.transforms.hide_and_seek import dataset_mean
 
 __all__ = ["build_pseudo_masks", "localisation_table", "psl_experiment"]
 
@@ -53,9 +57,7 @@ METHOD_NAMES = ("cam", "erasing_union", "psl", "psl_sec")
 
 def _classifier(bundle: str, configs: Sequence[str], out: str, settings: dict):
     parser = bundle_parser(bundle, configs, **{**settings, "output_dir": out})
-    model = parser.get_parsed_content("network_def", instantiate=True)
-    model.load_state_dict(checkpoint_state(parser.get_parsed_content("model_path")))
-    return parser, model.eval()
+    return parser, load_network(parser)
 
 
 def class_maps(item: dict, preprocess, model, label_mode: str, classes: int, shape, pool: str = "avgpool") -> np.ndarray:
@@ -64,15 +66,8 @@ def class_maps(item: dict, preprocess, model, label_mode: str, classes: int, sha
     s = preprocess(dict(item))
     s = s[0] if isinstance(s, list) else s
     out = np.zeros((classes, *shape), dtype=np.float64)
-    present = positive_classes(s["label"], label_mode)
-    if not present:
-        return out
-    device = next(model.parameters()).device
-    x = torch.as_tensor(s["image"]).float()[None].to(device)
-    maps = cam(model, x, target=[present[0]] if len(present) == 1 else None, pool=pool, normalise=False)
-    for c in present:
-        m = maps[0, 0] if maps.shape[1] == 1 else maps[0, c]
-        out[c] = normalise_map(_upsample(m.detach().cpu(), shape))
+    for c, m in positive_class_maps(model, s, label_mode, pool=pool).items():
+        out[c] = normalise_map(upsample_map(m, shape))
     return out
 
 
@@ -100,7 +95,7 @@ def build_pseudo_masks(bundle: str, erasing_dir: str, output_dir: str, bg_thresh
     seen: dict = {}
     training, rows = [], []
     for it, original in zip(mined["training"], originals):
-        stem = _stem(it["image"], seen)
+        stem = unique_stem(it["image"], seen)
         y = np.zeros(classes)
         for c in positive_classes(it.get("label", 0), label_mode):
             y[c] = 1
@@ -129,7 +124,7 @@ def build_pseudo_masks(bundle: str, erasing_dir: str, output_dir: str, bg_thresh
                "body": round(float(body.mean()), 4),
                "mined_outside_body": round(float((union & ~body).sum() / union.sum()), 4) if union.any() else "",
                "lesion_in_box": ""}
-        boxes = _lesion_boxes(original, lesion)
+        boxes = lesion_boxes(original, lesion)
         if len(boxes) and row["lesion"] > 0:
             inside = np.zeros(image.shape, dtype=bool)
             for x0, y0, x1, y1 in boxes:
@@ -167,11 +162,9 @@ def erasing_union(item: dict, preprocess, models: Sequence[torch.nn.Module], lab
     current = dict(item)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for t, model in enumerate(models):
-            union |= _region_for(current, preprocess, model, label_mode, q, delta, pool, image.shape)
+            union |= mined_region(current, preprocess, model, label_mode, q, delta, pool, image.shape)
             if t + 1 < len(models):
-                erased = image.copy()
-                erased[union] = fill
-                current = {**item, "image": _save_png16(os.path.join(tmp, f"round{t + 2}.png"), erased)}
+                current = {**item, "image": save_png16(os.path.join(tmp, f"round{t + 2}.png"), erase(image, union, fill))}
     return union
 
 
@@ -180,8 +173,6 @@ def localisation_table(cls_bundle: str, seg_bundle: str, output_dir: str, datali
                        seg_configs: Sequence[str] = ("train.yaml", "cpu.yaml"), q: float = 0.2, delta: float | None = None,
                        cls_overrides: dict | None = None, seg_overrides: dict | None = None, overlays: int = 8) -> dict:
     """Step 4 of the module doc; returns ``{method: {metric: value}}``."""
-    from cutremain_monai.transforms.hide_and_seek import dataset_mean
-
     cls_settings = {"augmentation": "none", "register_model": False, "cam_images": 0, **(cls_overrides or {})}
     rounds = _used_rounds(erasing_dir)
     parsers, models = zip(*[_classifier(cls_bundle, cls_configs, os.path.join(erasing_dir, f"round{t}", "bundle"), cls_settings)
@@ -205,17 +196,15 @@ def localisation_table(cls_bundle: str, seg_bundle: str, output_dir: str, datali
     for name, out in seg_runs.items():
         sp = bundle_parser(seg_bundle, seg_configs, **{**(seg_overrides or {}), "output_dir": out, "datalist": datalist,
                                                         "datalist_task": None})
-        net = sp.get_parsed_content("network_def", instantiate=True)
-        net.load_state_dict(checkpoint_state(sp.get_parsed_content("model_path")))
-        segs[name] = (net.eval(), Compose(sp.get_parsed_content("load_transforms")),
+        segs[name] = (load_network(sp), Compose(sp.get_parsed_content("load_transforms")),
                       Compose(sp.get_parsed_content("final_transforms")))
 
     def results_for(section: str) -> list:
         items = load_datalist(datalist, section)
         by_name = {}
-        for name, native, boxes, x, target in _cases(items, load, final, label_mode, class_names, lesion_set):
+        for name, native, boxes, x, target in scored_cases(items, load, final, label_mode, class_names, lesion_set):
             raw = compute_map("cam", models[0], x[None], target)[0, 0].detach().cpu()
-            maps = {"cam": normalise_map(_upsample(raw, native.shape))}  # (signed raw CAM: energy needs >= 0)
+            maps = {"cam": normalise_map(upsample_map(raw, native.shape))}  # (signed raw CAM: energy needs >= 0)
             by_name[name] = [name, native, boxes, target, maps]
         for it in items:
             name = os.path.basename(str(it["image"]))
@@ -223,27 +212,27 @@ def localisation_table(cls_bundle: str, seg_bundle: str, output_dir: str, datali
                 by_name[name][4]["erasing_union"] = erasing_union(it, preprocess, models, label_mode, fill, q, delta,
                                                                   workdir=output_dir).astype(np.float64)
         for method, (net, sload, sfinal) in segs.items():
-            for name, native, _, x, target in _cases(items, sload, sfinal, label_mode, class_names, lesion_set):
+            for name, native, _, x, target in scored_cases(items, sload, sfinal, label_mode, class_names, lesion_set):
                 if name in by_name:
                     with torch.no_grad():
                         m = compute_map("psl", net, x[None], target)[0, 0].cpu()
-                    by_name[name][4][method] = _upsample(m, native.shape)
+                    by_name[name][4][method] = upsample_map(m, native.shape)
         return [tuple(v) for v in by_name.values() if all(k in v[4] for k in ["cam", "erasing_union", *segs])]
 
     methods = ["cam", "erasing_union", *segs]
-    _, _, taus = _score(results_for("validation"), methods, None)
+    _, _, taus = score_maps(results_for("validation"), methods, None)
     test = results_for("test")
-    rows, table, _ = _score(test, methods, taus)
+    rows, table, _ = score_maps(test, methods, taus)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "psl_localization_table.md"), "w") as f:
-        f.write(_table_md(table))
+        f.write(localization_table_md(table))
     with open(os.path.join(output_dir, "psl_localization.json"), "w") as f:
         json.dump({"methods": table, "validation_tau": taus, "rounds_used": rounds}, f, indent=1)
     with open(os.path.join(output_dir, "psl_localization.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["image", "method", "class", "energy_in_box", "pointing_hit", "iou@0.5", "loc_hit", "flat"])
         w.writeheader()
         w.writerows(rows)
-    _overlays(test, methods, os.path.join(output_dir, "psl_localization_overlays"), overlays)
+    write_overlays(test, methods, os.path.join(output_dir, "psl_localization_overlays"), overlays)
     return table
 
 
@@ -304,5 +293,5 @@ def psl_experiment(cls_bundle: str, seg_bundle: str, datalist: str, output_dir: 
         runs[variant] = out
     table = localisation_table(cls_bundle, seg_bundle, output_dir, pm_datalist, erasing_dir, runs, cls_configs,
                                seg_configs, q, delta, cls_overrides, seg_overrides, overlays)
-    logger.info("AE-PSL localisation:\n%s", _table_md(table))
+    logger.info("AE-PSL localisation:\n%s", localization_table_md(table))
     return table

@@ -16,54 +16,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cutremain_monai.engines.bundle import run_bundle
+from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
 from cutremain_monai.io.datalist import kfold_by_group, split_by_group
 
-__all__ = ["bundle_configs", "bundle_files", "bundle_parser", "run_bundle", "train_and_test", "cross_validate", "summarise", "per_class_table",
+__all__ = ["train_and_test", "cross_validate", "summarise", "per_class_table",
            "gamma_curve"]
 
 logger = logging.getLogger(__name__)
-
-
-def bundle_configs(bundle: str, names: Sequence[str]) -> list[str]:
-    """The bundle's config files for ``names`` in MONAI's merge order, e.g. ``["train.yaml", "cpu.yaml",
-    "evaluate.yaml"]`` -> ``<bundle>/configs/train.yaml``, ... (each bundle is self-contained)."""
-    out = []
-    for name in names:
-        path = os.path.join(bundle, "configs", name)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"config {name!r} is not in {bundle}/configs")
-        out.append(path)
-    return out
-
-
-def bundle_files(bundle: str) -> dict:
-    """``meta_file`` and ``logging_file`` of the bundle, for ``ConfigWorkflow``."""
-    return {"meta_file": os.path.join(bundle, "configs", "metadata.json"),
-            "logging_file": os.path.join(bundle, "configs", "logging.conf")}
-
-
-def bundle_parser(bundle: str, configs: Sequence[str], **overrides):
-    """A ``monai.bundle.ConfigParser`` over ``configs`` of ``bundle`` with ``bundle_root`` and ``overrides`` set, for
-    runners that take pieces of a bundle (its preprocessing, network, evaluation model) rather than running it."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(bundle_configs(bundle, configs))
-    parser.update({"bundle_root": bundle, **overrides})
-    return parser
-
-
-def run_bundle(bundle: str, configs: Sequence[str], workflow_type: str = "train", **overrides):
-    """Run ``configs`` (file names in ``<bundle>/configs``) of ``bundle`` through ``monai.bundle.ConfigWorkflow``
-    with ``bundle_root`` set to the bundle; returns the workflow."""
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=bundle_configs(bundle, configs), workflow_type=workflow_type, bundle_root=bundle,
-                        **bundle_files(bundle), **overrides)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
 
 
 def train_and_test(bundle: str, datalist: str, output_dir: str, extra_configs: Sequence[str] = ("cpu.yaml",),
@@ -172,7 +132,6 @@ def gamma_curve(bundle: str, datalist: str, output_dir: str, gammas: Sequence[fl
     if tracking:
         import mlflow
 
-        from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
 
         mlflow.set_tracking_uri(default_tracking_uri(output_dir))
         mlflow.set_experiment(f"gamma_{os.path.basename(os.path.normpath(bundle))}")
@@ -226,7 +185,6 @@ def summarise(rows: list[dict], augmentations: Sequence[str]) -> dict:
 def _log_table(output_dir: str, bundle: str, table: dict) -> None:
     import mlflow
 
-    from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
 
     mlflow.set_tracking_uri(default_tracking_uri(output_dir))
     mlflow.set_experiment(f"cv_{os.path.basename(os.path.normpath(bundle))}")
@@ -235,41 +193,3 @@ def _log_table(output_dir: str, bundle: str, table: dict) -> None:
             mlflow.log_metrics({f"{aug}_auc_mean": am, f"{aug}_auc_std": asd, f"{aug}_f1_mean": fm, f"{aug}_accuracy_mean": cm})
         for name in ("cv_table.md", "cv_table.csv", "cv_results.csv"):
             mlflow.log_artifact(os.path.join(output_dir, name))
-
-
-def augmentation_pairs(items: list[dict], augmentation: str, image_size: Sequence[int], split_halves: bool = True,
-                       seed: int = 0, max_pairs: int = 32) -> list:
-    """(original, augmented) image pairs at the network's input size, for the feature-similarity study.
-
-    Per-sample augmentations only (``cut_remain`` with one drawn variant, ``sup_cutout``, ``hide_and_seek``);
-    samples without boxes are skipped (their Cut&Remain copy does not exist).
-    """
-    from monai.transforms import Resized
-
-    from cutremain_monai.engines.augmentation import sample_augmentation
-    from cutremain_monai.io.loader import LoadXrayd
-    from cutremain_monai.transforms import BoxesToMaskd, SplitHalvesd
-
-    load, mask = LoadXrayd("image"), BoxesToMaskd("boxes")
-    split = SplitHalvesd("image") if split_halves else None
-    augs = sample_augmentation(augmentation, num_copies=1, seed=seed)
-    for a in augs:
-        a.set_random_state(seed)
-    resize = Resized("image", spatial_size=tuple(image_size), mode="area")
-    pairs = []
-    for it in items:
-        d = load(dict(it))
-        for s in split(d) if split else [d]:
-            if len(s["boxes"]) == 0:
-                continue
-            s = mask(s)
-            out = s
-            for a in augs:
-                out = a(out)
-            copy = out[-1] if isinstance(out, list) else out
-            if copy is s:
-                continue
-            pairs.append((resize(dict(s))["image"].as_tensor(), resize(dict(copy))["image"].as_tensor()))
-            if len(pairs) >= max_pairs:
-                return pairs
-    return pairs

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-from cutremain_monai.engines.experiment import bundle_parser, run_bundle
+from cutremain_monai.engines.bundle import bundle_parser, run_bundle
+from cutremain_monai.io.datalist import load_datalist
+from cutremain_monai.io.near_duplicates import drop_near_duplicates_of
 
 __all__ = ["pseudo_label", "progressive_self_training", "read_schedule"]
 
@@ -76,8 +78,6 @@ def progressive_self_training(bundle: str, datalist: str, unlabelled: list[dict]
     left out, and so is an image that near-duplicates a validation / test image (thumbnail ``|r| >=
     near_duplicate_threshold``; ``None`` or 0 turns that check off) - public collections hold the same radiograph
     under other patient ids. Each left-out image is logged with its reason."""
-    from cutremain_monai.io.datalist import load_datalist
-
     os.makedirs(output_dir, exist_ok=True)
     sections = {s: load_datalist(datalist, s) for s in ("training", "validation", "test")}
     held = {it.get("group") for s in ("validation", "test") for it in sections[s]}
@@ -86,8 +86,6 @@ def progressive_self_training(bundle: str, datalist: str, unlabelled: list[dict]
     if left_out:
         logger.warning("unlabelled: %d left out (patient in validation/test)", len(left_out))
     if near_duplicate_threshold:
-        from cutremain_monai.data.near_duplicates import drop_near_duplicates_of
-
         pool, copies = drop_near_duplicates_of(pool, sections["validation"] + sections["test"],
                                                near_duplicate_threshold)
         for path, reason in copies:

@@ -15,6 +15,8 @@ import os
 import time
 from collections.abc import Sequence
 
+from cutremain_monai.engines.bundle import run_bundle
+
 __all__ = ["background_experiment", "background_table"]
 
 logger = logging.getLogger(__name__)
@@ -34,8 +36,6 @@ def background_experiment(bundle: str, datalist: str, output_dir: str, ratios: S
                           cam: bool = True, task: str | None = None, configs: Sequence[str] = ("train.yaml", "cpu.yaml"),
                           **overrides) -> list[dict]:
     """Train and evaluate CAM and each BG ratio (module docstring); returns the table's rows."""
-    from cutremain_monai.engines.experiment import run_bundle
-
     output_dir = os.path.abspath(output_dir)
     settings = {"datalist": os.path.abspath(datalist), "datalist_task": task, "register_model": False,
                 "cam_output_dir": os.path.join(output_dir, "cam"), **overrides}

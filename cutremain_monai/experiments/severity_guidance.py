@@ -1,6 +1,6 @@
 """ISNet on COVID severity (issue 13): does keeping the relevance inside the lungs change what the model reads?
 
-:func:`severity_guidance_experiment` trains the covid_severity bundle once per method (:data:`METHODS`) with
+:func:`severity_guidance_experiment` trains the covid_severity bundle once per method (:func:`~cutremain_monai.engines.methods.method_overrides`) with
 the same seed and settings, evaluates the test section with the bundle's own ``evaluate.yaml`` (the checkpoint
 ensemble; ``test_metrics.json``), and measures, with the best-on-validation model, the share of the LRP relevance
 ``|R|`` of the zone logits' sum that lies outside the lung mask on the test images (:func:`outside_lung_share`;
@@ -18,25 +18,21 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from cutremain_monai.engines.bundle import bundle_parser, load_network, run_bundle
+from cutremain_monai.io.datalist import load_datalist
+from cutremain_monai.localization.lrp import make_lrp_ready, outside_share, severity_relevance
 from cutremain_monai.metrics.comparison import bootstrap_mean_ci
+from cutremain_monai.engines.methods import method_overrides
 
-__all__ = ["METHODS", "outside_lung_share", "severity_guidance_experiment"]
+__all__ = ["outside_lung_share", "severity_guidance_experiment"]
 
 logger = logging.getLogger(__name__)
-
-# method -> bundle settings; "isnet_free": ISNet without gradient clipping and with GWRP decay 0.9, as in the
-# clavicle shortcut test (clipped at norm 1, the heatmap loss barely moves in a short run)
-METHODS = {"none": {"guidance": "none"}, "isnet": {"guidance": "isnet"},
-           "isnet_free": {"guidance": "isnet", "clip_grad_norm": None, "isnet_decay": 0.9}}
-
 
 def outside_lung_share(model: torch.nn.Module, x: torch.Tensor, lung_mask: torch.Tensor, zones: torch.Tensor,
                        batch: int = 8) -> np.ndarray:
     """Per image, ``sum |R| outside the lungs / sum |R|`` of the LRP map (LRP-Flex, z^B at the first convolution
     with each batch's bounds, model in eval mode) of the sum of the six zone logits of a
     :class:`~cutremain_monai.networks.SeverityViT`."""
-    from cutremain_monai.localization.lrp import make_lrp_ready, outside_share, severity_relevance
-
     model = make_lrp_ready(model).eval()
     out = []
     for i in range(0, len(x), batch):
@@ -49,13 +45,8 @@ def severity_guidance_experiment(bundle: str, datalist: str, output_dir: str, me
                                  task: str | None = None, configs: Sequence[str] = ("train.yaml", "cpu.yaml"),
                                  **overrides) -> list[dict]:
     """Train, evaluate and score each guidance (see the module docstring); returns the table's rows."""
-    from cutremain_monai.engines.experiment import bundle_parser, run_bundle
-    from cutremain_monai.io.datalist import load_datalist
-    from cutremain_monai.networks.ensemble import checkpoint_state
-
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        method_overrides(m, augmentation=False)
     settings = {"register_model": False, "overlays": 0, "datalist": os.path.abspath(datalist), "datalist_task": task,
                 **overrides}
     parser = bundle_parser(bundle, list(configs), **settings)
@@ -73,12 +64,11 @@ def severity_guidance_experiment(bundle: str, datalist: str, output_dir: str, me
     for m in methods:
         out = os.path.abspath(os.path.join(output_dir, m))
         logger.info("severity guidance: training %s", m)
-        run_bundle(bundle, list(configs), output_dir=out, run_name=f"severity_guidance_{m}", **{**settings, **METHODS[m]})
-        run_bundle(bundle, [*configs, "evaluate.yaml"], output_dir=out, **{**settings, **METHODS[m]})
+        run_bundle(bundle, list(configs), output_dir=out, run_name=f"severity_guidance_{m}", **{**settings, **method_overrides(m, augmentation=False)})
+        run_bundle(bundle, [*configs, "evaluate.yaml"], output_dir=out, **{**settings, **method_overrides(m, augmentation=False)})
         with open(os.path.join(out, "test_metrics.json")) as f:
             test = json.load(f)
-        model = parser.get_parsed_content("network_def", instantiate=True)
-        model.load_state_dict(checkpoint_state(os.path.join(out, "checkpoints", "model.pt")))
+        model = load_network(parser, os.path.join(out, "checkpoints", "model.pt"))
         share, low, high = bootstrap_mean_ci(outside_lung_share(model, x, mask, zones))
         rows.append({"guidance": m, "n_test": test["n"], "n_relevance": len(samples), "mse": test["mse"], "mae": test["mae"], "pearson": test["pearson"],
                      "mean_zone_auc": test["mean_zone_auc"], "outside_lung_relevance": share,

@@ -48,7 +48,7 @@ def test_mined_boxes_largest_first_in_pixel_edges():
 
 @pytest.mark.slow
 def test_rounds_end_to_end_on_phantoms(tmp_path):
-    from cutremain_monai.engines.erasing import adversarial_erasing
+    from cutremain_monai.experiments.erasing import adversarial_erasing
 
     data = tiny_datalist(tmp_path, "clavicle")
     out = tmp_path / "erase"

@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cutremain_monai.cli import main as cli_main
-from cutremain_monai.engines.compare import method_overrides
+from cutremain_monai.engines.methods import method_overrides
 from cutremain_monai.metrics.comparison import delong_paired
 from tests.bundles.conftest import BUNDLES, TINY, tiny_datalist
 
@@ -30,7 +30,7 @@ def test_method_overrides():
 
 
 def test_compare_refuses_a_non_binary_bundle(tmp_path):
-    from cutremain_monai.engines.compare import compare
+    from cutremain_monai.experiments.compare import compare
 
     with pytest.raises(ValueError, match="compare handles binary bundles.*'multiclass'"):
         compare(os.path.join(BUNDLES, "femur_fracture"), [], str(tmp_path), ["none"])

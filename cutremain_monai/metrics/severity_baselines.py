@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from cutremain_monai.metrics.severity import severity_metrics
+
 __all__ = ["FEATURES", "zone_intensity_features", "fit_baselines", "predict_baselines", "severity_baselines"]
 
 logger = logging.getLogger(__name__)
@@ -96,8 +98,6 @@ def _features(items: Sequence[dict], transform: Callable) -> tuple[np.ndarray, n
 def severity_baselines(train_items: Sequence[dict], test_items: Sequence[dict], transform: Callable) -> dict:
     """Fit on ``train_items`` and score on ``test_items`` (both through ``transform``, the bundle's preprocessing):
     ``{"constant": metrics, "zone_intensity": metrics, "n_train": N}`` (:func:`severity_metrics`)."""
-    from cutremain_monai.metrics.severity import severity_metrics
-
     f_train, y_train, _ = _features(train_items, transform)
     if len(f_train) < 2:
         raise ValueError(f"severity baselines need at least 2 scored training images, got {len(f_train)}")

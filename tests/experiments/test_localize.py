@@ -70,8 +70,8 @@ def test_energy_row_matches_a_direct_computation(tmp_path, checkpoint):
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
 
-    from cutremain_monai.engines.experiment import bundle_configs
-    from cutremain_monai.engines.localize import localize
+    from cutremain_monai.engines.bundle import bundle_configs
+    from cutremain_monai.experiments.localize import localize
     from cutremain_monai.localization.cam import cam
     from cutremain_monai.networks.ensemble import checkpoint_state
 

@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from cutremain_monai.engines.compare import _flat, _mean_sd, _pool  # (compare imports this module only when it runs)
+from cutremain_monai.experiments.compare_summary import auc_mean_sd_cell, flat_maps_cell, pool_runs
+from cutremain_monai.localization.normalise import normalise_map
 
 __all__ = ["write_report"]
 
@@ -48,7 +49,7 @@ def _roc(summary: dict, runs: dict, path: str) -> None:
 
     fig, ax = _plt().subplots(figsize=(5.5, 5), dpi=100)
     for r in summary["table"]:
-        pool = _pool(runs[r["method"]])
+        pool = pool_runs(runs[r["method"]])
         if len(np.unique(pool["label"])) == 2:
             fpr, tpr, _ = roc_curve(pool["label"], pool["prob"])
             ax.plot(fpr, tpr, lw=1.5, label=f"{r['method']} {r['pooled_auc']:.3f}")
@@ -105,9 +106,7 @@ def _heat_grid(heat: dict, path: str) -> None:
                 continue
             ax.imshow(case["image"], cmap="gray")
             if j > 0:
-                m = case["map"]
-                lo, hi = float(m.min()), float(m.max())
-                ax.imshow((m - lo) / (hi - lo) if hi > lo else np.zeros_like(m), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+                ax.imshow(normalise_map(case["map"]), cmap="jet", alpha=0.45, vmin=0, vmax=1)
                 title = f"{title}\np={case['prob']:.2f}"
             for b in case["boxes"].reshape(-1, 4):
                 ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=1.2))
@@ -158,10 +157,10 @@ def write_report(summary: dict, runs: dict, output_dir: str, heatmaps: dict | No
     rows = [_row(head, header=True)]
     for r in summary["table"]:
         loc = r["localization"]
-        rows.append(_row([r["method"], _mean_sd(r),
+        rows.append(_row([r["method"], auc_mean_sd_cell(r),
                           _ci((r["pooled_auc"], r["pooled_auc_low"], r["pooled_auc_high"])), _ci(r["sensitivity"]),
                           _ci(r["specificity"]), f"{r['f1']:.3f}", f"{r['brier']:.3f}", _ci(loc["energy_in_box"]),
-                          _ci(loc["pointing_hit"]), _ci(loc["loc_hit"]), _flat(loc), f"{r['n']} ({r['positives']})"]))
+                          _ci(loc["pointing_hit"]), _ci(loc["loc_hit"]), flat_maps_cell(loc), f"{r['n']} ({r['positives']})"]))
     paired = [_row(["method", "reference", "AUC difference [95% CI]", "p (paired DeLong)", "images"], header=True)]
     for d in summary["paired"]:
         paired.append(_row([d["method"], d["reference"], _ci((d["difference"], d["low"], d["high"])),

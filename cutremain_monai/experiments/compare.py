@@ -2,7 +2,7 @@
 grouped folds, pooled out-of-fold statistics with confidence intervals, paired differences to the baseline, the
 annotation-budget curve, and one report to look at.
 
-What it adds to :func:`~cutremain_monai.engines.experiment.cross_validate` (mean +/- sd of per-fold numbers):
+What it adds to :func:`~cutremain_monai.experiments.cross_validation.cross_validate` (mean +/- sd of per-fold numbers):
 
 - **the same images for every method**: the folds are drawn once (by ``group``: patient, or blocks of image
   numbers merged by near-duplicates), saved in ``folds.json``, and a re-run over other data is refused;
@@ -17,7 +17,7 @@ What it adds to :func:`~cutremain_monai.engines.experiment.cross_validate` (mean
   uses no box at all, so it is the ``none`` run, and gamma 1 the ``cut_remain`` run, when those are compared;
 - **resumable**: a finished fold x method leaves ``result.json`` and is not run again; a killed one continues
   from its last epoch checkpoint (the bundle's ``resume``);
-- ``report.html`` (:mod:`cutremain_monai.engines.compare_report`), logged to MLflow with its figures.
+- ``report.html`` (:mod:`cutremain_monai.experiments.compare_report`), logged to MLflow with its figures.
 
 Validation is carved out of each training fold (``val_fraction`` of its groups); the held-out fold is used once.
 """
@@ -33,33 +33,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cutremain_monai.data.resized_copies import resized_copies
+from cutremain_monai.engines.bundle import bundle_parser, load_network
+from cutremain_monai.engines.methods import method_overrides
+from cutremain_monai.experiments.compare_report import write_report
+from cutremain_monai.experiments.compare_summary import summarise_compare, write_tables
+from cutremain_monai.experiments.cross_validation import train_and_test
+from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
 from cutremain_monai.io.datalist import kfold_by_group, split_by_group
+from cutremain_monai.localization.report import compute_map, scored_cases, upsample_map
 
-__all__ = ["AUGMENTATIONS", "GUIDANCES", "method_overrides", "compare", "summarise_compare"]
+__all__ = ["compare"]
 
 logger = logging.getLogger(__name__)
-
-AUGMENTATIONS = ("none", "cut_remain", "sup_cutout", "sup_mixup", "sup_cutmix", "hide_and_seek")
-GUIDANCES = ("gain", "isnet")
-
-
-def method_overrides(method: str) -> dict:
-    """Bundle overrides of a method name: an augmentation (``cut_remain``), a guidance (``gain``, ``isnet``: no
-    augmentation), or both joined by ``+`` (``cut_remain+isnet``)."""
-    augmentation, guidance = "none", "none"
-    parts = [p.strip() for p in method.split("+") if p.strip()]
-    if not parts or len(parts) > 2:
-        raise ValueError(f"method {method!r}: an augmentation, a guidance, or augmentation+guidance")
-    for p in parts:
-        if p in AUGMENTATIONS and augmentation == "none":
-            augmentation = p
-        elif p in GUIDANCES and guidance == "none":
-            guidance = p
-        else:
-            raise ValueError(f"method {method!r}: {p!r} is not one of the augmentations ({', '.join(AUGMENTATIONS)}) "
-                             f"or guidances ({', '.join(GUIDANCES)})")
-    return {"augmentation": augmentation, "guidance": guidance}
-
 
 def _gamma_name(g: float) -> str:
     return f"cut_remain@gamma{g:.2f}"
@@ -150,8 +136,6 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
     (:func:`~cutremain_monai.data.resized_copies.resized_copies`; a CPU setting).
     ``overrides`` go to every run of the bundle (``epochs``, ``image_size``, ``network_depth``...).
     """
-    from cutremain_monai.engines.experiment import train_and_test
-
     methods = list(dict.fromkeys(methods))
     for m in methods:
         method_overrides(m)
@@ -159,7 +143,6 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
         raise ValueError("no methods to compare")
     if "none" in methods:  # the reference of the paired differences comes first
         methods = ["none"] + [m for m in methods if m != "none"]
-    from cutremain_monai.engines.experiment import bundle_parser
 
     parser = bundle_parser(bundle, ["train.yaml", *extra_configs], **overrides)
     if parser["label_mode"] != "binary":
@@ -170,8 +153,6 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
     os.makedirs(output_dir, exist_ok=True)
     items = [{**it, "image_id": _key(it)} for it in items]
     if shrink:
-        from cutremain_monai.data.resized_copies import resized_copies
-
         items = resized_copies(items, os.path.join(output_dir, f"images_{int(shrink)}"), int(shrink))
     fold_paths = _prepare_folds(items, output_dir, folds, seed, val_fraction, shrink)
     run_folds = list(range(folds if fold_limit is None else min(folds, fold_limit)))
@@ -228,8 +209,7 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
         runs.setdefault(name, {})[k] = {**_read_run(run_dir, test_items, localization_method), "dir": run_dir}
     summary = summarise_compare(runs, methods, gamma_alias, gamma_folds_used, n_boot=n_boot, seed=seed)
     summary["settings"] = settings
-    _write_tables(summary, output_dir)
-    from cutremain_monai.engines.compare_report import write_report
+    write_tables(summary, output_dir)
 
     heat = _heatmaps(bundle, output_dir, fold_paths, runs, methods, run_folds, extra_configs, overrides,
                      localization_method, heatmap_images) if heatmap_images else None
@@ -239,126 +219,11 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
     return summary
 
 
-def _pool(fold_runs: dict) -> dict:
-    files, prob, label, pred = [], [], [], []
-    for k in sorted(fold_runs):
-        r = fold_runs[k]
-        files += [f"{k}:{f}" for f in r["files"]]
-        prob += r["prob"]
-        label += r["label"]
-        pred += [int(p >= r["threshold"]) for p in r["prob"]]
-    return {"files": files, "prob": np.asarray(prob), "label": np.asarray(label, dtype=int), "pred": np.asarray(pred)}
-
-
-def summarise_compare(runs: dict, methods: Sequence[str], gamma_alias: dict | None = None,
-                      gamma_folds: Sequence[int] | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
-    """The per-method table, the paired differences to ``methods[0]`` and the gamma curve from the runs'
-    per-image predictions (``runs[name][fold] = {"files", "prob", "label", "threshold", "localization"}``);
-    ``gamma_alias``: ``{gamma: run name}``, pooled over ``gamma_folds`` (the same images at every gamma)."""
-    from cutremain_monai.metrics.classification import _auc_or_nan
-    from cutremain_monai.metrics.comparison import bootstrap_mean_ci, calibration, delong_ci, delong_paired, operating_point
-
-    def pooled_auc(pool):
-        if len(np.unique(pool["label"])) < 2:
-            return float("nan"), float("nan"), float("nan")
-        return delong_ci(pool["label"], pool["prob"])
-
-    table, paired = [], []
-    pools = {m: _pool(runs[m]) for m in methods}
-    ref = methods[0]
-    for m in methods:
-        pool = pools[m]
-        fold_auc = [_auc_or_nan(runs[m][k]["label"], runs[m][k]["prob"]) for k in sorted(runs[m])]
-        fa = np.asarray([a for a in fold_auc if np.isfinite(a)])
-        auc, low, high = pooled_auc(pool)
-        y, pred = pool["label"], pool["pred"]
-        sens = bootstrap_mean_ci(pred[y == 1], n_boot, seed=seed)
-        spec = bootstrap_mean_ci(1 - pred[y == 0], n_boot, seed=seed)
-        cal = calibration(y, pool["prob"])
-        loc = {}
-        for key in ("energy_in_box", "pointing_hit", "loc_hit", "flat"):
-            vals = [v.get(key, float("nan")) for k in sorted(runs[m]) for v in runs[m][k]["localization"].values()]
-            loc[key] = bootstrap_mean_ci(vals, n_boot, seed=seed) + (len(vals),)
-        table.append({"method": m, "fold_auc": fold_auc, "auc_mean": float(fa.mean()) if len(fa) else float("nan"),
-                      "auc_sd": float(fa.std(ddof=1)) if len(fa) > 1 else float("nan"),
-                      "pooled_auc": auc, "pooled_auc_low": low, "pooled_auc_high": high, "n": int(len(y)),
-                      "positives": int(y.sum()), "sensitivity": sens, "specificity": spec,
-                      "f1": operating_point(y, pred, 0.5)["f1"],  # pred is 0/1 at each fold's own threshold
-                      "thresholds": [runs[m][k]["threshold"] for k in sorted(runs[m])], "brier": cal["brier"],
-                      "reliability": cal, "localization": loc})
-        if m != ref:
-            common = sorted(set(pools[ref]["files"]) & set(pool["files"]))
-            a = dict(zip(pool["files"], pool["prob"]))
-            b = dict(zip(pools[ref]["files"], pools[ref]["prob"]))
-            lab = dict(zip(pool["files"], pool["label"]))
-            yy = np.asarray([lab[f] for f in common])
-            if len(common) and len(np.unique(yy)) == 2:
-                d = delong_paired(yy, [a[f] for f in common], [b[f] for f in common])
-            else:
-                d = {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "p": float("nan")}
-            paired.append({"method": m, "reference": ref, "n": len(common), **d})
-    gamma = []
-    for g, name in sorted((gamma_alias or {}).items()):
-        sub = {k: runs[name][k] for k in (gamma_folds if gamma_folds is not None else sorted(runs.get(name, {})))
-               if k in runs.get(name, {})}
-        auc, low, high = pooled_auc(_pool(sub)) if sub else (float("nan"),) * 3
-        gamma.append({"gamma": g, "run": name, "pooled_auc": auc, "low": low, "high": high, "folds": len(sub),
-                      "n": int(sum(len(r["files"]) for r in sub.values()))})
-    return {"table": table, "paired": paired, "gamma": gamma, "reference": ref}
-
-
-def _flat(loc: dict) -> str:
-    share, n = loc["flat"][0], loc["flat"][3]
-    return "n/a" if not n or not np.isfinite(share) else f"{int(round(share * n))}/{n}"
-
-
-def _mean_sd(r: dict) -> str:
-    n = sum(np.isfinite(a) for a in r["fold_auc"])
-    return f"{r['auc_mean']:.3f} ± {r['auc_sd']:.3f}" if n > 1 else f"{r['auc_mean']:.3f} (1 fold)"
-
-
-def _fmt_ci(v, low, high) -> str:
-    return "n/a" if not np.isfinite(v) else f"{v:.3f} [{low:.3f}, {high:.3f}]"
-
-
-def _write_tables(summary: dict, output_dir: str) -> None:
-    lines = ["| method | AUC per fold (mean ± sd) | pooled AUC [95% CI, DeLong] | sensitivity [95% CI] | specificity [95% CI] "
-             "| F1 | Brier | energy in box | pointing game | Loc. Acc. | flat maps | images (fractured) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in summary["table"]:
-        loc = r["localization"]
-        lines.append(f"| {r['method']} | {_mean_sd(r)} | "
-                     f"{_fmt_ci(r['pooled_auc'], r['pooled_auc_low'], r['pooled_auc_high'])} | {_fmt_ci(*r['sensitivity'])} | "
-                     f"{_fmt_ci(*r['specificity'])} | {r['f1']:.3f} | {r['brier']:.3f} | {_fmt_ci(*loc['energy_in_box'][:3])} | "
-                     f"{_fmt_ci(*loc['pointing_hit'][:3])} | {_fmt_ci(*loc['loc_hit'][:3])} | {_flat(loc)} | {r['n']} ({r['positives']}) |")
-    paired = ["| method | vs | AUC difference [95% CI] | p (DeLong, paired) | images |", "|---|---|---|---|---|"]
-    for d in summary["paired"]:
-        paired.append(f"| {d['method']} | {d['reference']} | {_fmt_ci(d['difference'], d['low'], d['high'])} | "
-                      f"{d['p']:.3f} | {d['n']} |")
-    gamma = ["| gamma | run | pooled AUC [95% CI] | folds |", "|---|---|---|---|"]
-    gamma += [f"| {g['gamma']:.2f} | {g['run']} | {_fmt_ci(g['pooled_auc'], g['low'], g['high'])} | {g['folds']} |" for g in summary["gamma"]]
-    with open(os.path.join(output_dir, "compare_table.md"), "w") as f:
-        f.write("\n".join(lines) + "\n\n" + "\n".join(paired) + "\n")
-        if summary["gamma"]:
-            f.write("\n" + "\n".join(gamma) + "\n")
-    with open(os.path.join(output_dir, "compare_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=float)
-    with open(os.path.join(output_dir, "compare_results.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "fold", "auc", "threshold"])
-        for r in summary["table"]:
-            for k, (a, t) in enumerate(zip(r["fold_auc"], r["thresholds"])):
-                w.writerow([r["method"], k, a, t])
-
-
 def _heatmaps(bundle, output_dir, fold_paths, runs, methods, run_folds, extra_configs, overrides, method, limit):
     """The same boxed positive test images of the first fold that has them, with each method's map (``method``)."""
     import torch
     from monai.transforms import Compose
 
-    from cutremain_monai.engines.experiment import bundle_parser
-    from cutremain_monai.engines.localize import _cases, _upsample, compute_map
-    from cutremain_monai.networks.ensemble import checkpoint_state
 
     for k in run_folds:
         with open(fold_paths[k]) as f:
@@ -372,15 +237,13 @@ def _heatmaps(bundle, output_dir, fold_paths, runs, methods, run_folds, extra_co
         run_dir = runs[m][k]["dir"]
         parser = bundle_parser(bundle, ["train.yaml", *extra_configs], **{**overrides, **method_overrides(m)},
                                output_dir=run_dir, device="cpu")
-        net = parser.get_parsed_content("network_def")
-        net.load_state_dict(checkpoint_state(os.path.join(run_dir, "checkpoints", "model.pt")))
-        net.eval()
+        net = load_network(parser, os.path.join(run_dir, "checkpoints", "model.pt"))
         load = Compose(parser.get_parsed_content("load_transforms"))
         final = Compose(parser.get_parsed_content("final_transforms"))
         row = []
-        for name, native, boxes, x, target in _cases(test_items, load, final, parser["label_mode"],
+        for name, native, boxes, x, target in scored_cases(test_items, load, final, parser["label_mode"],
                                                      parser["class_names"], set(parser["lesion_box_labels"])):
-            mp = _upsample(compute_map(method, net, x[None], target, layer=parser["cam_layer"])[0, 0].detach(), native.shape)
+            mp = upsample_map(compute_map(method, net, x[None], target, layer=parser["cam_layer"])[0, 0].detach(), native.shape)
             with torch.no_grad():
                 p = float(torch.sigmoid(net(x[None])).reshape(-1)[target]) if parser["label_mode"] != "multiclass" else float("nan")
             row.append({"name": name, "image": native, "boxes": np.asarray(boxes), "map": mp, "prob": p})
@@ -393,7 +256,6 @@ def _heatmaps(bundle, output_dir, fold_paths, runs, methods, run_folds, extra_co
 def _log_mlflow(output_dir: str, experiment: str, summary: dict, report: dict) -> None:
     import mlflow
 
-    from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
 
     mlflow.set_tracking_uri(default_tracking_uri(output_dir))
     mlflow.set_experiment(experiment)

@@ -10,7 +10,7 @@ from tests.bundles.conftest import BUNDLES
 
 @pytest.mark.slow
 def test_baseline_reads_the_tag_and_isnet_moves_relevance_off_it(tmp_path):
-    from cutremain_monai.engines.shortcut import shortcut_experiment
+    from cutremain_monai.experiments.shortcut import shortcut_experiment
 
     rows = shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(tmp_path / "sc"), methods=("none", "isnet_free"), n=100,
                                size=96, epochs=14, warmup_epochs=2, seed=0, network_depth=10, num_workers=0)

@@ -4,7 +4,7 @@ finds a signal that is there, and the verdict line of the table."""
 import numpy as np
 import pytest
 
-from cutremain_monai.engines.severity_baselines import (
+from cutremain_monai.metrics.severity_baselines import (
     fit_baselines,
     predict_baselines,
     severity_baselines,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cutremain_monai.cli import main as cli_main
-from cutremain_monai.engines.experiment import augmentation_pairs, summarise
+from cutremain_monai.experiments.cross_validation import summarise
+from cutremain_monai.experiments.feature_similarity import augmentation_pairs
 from cutremain_monai.io.datalist import load_datalist
 from tests.bundles.conftest import BUNDLES, TINY, tiny_datalist
 from tests.conftest import SAMPLES
@@ -24,7 +25,7 @@ def test_summarise_mean_std():
 
 def test_augmentation_pairs_on_samples():
     items = load_datalist(os.path.join(SAMPLES, "datalist.json"), "validation", task="clavicle")[:6]
-    pairs = augmentation_pairs(items, "cut_remain", (64, 32))
+    pairs = augmentation_pairs(os.path.join(BUNDLES, "clavicle_fracture"), items, "cut_remain", (64, 32))
     assert pairs and all(a.shape == b.shape == (1, 64, 32) for a, b in pairs)
     assert all(not torch.equal(a, b) for a, b in pairs)
     assert all((b == 0).float().mean() > 0.3 for _, b in pairs)  # a Cut&Remain copy is mostly fill

@@ -36,7 +36,7 @@ def _chance(items) -> float:
 
 @pytest.mark.slow
 def test_psl_experiment_on_phantoms(tmp_path):
-    from cutremain_monai.engines.lesion_segmentation import psl_experiment
+    from cutremain_monai.experiments.psl import psl_experiment
 
     dl = tiny_datalist(tmp_path, "clavicle", n=(72, 24, 24))
     out = tmp_path / "psl"
@@ -80,7 +80,7 @@ def test_psl_experiment_on_phantoms(tmp_path):
 
 
 def test_psl_refuses_a_multilabel_bundle(tmp_path):
-    from cutremain_monai.engines.lesion_segmentation import psl_experiment
+    from cutremain_monai.experiments.psl import psl_experiment
 
     dl = tiny_datalist(tmp_path, "chest", n=(2, 2, 2))
     with pytest.raises(ValueError, match="binary bundles"):

@@ -1,0 +1,67 @@
+"""The method vocabulary: which augmentations and guidances a classification bundle switches on, and the names the
+study runners and the CLI use for a training recipe (``cut_remain``, ``isnet``, ``cut_remain+isnet_free``...) with
+the bundle overrides each one means. One list, used by ``compare``, the shortcut test, severity guidance, the
+bundles' own check of their ``augmentation`` switch and ``cutremain experiment``'s help.
+
+The transforms themselves are switched in the bundles' ``train.yaml`` (``augmentation_transforms`` and
+``batch_augmentations``, keyed by the same names); this module only names them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AUGMENTATIONS", "GUIDANCES", "GUIDANCE_VARIANTS", "check_augmentation", "check_guidance", "method_overrides",
+           "method_names"]
+
+AUGMENTATIONS = ("none", "cut_remain", "sup_cutout", "sup_mixup", "sup_cutmix", "hide_and_seek")
+GUIDANCES = ("none", "gain", "isnet")
+# named guidance settings beyond the switch. "isnet_free": ISNet without gradient clipping and with GWRP decay 0.9
+# (clipped at norm 1, gradient norms of ~100 leave the heatmap loss nearly where it was in a short run)
+GUIDANCE_VARIANTS = {"isnet_free": {"guidance": "isnet", "clip_grad_norm": None, "isnet_decay": 0.9}}
+
+
+def check_augmentation(name: str) -> str:
+    """``name`` when it is a known augmentation, else a ``ValueError`` listing them (the bundles call it first:
+    their configs switch transforms on by name, and a misspelt name would otherwise train without one)."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}; got {name!r}")
+    return name
+
+
+def check_guidance(name: str, supported=GUIDANCES) -> str:
+    """``name`` when it is a guidance the caller supports (``supported``, a subset of :data:`GUIDANCES`), else a
+    ``ValueError`` listing them."""
+    if name not in supported or name not in GUIDANCES:
+        raise ValueError(f"guidance must be one of {', '.join(g for g in supported if g in GUIDANCES)}; got {name!r}")
+    return name
+
+
+def method_names() -> list[str]:
+    """Every single-part method name: the augmentations, the guidances and their named variants."""
+    return list(dict.fromkeys([*AUGMENTATIONS, *GUIDANCES[1:], *GUIDANCE_VARIANTS]))
+
+
+def method_overrides(method: str, augmentation: bool = True) -> dict:
+    """Bundle overrides of a method name: an augmentation (``cut_remain``), a guidance (``gain``, ``isnet``) or a
+    named guidance variant (``isnet_free``), or an augmentation and a guidance joined by ``+``
+    (``cut_remain+isnet``). ``augmentation=False`` for bundles without an augmentation switch (COVID severity):
+    augmentation names are refused there and the key is left out."""
+    aug, guidance, extra = "none", "none", {}
+    parts = [p.strip() for p in method.split("+") if p.strip()]
+    if not parts or len(parts) > 2:
+        raise ValueError(f"method {method!r}: an augmentation, a guidance, or augmentation+guidance")
+    for p in parts:
+        if p in AUGMENTATIONS and p != "none" and augmentation and aug == "none":
+            aug = p
+        elif p in GUIDANCES and p != "none" and guidance == "none":
+            guidance = p
+        elif p in GUIDANCE_VARIANTS and guidance == "none":
+            extra = dict(GUIDANCE_VARIANTS[p])
+            guidance = extra.pop("guidance")
+        elif p == "none":
+            pass
+        else:
+            allowed = [*(AUGMENTATIONS if augmentation else ("none",)), *GUIDANCES[1:], *GUIDANCE_VARIANTS]
+            raise ValueError(f"method {method!r}: {p!r} is not one of the methods here ({', '.join(allowed)}), "
+                             "or names a second augmentation or guidance")
+    out = {"augmentation": aug} if augmentation else {}
+    return {**out, "guidance": guidance, **extra}
