@@ -8,7 +8,6 @@ Patient attributes are left empty (type 2): nothing identifying is written.
 
 from __future__ import annotations
 
-import datetime
 
 import numpy as np
 from monai.config import PathLike
@@ -170,6 +169,3 @@ def write_dx(
     ds.save_as(str(path), enforce_file_format=True)
     return ds
 
-
-def today() -> str:
-    return datetime.date.today().strftime("%Y%m%d")

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cutremain_monai.engines.bundle import bundle_configs, bundle_files
+from cutremain_monai.engines.bundle import run_bundle
 from cutremain_monai.io.paths import file_token, valid_uid
 from cutremain_monai.io.pseudonyms import keyed_pseudonym, site_key
 
@@ -304,9 +304,6 @@ class Listener:
         """Score the instances of study ``token`` received so far (moved to a batch folder first: an instance
         that arrives meanwhile waits for the next batch, so nothing is scored twice), send the results, and file
         the instances under ``scored/``. A failure puts them back and the study is tried again later."""
-        from monai.bundle import ConfigWorkflow
-
-
         incoming = os.path.join(self.work_dir, "incoming", token)
         names = sorted(f for f in os.listdir(incoming) if f.endswith(".dcm")) if os.path.isdir(incoming) else []
         if not names:
@@ -317,16 +314,12 @@ class Listener:
         for f in names:
             os.replace(os.path.join(incoming, f), os.path.join(batch, f))
         out = os.path.join(self.work_dir, "results", token, str(seq))
-        settings = {"bundle_root": self.bundle, "datalist_task": None, **self.overrides, "input_dir": batch,
+        settings = {"datalist_task": None, **self.overrides, "input_dir": batch,
                     "dicom_out": True, "dicom_out_dir": out, "inference_dir": os.path.join(out, "inference"),
                     "inference_cam": False}
         record = {"study": token, "images": len(names), "sent": 0, "kept_for_retry": 0, "not_written": 0}
         try:
-            wf = ConfigWorkflow(config_file=bundle_configs(self.bundle, self.configs + ["inference.yaml"]),
-                                workflow_type="infer", **bundle_files(self.bundle), **settings)
-            wf.initialize()
-            wf.run()
-            wf.finalize()
+            run_bundle(self.bundle, self.configs + ["inference.yaml"], workflow_type="infer", **settings)
             with open(os.path.join(out, "manifest.csv")) as f:
                 rows = list(csv.DictReader(f))
             files = [os.path.join(out, r["path"]) for r in rows if r["path"]]
