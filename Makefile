@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench samples clean
+.PHONY: demo test install bench samples docs-results clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,11 +25,16 @@ demo: $(STAMP)
 	$(PY) -m cutremain_monai.demo
 
 test: $(STAMP)
-	$(PY) -m ruff check cutremain_monai tests benchmarks
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m ruff check cutremain_monai tests benchmarks tools
+	# the 15 slowest tests are printed, so the next change sees its cost
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# the docs' result tables, rewritten from the runs that produce them (runs the demo first; tools/docs_results.py)
+docs-results: $(STAMP)
+	$(PY) tools/docs_results.py
 
 samples: $(STAMP)
 	$(PY) -m cutremain_monai.cli samples -o dicom_samples

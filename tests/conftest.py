@@ -41,3 +41,28 @@ def dcmpschk_ok(path: str) -> tuple[bool, str]:
     out = subprocess.run([tool, path], capture_output=True, text=True)
     text = out.stdout + out.stderr
     return ("Test passed" in text and "E:" not in text), text
+
+
+_MLFLOW_TEMPLATE: dict = {}  # path of an empty MLflow store with its tables, made once per test process
+
+
+def mlflow_db(folder, name: str = "mlruns.db") -> str:
+    """``sqlite:///<folder>/<name>``, the file made as a copy of an empty store with its tables (made once per test
+    process), so opening it does not run MLflow's migrations again. An existing file is kept."""
+    folder = str(folder)
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        if "path" not in _MLFLOW_TEMPLATE:
+            import atexit
+            import tempfile
+
+            import mlflow
+
+            folder_t = tempfile.mkdtemp(prefix="mlflow_template_")
+            atexit.register(shutil.rmtree, folder_t, True)
+            template = os.path.join(folder_t, "template.db")
+            mlflow.MlflowClient(tracking_uri="sqlite:///" + template).search_experiments()  # creates the tables
+            _MLFLOW_TEMPLATE["path"] = template
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(_MLFLOW_TEMPLATE["path"], path)
+    return "sqlite:///" + path

@@ -17,7 +17,7 @@ import pytest
 
 from cutremain_monai.cli import main as cli_main
 from tests.bundles.conftest import run_bundle
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, mlflow_db
 
 CPU = ["train.yaml", "cpu.yaml"]
 
@@ -79,7 +79,7 @@ def test_whole_run_writes_no_identifier(tmp_path, capfd):
         data = json.load(open(work / "dl.json"))
         assert data["ingest"]["path_mode"] == "uid" and data["ingest"]["quarantined"] == 4
         assert sum(len(data[s]) for s in ("training", "validation", "test")) == 16
-        overrides = {"datalist": str(work / "dl.json"), "tracking_uri": "sqlite:///" + str(work / "mlruns.db"),
+        overrides = {"datalist": str(work / "dl.json"), "tracking_uri": mlflow_db(work),
                      "experiment_name": "privacy", "cam_images": 4}
         run_bundle("clavicle_fracture", CPU, work, register_model=True, **overrides)
         run_bundle("clavicle_fracture", CPU + ["evaluate.yaml"], work, **overrides)

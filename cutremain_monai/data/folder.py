@@ -222,6 +222,113 @@ def _inside(path: str, folder: str) -> bool:
     return path != folder and os.path.commonpath([path, folder]) == folder
 
 
+def _checked_folders(input_dir, mask_dir, mask_suffix: str) -> tuple[str, str | None]:
+    """``input_dir`` and ``mask_dir`` as paths, after checking that they are folders and can be told apart."""
+    input_dir = os.fspath(input_dir)
+    for what, folder in (("input folder", input_dir), ("mask folder", mask_dir)):
+        if folder is None:
+            continue
+        if not os.path.exists(folder):
+            raise FileNotFoundError(f"{what} does not exist: {folder}")
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"{what} is not a folder: {folder}")
+    mask_dir = os.fspath(mask_dir) if mask_dir is not None else None
+    if mask_dir is not None and not mask_suffix and os.path.realpath(mask_dir) == os.path.realpath(input_dir):
+        raise ValueError(f"mask folder {mask_dir} is the input folder: give mask_suffix (e.g. '_lungs') so masks "
+                         "and images can be told apart")
+    return input_dir, mask_dir
+
+
+def _walk_sorted(input_dir: str) -> list[tuple[str, str]]:
+    """(relative posix path, path) of every file under ``input_dir``, sorted by relative path."""
+    files = []
+    for d, dirs, names in os.walk(input_dir):
+        dirs.sort()
+        files += [os.path.join(d, n) for n in names]
+    return sorted((os.path.relpath(p, input_dir).replace(os.sep, "/"), p) for p in files)
+
+
+def _dicom_reason(rel: str, path: str, suffix: str, header: dict) -> tuple[bool | None, str]:
+    """:func:`_classify_dicom` of a file, with the reason for a file that is not DICOM at all (``None``)."""
+    ok, reason = _classify_dicom(path, header)
+    if ok is None:
+        if suffix in _DICOM_SUFFIXES:
+            reason = "not a DICOM file (no DICM preamble)"
+        else:
+            ext = os.path.splitext(rel)[1].lower()
+            reason = f"not DICOM and not an image file type ({ext or 'no suffix'})"
+    return ok, reason
+
+
+class _Sorted:
+    """The files of a folder sorted into image items and skipped rows, with what the path mode needs to know."""
+
+    def __init__(self, mask_dir: str | None, mask_suffix: str, mask_key: str, masks_inside: bool):
+        """Nothing sorted yet; the mask arguments are :func:`folder_datalist`'s."""
+        self.mask_dir, self.mask_suffix, self.mask_key = mask_dir, mask_suffix, mask_key
+        self.masks_inside = masks_inside
+        self.mask_reason = mask_key.replace("_", " ")
+        self.items: list[dict] = []
+        self.skipped: list[dict] = []
+        self.uids: dict[str, str] = {}  # rel -> SOP Instance UID of the DICOM images
+        self.carries = False  # a DICOM file's path holds its patient's identifiers
+
+    def add(self, rel: str, path: str) -> None:
+        """Sort one file: a mask, an image (with its mask when there is one) or a file left out with the reason."""
+        stem, suffix = _split_suffix(os.path.basename(rel))
+        rel_stem = rel[: len(rel) - len(suffix)] if suffix else rel
+        mask_dir = self.mask_dir
+        if (self.mask_suffix and stem.endswith(self.mask_suffix)) or (self.masks_inside and _inside(path, mask_dir)):
+            self.skipped.append({"file": rel, "reason": self.mask_reason})
+            return
+        if suffix in _RASTER:
+            reason = _raster_ok(path)
+        elif suffix in _VOLUME:
+            reason = ""
+        else:
+            header: dict = {}
+            ok, reason = _dicom_reason(rel, path, suffix, header)
+            self.carries = self.carries or path_carries_identifiers(rel, header.get("identifiers"))
+            if ok:
+                self.uids[rel] = header.get("uid", "")
+        if reason:
+            self.skipped.append({"file": rel, "reason": reason})
+            return
+        item = {"image": os.path.abspath(path), "image_id": rel}  # (renamed in uid mode)
+        if mask_dir is not None:
+            mask = _find_mask(mask_dir, rel_stem, self.mask_suffix)
+            if mask is not None:
+                item[self.mask_key] = mask
+        self.items.append(item)
+
+    def name_by_uid(self) -> None:
+        """Rename the items ``<SOP Instance UID>.dcm`` (or a keyed token of the path) and the skipped files by token."""
+        names: set[str] = set()
+        for it in self.items:
+            uid = self.uids.get(it["image_id"], "")
+            name = f"{uid}.dcm" if valid_uid(uid) and f"{uid}.dcm" not in names else file_token(it["image_id"])
+            names.add(name)
+            it["image_id"] = name
+        for row in self.skipped:
+            row["file"] = file_token(row["file"])
+        logger.info("files are named by SOP Instance UID (or a keyed token of the path): their paths carry "
+                    "patient identifiers" if self.carries else "files are named by SOP Instance UID (path_mode='uid')")
+
+
+def _write_report(report, items: list[dict], skipped: list[dict]) -> None:
+    """The skipped files as a CSV (columns ``file``, ``reason``) when ``report`` is a path, and the counts logged."""
+    if report is not None:
+        report = os.fspath(report)
+        os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
+        with open(report, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["file", "reason"])
+            w.writeheader()
+            w.writerows(skipped)
+        logger.info("%d images, %d files left out (see %s)", len(items), len(skipped), report)
+    else:
+        logger.info("%d images, %d files left out", len(items), len(skipped))
+
+
 def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: str = "lung_mask",
                     report=None, path_mode: str = "auto") -> tuple[list[dict], list[dict]]:
     """The images under ``input_dir`` as a MONAI datalist, and the files left out.
@@ -248,89 +355,20 @@ def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: s
     Raises:
         FileNotFoundError / NotADirectoryError: ``input_dir`` (or a given ``mask_dir``) is not a folder.
     """
-    input_dir = os.fspath(input_dir)
-    for what, folder in (("input folder", input_dir), ("mask folder", mask_dir)):
-        if folder is None:
-            continue
-        if not os.path.exists(folder):
-            raise FileNotFoundError(f"{what} does not exist: {folder}")
-        if not os.path.isdir(folder):
-            raise NotADirectoryError(f"{what} is not a folder: {folder}")
-    mask_dir = os.fspath(mask_dir) if mask_dir is not None else None
-    if mask_dir is not None and not mask_suffix and os.path.realpath(mask_dir) == os.path.realpath(input_dir):
-        raise ValueError(f"mask folder {mask_dir} is the input folder: give mask_suffix (e.g. '_lungs') so masks "
-                         "and images can be told apart")
+    input_dir, mask_dir = _checked_folders(input_dir, mask_dir, mask_suffix)
     masks_inside = mask_dir is not None and _inside(mask_dir, input_dir)
-    mask_reason = mask_key.replace("_", " ")
-
-    files = []
-    for d, dirs, names in os.walk(input_dir):
-        dirs.sort()
-        files += [os.path.join(d, n) for n in names]
-    rels = sorted((os.path.relpath(p, input_dir).replace(os.sep, "/"), p) for p in files)
-
-
+    rels = _walk_sorted(input_dir)
     resolve_path_mode(path_mode, False)
-    items: list[dict] = []
-    skipped: list[dict] = []
-    uids: dict[str, str] = {}  # rel -> SOP Instance UID of the DICOM images
-    carries = False
+    found = _Sorted(mask_dir, mask_suffix, mask_key, masks_inside)
     for rel, path in rels:
-        stem, suffix = _split_suffix(os.path.basename(rel))
-        rel_stem = rel[: len(rel) - len(suffix)] if suffix else rel
-        if (mask_suffix and stem.endswith(mask_suffix)) or (masks_inside and _inside(path, mask_dir)):
-            skipped.append({"file": rel, "reason": mask_reason})
-            continue
-        if suffix in _RASTER:
-            reason = _raster_ok(path)
-        elif suffix in _VOLUME:
-            reason = ""
-        else:
-            header: dict = {}
-            ok, reason = _classify_dicom(path, header)
-            carries = carries or path_carries_identifiers(rel, header.get("identifiers"))
-            if ok:
-                uids[rel] = header.get("uid", "")
-            if ok is None:
-                if suffix in _DICOM_SUFFIXES:
-                    reason = "not a DICOM file (no DICM preamble)"
-                else:
-                    ext = os.path.splitext(rel)[1].lower()
-                    reason = f"not DICOM and not an image file type ({ext or 'no suffix'})"
-        if reason:
-            skipped.append({"file": rel, "reason": reason})
-            continue
-        item = {"image": os.path.abspath(path), "image_id": rel}  # (renamed below in uid mode)
-        if mask_dir is not None:
-            mask = _find_mask(mask_dir, rel_stem, mask_suffix)
-            if mask is not None:
-                item[mask_key] = mask
-        items.append(item)
-
-    if resolve_path_mode(path_mode, carries) == "uid":
-        names: set[str] = set()
-        for it in items:
-            uid = uids.get(it["image_id"], "")
-            name = f"{uid}.dcm" if valid_uid(uid) and f"{uid}.dcm" not in names else file_token(it["image_id"])
-            names.add(name)
-            it["image_id"] = name
-        for row in skipped:
-            row["file"] = file_token(row["file"])
-        logger.info("files are named by SOP Instance UID (or a keyed token of the path): their paths carry "
-                    "patient identifiers" if carries else "files are named by SOP Instance UID (path_mode='uid')")
-    if report is not None:
-        report = os.fspath(report)
-        os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
-        with open(report, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["file", "reason"])
-            w.writeheader()
-            w.writerows(skipped)
-        logger.info("%d images, %d files left out (see %s)", len(items), len(skipped), report)
-    else:
-        logger.info("%d images, %d files left out", len(items), len(skipped))
+        found.add(rel, path)
+    if resolve_path_mode(path_mode, found.carries) == "uid":
+        found.name_by_uid()
+    items, skipped = found.items, found.skipped
+    _write_report(report, items, skipped)
     if mask_dir is not None:
         logger.info("%d of %d images have a %s file in %s", sum(mask_key in it for it in items), len(items),
-                    mask_reason, mask_dir)
+                    found.mask_reason, mask_dir)
     if not items:
         logger.warning("no images found in %s (%d files left out)", input_dir, len(skipped))
     return items, skipped

@@ -122,6 +122,107 @@ def _read_run(run_dir: str, fold_items: list[dict], loc_method: str) -> dict:
             "threshold": threshold, "localization": loc}
 
 
+def _ordered_methods(methods: Sequence[str]) -> list[str]:
+    """The methods without repeats, each checked; ``none`` (the reference of the paired differences) first."""
+    methods = list(dict.fromkeys(methods))
+    for m in methods:
+        method_overrides(m)
+    if not methods:
+        raise ValueError("no methods to compare")
+    if "none" in methods:  # the reference of the paired differences comes first
+        methods = ["none"] + [m for m in methods if m != "none"]
+    return methods
+
+
+def _binary_overrides(bundle: str, extra_configs: Sequence[str], overrides: dict, localization_method: str) -> dict:
+    """``overrides`` with ``localization_method`` among the bundle's maps; refuses a bundle that is not binary."""
+    parser = bundle_parser(bundle, ["train.yaml", *extra_configs], **overrides)
+    if parser["label_mode"] != "binary":
+        raise ValueError(f"compare handles binary bundles (one probability per image, one threshold); {bundle} is "
+                         f"{parser['label_mode']!r}: use `cutremain experiment cv` for it")
+    if localization_method not in parser["localization_methods"]:
+        overrides = {**overrides, "localization_methods": [*parser["localization_methods"], localization_method]}
+    return overrides
+
+
+def _gamma_runs(gammas: Sequence[float], methods: list[str]) -> tuple[dict, list[tuple[str, dict]]]:
+    """(gamma -> its run's name, the runs to add): gamma 0 is ``none``, gamma 1 ``cut_remain`` when compared."""
+    gamma_alias, gamma_runs = {}, []
+    for g in gammas:
+        g = float(g)
+        if not 0.0 <= g <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {g}")
+        if g == 0.0 and "none" in methods:
+            gamma_alias[g] = "none"
+        elif g == 1.0 and "cut_remain" in methods:
+            gamma_alias[g] = "cut_remain"
+        else:
+            gamma_alias[g] = _gamma_name(g)
+            gamma_runs.append((_gamma_name(g), {"augmentation": "cut_remain", "guidance": "none", "gamma": g}))
+    return gamma_alias, gamma_runs
+
+
+def _plan(run_folds: list[int], methods: list[str], gamma_runs: list[tuple[str, dict]],
+          gamma_folds_used: list[int]) -> list[tuple[int, str, dict]]:
+    """(fold, run name, its overrides) of every run, in the order they are run."""
+    # fold by fold (its methods, then its gamma runs): a comparison stopped early still has whole folds
+    plan: list[tuple[int, str, dict]] = []
+    for k in run_folds:
+        plan += [(k, m, method_overrides(m)) for m in methods]
+        plan += [(k, name, ov) for name, ov in gamma_runs if k in gamma_folds_used]
+    return plan
+
+
+def _run_dir(output_dir: str, k: int, name: str) -> str:
+    """The folder of the run ``name`` on fold ``k``."""
+    return os.path.join(output_dir, "runs", f"fold{k}", name.replace("+", "_plus_").replace("@", "_"))
+
+
+def _finished(done: str, digest: str) -> bool:
+    """Whether the run whose ``result.json`` is ``done`` has finished; refuses one made with other settings."""
+    if not os.path.exists(done):
+        return False
+    with open(done) as f:
+        previous = json.load(f).get("settings_hash")
+    if previous is not None and previous != digest:  # (runs from before the hash was kept are taken as they are)
+        raise ValueError(f"{done}: this run was made with other settings (overrides, configs, threshold rule or "
+                         "seed); use a new output folder or delete the run")
+    return True
+
+
+def _run_plan(bundle: str, plan: list[tuple[int, str, dict]], fold_paths: list[str], output_dir: str,
+              extra_configs: Sequence[str], overrides: dict, seed: int, threshold_rule: str, target_sensitivity: float,
+              experiment: str) -> None:
+    """Train and test every run of ``plan`` that has not finished (a finished one leaves ``result.json``)."""
+    for i, (k, name, ov) in enumerate(plan):
+        run_dir = _run_dir(output_dir, k, name)
+        done = os.path.join(run_dir, "result.json")
+        run_settings = {"configs": list(extra_configs), "overrides": {**overrides, **ov}, "threshold_rule": threshold_rule,
+                        "target_sensitivity": target_sensitivity, "seed": seed}
+        digest = hashlib.sha256(json.dumps(run_settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        if _finished(done, digest):
+            continue
+        logger.info("compare %d/%d: fold %d, %s", i + 1, len(plan), k, name)
+        m = train_and_test(bundle, fold_paths[k], run_dir, extra_configs, seed=seed, register_model=False,
+                           experiment_name=experiment, run_name=f"fold{k}_{name}", threshold_rule=threshold_rule,
+                           target_sensitivity=target_sensitivity, **{**overrides, **ov})
+        with open(done, "w") as f:
+            json.dump({"fold": k, "method": name, "overrides": ov, "settings_hash": digest, "settings": run_settings,
+                       "test": m}, f, indent=1, default=str)
+
+
+def _read_runs(plan: list[tuple[int, str, dict]], fold_paths: list[str], output_dir: str,
+               localization_method: str) -> dict:
+    """run name -> fold -> what :func:`_read_run` reads of it, plus its folder (``dir``)."""
+    runs: dict = {}
+    for k, name, _ in plan:
+        with open(fold_paths[k]) as f:
+            test_items = json.load(f)["test"]
+        run_dir = _run_dir(output_dir, k, name)
+        runs.setdefault(name, {})[k] = {**_read_run(run_dir, test_items, localization_method), "dir": run_dir}
+    return runs
+
+
 def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[str], folds: int = 5, seed: int = 0,
             val_fraction: float = 0.2, extra_configs: Sequence[str] = ("cpu.yaml",), gammas: Sequence[float] = (),
             gamma_folds: int | None = None, threshold_rule: str = "youden", target_sensitivity: float = 0.9,
@@ -136,20 +237,8 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
     (:func:`~cutremain_monai.data.resized_copies.resized_copies`; a CPU setting).
     ``overrides`` go to every run of the bundle (``epochs``, ``image_size``, ``network_depth``...).
     """
-    methods = list(dict.fromkeys(methods))
-    for m in methods:
-        method_overrides(m)
-    if not methods:
-        raise ValueError("no methods to compare")
-    if "none" in methods:  # the reference of the paired differences comes first
-        methods = ["none"] + [m for m in methods if m != "none"]
-
-    parser = bundle_parser(bundle, ["train.yaml", *extra_configs], **overrides)
-    if parser["label_mode"] != "binary":
-        raise ValueError(f"compare handles binary bundles (one probability per image, one threshold); {bundle} is "
-                         f"{parser['label_mode']!r}: use `cutremain experiment cv` for it")
-    if localization_method not in parser["localization_methods"]:
-        overrides = {**overrides, "localization_methods": [*parser["localization_methods"], localization_method]}
+    methods = _ordered_methods(methods)
+    overrides = _binary_overrides(bundle, extra_configs, overrides, localization_method)
     os.makedirs(output_dir, exist_ok=True)
     items = [{**it, "image_id": _key(it)} for it in items]
     if shrink:
@@ -157,23 +246,8 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
     fold_paths = _prepare_folds(items, output_dir, folds, seed, val_fraction, shrink)
     run_folds = list(range(folds if fold_limit is None else min(folds, fold_limit)))
     gamma_folds_used = run_folds if gamma_folds is None else run_folds[:gamma_folds]
-    gamma_alias, gamma_runs = {}, []
-    for g in gammas:
-        g = float(g)
-        if not 0.0 <= g <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {g}")
-        if g == 0.0 and "none" in methods:
-            gamma_alias[g] = "none"
-        elif g == 1.0 and "cut_remain" in methods:
-            gamma_alias[g] = "cut_remain"
-        else:
-            gamma_alias[g] = _gamma_name(g)
-            gamma_runs.append((_gamma_name(g), {"augmentation": "cut_remain", "guidance": "none", "gamma": g}))
-    # fold by fold (its methods, then its gamma runs): a comparison stopped early still has whole folds
-    plan: list[tuple[int, str, dict]] = []
-    for k in run_folds:
-        plan += [(k, m, method_overrides(m)) for m in methods]
-        plan += [(k, name, ov) for name, ov in gamma_runs if k in gamma_folds_used]
+    gamma_alias, gamma_runs = _gamma_runs(gammas, methods)
+    plan = _plan(run_folds, methods, gamma_runs, gamma_folds_used)
     settings = {"bundle": os.path.basename(os.path.normpath(bundle)), "methods": methods, "folds": folds,
                 "folds_run": len(run_folds), "gamma_folds": len(gamma_folds_used), "gammas": [float(g) for g in gammas],
                 "seed": seed, "val_fraction": val_fraction, "threshold_rule": threshold_rule,
@@ -181,32 +255,9 @@ def compare(bundle: str, items: list[dict], output_dir: str, methods: Sequence[s
                 "configs": ["train.yaml", *extra_configs], "overrides": overrides, "images": len(items),
                 "shrink": shrink, "n_boot": n_boot}
     experiment = f"compare_{settings['bundle']}"
-    for i, (k, name, ov) in enumerate(plan):
-        run_dir = os.path.join(output_dir, "runs", f"fold{k}", name.replace("+", "_plus_").replace("@", "_"))
-        done = os.path.join(run_dir, "result.json")
-        run_settings = {"configs": list(extra_configs), "overrides": {**overrides, **ov}, "threshold_rule": threshold_rule,
-                        "target_sensitivity": target_sensitivity, "seed": seed}
-        digest = hashlib.sha256(json.dumps(run_settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        if os.path.exists(done):
-            with open(done) as f:
-                previous = json.load(f).get("settings_hash")
-            if previous is not None and previous != digest:  # (runs from before the hash was kept are taken as they are)
-                raise ValueError(f"{done}: this run was made with other settings (overrides, configs, threshold rule or "
-                                 "seed); use a new output folder or delete the run")
-            continue
-        logger.info("compare %d/%d: fold %d, %s", i + 1, len(plan), k, name)
-        m = train_and_test(bundle, fold_paths[k], run_dir, extra_configs, seed=seed, register_model=False,
-                           experiment_name=experiment, run_name=f"fold{k}_{name}", threshold_rule=threshold_rule,
-                           target_sensitivity=target_sensitivity, **{**overrides, **ov})
-        with open(done, "w") as f:
-            json.dump({"fold": k, "method": name, "overrides": ov, "settings_hash": digest, "settings": run_settings,
-                       "test": m}, f, indent=1, default=str)
-    runs: dict = {}
-    for k, name, _ in plan:
-        with open(fold_paths[k]) as f:
-            test_items = json.load(f)["test"]
-        run_dir = os.path.join(output_dir, "runs", f"fold{k}", name.replace("+", "_plus_").replace("@", "_"))
-        runs.setdefault(name, {})[k] = {**_read_run(run_dir, test_items, localization_method), "dir": run_dir}
+    _run_plan(bundle, plan, fold_paths, output_dir, extra_configs, overrides, seed, threshold_rule, target_sensitivity,
+              experiment)
+    runs = _read_runs(plan, fold_paths, output_dir, localization_method)
     summary = summarise_compare(runs, methods, gamma_alias, gamma_folds_used, n_boot=n_boot, seed=seed)
     summary["settings"] = settings
     write_tables(summary, output_dir)

@@ -43,37 +43,8 @@ def make_uid(*parts) -> str:
     return "2.25." + str(int.from_bytes(digest, "big"))
 
 
-def write_dx(
-    path: PathLike,
-    pixels: np.ndarray,
-    *,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int = 12,
-    compression: str = "explicit",
-    window: tuple[float, float] | None = None,
-    anatomy: str = "chest",
-    view_position: str = "PA",
-    laterality: str = "B",
-    pixel_spacing: float = 0.5,
-    uid_seed: str = "",
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    instance_number: int = 1,
-    content_date: str = "20260101",
-    patient_name: str = "",
-    patient_id: str = "",
-    patient_birth_date: str = "",
-):
-    """Write stored values ``pixels`` (``(H, W)`` unsigned integers < 2**bits_stored) as a DX file.
-
-    ``compression`` is one of ``explicit`` (uncompressed), ``rle``, ``jpegls``, ``j2k`` (all lossless).
-    ``patient_name`` / ``patient_id`` default to empty (type 2); the phantom generator sets a synthetic,
-    non-identifying value because presentation-state checkers (``dcmpschk``) want a patient name.
-    Returns the written dataset (pixel data as written).
-    """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence as Seq
-
+def _checked_pixels(pixels, photometric: str, compression: str, bits_stored: int) -> np.ndarray:
+    """``pixels`` as an array, after the checks of :func:`write_dx`'s arguments (ValueError when one fails)."""
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, got {photometric!r}")
     if compression not in _SYNTAXES:
@@ -85,7 +56,13 @@ def write_dx(
         raise ValueError(f"bits_stored must be in 9..16, got {bits_stored}")
     if pixels.min() < 0 or pixels.max() >= 2**bits_stored:
         raise ValueError(f"pixel values must lie in [0, {2**bits_stored - 1}]")
-    sop_uid = make_uid("sop", uid_seed)
+    return pixels
+
+
+def _new_dataset(sop_uid: str):
+    """A DX dataset with its file meta information and SOP Common module (explicit VR little endian)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = DX_SOP_CLASS_UID
@@ -96,26 +73,41 @@ def write_dx(
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = DX_SOP_CLASS_UID
     ds.SOPInstanceUID = sop_uid
+    return ds
+
+
+def _set_patient_and_study(ds, patient_name: str, patient_id: str, patient_birth_date: str, study_uid: str,
+                           content_date: str) -> None:
+    """The Patient and General Study modules."""
     # Patient (type 2; empty unless the caller gives a synthetic value: we never write identifiers)
     ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.PatientBirthDate = patient_birth_date
     ds.PatientSex = ""
     # General Study
-    ds.StudyInstanceUID = study_uid or make_uid("study", uid_seed)
+    ds.StudyInstanceUID = study_uid
     ds.StudyDate = content_date
     ds.StudyTime = "120000"
     ds.ReferringPhysicianName = ""
     ds.StudyID = ""
     ds.AccessionNumber = ""
+
+
+def _set_series_and_equipment(ds, series_uid: str, anatomy: str) -> None:
+    """The General Series, DX Series and General Equipment modules."""
     # General Series + DX Series
     ds.Modality = "DX"
-    ds.SeriesInstanceUID = series_uid or make_uid("series", uid_seed)
+    ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = 1
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.BodyPartExamined = {"chest": "CHEST", "clavicle": "CLAVICLE", "pelvis": "PELVIS"}.get(anatomy, "")
     # General Equipment
     ds.Manufacturer = "cutremain_monai synthetic phantom"
+
+
+def _set_image(ds, pixels: np.ndarray, photometric: str, bits_stored: int, window: tuple[float, float] | None,
+               instance_number: int, view_position: str, content_date: str) -> None:
+    """The General Image, Image Pixel (without the pixel data), DX Image and VOI LUT modules."""
     # General Image + DX Image
     ds.InstanceNumber = instance_number
     ds.PatientOrientation = ["L", "F"] if view_position in ("PA", "") else ["R", "F"]
@@ -144,6 +136,13 @@ def write_dx(
     ds.WindowCenter = f"{window[0]:g}"
     ds.WindowWidth = f"{window[1]:g}"
     ds.VOILUTFunction = "LINEAR"
+
+
+def _set_anatomy_and_detector(ds, anatomy: str, laterality: str, pixel_spacing: float, view_position: str) -> None:
+    """The DX Anatomy Imaged, DX Detector, DX Positioning and Acquisition Context modules."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as Seq
+
     # DX Anatomy Imaged
     ds.ImageLaterality = laterality
     code, meaning = ANATOMY_CODES[anatomy]
@@ -159,6 +158,10 @@ def write_dx(
     ds.PositionerType = "NONE"
     # Acquisition Context (type 2 sequence, may be empty)
     ds.AcquisitionContextSequence = Seq([])
+
+
+def _set_pixel_data(ds, pixels: np.ndarray, compression: str) -> None:
+    """The pixel data, compressed (losslessly) unless ``compression`` is ``explicit``."""
     ds.PixelData = np.ascontiguousarray(pixels.astype("<u2")).tobytes()
     if compression != "explicit":
         ds.compress(
@@ -166,6 +169,43 @@ def write_dx(
             encoding_plugin="pyjpegls" if compression == "jpegls" else "",
             generate_instance_uid=False,  # keep the deterministic UID (pydicom 3 makes a new one by default)
         )
+
+
+def write_dx(
+    path: PathLike,
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    compression: str = "explicit",
+    window: tuple[float, float] | None = None,
+    anatomy: str = "chest",
+    view_position: str = "PA",
+    laterality: str = "B",
+    pixel_spacing: float = 0.5,
+    uid_seed: str = "",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    instance_number: int = 1,
+    content_date: str = "20260101",
+    patient_name: str = "",
+    patient_id: str = "",
+    patient_birth_date: str = "",
+):
+    """Write stored values ``pixels`` (``(H, W)`` unsigned integers < 2**bits_stored) as a DX file.
+
+    ``compression`` is one of ``explicit`` (uncompressed), ``rle``, ``jpegls``, ``j2k`` (all lossless).
+    ``patient_name`` / ``patient_id`` default to empty (type 2); the phantom generator sets a synthetic,
+    non-identifying value because presentation-state checkers (``dcmpschk``) want a patient name.
+    Returns the written dataset (pixel data as written).
+    """
+    pixels = _checked_pixels(pixels, photometric, compression, bits_stored)
+    ds = _new_dataset(make_uid("sop", uid_seed))
+    _set_patient_and_study(ds, patient_name, patient_id, patient_birth_date, study_uid or make_uid("study", uid_seed),
+                           content_date)
+    _set_series_and_equipment(ds, series_uid or make_uid("series", uid_seed), anatomy)
+    _set_image(ds, pixels, photometric, bits_stored, window, instance_number, view_position, content_date)
+    _set_anatomy_and_detector(ds, anatomy, laterality, pixel_spacing, view_position)
+    _set_pixel_data(ds, pixels, compression)
     ds.save_as(str(path), enforce_file_format=True)
     return ds
-

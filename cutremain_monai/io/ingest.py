@@ -38,7 +38,7 @@ import multiprocessing
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -285,6 +285,294 @@ def _external_boxes(path: str) -> dict[str, dict]:
     return {os.path.abspath(it["image"]): it for it in items}
 
 
+def _check_arguments(boxes: str | None, gsps: bool, sr: bool, workers: int, path_mode: str) -> None:
+    """The argument errors that stop an ingest before any file is read."""
+    if boxes and (gsps or sr):
+        raise ValueError("give either boxes=FILE or gsps / sr, not both")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    resolve_path_mode(path_mode, False)  # a bad mode fails before any file is read
+
+
+def _own_outputs(output: str, report_path: str, quarantine_dir: str | None) -> tuple[str, ...]:
+    """Path prefixes of our own outputs, which are not part of the export when they sit inside it."""
+    return tuple(p for p in (os.path.splitext(output)[0], report_path,
+                             os.path.abspath(quarantine_dir) + os.sep if quarantine_dir else None) if p)
+
+
+class _Journal:
+    """The journal of one ingest: a header line, then one record per file done (or, in this process, started)."""
+
+    def __init__(self, path: str, header: dict, resume: bool):
+        """Open the journal at ``path``: with ``resume``, read back an interrupted run's records, else start afresh.
+
+        A file on which two runs died (each while reading it in its own process) is recorded as crashing the reader.
+        """
+        self.path = path
+        found = _read_journal(path, header) if resume else None
+        if resume and found is None:
+            logger.warning("no usable journal beside the output: nothing to resume, starting from the beginning")
+        self.done, started = found if found is not None else ({}, {})
+        if found is None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(json.dumps(header) + "\n")
+        self._file = open(path, "a")
+        for k, n in started.items():
+            if n >= 2:  # two runs died while this one file was being read in their own process
+                self.add(k, {"k": k, "t": "bad", "st": None, "c": False,
+                             "reason": "the reader crashed on this file (the ingest died twice while reading it)"})
+        self.from_journal = dict(self.done)  # (the pool's feeder thread walks while this thread records)
+
+    def record(self, rec: dict) -> None:
+        """Append one record to the journal."""
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()  # in the OS's hands as soon as the file is done: a SIGKILL loses nothing finished
+
+    def add(self, token: str, rec: dict) -> None:
+        """Record a file as done (``token``: its path token)."""
+        self.record(rec)
+        self.done[token] = rec
+
+    def fresh(self, token: str, path: str) -> bool:
+        """Whether the interrupted run finished the file, and the file has not changed since (size and time)."""
+        rec = self.from_journal.get(token)
+        return rec is not None and (rec.get("st") is None or rec["st"] == _stat(path))
+
+    def close(self) -> None:
+        """Close the journal file (it stays on disk until the ingest is done)."""
+        self._file.close()
+
+
+@dataclass(frozen=True)
+class _Export:
+    """The files to read: those under ``root`` but ``skip``, read by ``examine`` with the site ``key``."""
+    root: str
+    skip: tuple[str, ...]
+    key: bytes
+    examine: Callable[[tuple[str, str, bytes]], dict]
+
+    def _pending(self, journal: _Journal) -> Iterator[tuple[str, str, bytes]]:
+        """The tasks of the files the journal does not hold (or that changed since)."""
+        for rel, path in _walk(self.root, self.skip):
+            if not journal.fresh(file_token(rel, self.key), path):
+                yield rel, path, self.key
+
+    def _in_this_process(self, tasks: Iterator, journal: _Journal) -> Iterator[dict]:
+        """``examine`` over ``tasks`` in this process, each file recorded as started before it is read."""
+        for task in tasks:
+            journal.record({"k": file_token(task[0], self.key), "t": "started"})  # a crash here is seen by the next run
+            yield self.examine(task)
+
+    def decode(self, journal: _Journal, workers: int, progress: bool, report: IngestReport) -> None:
+        """Read the pending files (in ``workers`` processes when more than 1), each journaled as soon as it is done."""
+        from tqdm import tqdm
+
+        tasks = self._pending(journal)
+        results = _in_processes(tasks, workers, self.examine) if workers > 1 else self._in_this_process(tasks, journal)
+        for rec in tqdm(results, desc="ingest", unit="file", disable=not progress):
+            journal.add(rec["k"], rec)
+            report.decoded += 1
+
+    def assemble(self, journal: _Journal, report: IngestReport) -> list[tuple[str, str, dict]]:
+        """(relative path, path, record) of every file, from one more walk (names only), in walk order."""
+        # the same order whatever the workers and the interruptions were
+        entries = []
+        for rel, path in _walk(self.root, self.skip):
+            report.files_seen += 1
+            token = file_token(rel, self.key)
+            rec = journal.done.get(token)
+            if rec is None:  # appeared since the first walk (an export still being copied): read it now
+                rec = self.examine((rel, path, self.key))
+                journal.add(token, rec)
+                report.decoded += 1
+            elif token in journal.from_journal and rec is journal.from_journal[token]:
+                report.resumed += 1
+            entries.append((rel, path, rec))
+        return entries
+
+
+def _unused_state_reason(kind: str, what: str, refs: list, wanted: bool, ds) -> str:
+    """Why a presentation state / structured report gives no boxes ("" when it does)."""
+    if not refs:
+        return f"{what} references no usable image in the batch"
+    if not wanted:
+        return f"{what} ignored (run with --{kind} to read its boxes)"
+    if kind == "gsps" and str(ds.get("ContentLabel", "")) == "AI_FINDINGS":  # our model's answer, back from the PACS
+        return "presentation state of model findings (not an annotation)"
+    return ""
+
+
+class _Batch:
+    """The files of one ingest sorted into items, presentation states / reports and quarantine, by written name."""
+
+    def __init__(self, root: str, key: bytes, mode: str, output: str, report: IngestReport):
+        """An empty batch; in ``uid`` mode, files are named through the link folder beside ``output``."""
+        self.root, self.key, self.mode, self.report = root, key, mode, report
+        report.path_mode = mode
+        self.links = LinkFolder(link_folder_path(output)) if mode == "uid" else None
+        self.images: dict[str, dict] = {}  # sop uid (or token, without a usable uid) -> item (image = the name written)
+        self.sizes: dict[str, tuple[int, int]] = {}
+        self.where: dict[str, str] = {}  # name -> path on disk (GSPS pass, near-duplicates, quarantine copies)
+        self.states: list[tuple[str, str, str]] = []
+        self.quarantined_paths: list[str] = []
+
+    def quarantine(self, rel: str, path: str, reason: str) -> None:
+        """Report a file as quarantined, under its name as written."""
+        name = rel if self.mode == "relative" else f"{QUARANTINED}/{file_token(rel, self.key)}"
+        self.report.quarantined.append((name, reason))
+        self.quarantined_paths.append(path)
+        if self.links is not None and os.path.lexists(path):
+            self.links.link(path, name)
+
+    def add(self, rel: str, path: str, rec: dict, external: dict[str, dict]) -> None:
+        """Sort one file: quarantined, kept for the state pass, or an item (its boxes popped from ``external``)."""
+        if rec["t"] == "bad":
+            self.quarantine(rel, path, rec["reason"])
+            return
+        if rec["t"] in ("gsps", "sr"):
+            self.states.append((rel, path, rec["t"]))
+            return
+        uid = rec["uid"]
+        usable = valid_uid(uid)
+        if usable and uid in self.images:
+            self.quarantine(rel, path, f"duplicate SOPInstanceUID of {self.images[uid]['image']}")
+            return
+        name = rel if self.mode == "relative" else f"{uid if usable else rec['k']}.dcm"
+        if self.links is not None:
+            self.links.link(path, name)
+        item = {"image": name, "label": 0, "boxes": [], "box_labels": [], "group": rec["group"]}
+        ext = external.pop(os.path.abspath(path), None)
+        if ext is not None:
+            item["label"] = ext["label"]
+            item["boxes"], item["box_labels"] = ext["boxes"], ext["box_labels"]
+        ident = uid if usable else rec["k"]
+        self.images[ident] = item
+        self.sizes[ident] = tuple(rec["size"])
+        self.where[name] = path
+
+    def warn_unmatched(self, external: dict[str, dict]) -> None:
+        """A box warning for each entry left in ``external``: it named no usable image."""
+        for p in sorted(external):  # what is left of the boxes file named no usable image
+            inside = not os.path.relpath(p, self.root).startswith("..")
+            shown = (os.path.relpath(p, self.root).replace(os.sep, "/") if self.mode == "relative" else
+                     file_token(os.path.relpath(p, self.root) if inside else p, self.key))
+            self.report.box_warnings.append((shown, "listed in the boxes file but not a usable image in the batch"))
+
+    def read_states(self, gsps: bool, sr: bool) -> None:
+        """Read the presentation states and structured reports of the batch (``gsps`` / ``sr``: their boxes wanted)."""
+        for rel, path, kind in self.states:
+            self.read_state(rel, path, kind, gsps if kind == "gsps" else sr)
+
+    def read_state(self, rel: str, path: str, kind: str, wanted: bool) -> None:
+        """Add a state's / report's boxes to its images, or quarantine it (``wanted``: its kind was asked for)."""
+        what = "presentation state" if kind == "gsps" else "structured report"
+        try:
+            ds = read_dataset(path)
+            refs = [u for u in (gsps_referenced_sop_uids(ds) if kind == "gsps" else sr_referenced_sop_uids(ds))
+                    if u in self.images]
+        except DicomReadError as e:
+            self.quarantine(rel, path, scrub_paths(e.reason, path))
+            return
+        except Exception as e:  # a corrupt reference sequence is reported, never ends the batch
+            self.quarantine(rel, path, f"{what} unreadable ({type(e).__name__})")
+            return
+        reason = _unused_state_reason(kind, what, refs, wanted, ds)
+        if reason:
+            self.quarantine(rel, path, reason)
+            return
+        if kind == "gsps":
+            self.report.presentation_states += 1
+        else:
+            self.report.structured_reports += 1
+        try:
+            found_boxes = read_gsps_file(path, self.sizes, dataset=ds) if kind == "gsps" else read_sr_file(path, ds)
+        except DicomReadError as e:  # a corrupt presentation state / report is reported, never ends the batch
+            self.quarantine(rel, path, scrub_paths(e.reason, path))
+            return
+        self._add_boxes(found_boxes, ds)
+
+    def _add_boxes(self, found_boxes: dict, ds) -> None:
+        """Append a state's boxes to their images; a label naming the patient (of ``ds``) becomes 'unlabelled'."""
+        try:
+            ids = header_identifiers(ds)  # the presentation state / report carries its patient's module
+        except Exception:
+            ids = frozenset()
+        for uid, found in found_boxes.items():
+            if uid in self.images:
+                labels = [lab for _, lab in found]
+                if any(path_carries_identifiers(lab, ids) for lab in labels):  # free text that names the patient
+                    self.report.box_warnings.append((self.images[uid]["image"], "a box label held the patient's name, "
+                                                     "ID or birth date: replaced by 'unlabelled'"))
+                    labels = ["unlabelled" if path_carries_identifiers(lab, ids) else lab for lab in labels]
+                self.images[uid]["boxes"] += [b.tolist() for b, _ in found]
+                self.images[uid]["box_labels"] += labels
+
+    def validated_items(self, labelled_by_boxes: bool) -> list[dict]:
+        """The items, boxes checked against the image size (clipped / dropped reported), labelled by boxes if asked."""
+        items = []
+        for uid, item in self.images.items():
+            if item["boxes"]:
+                kept, labs, msgs = validate_boxes(
+                    item["boxes"], self.sizes[uid], np.arange(len(item["boxes"])), source=item["image"], warn=False
+                )
+                self.report.box_warnings += [(item["image"], m.split(": ", 1)[1]) for m in msgs]
+                item["box_labels"] = [item["box_labels"][int(i)] for i in labs]
+                item["boxes"] = kept.round(2).tolist()
+            if labelled_by_boxes:
+                item["label"] = int(len(item["boxes"]) > 0)
+            items.append(item)
+        self.report.images = len(items)
+        return items
+
+    def write_datalist(self, items: list[dict], output: str, split, seed: int, near_duplicates: float | None) -> None:
+        """Split ``items`` by group (near-duplicate groups merged when asked) and save the datalist to ``output``."""
+        near = {}
+        if split and near_duplicates:
+            on_disk = [{**it, "image": self.where[it["image"]] if self.links is None else
+                        os.path.join(self.links.folder, it["image"])} for it in items]
+            merged, near, _ = group_near_duplicates_for_split(on_disk, near_duplicates, output)  # all readable here
+            items = [{**it, "group": m["group"]} for it, m in zip(items, merged)]
+            self.report.near_duplicates = near
+        datalist = split_by_group(items, split, seed) if split else {"training": items, "validation": [], "test": []}
+        links = self.links
+        datalist["root"] = self.root if links is None else os.path.relpath(links.folder, os.path.dirname(output))
+        datalist["ingest"] = {"files_seen": self.report.files_seen, "quarantined": len(self.report.quarantined),
+                              "path_mode": self.mode, **near}
+        save_datalist(datalist, output)
+
+
+def _write_report(report: IngestReport, report_path: str, quarantined_paths: list[str],
+                  quarantine_dir: str | None) -> None:
+    """The quarantine report (CSV), copies of the quarantined files (with ``quarantine_dir``) and their log lines."""
+    _write_report_csv(report, report_path)
+    if quarantine_dir:
+        _copy_quarantined(report.quarantined, quarantined_paths, quarantine_dir)
+    for p, r in report.quarantined:
+        logger.warning("quarantined %s: %s", p, r)
+
+
+def _write_report_csv(report: IngestReport, report_path: str) -> None:
+    """The quarantine report (CSV: file, status, reason), written whole or not at all."""
+    tmp = report_path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "status", "reason"])
+        for p, r in report.quarantined:
+            w.writerow([p, "quarantined", r])
+        for p, r in report.box_warnings:
+            w.writerow([p, "box warning", r])
+    os.replace(tmp, report_path)
+
+
+def _copy_quarantined(quarantined: list, paths: list[str], quarantine_dir: str) -> None:
+    """Copy the quarantined files (still there) into ``quarantine_dir`` under the names the report gives them."""
+    os.makedirs(quarantine_dir, exist_ok=True)
+    for (name, _), p in zip(quarantined, paths):
+        if os.path.exists(p):
+            shutil.copy2(p, os.path.join(quarantine_dir, name.replace("/", "__")))
+
+
 def ingest(
     root: str,
     output: str,
@@ -325,218 +613,30 @@ def ingest(
             died is reported as crashing the reader; with workers, a crashed process is found and reported at once.
         _examine_fn: (tests) the per-file function run in the worker processes.
     """
-    from tqdm import tqdm
-
-    if boxes and (gsps or sr):
-        raise ValueError("give either boxes=FILE or gsps / sr, not both")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    resolve_path_mode(path_mode, False)  # a bad mode fails before any file is read
+    _check_arguments(boxes, gsps, sr, workers, path_mode)
     report = IngestReport()
     key = site_key()  # read (or made) once: a bad key stops before any file is touched
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise NotADirectoryError(f"export root is not a folder: {root}")
-    examine = _examine_fn or _examine
     external = _external_boxes(boxes) if boxes else {}
     output = os.path.abspath(output)
     report_path = os.path.abspath(report_path or os.path.splitext(output)[0] + "_quarantine.csv")
-    # our own outputs, when they sit inside the export, are not part of it
-    skip = tuple(p for p in (os.path.splitext(output)[0], report_path,
-                             os.path.abspath(quarantine_dir) + os.sep if quarantine_dir else None) if p)
-    jpath = journal_path(output)
-    header = {"version": JOURNAL_VERSION, "root": keyed_pseudonym("root:" + root, key)}
-    found = _read_journal(jpath, header) if resume else None
-    if resume and found is None:
-        logger.warning("no usable journal beside the output: nothing to resume, starting from the beginning")
-    done, started = found if found is not None else ({}, {})
-    if found is None:
-        os.makedirs(os.path.dirname(jpath), exist_ok=True)
-        with open(jpath, "w") as f:
-            f.write(json.dumps(header) + "\n")
-    journal = open(jpath, "a")
-
-    def record(rec: dict) -> None:
-        journal.write(json.dumps(rec) + "\n")
-        journal.flush()  # in the OS's hands as soon as the file is done: a SIGKILL loses nothing finished
-
-    for k, n in started.items():
-        if n >= 2:  # two runs died while this one file was being read in their own process
-            rec = {"k": k, "t": "bad", "st": None, "c": False,
-                   "reason": "the reader crashed on this file (the ingest died twice while reading it)"}
-            record(rec)
-            done[k] = rec
-    from_journal = dict(done)  # (the pool's feeder thread walks while this thread records)
-
-    def fresh(rel: str, path: str) -> bool:
-        rec = from_journal.get(file_token(rel, key))
-        return rec is not None and (rec.get("st") is None or rec["st"] == _stat(path))
-
-    def pending() -> Iterator[tuple[str, str, bytes]]:
-        for rel, path in _walk(root, skip):
-            if not fresh(rel, path):
-                yield rel, path, key
-
-    def in_this_process(tasks) -> Iterator[dict]:
-        for task in tasks:
-            record({"k": file_token(task[0], key), "t": "started"})  # a crash here is seen by the next run
-            yield examine(task)
-
+    export = _Export(root, _own_outputs(output, report_path, quarantine_dir), key, _examine_fn or _examine)
+    journal = _Journal(journal_path(output), {"version": JOURNAL_VERSION, "root": keyed_pseudonym("root:" + root, key)},
+                       resume)
     try:
-        results = _in_processes(pending(), workers, examine) if workers > 1 else in_this_process(pending())
-        for rec in tqdm(results, desc="ingest", unit="file", disable=not progress):
-            record(rec)
-            done[rec["k"]] = rec
-            report.decoded += 1
-        # assembly: one more walk (names only), in the same order whatever the workers and the interruptions were
-        entries = []
-        for rel, path in _walk(root, skip):
-            report.files_seen += 1
-            token = file_token(rel, key)
-            rec = done.get(token)
-            if rec is None:  # appeared since the first walk (an export still being copied): read it now
-                rec = examine((rel, path, key))
-                record(rec)
-                done[token] = rec
-                report.decoded += 1
-            elif token in from_journal and rec is from_journal[token]:
-                report.resumed += 1
-            entries.append((rel, path, rec))
+        export.decode(journal, workers, progress, report)
+        entries = export.assemble(journal, report)
     finally:
         journal.close()
-    mode = resolve_path_mode(path_mode, any(rec.get("c") for _, _, rec in entries))
-    report.path_mode = mode
-    links = LinkFolder(link_folder_path(output)) if mode == "uid" else None
-
-    def bad_name(rel: str) -> str:
-        return rel if mode == "relative" else f"{QUARANTINED}/{file_token(rel, key)}"
-
-    images: dict[str, dict] = {}  # sop uid (or token, without a usable uid) -> item (image = the name written)
-    sizes: dict[str, tuple[int, int]] = {}
-    where: dict[str, str] = {}  # name -> path on disk (for the GSPS pass, near-duplicates and quarantine copies)
-    states: list[tuple[str, str]] = []
-    quarantined_paths: list[str] = []
-
-    def quarantine(rel: str, path: str, reason: str) -> None:
-        name = bad_name(rel)
-        report.quarantined.append((name, reason))
-        quarantined_paths.append(path)
-        if links is not None and os.path.lexists(path):
-            links.link(path, name)
-
+    batch = _Batch(root, key, resolve_path_mode(path_mode, any(rec.get("c") for _, _, rec in entries)), output, report)
     for rel, path, rec in entries:
-        if rec["t"] == "bad":
-            quarantine(rel, path, rec["reason"])
-            continue
-        if rec["t"] in ("gsps", "sr"):
-            states.append((rel, path, rec["t"]))
-            continue
-        uid = rec["uid"]
-        usable = valid_uid(uid)
-        if usable and uid in images:
-            quarantine(rel, path, f"duplicate SOPInstanceUID of {images[uid]['image']}")
-            continue
-        name = rel if mode == "relative" else f"{uid if usable else rec['k']}.dcm"
-        if links is not None:
-            links.link(path, name)
-        item = {"image": name, "label": 0, "boxes": [], "box_labels": [], "group": rec["group"]}
-        ext = external.pop(os.path.abspath(path), None)
-        if ext is not None:
-            item["label"] = ext["label"]
-            item["boxes"], item["box_labels"] = ext["boxes"], ext["box_labels"]
-        ident = uid if usable else rec["k"]
-        images[ident] = item
-        sizes[ident] = tuple(rec["size"])
-        where[name] = path
+        batch.add(rel, path, rec, external)
     del entries
-    for p in sorted(external):  # what is left of the boxes file named no usable image
-        inside = not os.path.relpath(p, root).startswith("..")
-        shown = (os.path.relpath(p, root).replace(os.sep, "/") if mode == "relative" else
-                 file_token(os.path.relpath(p, root) if inside else p, key))
-        report.box_warnings.append((shown, "listed in the boxes file but not a usable image in the batch"))
-    for rel, path, kind in states:
-        what = "presentation state" if kind == "gsps" else "structured report"
-        try:
-            ds = read_dataset(path)
-            refs = [u for u in (gsps_referenced_sop_uids(ds) if kind == "gsps" else sr_referenced_sop_uids(ds))
-                    if u in images]
-        except DicomReadError as e:
-            quarantine(rel, path, scrub_paths(e.reason, path))
-            continue
-        except Exception as e:  # a corrupt reference sequence is reported, never ends the batch
-            quarantine(rel, path, f"{what} unreadable ({type(e).__name__})")
-            continue
-        if not refs:
-            quarantine(rel, path, f"{what} references no usable image in the batch")
-            continue
-        if not (gsps if kind == "gsps" else sr):
-            quarantine(rel, path, f"{what} ignored (run with --{kind} to read its boxes)")
-            continue
-        if kind == "gsps" and str(ds.get("ContentLabel", "")) == "AI_FINDINGS":  # our model's answer, back from
-            quarantine(rel, path, "presentation state of model findings (not an annotation)")  # the PACS
-            continue
-        if kind == "gsps":
-            report.presentation_states += 1
-        else:
-            report.structured_reports += 1
-        try:
-            found_boxes = read_gsps_file(path, sizes, dataset=ds) if kind == "gsps" else read_sr_file(path, ds)
-        except DicomReadError as e:  # a corrupt presentation state / report is reported, never ends the batch
-            quarantine(rel, path, scrub_paths(e.reason, path))
-            continue
-        try:
-            ids = header_identifiers(ds)  # the presentation state / report carries its patient's module
-        except Exception:
-            ids = frozenset()
-        for uid, found in found_boxes.items():
-            if uid in images:
-                labels = [lab for _, lab in found]
-                if any(path_carries_identifiers(lab, ids) for lab in labels):  # free text that names the patient
-                    report.box_warnings.append((images[uid]["image"], "a box label held the patient's name, ID or "
-                                                "birth date: replaced by 'unlabelled'"))
-                    labels = ["unlabelled" if path_carries_identifiers(lab, ids) else lab for lab in labels]
-                images[uid]["boxes"] += [b.tolist() for b, _ in found]
-                images[uid]["box_labels"] += labels
-    items = []
-    for uid, item in images.items():
-        if item["boxes"]:
-            kept, labs, msgs = validate_boxes(
-                item["boxes"], sizes[uid], np.arange(len(item["boxes"])), source=item["image"], warn=False
-            )
-            report.box_warnings += [(item["image"], m.split(": ", 1)[1]) for m in msgs]
-            item["box_labels"] = [item["box_labels"][int(i)] for i in labs]
-            item["boxes"] = kept.round(2).tolist()
-        if gsps or sr:
-            item["label"] = int(len(item["boxes"]) > 0)
-        items.append(item)
-    report.images = len(items)
-    near = {}
-    if split and near_duplicates:
-        on_disk = [{**it, "image": where[it["image"]] if links is None else os.path.join(links.folder, it["image"])}
-                   for it in items]
-        merged, near, _ = group_near_duplicates_for_split(on_disk, near_duplicates, output)  # all readable here
-        items = [{**it, "group": m["group"]} for it, m in zip(items, merged)]
-        report.near_duplicates = near
-    datalist = split_by_group(items, split, seed) if split else {"training": items, "validation": [], "test": []}
-    datalist["root"] = root if links is None else os.path.relpath(links.folder, os.path.dirname(output))
-    datalist["ingest"] = {"files_seen": report.files_seen, "quarantined": len(report.quarantined),
-                          "path_mode": mode, **near}
-    save_datalist(datalist, output)
-    tmp = report_path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "status", "reason"])
-        for p, r in report.quarantined:
-            w.writerow([p, "quarantined", r])
-        for p, r in report.box_warnings:
-            w.writerow([p, "box warning", r])
-    os.replace(tmp, report_path)
-    if quarantine_dir:
-        os.makedirs(quarantine_dir, exist_ok=True)
-        for (name, _), p in zip(report.quarantined, quarantined_paths):
-            if os.path.exists(p):
-                shutil.copy2(p, os.path.join(quarantine_dir, name.replace("/", "__")))
-    for p, r in report.quarantined:
-        logger.warning("quarantined %s: %s", p, r)
-    os.unlink(jpath)  # done: a later --resume starts afresh
+    batch.warn_unmatched(external)
+    batch.read_states(gsps, sr)
+    batch.write_datalist(batch.validated_items(gsps or sr), output, split, seed, near_duplicates)
+    _write_report(report, report_path, batch.quarantined_paths, quarantine_dir)
+    os.unlink(journal.path)  # done: a later --resume starts afresh
     return report

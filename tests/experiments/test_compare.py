@@ -12,21 +12,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cutremain_monai.cli import main as cli_main
-from cutremain_monai.engines.methods import method_overrides
 from cutremain_monai.metrics.comparison import delong_paired
 from tests.bundles.conftest import BUNDLES, TINY, tiny_datalist
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def test_method_overrides():
-    assert method_overrides("none") == {"augmentation": "none", "guidance": "none"}
-    assert method_overrides("isnet") == {"augmentation": "none", "guidance": "isnet"}
-    assert method_overrides("cut_remain+gain") == {"augmentation": "cut_remain", "guidance": "gain"}
-    with pytest.raises(ValueError, match="'mixup' is not one of the augmentations"):
-        method_overrides("mixup")
-    with pytest.raises(ValueError, match="'cut_remain' is not one"):
-        method_overrides("cut_remain+cut_remain")
 
 
 def test_compare_refuses_a_non_binary_bundle(tmp_path):

@@ -11,7 +11,7 @@ from cutremain_monai.experiments.cross_validation import summarise
 from cutremain_monai.experiments.feature_similarity import augmentation_pairs
 from cutremain_monai.io.datalist import load_datalist
 from tests.bundles.conftest import BUNDLES, TINY, tiny_datalist
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, mlflow_db
 
 
 def test_summarise_mean_std():
@@ -34,7 +34,7 @@ def test_augmentation_pairs_on_samples():
 @pytest.mark.slow
 def test_cv_command_on_a_tiny_setting(tmp_path):
     out = tmp_path / "cv"
-    overrides = {**TINY, "epochs": 1, "cam_images": 1, "tracking_uri": "sqlite:///" + str(tmp_path / "cv.db")}
+    overrides = {**TINY, "epochs": 1, "cam_images": 1, "tracking_uri": mlflow_db(tmp_path, "cv.db")}
     data = tiny_datalist(tmp_path, n=(8, 4, 4))
     rc = cli_main(["experiment", "cv", "--bundle", os.path.join(BUNDLES, "clavicle_fracture"), "--datalist",
                    data, "--task", "clavicle", "--folds", "2", "--augmentations",

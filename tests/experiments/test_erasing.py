@@ -11,6 +11,7 @@ import torch
 
 from cutremain_monai.localization.erasing import erase, mined_boxes, top_region
 from tests.bundles.conftest import BUNDLES, TINY, tiny_datalist
+from tests.conftest import mlflow_db
 
 
 def test_top_region_q_and_delta():
@@ -54,7 +55,7 @@ def test_rounds_end_to_end_on_phantoms(tmp_path):
     out = tmp_path / "erase"
     rows = adversarial_erasing(os.path.join(BUNDLES, "clavicle_fracture"), data, str(out), rounds=2, q=0.2,
                                max_auc_drop=1.0, **{**TINY, "cam_images": 0},
-                               tracking_uri="sqlite:///" + str(tmp_path / "m.db"))
+                               tracking_uri=mlflow_db(tmp_path, "m.db"))
     assert [r["round"] for r in rows] == [1, 2] and all(r["used"] for r in rows)
     assert 0 < rows[0]["mined_share"] <= rows[1]["mined_share"] <= 1  # the union only grows
     train = json.load(open(data))["training"]

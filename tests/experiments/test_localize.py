@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.bundles.conftest import BUNDLES, tiny_datalist
+from tests.conftest import mlflow_db
 
 OVERRIDES = {"image_size": [64, 64], "network_depth": 10}
 
@@ -30,7 +31,7 @@ def test_localize_cli_rows_table_overlays(tmp_path, checkpoint):
 
     data = tiny_datalist(tmp_path, "clavicle", n=(2, 4, 4))
     out = tmp_path / "loc"
-    db = "sqlite:///" + str(tmp_path / "loc.db")
+    db = mlflow_db(tmp_path, "loc.db")
     assert main(["localize", "--bundle", os.path.join(BUNDLES, "clavicle_fracture"), "--checkpoint", checkpoint,
                  "--datalist", data, "--methods", "cam,gradcam,lrp", "--overrides", json.dumps(OVERRIDES),
                  "--tracking-uri", db, "-o", str(out)]) == 0

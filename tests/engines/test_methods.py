@@ -1,0 +1,50 @@
+"""The method vocabulary: names -> bundle overrides, one list for compare, the shortcut test, severity guidance and
+the CLI."""
+
+import pytest
+
+from cutremain_monai.engines.methods import (AUGMENTATIONS, GUIDANCES, check_augmentation, check_guidance, method_names,
+                                             method_overrides)
+
+
+def test_method_overrides():
+    assert method_overrides("none") == {"augmentation": "none", "guidance": "none"}
+    assert method_overrides("isnet") == {"augmentation": "none", "guidance": "isnet"}
+    assert method_overrides("cut_remain+gain") == {"augmentation": "cut_remain", "guidance": "gain"}
+    assert method_overrides("none+isnet") == {"augmentation": "none", "guidance": "isnet"}
+    with pytest.raises(ValueError, match="'mixup' is not one of the methods here"):
+        method_overrides("mixup")
+    with pytest.raises(ValueError, match="'cut_remain' is not one"):
+        method_overrides("cut_remain+cut_remain")
+    with pytest.raises(ValueError, match="an augmentation, a guidance, or augmentation\\+guidance"):
+        method_overrides("cut_remain+gain+isnet")
+
+
+def test_guidance_variants_carry_their_settings():
+    """isnet_free: ISNet without gradient clipping and with GWRP decay 0.9 (the shortcut test's variant)."""
+    free = {"guidance": "isnet", "clip_grad_norm": None, "isnet_decay": 0.9}
+    assert method_overrides("isnet_free") == {"augmentation": "none", **free}
+    assert method_overrides("cut_remain+isnet_free") == {"augmentation": "cut_remain", **free}
+    with pytest.raises(ValueError, match="'isnet' is not one"):
+        method_overrides("isnet_free+isnet")
+
+
+def test_bundles_without_an_augmentation_switch():
+    """COVID severity has no augmentation switch: the key is left out and augmentation names are refused."""
+    assert method_overrides("isnet", augmentation=False) == {"guidance": "isnet"}
+    assert method_overrides("none", augmentation=False) == {"guidance": "none"}
+    with pytest.raises(ValueError, match="'cut_remain' is not one of the methods here \\(none, gain, isnet, isnet_free\\)"):
+        method_overrides("cut_remain", augmentation=False)
+
+
+def test_checks_and_names():
+    assert check_augmentation("sup_cutmix") == "sup_cutmix"
+    with pytest.raises(ValueError, match="augmentation must be one of none, cut_remain"):
+        check_augmentation("cutmix")
+    assert check_guidance("isnet", ("none", "isnet")) == "isnet"
+    with pytest.raises(ValueError, match="guidance must be one of none, isnet; got 'gain'"):
+        check_guidance("gain", ("none", "isnet"))
+    names = method_names()
+    assert names[: len(AUGMENTATIONS)] == list(AUGMENTATIONS) and set(GUIDANCES) <= set(names) and "isnet_free" in names
+    for name in names:  # every listed name is accepted
+        method_overrides(name)
