@@ -8,9 +8,11 @@ MLflow store, the checkpoints and the overlays are. The ingest report of the sam
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -24,9 +26,14 @@ from cutremain_monai.networks import resnet
 
 def main(argv=None) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = argparse.ArgumentParser(prog="python -m cutremain_monai.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("-o", "--output", default=os.path.join(root, "outputs", "demo"), help="output folder (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=int(os.environ.get("DEMO_EPOCHS", 30)),
+                   help="training epochs (default 30, or DEMO_EPOCHS)")
+    args = p.parse_args(argv)
     samples = os.path.join(root, "dicom_samples")
     bundle = os.path.join(root, "bundles", "clavicle_fracture")
-    out_dir = os.path.join(root, "outputs", "demo")
+    out_dir = os.path.abspath(args.output)
     os.makedirs(out_dir, exist_ok=True)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
@@ -36,13 +43,16 @@ def main(argv=None) -> int:
     report = ingest(samples, os.path.join(out_dir, "ingest_datalist.json"), gsps=True, split=(0.6, 0.2, 0.2), progress=False)
     print(report.summary())
 
-    settings = dict(epochs=int(os.environ.get("DEMO_EPOCHS", 30)), image_size=[128, 64], network_depth=18, batch_size=16,
+    settings = dict(epochs=args.epochs, image_size=[128, 64], network_depth=18, batch_size=16,
                     cam_images=8, seed=0, experiment_name="demo_clavicle",
                     tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.join(out_dir, "mlruns.db"))
     results = {}
     for aug, extra in (("none", {}), ("cut_remain", {"num_copies": 2})):
         print(f"\n== 2. training clavicle_fracture with augmentation={aug} ({settings['epochs']} epochs, CPU settings)")
         t = time.time()
+        # a fresh run each time: the bundle resumes from the newest checkpoint in its folder, which would make a second
+        # demo (or one with other epochs) continue the first instead of training again
+        shutil.rmtree(os.path.join(out_dir, aug), ignore_errors=True)
         m = train_and_test(bundle, os.path.join(samples, "datalist.json"), os.path.join(out_dir, aug), task="clavicle",
                            augmentation=aug, run_name=f"demo_{aug}", **settings, **extra)
         m["minutes"] = round((time.time() - t) / 60, 2)

@@ -205,7 +205,8 @@ def _run_plan(bundle: str, plan: list[tuple[int, str, dict]], fold_paths: list[s
         logger.info("compare %d/%d: fold %d, %s", i + 1, len(plan), k, name)
         m = train_and_test(bundle, fold_paths[k], run_dir, extra_configs, seed=seed, register_model=False,
                            experiment_name=experiment, run_name=f"fold{k}_{name}", threshold_rule=threshold_rule,
-                           target_sensitivity=target_sensitivity, **{**overrides, **ov})
+                           target_sensitivity=target_sensitivity,
+                           **{"tracking_uri": default_tracking_uri(output_dir), **overrides, **ov})  # one store per study
         with open(done, "w") as f:
             json.dump({"fold": k, "method": name, "overrides": ov, "settings_hash": digest, "settings": run_settings,
                        "test": m}, f, indent=1, default=str)

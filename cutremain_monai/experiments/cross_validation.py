@@ -58,7 +58,7 @@ def cross_validate(bundle: str, items: list[dict], output_dir: str, augmentation
             logger.info("fold %d/%d, augmentation %s", k + 1, folds, aug)
             m = train_and_test(bundle, dl_path, out, extra_configs, augmentation=aug, seed=seed,
                                register_model=False, experiment_name=f"cv_{os.path.basename(os.path.normpath(bundle))}",
-                               run_name=f"fold{k}_{aug}", **overrides)
+                               run_name=f"fold{k}_{aug}", **{"tracking_uri": default_tracking_uri(output_dir), **overrides})
             rows.append({"fold": k, "augmentation": aug, **{key: m.get(key) for key in _ROW_KEYS}, "per_class": m.get("per_class")})
             with open(os.path.join(output_dir, "cv_results.csv"), "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=["fold", "augmentation", *_ROW_KEYS], extrasaction="ignore")
@@ -116,7 +116,8 @@ def gamma_curve(bundle: str, datalist: str, output_dir: str, gammas: Sequence[fl
         logger.info("gamma %.2f", g)
         m = train_and_test(bundle, datalist, out, extra_configs, task=task, augmentation="cut_remain", gamma=float(g),
                            seed=seed, register_model=False, run_name=f"gamma_{float(g):.2f}",
-                           experiment_name=f"gamma_{os.path.basename(os.path.normpath(bundle))}", **overrides)
+                           experiment_name=f"gamma_{os.path.basename(os.path.normpath(bundle))}",
+                           **{"tracking_uri": default_tracking_uri(output_dir), **overrides})  # one store per study
         rows.append({"gamma": float(g), **{k: m.get(k) for k in _ROW_KEYS if m.get(k) is not None}})
     keys = ["gamma"] + [k for k in _ROW_KEYS if any(k in r for r in rows)]
     with open(os.path.join(output_dir, "gamma_results.csv"), "w", newline="") as f:

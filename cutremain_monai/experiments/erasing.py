@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from cutremain_monai.engines.bundle import bundle_parser, load_network, run_bundle
+from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.io.loader import load_xray, save_png16
 from cutremain_monai.io.paths import unique_stem
@@ -68,7 +69,8 @@ def adversarial_erasing(bundle: str, datalist: str, output_dir: str, rounds: int
     os.makedirs(output_dir, exist_ok=True)
     sections = {s: load_datalist(datalist, s, task=task) for s in ("training", "validation", "test")}
     originals = sections["training"]
-    settings = {"augmentation": "none", "register_model": False, "cam_images": 0, **overrides}
+    settings = {"augmentation": "none", "register_model": False, "cam_images": 0,
+                "tracking_uri": default_tracking_uri(output_dir), **overrides}  # one MLflow store for every round
     parser0 = bundle_parser(bundle, configs, **settings)
     label_mode = parser0.get_parsed_content("label_mode")
     class_names = parser0.get_parsed_content("class_names")

@@ -23,13 +23,14 @@ import torch
 
 from cutremain_monai.data.phantoms import generate_shortcut_samples
 from cutremain_monai.engines.bundle import bundle_parser, load_network
+from cutremain_monai.engines.methods import method_overrides
 from cutremain_monai.experiments.cross_validation import train_and_test
+from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
 from cutremain_monai.handlers.reproducibility import latest_checkpoint
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.localization.report import compute_map
 from cutremain_monai.metrics.classification import auc_ci, mean_auc
 from cutremain_monai.metrics.localization import energy_in_box
-from cutremain_monai.engines.methods import method_overrides
 
 __all__ = ["shortcut_experiment", "score_shortcut", "shortcut_table"]
 
@@ -86,7 +87,7 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
         generate_shortcut_samples(data_dir, n=n, seed=seed, size=size)
     settings = dict(split_halves=False, image_size=[size, size], epochs=epochs, guidance_warmup_epochs=warmup_epochs,
                     seed=seed, num_copies=2, register_model=False, cam_images=0, localization_report=False,
-                    experiment_name="shortcut")
+                    experiment_name="shortcut", tracking_uri=default_tracking_uri(output_dir))  # one store per study
     settings.update(overrides)
     rows = []
     for m in methods:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLES
+from tests.conftest import ROOT, SAMPLES, mlflow_db
 
 BUNDLES = os.path.join(ROOT, "bundles")
 TINY = {"image_size": [64, 64], "network_depth": 10, "epochs": 1, "batch_size": 8, "num_workers": 0, "cam_images": 2}
@@ -59,7 +59,7 @@ def run_bundle(bundle: str, configs, tmp_path, tiny=None, workflow_type="train",
 
     path = os.path.join(root or BUNDLES, bundle)
     settings = {"bundle_root": path, "output_dir": str(tmp_path / "out"), "datalist_task": None,
-                "tracking_uri": "sqlite:///" + str(tmp_path / "mlruns.db"), **(TINY if tiny is None else tiny)}
+                "tracking_uri": mlflow_db(tmp_path, "mlruns.db"), **(TINY if tiny is None else tiny)}
     settings.update(overrides)
     wf = ConfigWorkflow(config_file=bundle_configs(path, configs), workflow_type=workflow_type, **bundle_files(path),
                         **settings)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.bundles.conftest import BG_TINY, BUNDLES, config_arg, run_bundle
-from tests.conftest import ROOT
+from tests.conftest import ROOT, mlflow_db
 
 CPU = ["train.yaml", "cpu.yaml"]
 
@@ -78,7 +78,7 @@ def test_train_cam_evaluate_infer(tmp_path, scenes):
     assert m.shape == (32, 32) and m.min() == 0 and m.max() == pytest.approx(1.0)
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlruns.db"))
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_db(tmp_path, "mlruns.db"))
     run = client.search_runs([client.get_experiment_by_name("bg").experiment_id])[0]
     assert run.data.params["bg_ratio"] == "1" and run.data.params["patch_size"] == "12"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.bundles.conftest import BUNDLES, config_arg, run_bundle, tiny_datalist
-from tests.conftest import ROOT
+from tests.conftest import ROOT, mlflow_db
 
 CPU = ["train.yaml", "cpu.yaml"]
 
@@ -28,7 +28,7 @@ def test_train_register_evaluate_infer(tmp_path, clavicle_data):
     # MLflow: the run, its params and metrics, and the registered model version
     import mlflow
 
-    mlflow.set_tracking_uri("sqlite:///" + str(tmp_path / "mlruns.db"))
+    mlflow.set_tracking_uri(mlflow_db(tmp_path, "mlruns.db"))
     client = mlflow.tracking.MlflowClient()
     exp = client.get_experiment_by_name("clav_test")
     runs = client.search_runs([exp.experiment_id])
@@ -105,7 +105,7 @@ def test_ddp_two_cpu_processes(tmp_path):
            "--config_file", cfg, "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(out),
            "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "1",
            "--batch_size", "4", "--cam_images", "0", "--register_model", "False",
-           "--tracking_uri", "sqlite:///" + str(tmp_path / "ddp.db")]
+           "--tracking_uri", mlflow_db(tmp_path, "ddp.db")]
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=os.path.join(BUNDLES, "clavicle_fracture"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -120,7 +120,7 @@ def test_tracking_mlflow_flag_logs_epochs_and_registers_once(tmp_path):
     """`monai.bundle run --tracking mlflow`: MONAI's handler logs per-epoch values and the resolved config, ours
     adds params/artifacts and registers the model in the same run."""
     data = tiny_datalist(tmp_path)
-    db = "sqlite:///" + str(tmp_path / "track.db")
+    db = mlflow_db(tmp_path, "track.db")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg(CPU),
            "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(tmp_path / "out"),
            "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "2", "--batch_size", "8",
@@ -162,7 +162,7 @@ def test_each_guidance_runs_and_logs(tmp_path, augmentation, guidance):
     assert report["method"] == ("lrp" if guidance == "isnet" else "gradcam") and list((out / "cam_overlays").glob("*.png"))
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlruns.db"))
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_db(tmp_path, "mlruns.db"))
     run = client.search_runs([client.get_experiment_by_name("guided").experiment_id])[0]
     assert run.data.params["guidance"] == guidance and run.data.params["augmentation"] == augmentation
     per_epoch = trainer.state.epoch_length
@@ -189,7 +189,7 @@ def test_guidance_ddp_two_cpu_processes(tmp_path, guidance, port):
            "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(out),
            "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "2", "--guidance", guidance,
            "--guidance_warmup_epochs", "1", "--batch_size", "4", "--cam_images", "0", "--register_model", "False",
-           "--tracking_uri", "sqlite:///" + str(tmp_path / "ddp.db")]
+           "--tracking_uri", mlflow_db(tmp_path, "ddp.db")]
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=os.path.join(BUNDLES, "clavicle_fracture"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.bundles.conftest import BUNDLES, COVID_TINY, config_arg, run_bundle, tiny_datalist
-from tests.conftest import ROOT, SAMPLES
+from tests.conftest import ROOT, SAMPLES, mlflow_db
 
 CPU = ["train.yaml", "cpu.yaml"]
 ZONES = "ABCDEF"
@@ -73,10 +73,10 @@ def test_train_ensemble_evaluate_register(tmp_path, covid_data):
     # MLflow: registered model loads and takes the packed (image, mask, zones) tensor
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlruns.db"))
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_db(tmp_path, "mlruns.db"))
     run = client.search_runs([client.get_experiment_by_name("covid_test").experiment_id])[0]
     assert "final_val_mean_zone_auc" in run.data.metrics and run.data.params["image_size"] == "64"
-    mlflow.set_tracking_uri("sqlite:///" + str(tmp_path / "mlruns.db"))
+    mlflow.set_tracking_uri(mlflow_db(tmp_path, "mlruns.db"))
     model = mlflow.pytorch.load_model("models:/covid_severity/1")
     packed = torch.cat([s["image"], s["lung_mask"], s["zones"].float()])[None]
     best = torch.load(out / "checkpoints" / "model.pt", weights_only=True)  # a single-object save: the bare state dict
@@ -210,7 +210,7 @@ def test_ddp_two_cpu_processes(tmp_path, covid_data):
 @pytest.mark.slow
 def test_tracking_mlflow_flag(tmp_path, covid_data):
     """`monai.bundle run --tracking mlflow`: per-epoch validation metric, artifacts and the registered model in one run."""
-    db = "sqlite:///" + str(tmp_path / "t.db")
+    db = mlflow_db(tmp_path, "t.db")
     cdir = os.path.join(BUNDLES, "covid_severity", "configs")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg(CPU),
            "--meta_file", os.path.join(cdir, "metadata.json"), "--logging_file", os.path.join(cdir, "logging.conf"),
@@ -245,7 +245,7 @@ def test_isnet_with_lung_masks(tmp_path, covid_data):
     assert saved["guidance"]["band"] == [c1, c2]
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlruns.db"))
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_db(tmp_path, "mlruns.db"))
     run = client.search_runs([client.get_experiment_by_name("covid_isnet").experiment_id])[0]
     assert run.data.params["guidance"] == "isnet" and run.data.tags["mlflow.runName"] == "severity+isnet"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_heatmap")]
@@ -259,7 +259,7 @@ def test_isnet_with_lung_masks(tmp_path, covid_data):
     while e is not None:
         chain.append(str(e))
         e = e.__cause__ or e.__context__
-    assert any("guidance must be one of none, isnet here, got 'gain'" in m for m in chain), chain
+    assert any("guidance must be one of none, isnet; got 'gain'" in m for m in chain), chain
 
 
 @pytest.mark.slow

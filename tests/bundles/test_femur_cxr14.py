@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.bundles.conftest import BUNDLES, config_arg, run_bundle, tiny_datalist
-from tests.conftest import ROOT, SAMPLES
+from tests.conftest import ROOT, SAMPLES, mlflow_db
 
 CPU = ["train.yaml", "cpu.yaml"]
 CXR14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
@@ -52,7 +52,7 @@ def test_femur_train_evaluate_infer(tmp_path, augmentation):
     _same_rows(out / "test_predictions.csv", rows, [f"p_{c}" for c in ("normal", "trochanteric", "neck")], 3)
     import mlflow
 
-    client = mlflow.tracking.MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlruns.db"))
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_db(tmp_path, "mlruns.db"))
     run = client.search_runs([client.get_experiment_by_name("femur_test").experiment_id])[0]
     assert "final_val_normal_f1" in run.data.metrics and run.data.params["label_mode"] == "multiclass"
     assert client.search_model_versions("name='femur_fracture'")[0].run_id == run.info.run_id
@@ -90,7 +90,7 @@ def test_cxr14_ddp_two_cpu_processes(tmp_path):
            "--config_file", config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"]),
            "--bundle_root", os.path.join(BUNDLES, "cxr14"), "--output_dir", str(out), "--datalist", data,
            "--datalist_task", "None", "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "1",
-           "--batch_size", "4", "--cam_images", "0", "--register_model", "False", "--tracking_uri", "sqlite:///" + str(tmp_path / "d.db")]
+           "--batch_size", "4", "--cam_images", "0", "--register_model", "False", "--tracking_uri", mlflow_db(tmp_path, "d.db")]
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=os.path.join(BUNDLES, "cxr14"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,6 +8,7 @@ names all three in set_aside.csv."""
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from tests.bundles.conftest import BG_TINY, BUNDLES, COVID_TINY, LS_TINY, TINY, config_arg, tiny_datalist
-from tests.conftest import ROOT, SAMPLES, SHARED_MONAI
+from tests.conftest import ROOT, SAMPLES, SHARED_MONAI, mlflow_db
 
 CLASSIFICATION = ["clavicle_fracture", "femur_fracture", "cxr14"]
 ALL = CLASSIFICATION + ["covid_severity", "background_learning", "lesion_segmentation"]
@@ -65,6 +66,31 @@ def test_shared_classification_yaml_identical():
     for name in ("evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf", "cpu.yaml", "gpu.yaml"):
         files = {open(os.path.join(BUNDLES, b, "configs", name)).read() for b in CLASSIFICATION}
         assert len(files) == 1, f"{name} differs between the classification bundles"
+
+
+def _config_code(path: str) -> str:
+    """A bundle config file without its comments (a YAML comment starts a line or follows a blank; `#` inside a
+    reference such as ``@validate#handlers`` is the id separator and stays)."""
+    return "\n".join(re.sub(r"(^|\s)#.*$", "", line) for line in open(path).read().splitlines())
+
+
+@pytest.mark.parametrize("bundle", ALL)
+def test_configs_refer_to_items_by_id_not_list_position(bundle):
+    """No reference (``@validate#handlers#1``) or override key (``handlers#0#enabled:``) names a list element by its
+    place, and no expression indexes or slices a handlers list (``$@train#handlers[1]``): inserting a handler would
+    silently shift them. A shared component is a named item that the list and its other users refer to
+    (``validate#checkpoint_saver``, ``predictions_writer``). The activation transform is defined once per bundle."""
+    configs = os.path.join(BUNDLES, bundle, "configs")
+    names = sorted(n for n in os.listdir(configs) if n.endswith((".yaml", ".yml", ".json")))
+    activations = []
+    for name in names:
+        code = _config_code(os.path.join(configs, name))
+        by_place = re.findall(r"[\w@]+(?:#\w+)*#\d+\b", code)
+        assert not by_place, f"{bundle}/configs/{name}: list-position reference(s) {by_place}"
+        indexed = re.findall(r"@[\w#]*handlers\s*\[", code)
+        assert not indexed, f"{bundle}/configs/{name}: indexes a handlers list {indexed}"
+        activations += [name] * len(re.findall(r"\bActivationsd\b", code))
+    assert len(activations) <= 1, f"{bundle}: Activationsd defined {len(activations)} times ({activations})"
 
 
 @pytest.mark.parametrize("bundle", ALL)
@@ -189,7 +215,7 @@ def test_copy_outside_repository_trains_and_sets_bad_files_aside(tmp_path, bundl
     data["training"] += bad
     with open(dl, "w") as f:
         json.dump({k: data[k] for k in ("training", "validation", "test")}, f)
-    db = "sqlite:///" + str(tmp_path / "mlruns.db")
+    db = mlflow_db(tmp_path, "mlruns.db")
     settings = {**_tiny(bundle), "epochs": 1, "register_model": "True", "datalist": dl, "datalist_task": "null",
                 "tracking_uri": db, "experiment_name": "copy"}
     if bundle in ("covid_severity", "background_learning", "lesion_segmentation"):
