@@ -15,12 +15,15 @@ from cutremain_monai.metrics.localization import (
     boxes_mask,
     choose_tau,
     energy_in_box,
+    energy_in_mask,
     iou_accuracy,
     largest_component_box,
     loc_acc,
     loc_acc_at,
     max_box_acc,
     pointing_game,
+    score_maps,
+    localization_table_md,
 )
 
 NO_BOX = np.zeros((0, 4))
@@ -332,3 +335,40 @@ def test_largest_component_box_agrees_with_regionprops():
         best = max(props, key=lambda p: p.area)  # first of the largest, in label order
         r0, c0, r1, c1 = best.bbox
         assert largest_component_box(b).tolist() == [c0, r0, c1, r1]
+
+
+def test_energy_in_mask_is_energy_in_box_on_the_drawn_mask():
+    """One rule: the mask form (the bundles' box_mask) gives what the box form gives on the same pixels, negatives
+    clipped to 0, NaN for a map with no positive energy."""
+    rng = np.random.default_rng(3)
+    m = rng.normal(size=(12, 10))
+    box = np.array([[2.0, 3.0, 7.0, 9.0]])
+    mask = boxes_mask(box, m.shape)
+    assert energy_in_mask(m, mask) == pytest.approx(float(energy_in_box(m, box)["per_image"][0]), abs=1e-12)
+    s = np.clip(m, 0, None)
+    assert energy_in_mask(torch.as_tensor(m), torch.as_tensor(mask)) == pytest.approx(s[mask].sum() / s.sum())
+    assert np.isnan(energy_in_mask(-np.abs(m), mask))
+    with pytest.raises(ValueError, match="map shape"):
+        energy_in_mask(m, mask[:, :5])
+
+
+def test_score_maps_applies_the_validation_tau_as_it_is():
+    """With a threshold from validation, each image's Loc. Acc. hit is loc_acc_at's at that tau (not the nearest
+    grid point's), and the table's Loc. Acc. is their mean; without one, the best tau on these images, marked."""
+    yy, xx = np.mgrid[:32, :32]
+    maps, results = [], []
+    for i, (cy, cx) in enumerate([(8, 8), (20, 12), (16, 24)]):
+        m = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 30.0)
+        box = np.array([[cx - 5.0, cy - 5.0, cx + 5.0, cy + 5.0]])
+        results.append((f"img{i}", m, box, 0, {"cam": m, "flat": np.zeros_like(m)}))
+        maps.append(m)
+    rows, table, taus = score_maps(results, ["cam", "flat"], {"cam": 0.3})
+    expected = [int(loc_acc_at(r[4]["cam"], [r[2]], 0.3)["correct"][0]) for r in results]
+    assert [r["loc_hit"] for r in rows if r["method"] == "cam"] == expected
+    assert table["cam"]["loc_acc"] == pytest.approx(np.mean(expected)) and "tau 0.30 from validation" in table["cam"]["loc_acc_tau"]
+    assert table["flat"]["loc_acc_tau"] == "max over tau on this set"
+    assert [r["flat"] for r in rows if r["method"] == "flat"] == [1, 1, 1]
+    assert [r["flat"] for r in rows if r["method"] == "cam"] == [0, 0, 0]
+    assert set(taus) == {"cam", "flat"}
+    md = localization_table_md(table)
+    assert md.splitlines()[2].startswith("| cam | ") and "(tau 0.30 from validation) | 3 |" in md
