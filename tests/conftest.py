@@ -66,3 +66,13 @@ def mlflow_db(folder, name: str = "mlruns.db") -> str:
         os.makedirs(folder, exist_ok=True)
         shutil.copyfile(_MLFLOW_TEMPLATE["path"], path)
     return "sqlite:///" + path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it): DDP tests running side by side under xdist, or beside
+    another test run, never share a rendezvous port."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

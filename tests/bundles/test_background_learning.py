@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.bundles.conftest import BG_TINY, BUNDLES, config_arg, run_bundle
-from tests.conftest import ROOT, mlflow_db
+from tests.conftest import ROOT, mlflow_db, free_port
 
 CPU = ["train.yaml", "cpu.yaml"]
 
@@ -89,7 +89,7 @@ def test_ddp_two_cpu_processes(tmp_path, scenes):
     args = []
     for k, v in {**BG_TINY, "epochs": 1}.items():
         args += [f"--{k}", str(v)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29551", "-m", "monai.bundle", "run",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "monai.bundle", "run",
            "--config_file", config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"]),
            "--bundle_root", os.path.join(BUNDLES, "background_learning"), "--output_dir", str(out), "--datalist", scenes,
            "--datalist_task", "background", "--register_model", "False", *args]

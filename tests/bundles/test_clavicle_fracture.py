@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.bundles.conftest import BUNDLES, config_arg, run_bundle, tiny_datalist
-from tests.conftest import ROOT, mlflow_db
+from tests.conftest import ROOT, mlflow_db, free_port
 
 CPU = ["train.yaml", "cpu.yaml"]
 
@@ -101,7 +101,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     data = tiny_datalist(tmp_path)
     out = tmp_path / "ddp"
     cfg = config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "monai.bundle", "run",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "monai.bundle", "run",
            "--config_file", cfg, "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(out),
            "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "1",
            "--batch_size", "4", "--cam_images", "0", "--register_model", "False",
@@ -179,12 +179,12 @@ def test_each_guidance_runs_and_logs(tmp_path, augmentation, guidance):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("guidance,port", [("isnet", 29541), ("gain", 29542)])
-def test_guidance_ddp_two_cpu_processes(tmp_path, guidance, port):
+@pytest.mark.parametrize("guidance", ["isnet", "gain"])
+def test_guidance_ddp_two_cpu_processes(tmp_path, guidance):
     """The guided steps' double backward (and GAIN's second forward) under DistributedDataParallel (gloo)."""
     data = tiny_datalist(tmp_path)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "monai.bundle", "run",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "monai.bundle", "run",
            "--config_file", config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"]),
            "--bundle_root", os.path.join(BUNDLES, "clavicle_fracture"), "--output_dir", str(out),
            "--datalist", data, "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "2", "--guidance", guidance,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.bundles.conftest import BUNDLES, COVID_TINY, config_arg, run_bundle, tiny_datalist
-from tests.conftest import ROOT, SAMPLES, mlflow_db
+from tests.conftest import ROOT, SAMPLES, mlflow_db, free_port
 
 CPU = ["train.yaml", "cpu.yaml"]
 ZONES = "ABCDEF"
@@ -196,7 +196,7 @@ def test_ddp_two_cpu_processes(tmp_path, covid_data):
     args = []
     for k, v in COVID_TINY.items():
         args += [f"--{k}", str(v)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m", "monai.bundle", "run",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "monai.bundle", "run",
            "--config_file", config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"]),
            "--bundle_root", os.path.join(BUNDLES, "covid_severity"), "--output_dir", str(out), "--datalist", covid_data,
            "--datalist_task", "None", "--register_model", "False", *args, "--epochs", "1", "--overlays", "0"]

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.bundles.conftest import BUNDLES, config_arg, run_bundle, tiny_datalist
-from tests.conftest import ROOT, SAMPLES, mlflow_db
+from tests.conftest import ROOT, SAMPLES, mlflow_db, free_port
 
 CPU = ["train.yaml", "cpu.yaml"]
 CXR14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
@@ -86,7 +86,7 @@ def test_cxr14_train_evaluate_infer(tmp_path):
 def test_cxr14_ddp_two_cpu_processes(tmp_path):
     data = tiny_datalist(tmp_path, "chest", n=(8, 4, 4))
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m", "monai.bundle", "run",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "monai.bundle", "run",
            "--config_file", config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"]),
            "--bundle_root", os.path.join(BUNDLES, "cxr14"), "--output_dir", str(out), "--datalist", data,
            "--datalist_task", "None", "--image_size", "[64,64]", "--network_depth", "10", "--epochs", "1",

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tests.bundles.conftest import LS_TINY, run_bundle, tiny_datalist
-from tests.conftest import SAMPLES, dciodvfy_errors
+from tests.conftest import SAMPLES, dciodvfy_errors, free_port
 
 CPU = ["train.yaml", "cpu.yaml"]
 
@@ -131,7 +131,7 @@ def test_ddp_two_cpu_processes_refresh_and_checkpoint(tmp_path):
     for k, v in LS_TINY.items():
         args += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
     root = os.path.join(BUNDLES, "lesion_segmentation")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29551", "-m", "monai.bundle",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "monai.bundle",
            "run", "--config_file", config_arg(["train.yaml", "cpu.yaml", "multi_gpu_train.yaml"]), "--bundle_root", root,
            "--output_dir", str(out), "--datalist", dl, "--datalist_task", "null", "--register_model", "False", *args]
     env = dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
