@@ -179,9 +179,15 @@ def _examine(args: tuple[str, str, bytes]) -> dict:
 
 
 def _context():
-    # forkserver (spawn where there is none): a fork of a process that has run torch may inherit its thread pools
+    # forkserver (spawn where there is none): a fork of a process that has run torch may inherit its thread pools.
+    # The fork server imports this module once (torch and MONAI come with it, ~4 s); each worker is then a fork of
+    # it that starts in milliseconds instead of importing them again
     methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" not in methods:
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def _crashed(task: tuple[str, str, bytes], why: str) -> dict:
@@ -194,8 +200,9 @@ def _in_processes(tasks: Iterator, workers: int, examine) -> Iterator[dict]:
     """``examine`` over ``tasks`` in ``workers`` processes, results in task order, a bounded window in flight.
 
     A process that dies (a decoder's segfault, the OOM killer) breaks the pool; ``multiprocessing.Pool`` would
-    wait for the lost task for ever. Here the tasks that were in flight are run again one by one, each in a fresh
-    process: the one that kills its process again is reported as crashed, and the batch goes on.
+    wait for the lost task for ever. Here the tasks that were in flight are run again one at a time in a
+    one-process pool, so the one that kills its process again is known: it is reported as crashed, a fresh process
+    takes the rest, and the batch goes on.
     """
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
@@ -220,13 +227,7 @@ def _in_processes(tasks: Iterator, workers: int, examine) -> Iterator[dict]:
                 rec = fut.result()
             except BrokenProcessPool:
                 pool.shutdown(wait=True, cancel_futures=True)
-                for t, _ in flight:  # isolate the culprit: each in-flight file alone in a new process
-                    with ProcessPoolExecutor(1, mp_context=ctx) as single:
-                        try:
-                            yield single.submit(examine, t).result()
-                        except BrokenProcessPool:
-                            logger.warning("a reader crashed its process on %s", file_token(t[0], t[2]))
-                            yield _crashed(t, "its process died while decoding it")
+                yield from _isolate([t for t, _ in flight], examine, ctx)
                 flight.clear()
                 pool = ProcessPoolExecutor(workers, mp_context=ctx)
                 continue
@@ -234,6 +235,27 @@ def _in_processes(tasks: Iterator, workers: int, examine) -> Iterator[dict]:
             yield rec
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _isolate(tasks: list, examine, ctx) -> Iterator[dict]:
+    """``tasks`` one at a time in a one-process pool: a task that breaks it is the one that killed its process
+    (reported as crashed; a new process takes the next task)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    single = ProcessPoolExecutor(1, mp_context=ctx)
+    try:
+        for t in tasks:
+            try:
+                rec = single.submit(examine, t).result()
+            except BrokenProcessPool:
+                logger.warning("a reader crashed its process on %s", file_token(t[0], t[2]))
+                rec = _crashed(t, "its process died while decoding it")
+                single.shutdown(wait=True, cancel_futures=True)
+                single = ProcessPoolExecutor(1, mp_context=ctx)
+            yield rec
+    finally:
+        single.shutdown(wait=True, cancel_futures=True)
 
 
 def _read_journal(path: str, header: dict) -> tuple[dict[str, dict], dict[str, int]] | None:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from cutremain_monai.data import near_duplicates as nd
+from cutremain_monai.io import near_duplicates as nd
 from cutremain_monai.io.datalist import split_by_group
 from tests.conftest import SHARED_DATA
 

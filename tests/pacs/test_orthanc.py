@@ -23,7 +23,7 @@ from tests.conftest import ROOT, SAMPLES
 from tests.pacs.test_node import free_port
 
 CPU = ["train.yaml", "cpu.yaml"]
-N_IMAGES = int(os.environ.get("CUTREMAIN_ORTHANC_IMAGES", 200))
+N_IMAGES = int(os.environ.get("CUTREMAIN_ORTHANC_IMAGES", 60))  # 200 and more: set the variable
 
 
 def _http(url, data=None, method=None):
