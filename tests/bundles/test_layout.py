@@ -27,8 +27,7 @@ TASKS = {"clavicle_fracture": "clavicle", "femur_fracture": "pelvis", "cxr14": "
 
 
 def _env():
-    return dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, PYTHONPATH=ROOT,
-                OMP_NUM_THREADS="2")
+    return dict({k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, PYTHONPATH=ROOT)
 
 
 def _args(settings: dict) -> list[str]:
