@@ -16,6 +16,8 @@ import shutil
 import sys
 import time
 
+import torch
+
 from cutremain_monai.experiments.cross_validation import train_and_test
 from cutremain_monai.experiments.feature_similarity import augmentation_pairs
 from cutremain_monai.io.datalist import load_datalist
@@ -30,7 +32,11 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", default=os.path.join(root, "outputs", "demo"), help="output folder (default %(default)s)")
     p.add_argument("--epochs", type=int, default=int(os.environ.get("DEMO_EPOCHS", 30)),
                    help="training epochs (default 30, or DEMO_EPOCHS)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch's CPU threads (default 2): the numbers depend on it, since float sums are split among "
+                        "the threads; the docs' tables were made with 2, whatever OMP_NUM_THREADS says")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     samples = os.path.join(root, "dicom_samples")
     bundle = os.path.join(root, "bundles", "clavicle_fracture")
     out_dir = os.path.abspath(args.output)
@@ -39,6 +45,7 @@ def main(argv=None) -> int:
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     logging.getLogger("cutremain_monai.io.ingest").setLevel(logging.ERROR)  # the report below lists them
 
+    print(f"(torch CPU threads: {torch.get_num_threads()}; the numbers below are the docs' at 2)")
     print("== 1. ingest of dicom_samples/ as a PACS export (boxes from the presentation states)")
     report = ingest(samples, os.path.join(out_dir, "ingest_datalist.json"), gsps=True, split=(0.6, 0.2, 0.2), progress=False)
     print(report.summary())
@@ -56,15 +63,12 @@ def main(argv=None) -> int:
         m = train_and_test(bundle, os.path.join(samples, "datalist.json"), os.path.join(out_dir, aug), task="clavicle",
                            augmentation=aug, run_name=f"demo_{aug}", **settings, **extra)
         m["minutes"] = round((time.time() - t) / 60, 2)
-        results[aug] = m
+        results[aug] = {**m, "threads": args.threads}
     print("\n== 3. results on the synthetic clavicle test split (halves; threshold chosen on validation)")
     print(f"{'augmentation':<12} {'AUC':>6} {'F1':>6} {'acc':>6} {'CAM in box':>11} {'minutes':>8}")
     for aug, m in results.items():
         print(f"{aug:<12} {m['auc']:6.3f} {m['f1']:6.3f} {m['accuracy']:6.3f} {m.get('cam_energy_in_box', float('nan')):11.3f} {m['minutes']:8.2f}")
     print("\n== 4. feature similarity (paper Table 6): last-conv features of validation halves vs their augmented copy")
-    import torch
-
-
     val_items = load_datalist(os.path.join(samples, "datalist.json"), "validation", task="clavicle")
     print(f"{'model':<12} {'augmentation':<14} {'euclidean':>10} {'cosine':>8} {'pairs':>6}")
     for model_aug in results:

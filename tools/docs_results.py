@@ -49,8 +49,9 @@ def demo_metrics(demo_dir: str) -> str:
     n = next(iter(results.values()))
     note = (f"\n({n.get('n', '?')} test halves, {n.get('positives', '?')} positive; threshold chosen on validation; the "
             "energy is `cam_report.json`'s, on the validation halves with boxes.)\n")
-    return (_stamp("python -m cutremain_monai.demo", demo_dir, f", training and evaluation {minutes:.1f} minutes on this "
-                   "machine") + "\n".join(lines) + "\n" + note)
+    threads = n.get("threads", "?")
+    return (_stamp("python -m cutremain_monai.demo", demo_dir, f", {threads} CPU threads; training and evaluation "
+                   f"{minutes:.1f} minutes on this machine") + "\n".join(lines) + "\n" + note)
 
 
 def demo_localization(demo_dir: str) -> str:
