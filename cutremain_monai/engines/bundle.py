@@ -14,9 +14,11 @@ from collections.abc import Sequence
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
 from cutremain_monai.networks.ensemble import checkpoint_state
 
-__all__ = ["bundle_configs", "bundle_files", "bundle_parser", "run_bundle", "bundle_workflow", "load_network"]
+__all__ = ["bundle_configs", "bundle_files", "bundle_parser", "run_bundle", "bundle_workflow", "load_network",
+           "with_study_store"]
 
 
 def bundle_configs(bundle: str, names: Sequence[str]) -> list[str]:
@@ -64,6 +66,13 @@ def run_bundle(bundle: str, configs: Sequence[str], workflow_type: str = "train"
     finally:
         wf.finalize()
     return wf
+
+
+def with_study_store(output_dir: str, overrides: dict) -> dict:
+    """``overrides`` with ``tracking_uri`` defaulting to the one MLflow store of a study in ``output_dir``
+    (``MLFLOW_TRACKING_URI`` when set, else a sqlite file there): every run of the study lands in one store (one
+    MLflow UI), made once rather than once per run folder. A ``tracking_uri`` in ``overrides`` wins."""
+    return {"tracking_uri": default_tracking_uri(output_dir), **overrides}
 
 
 def load_network(parser: ConfigParser, checkpoint: str | None = None, device: str | torch.device | None = None,

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cutremain_monai.data.resized_copies import resized_copies
-from cutremain_monai.engines.bundle import bundle_parser, load_network
+from cutremain_monai.engines.bundle import bundle_parser, load_network, with_study_store
 from cutremain_monai.engines.methods import method_overrides
 from cutremain_monai.experiments.compare_report import write_report
 from cutremain_monai.experiments.compare_summary import summarise_compare, write_tables
@@ -46,6 +46,7 @@ from cutremain_monai.localization.report import compute_map, scored_cases, upsam
 __all__ = ["compare"]
 
 logger = logging.getLogger(__name__)
+
 
 def _gamma_name(g: float) -> str:
     return f"cut_remain@gamma{g:.2f}"
@@ -206,7 +207,7 @@ def _run_plan(bundle: str, plan: list[tuple[int, str, dict]], fold_paths: list[s
         m = train_and_test(bundle, fold_paths[k], run_dir, extra_configs, seed=seed, register_model=False,
                            experiment_name=experiment, run_name=f"fold{k}_{name}", threshold_rule=threshold_rule,
                            target_sensitivity=target_sensitivity,
-                           **{"tracking_uri": default_tracking_uri(output_dir), **overrides, **ov})  # one store per study
+                           **with_study_store(output_dir, {**overrides, **ov}))
         with open(done, "w") as f:
             json.dump({"fold": k, "method": name, "overrides": ov, "settings_hash": digest, "settings": run_settings,
                        "test": m}, f, indent=1, default=str)
@@ -276,7 +277,6 @@ def _heatmaps(bundle, output_dir, fold_paths, runs, methods, run_folds, extra_co
     import torch
     from monai.transforms import Compose
 
-
     for k in run_folds:
         with open(fold_paths[k]) as f:
             test_items = [it for it in json.load(f)["test"] if _label(it) and it.get("boxes")]
@@ -307,7 +307,6 @@ def _heatmaps(bundle, output_dir, fold_paths, runs, methods, run_folds, extra_co
 
 def _log_mlflow(output_dir: str, experiment: str, summary: dict, report: dict) -> None:
     import mlflow
-
 
     mlflow.set_tracking_uri(default_tracking_uri(output_dir))
     mlflow.set_experiment(experiment)

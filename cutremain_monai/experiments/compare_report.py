@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from cutremain_monai.experiments.compare_summary import auc_mean_sd_cell, flat_maps_cell, pool_runs
+from cutremain_monai.experiments.compare_summary import auc_mean_sd_cell, ci_cell, flat_maps_cell, pool_runs
 from cutremain_monai.localization.normalise import normalise_map
 
 __all__ = ["write_report"]
@@ -124,8 +124,7 @@ def _img(path: str) -> str:
 
 
 def _ci(v) -> str:
-    x, lo, hi = v[:3]
-    return "n/a" if not np.isfinite(x) else f"{x:.3f} [{lo:.3f}, {hi:.3f}]"
+    return ci_cell(*v[:3])
 
 
 def _row(cells, header=False) -> str:

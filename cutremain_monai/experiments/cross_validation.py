@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cutremain_monai.engines.bundle import run_bundle
+from cutremain_monai.engines.bundle import run_bundle, with_study_store
 from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
 from cutremain_monai.io.datalist import kfold_by_group, split_by_group
 
@@ -58,7 +58,7 @@ def cross_validate(bundle: str, items: list[dict], output_dir: str, augmentation
             logger.info("fold %d/%d, augmentation %s", k + 1, folds, aug)
             m = train_and_test(bundle, dl_path, out, extra_configs, augmentation=aug, seed=seed,
                                register_model=False, experiment_name=f"cv_{os.path.basename(os.path.normpath(bundle))}",
-                               run_name=f"fold{k}_{aug}", **{"tracking_uri": default_tracking_uri(output_dir), **overrides})
+                               run_name=f"fold{k}_{aug}", **with_study_store(output_dir, overrides))
             rows.append({"fold": k, "augmentation": aug, **{key: m.get(key) for key in _ROW_KEYS}, "per_class": m.get("per_class")})
             with open(os.path.join(output_dir, "cv_results.csv"), "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=["fold", "augmentation", *_ROW_KEYS], extrasaction="ignore")
@@ -117,7 +117,7 @@ def gamma_curve(bundle: str, datalist: str, output_dir: str, gammas: Sequence[fl
         m = train_and_test(bundle, datalist, out, extra_configs, task=task, augmentation="cut_remain", gamma=float(g),
                            seed=seed, register_model=False, run_name=f"gamma_{float(g):.2f}",
                            experiment_name=f"gamma_{os.path.basename(os.path.normpath(bundle))}",
-                           **{"tracking_uri": default_tracking_uri(output_dir), **overrides})  # one store per study
+                           **with_study_store(output_dir, overrides))
         rows.append({"gamma": float(g), **{k: m.get(k) for k in _ROW_KEYS if m.get(k) is not None}})
     keys = ["gamma"] + [k for k in _ROW_KEYS if any(k in r for r in rows)]
     with open(os.path.join(output_dir, "gamma_results.csv"), "w", newline="") as f:

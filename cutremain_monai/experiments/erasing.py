@@ -1,7 +1,7 @@
 """Adversarial-erasing rounds over a classification bundle (seed 002's AE region mining), run by
 ``cutremain experiment erase``.
 
-Round t trains the bundle (its own configs, through :func:`~cutremain_monai.experiments.cross_validation.run_bundle`) on the
+Round t trains the bundle (its own configs, through :func:`~cutremain_monai.engines.bundle.run_bundle`) on the
 images of round t, takes the CAM of the ground-truth class of every positive training sample (each half, for
 bundles that split images) through the bundle's one preprocessing chain, marks its top ``q`` share of pixels (or
 the pixels at or above ``delta`` of the min-max map), adds the region to the image's union of mined regions, and
@@ -28,8 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cutremain_monai.engines.bundle import bundle_parser, load_network, run_bundle
-from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
+from cutremain_monai.engines.bundle import bundle_parser, load_network, run_bundle, with_study_store
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.io.loader import load_xray, save_png16
 from cutremain_monai.io.paths import unique_stem
@@ -69,8 +68,8 @@ def adversarial_erasing(bundle: str, datalist: str, output_dir: str, rounds: int
     os.makedirs(output_dir, exist_ok=True)
     sections = {s: load_datalist(datalist, s, task=task) for s in ("training", "validation", "test")}
     originals = sections["training"]
-    settings = {"augmentation": "none", "register_model": False, "cam_images": 0,
-                "tracking_uri": default_tracking_uri(output_dir), **overrides}  # one MLflow store for every round
+    settings = with_study_store(output_dir, {"augmentation": "none", "register_model": False, "cam_images": 0,
+                                             **overrides})
     parser0 = bundle_parser(bundle, configs, **settings)
     label_mode = parser0.get_parsed_content("label_mode")
     class_names = parser0.get_parsed_content("class_names")

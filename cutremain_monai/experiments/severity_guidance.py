@@ -19,14 +19,15 @@ import numpy as np
 import torch
 
 from cutremain_monai.engines.bundle import bundle_parser, load_network, run_bundle
+from cutremain_monai.engines.methods import method_overrides
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.localization.lrp import make_lrp_ready, outside_share, severity_relevance
 from cutremain_monai.metrics.comparison import bootstrap_mean_ci
-from cutremain_monai.engines.methods import method_overrides
 
 __all__ = ["outside_lung_share", "severity_guidance_experiment"]
 
 logger = logging.getLogger(__name__)
+
 
 def outside_lung_share(model: torch.nn.Module, x: torch.Tensor, lung_mask: torch.Tensor, zones: torch.Tensor,
                        batch: int = 8) -> np.ndarray:
@@ -64,8 +65,9 @@ def severity_guidance_experiment(bundle: str, datalist: str, output_dir: str, me
     for m in methods:
         out = os.path.abspath(os.path.join(output_dir, m))
         logger.info("severity guidance: training %s", m)
-        run_bundle(bundle, list(configs), output_dir=out, run_name=f"severity_guidance_{m}", **{**settings, **method_overrides(m, augmentation=False)})
-        run_bundle(bundle, [*configs, "evaluate.yaml"], output_dir=out, **{**settings, **method_overrides(m, augmentation=False)})
+        run = {**settings, **method_overrides(m, augmentation=False)}
+        run_bundle(bundle, list(configs), output_dir=out, run_name=f"severity_guidance_{m}", **run)
+        run_bundle(bundle, [*configs, "evaluate.yaml"], output_dir=out, **run)
         with open(os.path.join(out, "test_metrics.json")) as f:
             test = json.load(f)
         model = load_network(parser, os.path.join(out, "checkpoints", "model.pt"))

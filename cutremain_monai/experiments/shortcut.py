@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 from cutremain_monai.data.phantoms import generate_shortcut_samples
-from cutremain_monai.engines.bundle import bundle_parser, load_network
+from cutremain_monai.engines.bundle import bundle_parser, load_network, with_study_store
 from cutremain_monai.engines.methods import method_overrides
 from cutremain_monai.experiments.cross_validation import train_and_test
-from cutremain_monai.handlers.mlflow_registry import default_tracking_uri
 from cutremain_monai.handlers.reproducibility import latest_checkpoint
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.localization.report import compute_map
@@ -35,6 +34,7 @@ from cutremain_monai.metrics.localization import energy_in_box
 __all__ = ["shortcut_experiment", "score_shortcut", "shortcut_table"]
 
 logger = logging.getLogger(__name__)
+
 
 def score_shortcut(bundle: str, datalist: str, checkpoints: dict, **overrides) -> dict:
     """Scores of each trained model (``{name: checkpoint path}``) on the shortcut datalist (see the module
@@ -85,10 +85,10 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
     datalist = os.path.join(data_dir, "datalist.json")
     if not os.path.exists(datalist):
         generate_shortcut_samples(data_dir, n=n, seed=seed, size=size)
-    settings = dict(split_halves=False, image_size=[size, size], epochs=epochs, guidance_warmup_epochs=warmup_epochs,
+    defaults = dict(split_halves=False, image_size=[size, size], epochs=epochs, guidance_warmup_epochs=warmup_epochs,
                     seed=seed, num_copies=2, register_model=False, cam_images=0, localization_report=False,
-                    experiment_name="shortcut", tracking_uri=default_tracking_uri(output_dir))  # one store per study
-    settings.update(overrides)
+                    experiment_name="shortcut")
+    settings = with_study_store(output_dir, {**defaults, **overrides})
     rows = []
     for m in methods:
         out = os.path.abspath(os.path.join(output_dir, m.replace("+", "_")))

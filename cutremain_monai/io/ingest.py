@@ -128,7 +128,7 @@ def _walk(root: str, skip_prefixes: tuple[str, ...] = ()) -> Iterator[tuple[str,
 _PLACEHOLDER = "<file>"
 
 
-def scrub_paths(text: str, path: str) -> str:
+def _scrub(text: str, path: str) -> str:
     """An error message without the file's path (messages of open(), pydicom and decoders quote it, sometimes in
     its repr): the report names the file itself, by a name that carries no identifier."""
     for p in sorted({path, os.path.abspath(path), repr(path)[1:-1], repr(os.path.abspath(path))[1:-1]}, key=len,
@@ -170,11 +170,11 @@ def _examine(args: tuple[str, str, bytes]) -> dict:
         rec.update(t="image", uid=str(meta["sop_instance_uid"] or ""), group=keyed_pseudonym(pid, key),
                    size=[int(meta["rows"]), int(meta["columns"])])
     except DicomReadError as e:
-        rec["reason"] = scrub_paths(e.reason, path)
+        rec["reason"] = _scrub(e.reason, path)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # a batch never dies for one file: anything else is reported with its type
-        rec["reason"] = scrub_paths(f"unexpected error ({type(e).__name__}: {e})", path)
+        rec["reason"] = _scrub(f"unexpected error ({type(e).__name__}: {e})", path)
     return rec
 
 
@@ -494,7 +494,7 @@ class _Batch:
             refs = [u for u in (gsps_referenced_sop_uids(ds) if kind == "gsps" else sr_referenced_sop_uids(ds))
                     if u in self.images]
         except DicomReadError as e:
-            self.quarantine(rel, path, scrub_paths(e.reason, path))
+            self.quarantine(rel, path, _scrub(e.reason, path))
             return
         except Exception as e:  # a corrupt reference sequence is reported, never ends the batch
             self.quarantine(rel, path, f"{what} unreadable ({type(e).__name__})")
@@ -510,7 +510,7 @@ class _Batch:
         try:
             found_boxes = read_gsps_file(path, self.sizes, dataset=ds) if kind == "gsps" else read_sr_file(path, ds)
         except DicomReadError as e:  # a corrupt presentation state / report is reported, never ends the batch
-            self.quarantine(rel, path, scrub_paths(e.reason, path))
+            self.quarantine(rel, path, _scrub(e.reason, path))
             return
         self._add_boxes(found_boxes, ds)
 

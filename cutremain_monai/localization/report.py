@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from cutremain_monai.localization.cam import cam, overlay_image
 from cutremain_monai.localization.grad_cam import DEFAULT_LAYER, grad_cam
 from cutremain_monai.localization.lrp import lrp
-from cutremain_monai.localization.normalise import normalise_map
+from cutremain_monai.localization.normalise import as_array, normalise_map
 from cutremain_monai.localization.targetness import targetness_map
 
 __all__ = ["MAP_METHODS", "check_map_methods", "compute_map", "positive_classes", "explained_class", "lesion_boxes",
@@ -66,7 +66,7 @@ def compute_map(method: str, model: torch.nn.Module, x: torch.Tensor, target: in
 def positive_classes(label, label_mode: str) -> list[int]:
     """The classes whose CAM is mined for a sample: binary -> [0] (the one logit) when positive; multi-class ->
     the labelled class unless it is class 0 (normal); multi-label -> every positive class."""
-    y = np.asarray(torch.as_tensor(label).detach().cpu() if isinstance(label, torch.Tensor) else label, dtype=float).reshape(-1)
+    y = as_array(label).reshape(-1)
     if label_mode == "binary":
         return [0] if y.size and y[0] > 0.5 else []
     if label_mode == "multiclass":

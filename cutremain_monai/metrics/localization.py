@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cutremain_monai.localization.normalise import is_flat, normalise_map
+from cutremain_monai.localization.normalise import as_array, is_flat, normalise_map
 
 __all__ = [
     "IOU_ACCURACY_THRESHOLDS",
@@ -65,12 +65,6 @@ LOC_ACC_THRESHOLDS = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95
 
 
 # ----------------------------------------------------------------------------------------------------------- input
-def _np(x, dtype=np.float64) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
-
-
 def _nanmean(x) -> float:
     x = np.asarray(x, dtype=np.float64)
     x = x[np.isfinite(x)]
@@ -78,7 +72,7 @@ def _nanmean(x) -> float:
 
 
 def _one_image_boxes(b, i: int) -> np.ndarray:
-    a = _np(b) if b is not None else np.zeros((0, 4))
+    a = as_array(b) if b is not None else np.zeros((0, 4))
     if a.size == 0:
         return np.zeros((0, 4))
     if a.ndim == 1 and a.shape[0] == 4:
@@ -95,7 +89,7 @@ def _box_list(boxes, n: int, single: bool) -> list[np.ndarray]:
         return [np.zeros((0, 4)) for _ in range(n)]
     if single:
         try:  # one (N, 4) array (or list of 4-lists) for the one map
-            a = _np(boxes)
+            a = as_array(boxes)
             if a.ndim <= 2:
                 return [_one_image_boxes(a, 0)]
         except ValueError:  # ragged: a list of per-image arrays
@@ -111,7 +105,7 @@ def _box_list(boxes, n: int, single: bool) -> list[np.ndarray]:
 
 def _prepare(maps, boxes, image_size=None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Maps as (B, H, W) float64 and the boxes per image as (N_i, 4) float64 in map pixels (checked, scaled)."""
-    m = _np(maps)
+    m = as_array(maps)
     shape = tuple(m.shape)
     single = m.ndim == 2
     if single:
@@ -155,7 +149,7 @@ def boxes_mask(boxes, shape: tuple[int, int]) -> np.ndarray:
     h, w = shape
     mask = np.zeros((h, w), dtype=bool)
     cols, rows = np.arange(w) + 0.5, np.arange(h) + 0.5
-    for x0, y0, x1, y1 in _np(boxes).reshape(-1, 4):
+    for x0, y0, x1, y1 in as_array(boxes).reshape(-1, 4):
         mask |= np.outer((y0 <= rows) & (rows <= y1), (x0 <= cols) & (cols <= x1))
     return mask
 
@@ -196,8 +190,8 @@ def energy_in_mask(map_, mask) -> float:
     """Share of one map's non-negative energy inside a binary ``mask`` of the same shape: ``sum(S[mask]) / sum(S)``
     with ``S = max(map, 0)``, the rule of :func:`energy_in_box` for a mask already drawn (the bundles' ``box_mask``
     at the network's size); NaN for a map that is all zero after clipping."""
-    m = _np(map_)
-    inside = _np(mask) > 0
+    m = as_array(map_)
+    inside = as_array(mask) > 0
     if m.shape != inside.shape:
         raise ValueError(f"map shape {m.shape} and mask shape {inside.shape} differ")
     s = np.clip(m, 0.0, None)
@@ -308,7 +302,7 @@ def iou_accuracy(maps, boxes, thresholds=IOU_ACCURACY_THRESHOLDS, iou: float = 0
     """
     if mode not in ("iou", "iobb"):
         raise ValueError(f"mode must be 'iou' or 'iobb'; got {mode!r}")
-    th = _np(thresholds).reshape(-1)
+    th = as_array(thresholds).reshape(-1)
     if th.size == 0:
         raise ValueError("thresholds is empty")
     m, bl = _prepare(maps, boxes, image_size)
