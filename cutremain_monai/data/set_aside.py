@@ -24,7 +24,8 @@ import torch
 from monai.data import CacheDataset
 from monai.transforms import Compose
 
-__all__ = ["SetAsideDataset", "SetAsideError", "REPORT_FIELDS", "read_set_aside", "scrub_paths"]
+__all__ = ["SetAsideDataset", "SetAsideError", "REPORT_FIELDS", "read_set_aside", "scrub_paths", "error_reason",
+           "item_name", "write_set_aside"]
 
 logger = logging.getLogger(__name__)
 REPORT_FIELDS = ("section", "file", "reason")
@@ -40,7 +41,7 @@ def _rank() -> int:
     return 0
 
 
-def _reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
     """The original error behind MONAI's ``RuntimeError("applying transform ...")`` wrappers, as one line."""
     while isinstance(e, RuntimeError) and e.__cause__ is not None and str(e).startswith("applying transform"):
         e = e.__cause__
@@ -56,6 +57,32 @@ def scrub_paths(reason: str, item, name: str) -> str:
     for k, p in paths:
         reason = reason.replace(p, name if k in ("image", "image_path") else f"{k} of {name}")
     return reason
+
+
+def item_name(item, file_key: str | None = None) -> str:
+    """The name of ``item`` in reports: ``file_key``'s value, else ``image_id``, else ``image``, else the first
+    string value."""
+    if isinstance(item, dict):
+        keys = (file_key,) if file_key else ("image_id", "image")
+        value = next((item[k] for k in keys if item.get(k) is not None), None)
+        if value is None:
+            value = next((v for v in item.values() if isinstance(v, (str, os.PathLike))), None)
+        return os.fspath(value) if value is not None else "<item without a file>"
+    return str(item)
+
+
+def write_set_aside(report: str | None, section: str, rows: list[dict]) -> None:
+    """Replace ``section``'s rows of the ``report`` CSV by ``rows`` (other sections' rows are kept)."""
+    if not report:
+        return
+    kept = [r for r in read_set_aside(report) if r.get("section") != section] + list(rows)
+    os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
+    tmp = f"{report}.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
+        w.writeheader()
+        w.writerows(kept)
+    os.replace(tmp, report)
 
 
 def read_set_aside(path: str) -> list[dict]:
@@ -93,13 +120,7 @@ class SetAsideDataset(CacheDataset):
                          progress=progress, copy_cache=copy_cache, as_contiguous=as_contiguous)
 
     def _name(self, item) -> str:
-        if isinstance(item, dict):
-            keys = (self.file_key,) if self.file_key else ("image_id", "image")
-            value = next((item[k] for k in keys if item.get(k) is not None), None)
-            if value is None:
-                value = next((v for v in item.values() if isinstance(v, (str, os.PathLike))), None)
-            return os.fspath(value) if value is not None else "<item without a file>"
-        return str(item)
+        return item_name(item, self.file_key)
 
     def set_data(self, data: Sequence) -> None:
         data = list(data)
@@ -110,7 +131,7 @@ class SetAsideDataset(CacheDataset):
             try:
                 out = self._load_cache_item(i)
             except Exception as e:  # one bad file never ends the run: it is set aside with its reason
-                reason = scrub_paths(_reason(e), item, self._name(item))
+                reason = scrub_paths(error_reason(e), item, self._name(item))
                 self.set_aside.append({"section": self.section, "file": self._name(item), "reason": reason})
                 logger.warning("%s: set aside %s (%s)", self.section, self._name(item), reason)
                 continue
@@ -129,11 +150,5 @@ class SetAsideDataset(CacheDataset):
                            f", listed in {self.report}" if self.report else "")
 
     def _write_report(self) -> None:
-        if not self.report or _rank() != 0:
-            return
-        rows = [r for r in read_set_aside(self.report) if r.get("section") != self.section] + self.set_aside
-        os.makedirs(os.path.dirname(os.path.abspath(self.report)), exist_ok=True)
-        with open(self.report, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=REPORT_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
+        if _rank() == 0:
+            write_set_aside(self.report, self.section, self.set_aside)

@@ -35,6 +35,7 @@ from cutremain_monai.transforms.pseudo_labels import (
     LabelMapDict,
     PseudoLabelBank,
 )
+from cutremain_monai.transforms.resize import ResizeWithBoxesd, ResizeWithBoxesD, ResizeWithBoxesDict, resize_boxes
 from cutremain_monai.transforms.split_halves import SplitHalves, SplitHalvesd, SplitHalvesD, SplitHalvesDict
 from cutremain_monai.transforms.sup_mix import (
     SupCutmix,
@@ -58,6 +59,7 @@ __all__ = [
     "CutRemain", "CutRemaind", "CutRemainD", "CutRemainDict", "gamma_selected",
     "HideAndSeek", "HideAndSeekd", "HideAndSeekD", "HideAndSeekDict", "dataset_mean",
     "LungZones", "LungZonesd", "LungZonesD", "LungZonesDict", "split_lung_zones",
+    "ResizeWithBoxesd", "ResizeWithBoxesD", "ResizeWithBoxesDict", "resize_boxes",
     "SplitHalves", "SplitHalvesd", "SplitHalvesD", "SplitHalvesDict",
     "SupCutmix", "SupCutmixd", "SupCutmixD", "SupCutmixDict", "SupCutout", "SupCutoutd", "SupCutoutD",
     "SupCutoutDict", "SupMixup", "SupMixupd", "SupMixupD", "SupMixupDict",
