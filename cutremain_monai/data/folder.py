@@ -30,6 +30,7 @@ read raw, so pydicom's value validation never logs their values, and its warning
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import warnings
@@ -38,7 +39,7 @@ from cutremain_monai.io.dicom import dcmread_unnamed, short_read, UnnamedFile
 from cutremain_monai.io.paths import (file_token, header_identifiers, path_carries_identifiers, resolve_path_mode,
                                       valid_uid)
 
-__all__ = ["folder_datalist", "IMAGE_SOP_CLASS_UIDS"]
+__all__ = ["folder_datalist", "IMAGE_SOP_CLASS_UIDS", "unscored"]
 
 logger = logging.getLogger(__name__)
 
@@ -372,3 +373,44 @@ def folder_datalist(input_dir, mask_dir=None, mask_suffix: str = "", mask_key: s
     if not items:
         logger.warning("no images found in %s (%d files left out)", input_dir, len(skipped))
     return items, skipped
+
+
+def _stamp(path: str | None) -> list | None:
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns] if st else None
+
+
+def unscored(items: list[dict], partial_file: str, model_file: str | None = None, id_key: str = "image_id",
+             resume: bool = True) -> list[dict]:
+    """The items of a folder not yet scored by an earlier, interrupted run: a resumed inference scores the rest.
+
+    ``partial_file`` is the CSV that :class:`~cutremain_monai.handlers.ClassificationPredictions` appends rows to
+    (``file`` = the item's ``id_key``). Its rows count only when they were written with the same model: the
+    checkpoint's path, size and modification time are kept beside it (``<partial_file>.json``); with another model
+    (or none recorded) the old rows are moved to ``<partial_file>.stale`` and everything is scored again. Rows of
+    files set aside count as done too (their reason is in the row). ``resume=False``: earlier rows are moved to
+    ``.stale`` and everything is scored.
+    """
+    stamp_file = partial_file + ".json"
+    stamp = {"model": _stamp(model_file)}
+    old = None
+    if os.path.exists(stamp_file):
+        with open(stamp_file) as f:
+            old = json.load(f)
+    if os.path.exists(partial_file) and (old != stamp or not resume):
+        os.replace(partial_file, partial_file + ".stale")
+        logger.warning("earlier predictions in %s %s: moved to .stale, scoring again", partial_file,
+                       "not resumed" if old == stamp else "were made with another model")
+    os.makedirs(os.path.dirname(os.path.abspath(partial_file)), exist_ok=True)
+    with open(stamp_file, "w") as f:
+        json.dump(stamp, f)
+    if not os.path.exists(partial_file):
+        return list(items)
+    with open(partial_file, newline="") as f:
+        done = {row.get("file") for row in csv.DictReader(f)}
+    rest = [it for it in items if str(it.get(id_key)) not in done]
+    logger.info("resuming: %d of %d images already scored (%s)", len(items) - len(rest), len(items), partial_file)
+    return rest

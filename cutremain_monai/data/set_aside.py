@@ -25,10 +25,13 @@ from monai.data import CacheDataset
 from monai.transforms import Compose
 
 __all__ = ["SetAsideDataset", "SetAsideError", "REPORT_FIELDS", "read_set_aside", "scrub_paths", "error_reason",
-           "item_name", "write_set_aside"]
+           "item_name", "write_set_aside", "SetAsideStream", "SET_ASIDE_KEY"]
 
 logger = logging.getLogger(__name__)
 REPORT_FIELDS = ("section", "file", "reason")
+
+
+SET_ASIDE_KEY = "set_aside_reason"  # on every sample of a SetAsideStream: "" or why the file was set aside
 
 
 class SetAsideError(RuntimeError):
@@ -152,3 +155,48 @@ class SetAsideDataset(CacheDataset):
     def _write_report(self) -> None:
         if _rank() == 0:
             write_set_aside(self.report, self.section, self.set_aside)
+
+
+class SetAsideStream(torch.utils.data.Dataset):
+    """Items through ``transform`` at every draw, a failing item answered by a placeholder sample: for archives.
+
+    :class:`SetAsideDataset` screens every item in the parent process before the first batch (decoding a 20,000-file
+    archive twice, serially). Here an item is decoded once, in the DataLoader worker that draws it; when its
+    transform fails the worker returns a placeholder (``placeholder_shape`` zeros as ``image``, the item's name
+    keys, ``set_aside_reason`` with the reason, file paths replaced by the item's name) so the batch still stacks,
+    and every sample carries ``set_aside_reason`` (``""`` when it was read). A prediction writer turns placeholders
+    into rows with their error (:class:`~cutremain_monai.handlers.ClassificationPredictions`), so nothing is dropped
+    and nothing is scored twice.
+
+    Args:
+        data / transform: the items and the whole chain (a list of samples per item is fine: split halves).
+        placeholder_shape: the ``image`` shape of the model input, e.g. ``(1, 448, 448)``.
+        file_key: the item key that names it (see :func:`item_name`); keys: item keys copied to a placeholder.
+    """
+
+    def __init__(self, data: Sequence, transform: Callable, placeholder_shape: Sequence[int],
+                 file_key: str | None = "image_id", keys: Sequence[str] = ("image_id", "image_path")):
+        self.data = list(data)
+        self.transform = transform if isinstance(transform, Compose) or not isinstance(transform, (list, tuple)) \
+            else Compose(list(transform))
+        self.placeholder_shape = tuple(int(v) for v in placeholder_shape)
+        self.file_key, self.keys = file_key, tuple(keys)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        item = self.data[index]
+        try:
+            out = self.transform(dict(item))
+        except Exception as e:  # one bad file never ends the scoring: a placeholder carries its reason
+            name = item_name(item, self.file_key)
+            reason = scrub_paths(error_reason(e), item, name)
+            logger.warning("set aside %s (%s)", name, reason)
+            d = {k: item[k] for k in self.keys if k in item}
+            d.setdefault("image_path", item.get("image"))
+            d.update(image=torch.zeros(self.placeholder_shape), **{SET_ASIDE_KEY: reason})
+            return d
+        for s in out if isinstance(out, list) else [out]:
+            s[SET_ASIDE_KEY] = ""
+        return out

@@ -21,6 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from cutremain_monai.constants import BRIXIA_ZONES
+from cutremain_monai.data.set_aside import SET_ASIDE_KEY, write_set_aside
 from cutremain_monai.handlers.utils import rank
 from cutremain_monai.localization.cam import save_overlay
 from cutremain_monai.localization.grad_cam import grad_cam
@@ -92,15 +93,23 @@ class ClassificationPredictions(_PredictionsBase):
             ``multilabel`` (``p_<class>`` max over halves, ``prediction`` the classes at or above their thresholds).
         class_names: column names; threshold_file: ``threshold.json`` chosen on validation (else ``threshold``).
         id_key / path_key / half_key: sample keys naming the image and the half.
-        set_aside: the dataset's ``set_aside`` rows, written as rows with their error.
+        set_aside: the dataset's ``set_aside`` rows, written as rows with their error. Samples that carry a
+            non-empty ``set_aside_reason`` (placeholders of :class:`~cutremain_monai.data.set_aside.SetAsideStream`)
+            become rows with that error too.
         network / cam / target_layer: Grad-CAM overlay PNG per sample under ``<output_dir>/cam/``.
+        partial_file: rows are appended to this CSV as each batch is scored (an archive's results are on disk as
+            they come; a killed run loses at most a batch), and the final CSV holds every row of it, including
+            those of earlier runs (``cutremain_monai.data.folder.unscored`` leaves their images out of the next
+            run). ``None``: rows are kept in memory and written at the end.
+        set_aside_report: the rows with an error are also written to this ``set_aside.csv`` (section ``section``).
     """
 
     def __init__(self, output_dir: str, filename: str = "predictions.csv", label_mode: str = "binary",
                  class_names: Sequence[str] | None = None, threshold: float = 0.5, threshold_file: str | None = None,
                  id_key: str = "image_id", path_key: str = "image_path", half_key: str = "half",
                  set_aside: Sequence[dict] | None = None, network: torch.nn.Module | None = None, cam: bool = False,
-                 target_layer: str = "layer3", enabled: bool = True):
+                 target_layer: str = "layer3", enabled: bool = True, partial_file: str | None = None,
+                 set_aside_report: str | None = None, section: str = "inference"):
         if label_mode not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"label_mode must be binary, multiclass or multilabel, got {label_mode!r}")
         super().__init__(output_dir, filename, id_key, path_key, set_aside, enabled)
@@ -109,7 +118,33 @@ class ClassificationPredictions(_PredictionsBase):
         self.threshold, self.threshold_file = threshold, threshold_file
         self.half_key = half_key
         self.network, self.cam, self.target_layer = network, cam, target_layer
+        self.partial_file = partial_file
+        self.set_aside_report, self.section = set_aside_report, section
         self._seen: dict = {}
+        self._streamed: list[dict] = []  # error rows of placeholders (memory mode)
+
+    def _fields(self) -> list[str]:
+        cols = [] if self.label_mode == "binary" else [f"p_{n}" for n in self.names]
+        return ["file", "probability", "prediction", "left", "right", *cols, "error"]
+
+    def _reset(self, engine: Engine) -> None:
+        self._seen, self._streamed = {}, []
+        self._threshold_now = self._thresholds()
+
+    def _flush(self) -> None:
+        """Append the rows of the images complete in this batch to ``partial_file`` (rank 0)."""
+        threshold, thresholds = getattr(self, "_threshold_now", None) or self._thresholds()
+        rows = [self._row(n, h, threshold, thresholds) for n, h in self._seen.items()] + self._streamed
+        self._seen, self._streamed = {}, []
+        if not rows or rank() != 0:
+            return
+        new = not os.path.exists(self.partial_file)
+        os.makedirs(os.path.dirname(os.path.abspath(self.partial_file)), exist_ok=True)
+        with open(self.partial_file, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self._fields(), restval="", extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerows(rows)
 
     def _thresholds(self):
         threshold, thresholds = self.threshold, None
@@ -123,11 +158,16 @@ class ClassificationPredictions(_PredictionsBase):
     def _collect(self, engine: Engine) -> None:
         for item, out in _samples(engine):
             name = _file_name(item, self.id_key, self.path_key)
+            if item.get(SET_ASIDE_KEY):
+                self._streamed.append({"file": name, "error": str(item[SET_ASIDE_KEY])})
+                continue
             half = item.get(self.half_key) or "image"
             prob = torch.as_tensor(out["pred"]).detach().float().reshape(-1).cpu()
             self._seen.setdefault(name, {})[half] = prob
             if self.cam and rank() == 0 and self.network is not None:
                 self._overlay(name, half, torch.as_tensor(item["image"]), prob)
+        if self.partial_file:  # every half of an image is in its batch: its row is complete
+            self._flush()
 
     def _overlay(self, name: str, half: str, image: torch.Tensor, prob: torch.Tensor) -> None:
         net = self.network.module if hasattr(self.network, "module") else self.network
@@ -172,10 +212,20 @@ class ClassificationPredictions(_PredictionsBase):
         if rank() != 0:
             return
         threshold, thresholds = self._thresholds()
-        self.rows = [self._row(n, h, threshold, thresholds) for n, h in self._seen.items()] + self._error_rows()
-        cols = [] if self.label_mode == "binary" else [f"p_{n}" for n in self.names]
-        _write(self.path, ["file", "probability", "prediction", "left", "right", *cols, "error"], self.rows)
-        logger.info("wrote %d predictions to %s (%d set aside)", len(self._seen), self.path, len(self.set_aside))
+        if self.partial_file:
+            self._flush()
+            scored = []
+            if os.path.exists(self.partial_file):
+                with open(self.partial_file, newline="") as f:
+                    scored = list(csv.DictReader(f))
+        else:
+            scored = [self._row(n, h, threshold, thresholds) for n, h in self._seen.items()] + self._streamed
+        self.rows = scored + self._error_rows()
+        _write(self.path, self._fields(), self.rows)
+        write_set_aside(self.set_aside_report, self.section, [{"section": self.section, "file": r["file"],
+                                                               "reason": r["error"]} for r in self.rows if r.get("error")])
+        logger.info("wrote %d rows to %s (%d with an error)", len(self.rows), self.path,
+                    sum(1 for r in self.rows if r.get("error")))
 
 
 class SeverityPredictions(_PredictionsBase):

@@ -1,0 +1,113 @@
+"""Inference over an archive: rows written batch by batch, a killed run resumed without scoring an image twice,
+a bad file answered by a row with its error in the middle of a batch, and memory that does not grow with the
+number of files (issue 27)."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cutremain_monai.data.scale_data import generate_scale_set
+from cutremain_monai.handlers import ClassificationPredictions
+from tests.bundles.conftest import BUNDLES, TINY, run_bundle
+from tests.conftest import ROOT
+
+
+def _model(tmp_path) -> str:
+    from monai.bundle import ConfigParser
+
+    root = os.path.join(BUNDLES, "clavicle_fracture")
+    parser = ConfigParser()
+    parser.read_config([os.path.join(root, "configs", n) for n in ("train.yaml", "cpu.yaml")])
+    parser.update({"bundle_root": root, **TINY})
+    torch.manual_seed(0)
+    path = str(tmp_path / "model.pt")
+    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+    return path
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_killed_inference_resumes_without_scoring_twice(tmp_path, monkeypatch):
+    generate_scale_set(str(tmp_path / "archive"), 22, size=96, fmt="dicom", seed=2)
+    folder = tmp_path / "archive" / "images"
+    (folder / "img_000005.dcm").write_bytes(open(folder / "img_000004.dcm", "rb").read()[:2000])  # truncated pixels
+    model = _model(tmp_path)
+    settings = dict(tiny={**TINY, "batch_size": 4}, workflow_type="infer", input_dir=str(folder), model_path=model,
+                    inference_cam=False)
+    calls = {"n": 0}
+    flush = ClassificationPredictions._flush
+
+    def flush_then_die(self):
+        flush(self)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")  # the process dies after three batches were written
+
+    monkeypatch.setattr(ClassificationPredictions, "_flush", flush_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_bundle("clavicle_fracture", ["train.yaml", "cpu.yaml", "inference.yaml"], tmp_path, **settings)
+    out = tmp_path / "out" / "inference"
+    first = _rows(out / "predictions.partial.csv")
+    assert len(first) == 12 and not (out / "predictions.csv").exists()  # three batches of four, on disk
+    assert next(r["error"] for r in first if r["file"] == "img_000005.dcm")  # the bad file: a row with its reason
+
+    monkeypatch.setattr(ClassificationPredictions, "_flush", flush)
+    wf, _ = run_bundle("clavicle_fracture", ["train.yaml", "cpu.yaml", "inference.yaml"], tmp_path, **settings)
+    assert len(wf.parser.get_parsed_content("dataset")) == 22 - 12  # only the rest was scored
+    rows = _rows(out / "predictions.csv")
+    names = [r["file"] for r in rows]
+    assert sorted(names) == sorted(p.name for p in folder.iterdir()) and len(set(names)) == 22  # none twice
+    assert {r["file"]: r["probability"] for r in rows if r["file"] in {x["file"] for x in first}} == \
+        {r["file"]: r["probability"] for r in first}  # the first run's rows kept as they were
+    aside = _rows(out / "set_aside.csv")
+    assert [r["file"] for r in aside] == ["img_000005.dcm"] and aside[0]["section"] == "inference"
+
+    # another model: the earlier rows are not reused
+    os.utime(model, ns=(os.stat(model).st_atime_ns, os.stat(model).st_mtime_ns + 10**9))
+    wf, _ = run_bundle("clavicle_fracture", ["train.yaml", "cpu.yaml", "inference.yaml"], tmp_path, **settings)
+    assert len(wf.parser.get_parsed_content("dataset")) == 22 and (out / "predictions.partial.csv.stale").exists()
+
+
+_RSS = """
+import json, resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(proc.stderr[-3000:], file=sys.stderr)
+print(json.dumps({"rc": proc.returncode, "peak_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+def test_inference_memory_does_not_grow_with_the_archive(tmp_path):
+    """Peak RSS of `monai.bundle run` inference over 30 and over 240 DICOM files of 512 px (two loader workers):
+    the same within 40 MB."""
+    generate_scale_set(str(tmp_path / "archive"), 240, size=512, fmt="dicom", seed=4)
+    model = _model(tmp_path)
+    peaks = {}
+    for n in (30, 240):
+        folder = tmp_path / f"in_{n}"
+        folder.mkdir()
+        for name in sorted(os.listdir(tmp_path / "archive" / "images"))[:n]:
+            os.link(tmp_path / "archive" / "images" / name, folder / name)
+        bundle = os.path.join(BUNDLES, "clavicle_fracture")
+        settings = {**TINY, "num_workers": 2, "batch_size": 8, "input_dir": str(folder), "model_path": model,
+                    "output_dir": str(tmp_path / f"out_{n}"), "inference_cam": False, "datalist_task": None}
+        args = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                "['configs/train.yaml','configs/cpu.yaml','configs/inference.yaml']"]
+        for k, v in settings.items():
+            args += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+        r = subprocess.run([sys.executable, "-c", _RSS, *args], capture_output=True, text=True, cwd=bundle,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}, timeout=600)
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["rc"] == 0, r.stderr[-3000:]
+        assert len(_rows(tmp_path / f"out_{n}" / "inference" / "predictions.csv")) == n
+        peaks[n] = res["peak_kib"] / 1024
+    assert peaks[240] - peaks[30] < 40, peaks
+    shutil.rmtree(tmp_path / "archive")
