@@ -52,7 +52,7 @@ from monai.transforms import Compose
 from cutremain_monai.data.set_aside import SetAsideError, error_reason, item_name, scrub_paths, write_set_aside
 
 __all__ = ["head_fingerprint", "encode_record", "decode_record", "PreprocessedCache", "PreprocessedDataset",
-           "FORMAT_VERSION"]
+           "CachedTransform", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +272,30 @@ class PreprocessedCache:
         with open(tmp, "wb") as f:
             f.write(encode_record(samples, item))
         os.replace(tmp, path)  # atomic: readers see the old record, the new one, or none; never half of one
+
+
+class CachedTransform:
+    """``transform(item)`` through the cache: read when its record exists, else computed and stored.
+
+    For passes that transform items one by one outside a dataset (the localisation reports load the boxed test
+    images at their native size for every method and fold of a comparison: with this, each is decoded once).
+    ``cache_dir`` None: the transform itself, uncached.
+    """
+
+    def __init__(self, transform, cache_dir: str | None):
+        self.cache = PreprocessedCache(cache_dir, transform) if cache_dir else None
+        self.transform = transform if isinstance(transform, Compose) else Compose(list(transform))
+
+    def __call__(self, item: Mapping):
+        if self.cache is None:
+            return self.transform(dict(item))
+        key = self.cache.key(item)
+        try:
+            return self.cache.read(key, item)
+        except FileNotFoundError:
+            out = self.cache.compute(item)
+            self.cache.write(key, item, out)
+            return self.cache.read(key, item)  # what a later read returns (uint16 images), so every pass sees the same
 
 
 class _Build(torch.utils.data.Dataset):

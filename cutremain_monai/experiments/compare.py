@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cutremain_monai.data.preprocessed import CachedTransform
 from cutremain_monai.data.resized_copies import resized_copies
 from cutremain_monai.engines.bundle import bundle_parser, load_network, with_study_store
 from cutremain_monai.engines.methods import method_overrides
@@ -288,9 +289,9 @@ def _heatmaps(bundle, output_dir, fold_paths, runs, methods, run_folds, extra_co
     for m in methods:
         run_dir = runs[m][k]["dir"]
         parser = bundle_parser(bundle, ["train.yaml", *extra_configs], **{**overrides, **method_overrides(m)},
-                               output_dir=run_dir, device="cpu")
+                               output_dir=run_dir, device="cpu", datalist=fold_paths[k])
         net = load_network(parser, os.path.join(run_dir, "checkpoints", "model.pt"))
-        load = Compose(parser.get_parsed_content("load_transforms"))
+        load = CachedTransform(parser.get_parsed_content("load_transforms"), parser.get_parsed_content("cache_dir"))
         final = Compose(parser.get_parsed_content("final_transforms"))
         row = []
         for name, native, boxes, x, target in scored_cases(test_items, load, final, parser["label_mode"],

@@ -22,6 +22,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Compose
 
+from cutremain_monai.data.preprocessed import CachedTransform
 from cutremain_monai.handlers.utils import rank
 from cutremain_monai.localization.report import case_maps, check_map_methods, scored_cases, write_overlays
 from cutremain_monai.metrics.localization import localization_table_md, score_maps
@@ -97,12 +98,17 @@ def _log_mlflow(uri, experiment, run_name, table, files, folder) -> None:
 
 
 class LocalizationReport:
+    """:func:`localize_items` when the evaluator completes (rank 0). ``cache_dir``: the native-size loads of the
+    boxed images go through the persistent cache (:class:`~cutremain_monai.data.preprocessed.CachedTransform`), so
+    the runs of a comparison decode each of them once."""
+
     def __init__(self, network: torch.nn.Module, items: Sequence[dict], load_transforms, final_transforms, output_dir: str,
                  methods: Sequence[str] = ("cam", "gradcam", "lrp"), label_mode: str = "binary", class_names=(),
                  lesion_box_labels=None, prefix: str = "test", val_items: Sequence[dict] | None = None, overlays: int = 8,
-                 layer: str | None = None, bounds=(0.0, 1.0), enabled: bool = True, method_kwargs: dict | None = None):
+                 layer: str | None = None, bounds=(0.0, 1.0), enabled: bool = True, method_kwargs: dict | None = None,
+                 cache_dir: str | None = None):
         self.network, self.items, self.val_items = network, list(items), list(val_items or [])
-        self.load, self.final = Compose(list(load_transforms)), Compose(list(final_transforms))
+        self.load, self.final = CachedTransform(list(load_transforms), cache_dir), Compose(list(final_transforms))
         self.output_dir, self.methods, self.prefix = output_dir, list(methods), prefix
         self.label_mode, self.class_names, self.lesion = label_mode, list(class_names or []), lesion_box_labels
         self.overlays, self.layer, self.bounds, self.enabled = overlays, layer, bounds, enabled

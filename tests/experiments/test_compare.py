@@ -2,6 +2,7 @@
 phantoms): folds shared by the methods, pooled and paired statistics from the runs' own prediction files, resume,
 a refused re-use of the folder for other data, and ``report.html`` rendered in headless Chromium."""
 
+import collections
 import csv
 import json
 import os
@@ -53,7 +54,17 @@ def render(html_path, png_path):
 
 
 @pytest.mark.slow
-def test_compare_end_to_end(tmp_path):
+def test_compare_end_to_end(tmp_path, monkeypatch):
+    from cutremain_monai.data.preprocessed import PreprocessedCache
+
+    computed = collections.Counter()  # (head, item) -> times its head ran: every decode of the study
+    compute = PreprocessedCache.compute
+
+    def counting(self, item):
+        computed[(self.fingerprint, self.key(item))] += 1
+        return compute(self, item)
+
+    monkeypatch.setattr(PreprocessedCache, "compute", counting)
     out = tmp_path / "cmp"
     overrides = {**TINY, "cam_images": 1, "num_copies": 1}
     data = tiny_datalist(tmp_path, n=(8, 4, 4))
@@ -61,6 +72,11 @@ def test_compare_end_to_end(tmp_path):
             "--task", "clavicle", "--folds", "2", "--methods", "none,cut_remain", "--gammas", "0,0.5,1",
             "--gamma-folds", "1", "--heatmap-images", "2", "--overrides", json.dumps(overrides), "-o", str(out)]
     assert cli_main(args) == 0
+    # 2 methods x 2 folds + a gamma run decode each image once: the training head (all 16 images) and the native
+    # load of the boxed test and validation images for the localisation reports, shared by every run
+    assert max(computed.values()) == 1
+    heads = collections.Counter(fp for fp, _ in computed)
+    assert len(heads) == 2 and sorted(heads.values())[-1] == 16
     summary = json.load(open(out / "compare_summary.json"))
     folds = [json.load(open(out / f"fold{k}_datalist.json")) for k in range(2)]
     tested = [it["image_id"] for f in folds for it in f["test"]]
