@@ -113,6 +113,9 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert len(list((out / "checkpoints").glob("checkpoint_epoch=*.pt"))) == 1  # written once, by rank 0
     m = json.load(open(out / "val_metrics.json"))
     assert m["n"] == 8  # all 4 validation images (8 halves) gathered from both ranks
+    # both ranks trained from one preprocessed cache beside the datalist: one record per image, built once
+    records = list((tmp_path / ".preprocessed").rglob("*.rec"))
+    assert len(records) == 6 + 4 and not list((tmp_path / ".preprocessed").rglob("*.tmp"))
 
 
 @pytest.mark.slow

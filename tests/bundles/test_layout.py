@@ -293,3 +293,18 @@ def test_gpu_setting_is_channels_last_resnet50_with_amp(tmp_path):
     prep = parser.get_parsed_content("validate#prepare_batch")
     x, _ = prep({"image": torch.rand(2, 3, 32, 32), "label": torch.tensor([0, 1])})  # (1 channel: both layouts agree)
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+@pytest.mark.parametrize("bundle", ALL)
+def test_multi_node_device_is_the_local_rank(bundle, monkeypatch):
+    """On node 2 of a torchrun job, rank 11 with LOCAL_RANK 3 trains on cuda:3 (the global rank is no device index)."""
+    from monai.bundle import ConfigParser
+
+    root = os.path.join(BUNDLES, bundle)
+    parser = ConfigParser()
+    parser.read_config([os.path.join(root, "configs", n) for n in ("train.yaml", "multi_gpu_train.yaml")])
+    parser.update({"bundle_root": root})
+    monkeypatch.setenv("RANK", "11")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parser.get_parsed_content("device") == torch.device("cuda", 3)
