@@ -19,9 +19,9 @@ import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from monai.config import PathLike
 
 from cutremain_monai.constants import BOX_LABELS, BOXES, DATALIST_SECTIONS, GROUP, IMAGE, LABEL, SEG_LABEL
+from cutremain_monai.io.paths import PathLike
 
 __all__ = ["DatalistError", "DatalistSectionError", "DatalistTaskError", "load_datalist", "save_datalist", "datalist_root", "validate_item", "split_by_group", "kfold_by_group", "datalist_hash", "group_keys"]
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 
 import numpy as np
-from monai.config import PathLike
-from monai.utils import optional_import
 
-pydicom, _ = optional_import("pydicom")
+from cutremain_monai.io.paths import PathLike
 
 __all__ = ["DX_SOP_CLASS_UID", "ANATOMY_CODES", "make_uid", "write_dx"]
 

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import highdicom as hd
 import numpy as np
-from monai.config import PathLike
-from monai.utils import optional_import
 
 from cutremain_monai.io.boxes import validate_boxes
 from cutremain_monai.io.dicom import element_value, DicomReadError, read_dataset
-
-pydicom, _ = optional_import("pydicom")
-hd, _ = optional_import("highdicom")
+from cutremain_monai.io.paths import PathLike
 
 __all__ = ["GSPS_SOP_CLASS_UID", "is_gsps", "gsps_referenced_sop_uids", "read_gsps_boxes", "read_gsps_file", "write_box_gsps"]
 

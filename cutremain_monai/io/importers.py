@@ -7,7 +7,7 @@ naming the file and the line; boxes are validated against the image size when it
 (:func:`cutremain_monai.io.boxes.validate_boxes`: clipped or dropped with a warning naming the file).
 
 Every image (and lung mask) an importer references is decoded once, completely, with the training loader
-(:func:`cutremain_monai.io.loader.decode_image`), which also gives the image size the boxes are checked against. A
+(:func:`cutremain_monai.io.decode.decode_image`), which also gives the image size the boxes are checked against. A
 file that does not decode (FracAtlas' truncated ``IMG0004098.jpg``, a cut download, a mask that is not 2-D) is
 left out of the items and listed, with the decoder's reason, in the returned list's ``quarantined`` attribute
 (an :class:`ImportedItems`), and logged; ``cutremain import`` writes these to ``<datalist>_quarantine.csv``
@@ -31,7 +31,7 @@ import numpy as np
 from cutremain_monai.constants import BRIXIA_ZONES, CXR14_LABELS
 from cutremain_monai.io.boxes import validate_boxes, xywh_to_xyxy
 from cutremain_monai.io.dicom import dcmread_unnamed
-from cutremain_monai.io.loader import decode_image
+from cutremain_monai.io.decode import decode_image
 
 __all__ = [
     "ImportedItems",

@@ -1,68 +1,52 @@
-"""``LoadXrayd``: one loader for DICOM, ordinary image files (PNG/JPEG/...) and NIfTI / MHA / NRRD, in one frame.
+"""The MONAI face of our readers: ``XrayDicomReader`` and ``SimpleITKReader`` (MONAI ``ImageReader`` s),
+``load_xray`` (a ``MetaTensor``) and the dictionary loader ``LoadXrayd``.
 
-* DICOM goes through :class:`~cutremain_monai.io.dicom.XrayDicomReader` (display pipeline, [0, 1]).
-* PNG / JPEG / BMP / TIFF are read with PIL, converted to grey and scaled to [0, 1] by their bit depth (MONAI's
-  ``PILReader`` would transpose them).
-* NIfTI (``.nii``, ``.nii.gz``) through MONAI's ``NibabelReader``; MetaImage / NRRD (``.mha``, ``.mhd``,
-  ``.nrrd``, ``.nhdr``) through :class:`SimpleITKReader`, a MONAI ``ImageReader`` on SimpleITK (MONAI's own
-  ``ITKReader`` needs the ``itk`` package, which this project does not install; SimpleITK is a dependency).
-  These are what segmentation tools export lung masks as.
-
-Every route gives a ``(1, H, W)`` float32 MetaTensor, row 0 at the top, x = column, so boxes and masks in
-stored-image pixels mean the same thing for every format.
-
-**Voxel order of NIfTI / MHA / NRRD.** In these files the first voxel axis ``i`` (the fastest on disk, ITK's
-``x``) runs along a row, i.e. it is the column; ``j`` (``y``) is the row. MONAI's readers return ``[i, j]``
-(``x`` first, "reversed indexing" relative to numpy), so the loader swaps the two axes: a mask ``a[row, col]``
-written with ``SimpleITK.WriteImage(SimpleITK.GetImageFromArray(a), ...)`` reads back equal to ``a``, and a
-nibabel user who writes ``nibabel.Nifti1Image(a.T, affine)`` (nibabel arrays are ``[i, j]``) gets ``a`` back too.
-The direction cosines / affine are not applied (as for PNG: the stored pixel grid is the image). A volume with one
-slice (``x, y, 1``) is a 2-D image; a volume with more slices, or more than one component per pixel, raises a
-``ValueError`` naming the file.
-
-**Intensity of NIfTI / MHA / NRRD** (chosen so that a mask gives the same binary lung mask as its PNG, see
-:class:`~cutremain_monai.transforms.severity_preprocess.LungMask`, which thresholds a mask in [0, 1] at 0.75):
-
-* values already in [0, 1] (``{0, 1}`` label masks, booleans, float probability maps or images) are kept;
-* other non-negative whole numbers (``{0, 255}`` masks, 8-/12-/16-bit images, whatever the array dtype) are
-  divided by 255 when they fit in 8 bits, else by 65535 when they fit in 16 bits (as a PNG is divided by its
-  bit depth; so the V7 masks' markup value 127 stays about 0.5, not lung), else by their maximum;
-* anything else (negative or fractional values beyond 1) is min-max scaled to [0, 1].
-
-So ``{0, 1}``, ``{0, 255}`` and ``{0, 255}``-PNG masks of the same lung give the same lung mask. A multi-label map
-(say 1 = right lung, 2 = left lung) is NOT a lung mask under this rule (2/255 is below any threshold): merge its
-labels first.
-
-Metadata: ``filename_or_obj``; for NIfTI / MHA / NRRD also ``pixel_spacing`` (row, column, as for DICOM),
-``pixel_spacing_source``, ``spatial_shape`` and an affine with the spacing. Nothing else from the file header is
-kept (NIfTI ``descrip`` / ``db_name`` and MetaImage / NRRD key-value fields can hold anything, patient names
-included).
+The decoding itself (DICOM display pipeline, PNG / JPEG, NIfTI / MHA / NRRD, one frame, one intensity rule) is
+:mod:`cutremain_monai.io.decode`, which imports neither torch nor MONAI; this module wraps its arrays for training.
+Importing it registers ``XrayDicomReader`` with MONAI by its short name, so ``LoadImage(reader="XrayDicomReader")``
+finds it as it finds MONAI's own readers. The decode functions are importable from here too.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from monai.config import KeysCollection, PathLike
-from monai.data import MetaTensor
-from monai.data.image_reader import ImageReader
+from monai.config import KeysCollection
+from monai.data import ImageReader, MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ensure_tuple
 
-from cutremain_monai.io.dicom import XrayDicomReader
+from cutremain_monai.io.decode import (  # the decode names are re-exported: callers import them from here too
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    RASTER_SUFFIXES,
+    decode_image,
+    decode_xray,
+    image_suffix,
+    is_dicom_path,
+    is_volume_path,
+    itk_array,
+    save_png16,
+    split_readable,
+)
+from cutremain_monai.io.dicom import WINDOW_AUTO, read_xray_dicom
+from cutremain_monai.io.paths import PathLike
 
 __all__ = [
-    "save_png16",
+    "XrayDicomReader",
+    "SimpleITKReader",
+    "register_reader",
     "load_xray",
     "LoadXrayd",
     "LoadXrayD",
     "LoadXrayDict",
+    "save_png16",
     "is_dicom_path",
     "is_volume_path",
-    "SimpleITKReader",
     "decode_image",
     "split_readable",
     "RASTER_SUFFIXES",
@@ -70,36 +54,52 @@ __all__ = [
     "ITK_SUFFIXES",
 ]
 
-RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 
+class XrayDicomReader(ImageReader):
+    """MONAI ``ImageReader`` for single-frame X-ray DICOM: ``LoadImaged(keys="image", reader=XrayDicomReader())``.
 
-def _suffix(path: str) -> str:
-    name = os.path.basename(os.fspath(path)).lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
-    return os.path.splitext(name)[1]
-
-
-def is_volume_path(path: str) -> bool:
-    """NIfTI / MetaImage / NRRD by suffix (``.nii``, ``.nii.gz``, ``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr``)."""
-    return _suffix(path) in NIFTI_SUFFIXES + ITK_SUFFIXES
-
-
-def is_dicom_path(path: str) -> bool:
-    """DICOM by suffix (.dcm/.dicom/.dic or none, as PACS exports name files), else by the DICM magic.
-
-    Raster (PNG/JPEG/...) and NIfTI / MHA / NRRD suffixes are never DICOM.
+    Pixels go through :func:`~cutremain_monai.io.dicom.read_xray_dicom` (modality LUT, VOI LUT / window,
+    MONOCHROME1 inversion, [0, 1]), the array is ``(1, H, W)`` with rows as displayed: unlike MONAI's
+    ``PydicomReader`` it does not transpose. Bundles can name it as ``cutremain_monai.io.XrayDicomReader`` or, once
+    this module is imported (as ``cutremain_monai.io.XrayDicomReader`` does), as ``"XrayDicomReader"``.
     """
-    suffix = _suffix(path)
-    if suffix in RASTER_SUFFIXES or suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
-        return False
-    if suffix in (".dcm", ".dicom", ".dic", ""):
+
+    def __init__(self, window: str | int | tuple[float, float] = WINDOW_AUTO, raw: bool = False):
+        super().__init__()
+        self.window = window
+        self.raw = raw
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        for name in ensure_tuple(filename):
+            suffix = os.path.splitext(str(name))[1].lower()
+            if suffix not in (".dcm", ".dicom", ".dic", ""):
+                return False
         return True
-    with open(path, "rb") as f:
-        head = f.read(132)
-    return head[128:132] == b"DICM"
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs) -> list[tuple[np.ndarray, dict]]:
+        window = kwargs.get("window", self.window)
+        raw = kwargs.get("raw", self.raw)
+        return [read_xray_dicom(p, window=window, raw=raw) for p in ensure_tuple(data)]
+
+    def get_data(self, img: list[tuple[np.ndarray, dict]]) -> tuple[np.ndarray, dict[str, Any]]:
+        if len(img) == 1:
+            return img[0]
+        arrays = [a for a, _ in img]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot stack DICOM images of different shapes {sorted(shapes)}")
+        meta = dict(img[0][1])
+        return np.concatenate(arrays, axis=0), meta
+
+
+def register_reader() -> None:
+    """Let ``LoadImage(reader="XrayDicomReader")`` find our reader by its short name, as MONAI's own readers."""
+    from monai.transforms.io import array as io_array
+
+    io_array.SUPPORTED_READERS.setdefault("xraydicomreader", XrayDicomReader)
+
+
+register_reader()
 
 
 class SimpleITKReader(ImageReader):
@@ -107,8 +107,7 @@ class SimpleITKReader(ImageReader):
 
     Like MONAI's ``ITKReader`` (which needs the ``itk`` package), ``get_data`` returns the array with ITK's axis
     order ``(x, y[, z])`` (components, if any, last) unless ``reverse_indexing=True``, which gives numpy's
-    ``([z,] y, x)``. The metadata holds ``spacing``, ``origin``, ``direction`` (ITK, LPS), ``affine``,
-    ``original_affine``, ``spatial_shape`` and ``original_channel_dim``; never the file's key-value fields.
+    ``([z,] y, x)`` (:func:`~cutremain_monai.io.decode.itk_array`).
     """
 
     def __init__(self, reverse_indexing: bool = False, suffixes: Sequence[str] = ITK_SUFFIXES):
@@ -117,43 +116,15 @@ class SimpleITKReader(ImageReader):
         self.suffixes = tuple(s.lower() for s in suffixes)
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
-        return all(_suffix(str(f)) in self.suffixes for f in ensure_tuple(filename))
+        return all(image_suffix(str(f)) in self.suffixes for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[PathLike] | PathLike, **kwargs):
         import SimpleITK as sitk
 
         return [sitk.ReadImage(os.fspath(p)) for p in ensure_tuple(data)]
 
-    def _one(self, im) -> tuple[np.ndarray, dict]:
-        import SimpleITK as sitk
-
-        arr = sitk.GetArrayFromImage(im)  # numpy order: ([z,] y, x[, c])
-        ndim = im.GetDimension()
-        ncomp = im.GetNumberOfComponentsPerPixel()
-        if not self.reverse_indexing:
-            axes = list(range(ndim))[::-1] + ([ndim] if ncomp > 1 else [])
-            arr = arr.transpose(axes)
-        spacing = np.asarray(im.GetSpacing(), dtype=np.float64)
-        origin = np.asarray(im.GetOrigin(), dtype=np.float64)
-        direction = np.asarray(im.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
-        affine = np.eye(ndim + 1)
-        affine[:ndim, :ndim] = direction @ np.diag(spacing)
-        affine[:ndim, ndim] = origin
-        size = np.asarray(im.GetSize())
-        meta = {
-            "spacing": spacing,
-            "origin": origin,
-            "direction": direction,
-            "affine": affine,
-            "original_affine": affine.copy(),
-            "spatial_shape": size if not self.reverse_indexing else size[::-1].copy(),
-            "original_channel_dim": -1 if ncomp > 1 else float("nan"),
-            "space": "LPS",
-        }
-        return arr, meta
-
     def get_data(self, img) -> tuple[np.ndarray, dict]:
-        out = [self._one(i) for i in ensure_tuple(img)]
+        out = [itk_array(i, self.reverse_indexing) for i in ensure_tuple(img)]
         if len(out) == 1:
             return out[0]
         shapes = {a.shape for a, _ in out}
@@ -164,106 +135,18 @@ class SimpleITKReader(ImageReader):
         return np.stack([a for a, _ in out]), meta
 
 
-def _to_unit(a: np.ndarray, path: str) -> np.ndarray:
-    """Stored values to [0, 1] by the rule in the module doc (dtype-independent)."""
-    if a.dtype == bool:
-        return a.astype(np.float32)
-    if a.size == 0:
-        raise ValueError(f"{path}: empty image")
-    a = a.astype(np.float64, copy=False)
-    if not np.isfinite(a).all():
-        raise ValueError(f"{path}: image holds NaN or infinite values")
-    lo, hi = float(a.min()), float(a.max())
-    if lo >= 0.0 and hi <= 1.0:
-        return a.astype(np.float32)
-    if lo >= 0.0 and np.array_equal(a, np.floor(a)):
-        top = 255.0 if hi <= 255 else 65535.0 if hi <= 65535 else hi
-        return (a / top).astype(np.float32)
-    return ((a - lo) / (hi - lo)).astype(np.float32)  # hi > lo here: equal values lie in [0, 1] or are whole
-
-
-def _read_volume(path: str) -> tuple[np.ndarray, dict]:
-    """NIfTI / MHA / NRRD -> ``(1, H, W)`` float32 in [0, 1] and the kept metadata (see module doc)."""
-    try:
-        if _suffix(path) in NIFTI_SUFFIXES:
-            from monai.data import NibabelReader
-
-            reader = NibabelReader()
-            arr, header = reader.get_data(reader.read(path))
-            pixdim = np.asarray(header.get("pixdim", [1.0] * 8), dtype=np.float64)
-            xy_spacing, source = pixdim[1:3], "NIfTI pixdim"
-            dtype = np.asarray(arr).dtype
-            multi = bool(dtype.fields) or (not np.isnan(float(header.get("original_channel_dim", float("nan"))))
-                                            and np.asarray(arr).shape[-1] > 1)
-        else:
-            reader = SimpleITKReader()
-            img = reader.read(path)
-            arr, header = reader.get_data(img)
-            xy_spacing, source = np.asarray(header["spacing"][:2], dtype=np.float64), "ITK spacing"
-            multi = img[0].GetNumberOfComponentsPerPixel() > 1
-    except Exception as e:  # reader libraries raise anything (RuntimeError, ImageFileError, EOFError, ...)
-        raise OSError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
-    arr = np.asarray(arr)
-    if multi:
-        raise ValueError(f"{path}: {arr.shape[-1] if not arr.dtype.fields else len(arr.dtype.fields)} components "
-                         "per pixel; a radiograph or mask must have one grey channel")
-    shape = arr.shape
-    if arr.ndim < 2:
-        raise ValueError(f"{path}: a {arr.ndim}-D image; expected a 2-D radiograph or mask")
-    extra = tuple(range(2, arr.ndim))
-    if any(shape[k] != 1 for k in extra):
-        dims = " x ".join(str(s) for s in shape)
-        raise ValueError(f"{path}: a {arr.ndim}-D volume of size {dims} (x, y, z...): only 2-D images are "
-                         "read (a volume with one slice is accepted)")
-    a = arr.reshape(shape[:2]).T  # (x, y) -> (row, column)
-    out = _to_unit(a, path)[None]
-    spacing = None
-    if np.all(np.isfinite(xy_spacing)) and np.all(xy_spacing > 0):
-        spacing = [float(xy_spacing[1]), float(xy_spacing[0])]  # (row, column), as pixel_spacing of DICOM
-    affine = np.eye(4)
-    if spacing is not None:
-        affine[0, 0], affine[1, 1] = spacing
-    meta = {
-        "pixel_spacing": spacing,
-        "pixel_spacing_source": source if spacing is not None else None,
-        "spatial_shape": np.asarray(a.shape),
-        "original_channel_dim": 0,
-        "affine": affine,
-    }
-    return out, meta
-
-
 def load_xray(path: str, reader: XrayDicomReader | None = None) -> MetaTensor:
-    """``(1, H, W)`` float32 MetaTensor in [0, 1] with ``filename_or_obj`` in its metadata (see module doc)."""
-    path = os.fspath(path)
-    if is_volume_path(path):
-        arr, meta = _read_volume(path)
-    elif is_dicom_path(path):
-        reader = reader or XrayDicomReader()
-        arr, meta = reader.get_data(reader.read(path))
-    else:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float32)
-                top = 65535.0 if mode.startswith("I;16") else max(float(a.max()), 1.0)
-            else:
-                a = np.asarray(im.convert("L"), dtype=np.float32)
-                top = 255.0
-        arr = (a / top)[None]
-        meta = {"spatial_shape": np.asarray(a.shape), "original_channel_dim": 0}
-    meta = dict(meta)
-    meta["filename_or_obj"] = path
+    """``(1, H, W)`` float32 MetaTensor in [0, 1] with ``filename_or_obj`` in its metadata
+    (:func:`~cutremain_monai.io.decode.decode_xray`; ``reader`` gives the DICOM window and ``raw``)."""
+    arr, meta = decode_xray(path, window=reader.window if reader else WINDOW_AUTO, raw=reader.raw if reader else False)
     affine = meta.pop("affine", None)
     meta.pop("original_affine", None)
-    t = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32))
-    return MetaTensor(t, affine=torch.as_tensor(affine) if affine is not None else None, meta=meta)
+    return MetaTensor(torch.from_numpy(arr), affine=torch.as_tensor(affine) if affine is not None else None, meta=meta)
 
 
 class LoadXrayd(MapTransform):
-    """Dictionary loader: replaces each path under ``keys`` by its ``(1, H, W)`` image (see module doc).
+    """Dictionary loader: replaces each path under ``keys`` by its ``(1, H, W)`` image (see
+    :mod:`cutremain_monai.io.decode`).
 
     Errors name the file (``DicomReadError`` for DICOM; ``OSError`` from PIL or the NIfTI / ITK readers is
     re-raised with the path; ``ValueError`` for a 3-D volume or a multi-component image).
@@ -289,70 +172,3 @@ class LoadXrayd(MapTransform):
 
 
 LoadXrayD = LoadXrayDict = LoadXrayd
-
-
-def decode_image(path: str) -> tuple[int, int]:
-    """Decode ``path`` completely, through :func:`load_xray` as training will; return its ``(H, W)``.
-
-    Raises whatever the decoder raises. PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is switched off meanwhile, so a
-    truncated JPEG / PNG fails here even when some library has switched it on (PIL's header check alone, or that
-    switch, would let it through with grey rows at the bottom).
-    """
-    from PIL import ImageFile
-
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        img = load_xray(os.fspath(path))
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-    return int(img.shape[-2]), int(img.shape[-1])
-
-
-def split_readable(
-    items: list[dict], key: str | Sequence[str] = "image", sizes: dict | None = None
-) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Decode every item's image once: ``(readable items, [(path, reason), ...])``.
-
-    Lets a run set a damaged file aside with its reason (e.g. FracAtlas' truncated IMG0004098.jpg) instead of
-    dying in the middle of an epoch. ``key`` may name several keys (e.g. ``("image", "lung_mask")``): the first
-    is required, the others are checked where an item has them, and the reason then says which key of which
-    image failed. ``sizes``, when given, is filled with ``path -> (H, W)`` of every file decoded.
-    """
-    keys = [key] if isinstance(key, str) else list(key)
-    ok, bad = [], []
-    for it in items:
-        failed = None
-        for n, k in enumerate(keys):
-            path = it[k] if n == 0 else it.get(k)
-            if n > 0 and not path:
-                continue
-            path = os.fspath(path)
-            try:
-                size = decode_image(path)
-            except Exception as e:  # any decoder error sets this one item aside
-                reason = f"{type(e).__name__}: {e}"
-                failed = (path, reason if n == 0 else f"{k} of {os.fspath(it[keys[0]])}: {reason}")
-                break
-            if sizes is not None:
-                sizes[path] = size
-        if failed is None:
-            ok.append(it)
-        else:
-            bad.append(failed)
-    return ok, bad
-
-
-def save_png16(path: str, image) -> str:
-    """Write an image in [0, 1] (``(H, W)`` or ``(1, H, W)``) as a 16-bit PNG that :func:`load_xray` reads back to the
-    same intensities (to 1 / 65535), atomically (a temporary file, then a rename); returns ``path``."""
-    from PIL import Image
-
-    a = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float64).squeeze()
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp.png"
-    Image.fromarray(np.clip(np.rint(a * 65535.0), 0, 65535).astype(np.uint16)).save(tmp)
-    os.replace(tmp, path)
-    return path

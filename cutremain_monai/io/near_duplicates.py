@@ -34,10 +34,9 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from cutremain_monai.io.datalist import group_keys
-from cutremain_monai.io.loader import load_xray
+from cutremain_monai.io.decode import decode_xray
 
 __all__ = ["THUMB", "DEFAULT_THRESHOLD", "thumbnail", "fingerprints", "near_duplicate_pairs",
            "merge_near_duplicate_groups", "drop_near_duplicates_of", "group_near_duplicates_for_split"]
@@ -48,20 +47,41 @@ DEFAULT_THRESHOLD = 0.85
 _BLOCK = 4096
 
 
+def _bins(n: int, out: int) -> list[tuple[int, int]]:
+    """The ``out`` input ranges of adaptive average pooling over ``n`` (torch's ``adaptive_avg_pool2d``: bin ``i``
+    spans ``floor(i n / out)`` to ``ceil((i + 1) n / out)``; bins overlap, or repeat pixels, when ``out`` does not
+    divide ``n``)."""
+    return [(i * n // out, -(-(i + 1) * n // out)) for i in range(out)]
+
+
+def _local_mean_3x3(a: np.ndarray) -> np.ndarray:
+    """Mean of each 3x3 neighbourhood, the pixels outside the image not counted (``avg_pool2d(a, 3, 1, 1,
+    count_include_pad=False)``)."""
+    h, w = a.shape
+    padded, ones = np.pad(a, 1), np.pad(np.ones_like(a), 1)
+    total, count = np.zeros_like(a), np.zeros_like(a)
+    for dy in range(3):
+        for dx in range(3):
+            total += padded[dy : dy + h, dx : dx + w]
+            count += ones[dy : dy + h, dx : dx + w]
+    return total / count
+
+
 def thumbnail(image) -> np.ndarray:
-    """``(H, W)`` or ``(1, H, W)`` image -> ``(THUMB*THUMB,)`` float32: area-averaged to 32x32, minus its 3x3
-    local mean, z-normalised (a constant image gives zeros, which matches nothing)."""
-    t = torch.as_tensor(np.asarray(image, dtype=np.float32))
-    if t.ndim == 3:
-        t = t[0]
-    if t.ndim != 2:
-        raise ValueError(f"thumbnail needs a 2D image, got shape {tuple(t.shape)}")
-    small = torch.nn.functional.adaptive_avg_pool2d(t[None, None].double(), THUMB)
-    small = small - torch.nn.functional.avg_pool2d(small, 3, 1, 1, count_include_pad=False)
-    small = small.reshape(-1)
+    """``(H, W)`` or ``(1, H, W)`` image -> ``(THUMB*THUMB,)`` float32: area-averaged to 32x32 (as torch's
+    ``adaptive_avg_pool2d``), minus its 3x3 local mean, z-normalised (a constant image gives zeros, which matches
+    nothing). In numpy (float64), so ingest and the importers run without torch."""
+    a = np.asarray(image, dtype=np.float32)
+    if a.ndim == 3:
+        a = a[0]
+    if a.ndim != 2:
+        raise ValueError(f"thumbnail needs a 2D image, got shape {tuple(a.shape)}")
+    rows = np.stack([a[s:e].mean(axis=0, dtype=np.float64) for s, e in _bins(a.shape[0], THUMB)])  # (THUMB, W)
+    small = np.stack([rows[:, s:e].mean(axis=1) for s, e in _bins(a.shape[1], THUMB)], axis=1)  # (THUMB, THUMB)
+    small = (small - _local_mean_3x3(small)).reshape(-1)
     small = small - small.mean()
-    norm = float(small.norm())
-    return (small / norm if norm > 1e-12 else small).float().numpy()
+    norm = float(np.linalg.norm(small))
+    return (small / norm if norm > 1e-12 else small).astype(np.float32)
 
 
 def fingerprints(items: Sequence[dict], key: str = "image") -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
@@ -71,7 +91,7 @@ def fingerprints(items: Sequence[dict], key: str = "image") -> tuple[np.ndarray,
     for i, it in enumerate(items):
         path = it[key]
         try:
-            rows.append(thumbnail(load_xray(os.fspath(path)).numpy()))
+            rows.append(thumbnail(decode_xray(os.fspath(path))[0]))
             read.append(i)
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported with its reason
             bad.append((str(path), f"{type(e).__name__}: {e}"))

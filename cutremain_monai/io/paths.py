@@ -26,12 +26,14 @@ import os
 import re
 import shutil
 import unicodedata
+from typing import Union
 
 from cutremain_monai.io.pseudonyms import keyed_pseudonym
 
-__all__ = ["unique_stem", "PATH_MODES", "header_identifiers", "path_carries_identifiers", "file_token", "LinkFolder",
+__all__ = ["PathLike", "unique_stem", "PATH_MODES", "header_identifiers", "path_carries_identifiers", "file_token", "LinkFolder",
            "resolve_path_mode", "valid_uid"]
 
+PathLike = Union[str, os.PathLike]  # a file path, as ``monai.config.PathLike`` (without importing MONAI)
 PATH_MODES = ("auto", "relative", "uid")
 QUARANTINED = "quarantined"
 

@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cutremain_monai.io.dicom import DicomReadError, XrayDicomReader, read_xray_dicom
+from cutremain_monai.io.dicom import DicomReadError, read_xray_dicom
 from cutremain_monai.io.dx_writer import write_dx
 from tests.conftest import SHARED_DATA, shared_data
 
@@ -235,7 +235,7 @@ def test_errors_name_file_and_reason(tmp_path, ramp):
 def test_monai_loadimage_with_reader(tmp_path, ramp):
     from monai.transforms import LoadImage, LoadImaged
 
-    import cutremain_monai.io  # noqa: F401  (registers the short name)
+    from cutremain_monai.io.loader import XrayDicomReader  # (importing it registers the short name)
 
     path = str(tmp_path / "l.dcm")
     make_cr(path, ramp, "MONOCHROME1", WindowCenter=2000, WindowWidth=4000)
@@ -243,7 +243,7 @@ def test_monai_loadimage_with_reader(tmp_path, ramp):
     out = LoadImaged(keys="image", reader=XrayDicomReader())({"image": path})["image"]
     assert tuple(out.shape) == (1, 40, 50)  # no transpose
     np.testing.assert_allclose(out.numpy(), expected)
-    for name in ("XrayDicomReader", "cutremain_monai.io.dicom.XrayDicomReader"):
+    for name in ("XrayDicomReader", "cutremain_monai.io.loader.XrayDicomReader", "cutremain_monai.io.XrayDicomReader"):
         np.testing.assert_allclose(LoadImage(reader=name, image_only=True)(path).numpy(), expected)
 
 

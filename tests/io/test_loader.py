@@ -184,3 +184,25 @@ def test_simpleitk_reader_in_monai_load_image(tmp_path):
     img = LoadImage(reader=reader, image_only=True)(path)
     np.testing.assert_array_equal(np.asarray(img), a.T)  # MONAI's (x, y) convention, as ITKReader gives
     np.testing.assert_array_equal(SimpleITKReader(reverse_indexing=True).get_data(reader.read(path))[0], a)
+
+
+@pytest.mark.parametrize("codes", [(1, 1), (1, 0), (0, 1), (0, 0)])
+@pytest.mark.parametrize("zooms", [(0.5, 0.25), (0.7, 0.3)])
+def test_nifti_spacing_equals_monai_reader(tmp_path, codes, zooms):
+    """The numpy decoder (nibabel directly) reports the spacing MONAI's ``NibabelReader`` reports, header
+    mismatches included (MONAI rewrites a pixdim that disagrees with the affine and both forms)."""
+    from monai.data import NibabelReader
+
+    from cutremain_monai.io.decode import decode_xray
+
+    img = nib.Nifti1Image(_asymmetric().T.copy(), np.diag([0.5, 0.25, 1.0, 1.0]))
+    img.set_sform(img.affine, code=codes[0])
+    img.set_qform(np.diag([0.6, 0.2, 1.0, 1.0]), code=codes[1])
+    img.header.set_zooms(zooms)
+    path = str(tmp_path / "s.nii")
+    nib.save(img, path)
+    reader = NibabelReader()
+    want = np.asarray(reader.get_data(reader.read(path))[1]["pixdim"][1:3], dtype=np.float64)
+    arr, meta = decode_xray(path)
+    np.testing.assert_allclose(meta["pixel_spacing"], [want[1], want[0]], rtol=1e-6)
+    np.testing.assert_array_equal(arr, load_xray(path).numpy())
