@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from cutremain_monai.cli.pacs import add_dicomweb_options, dicomweb_options
+
 __all__ = ["register", "NEAR_DUPLICATE_DEFAULTS"]
 
 # collections known to hold the same radiograph twice (under other patient ids, or with no patient ids at all);
@@ -15,11 +17,21 @@ NEAR_DUPLICATE_DEFAULTS = {"brixia": 0.85, "lungmasks": 0.85, "fracatlas": 0.97}
 def ingest_command(args) -> int:
     from cutremain_monai.io.ingest import ingest  # lazy: `cutremain --help` starts without torch
 
+    if args.dicomweb:  # query and retrieve into DIR first, then the ingest of that folder
+        from cutremain_monai.pacs.dicomweb import DicomWebServer  # lazy: as above
+        from cutremain_monai.pacs.watch import retrieve_to_folder  # lazy: as above
+
+        images = [m for m in args.modalities.split(",") if m]
+        extra = (["PR"] if args.gsps else []) + (["SR"] if args.sr else [])
+        server = DicomWebServer(args.dicomweb, **{k: v for k, v in dicomweb_options(args).items() if v is not None})
+        count = retrieve_to_folder(server, args.dir, images + extra, since=args.since, study_modalities=images)
+        print(f"retrieved {count} new instances from {server} into {args.dir}")
+
     split = tuple(float(v) for v in args.split.split(",")) if args.split else None
     report = ingest(args.dir, args.output, boxes=args.boxes, gsps=args.gsps, sr=args.sr, split=split,
                     quarantine_dir=args.quarantine_dir, progress=not args.no_progress,
                     near_duplicates=args.near_duplicates or None, path_mode=args.path_mode, workers=args.workers,
-                    resume=args.resume)
+                    resume=args.resume, accept_model_output=args.accept_model_output)
     print(report.summary())
     print(f"datalist: {args.output}")
     return 0
@@ -85,6 +97,9 @@ def register(sub) -> None:
     g.add_argument("--gsps", action="store_true", help="read boxes from presentation states in the tree")
     p.add_argument("--sr", action="store_true", help="read boxes from the image regions of structured reports (TID "
                    "1500) in the tree (with --gsps: both)")
+    p.add_argument("--accept-model-output", action="store_true",
+                   help="also take this project's own results (its SRs, its AI_FINDINGS presentation states) as "
+                        "annotations; by default they are quarantined so model output never becomes a label")
     p.add_argument("-o", "--output", required=True, help="the datalist JSON to write")
     p.add_argument("--split", help="train,val,test fractions for a patient-wise split, e.g. 0.7,0.15,0.15")
     p.add_argument("--quarantine-dir", help="copy files that could not be used there")
@@ -96,6 +111,12 @@ def register(sub) -> None:
                         "through a link folder (<output stem>_files/); auto: uid when a folder or file name holds "
                         "the patient's name, ID or birth date from its header")
     p.add_argument("--workers", type=int, default=1, help="processes that decode files (default 1)")
+    p.add_argument("--dicomweb", metavar="URL", help="first query (QIDO-RS) and retrieve (WADO-RS) the studies of "
+                   "this DICOMweb server into DIR (files named by SOP Instance UID; those already there are kept), "
+                   "with their presentation states / SRs when --gsps / --sr")
+    p.add_argument("--modalities", default="DX,CR", help="with --dicomweb: image series retrieved (default %(default)s)")
+    p.add_argument("--since", metavar="YYYYMMDD", help="with --dicomweb: from this StudyDate on (default: every study)")
+    add_dicomweb_options(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted ingest of DIR into the same output (its journal is beside it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -119,6 +140,9 @@ def register(sub) -> None:
                    help="merge the split groups of images whose thumbnails correlate at |r| >= R (0: off; default "
                         "0.85 for brixia and lungmasks, 0.97 for fracatlas, off for the others); pairs go to "
                         "<output>.near_duplicates.csv")
+    p.add_argument("--accept-model-output", action="store_true",
+                   help="also take this project's own results (its SRs, its AI_FINDINGS presentation states) as "
+                        "annotations; by default they are quarantined so model output never becomes a label")
     p.add_argument("-o", "--output", required=True, help="the datalist JSON to write")
     p.set_defaults(func=import_command)
 

@@ -189,7 +189,7 @@ def _decode_array(entry: dict, buf: bytes, start: int, offsets: list[int]) -> np
     a = np.frombuffer(buf, dtype=dtype, count=count, offset=start + offsets[entry["blob"]]).reshape(shape)
     code = entry.get("code", "raw")
     if code.startswith("unit:"):
-        return a.astype(np.dtype(code[5:])) * np.float32(1.0 / 65535.0)
+        return np.multiply(a, np.float32(1.0 / 65535.0), dtype=np.dtype(code[5:]))  # one pass, no temporary
     if code.startswith("mask:"):
         return a.astype(np.dtype(code[5:]))
     return a.copy()

@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -59,7 +60,7 @@ from cutremain_monai.io.paths import (
     valid_uid,
 )
 from cutremain_monai.io.pseudonyms import keyed_pseudonym, site_key
-from cutremain_monai.io.sr import is_sr, read_sr_file, sr_referenced_sop_uids
+from cutremain_monai.io.sr import is_model_output, is_sr, read_sr_file, sr_referenced_sop_uids
 
 __all__ = ["IngestReport", "ingest", "journal_path", "link_folder_path"]
 
@@ -119,10 +120,11 @@ def _walk(root: str, skip_prefixes: tuple[str, ...] = ()) -> Iterator[tuple[str,
     ``skip_prefixes`` (our own outputs, when they were put inside the export) are left out."""
     for d, dirs, files in os.walk(root):
         dirs[:] = sorted(x for x in dirs if not os.path.join(d, x).startswith(skip_prefixes))
+        folder = os.path.relpath(d, root).replace(os.sep, "/")  # once per folder: relpath costs 40 us a call
         for f in sorted(files):
             p = os.path.join(d, f)
             if not p.startswith(skip_prefixes):
-                yield os.path.relpath(p, root).replace(os.sep, "/"), p
+                yield (f if folder == "." else f"{folder}/{f}"), p
 
 
 _PLACEHOLDER = "<file>"
@@ -179,9 +181,9 @@ def _examine(args: tuple[str, str, bytes]) -> dict:
 
 
 def _context():
-    # forkserver (spawn where there is none): a fork of a process that has run torch may inherit its thread pools.
-    # The fork server imports this module once (torch and MONAI come with it, ~4 s); each worker is then a fork of
-    # it that starts in milliseconds instead of importing them again
+    # forkserver (spawn where there is none): a fork of the caller (which may have run torch) may inherit its thread
+    # pools. The fork server imports this module once (pydicom and numpy; no torch, no MONAI); each worker is then a
+    # fork of it that starts in milliseconds
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" not in methods:
         return multiprocessing.get_context("spawn")
@@ -196,8 +198,22 @@ def _crashed(task: tuple[str, str, bytes], why: str) -> dict:
             "reason": f"the reader crashed on this file ({why})"}
 
 
+CHUNK_SECONDS = 0.05  # work per submission to a worker process (see _in_processes)
+MAX_CHUNK = 64
+
+
+def _examine_each(examine, tasks: list) -> list[dict]:
+    """``examine`` over a chunk of tasks, in a worker process."""
+    return [examine(t) for t in tasks]
+
+
 def _in_processes(tasks: Iterator, workers: int, examine) -> Iterator[dict]:
     """``examine`` over ``tasks`` in ``workers`` processes, results in task order, a bounded window in flight.
+
+    Tasks go to the workers in chunks sized to about ``CHUNK_SECONDS`` of work each (one file at a time until the
+    first results tell how long a file takes; at most ``MAX_CHUNK``): one submission per file costs the main
+    process about as much as a small file costs a worker (pickling, pipes, futures), which made two workers no
+    faster than one on small files, while large files (seconds each) go one by one so the last ones are shared.
 
     A process that dies (a decoder's segfault, the OOM killer) breaks the pool; ``multiprocessing.Pool`` would
     wait for the lost task for ever. Here the tasks that were in flight are run again one at a time in a
@@ -207,32 +223,41 @@ def _in_processes(tasks: Iterator, workers: int, examine) -> Iterator[dict]:
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
+    from itertools import islice
 
     ctx = _context()
-    window = 16 * workers
+    window = 4 * workers  # chunks in flight: every worker has the next one queued while it works
     pool = ProcessPoolExecutor(workers, mp_context=ctx)
     flight: deque = deque()
     tasks = iter(tasks)
+    chunk, done, started = 1, 0, None
     try:
         while True:
             while len(flight) < window:
-                task = next(tasks, None)
-                if task is None:
+                batch = list(islice(tasks, chunk))
+                if not batch:
                     break
-                flight.append((task, pool.submit(examine, task)))
+                flight.append((batch, pool.submit(_examine_each, examine, batch)))
             if not flight:
                 return
-            task, fut = flight[0]
+            batch, fut = flight[0]
             try:
-                rec = fut.result()
+                recs = fut.result()
             except BrokenProcessPool:
                 pool.shutdown(wait=True, cancel_futures=True)
-                yield from _isolate([t for t, _ in flight], examine, ctx)
+                yield from _isolate([t for b, _ in flight for t in b], examine, ctx)
                 flight.clear()
                 pool = ProcessPoolExecutor(workers, mp_context=ctx)
                 continue
             flight.popleft()
-            yield rec
+            # worker-seconds per file, measured from the first result on (the workers' start is not a file's work)
+            if started is None:
+                started = time.perf_counter()
+            else:
+                done += len(recs)
+                per_file = (time.perf_counter() - started) * workers / done
+                chunk = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / max(per_file, 1e-6))))
+            yield from recs
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -414,14 +439,14 @@ class _Export:
         return entries
 
 
-def _unused_state_reason(kind: str, what: str, refs: list, wanted: bool, ds) -> str:
+def _unused_state_reason(kind: str, what: str, refs: list, wanted: bool, ds, accept_model_output: bool = False) -> str:
     """Why a presentation state / structured report gives no boxes ("" when it does)."""
     if not refs:
         return f"{what} references no usable image in the batch"
     if not wanted:
         return f"{what} ignored (run with --{kind} to read its boxes)"
-    if kind == "gsps" and str(ds.get("ContentLabel", "")) == "AI_FINDINGS":  # our model's answer, back from the PACS
-        return "presentation state of model findings (not an annotation)"
+    if not accept_model_output and is_model_output(ds):  # our model's answer, back from the PACS
+        return f"{what} of model findings (not an annotation; --accept-model-output takes it)"
     return ""
 
 
@@ -481,12 +506,12 @@ class _Batch:
                      file_token(os.path.relpath(p, self.root) if inside else p, self.key))
             self.report.box_warnings.append((shown, "listed in the boxes file but not a usable image in the batch"))
 
-    def read_states(self, gsps: bool, sr: bool) -> None:
+    def read_states(self, gsps: bool, sr: bool, accept_model_output: bool = False) -> None:
         """Read the presentation states and structured reports of the batch (``gsps`` / ``sr``: their boxes wanted)."""
         for rel, path, kind in self.states:
-            self.read_state(rel, path, kind, gsps if kind == "gsps" else sr)
+            self.read_state(rel, path, kind, gsps if kind == "gsps" else sr, accept_model_output)
 
-    def read_state(self, rel: str, path: str, kind: str, wanted: bool) -> None:
+    def read_state(self, rel: str, path: str, kind: str, wanted: bool, accept_model_output: bool = False) -> None:
         """Add a state's / report's boxes to its images, or quarantine it (``wanted``: its kind was asked for)."""
         what = "presentation state" if kind == "gsps" else "structured report"
         try:
@@ -499,7 +524,7 @@ class _Batch:
         except Exception as e:  # a corrupt reference sequence is reported, never ends the batch
             self.quarantine(rel, path, f"{what} unreadable ({type(e).__name__})")
             return
-        reason = _unused_state_reason(kind, what, refs, wanted, ds)
+        reason = _unused_state_reason(kind, what, refs, wanted, ds, accept_model_output)
         if reason:
             self.quarantine(rel, path, reason)
             return
@@ -611,6 +636,7 @@ def ingest(
     workers: int = 1,
     resume: bool = False,
     *,
+    accept_model_output: bool = False,
     _examine_fn=None,
 ) -> IngestReport:
     """Walk ``root``, write the datalist to ``output`` and the quarantine report (CSV) beside it.
@@ -633,6 +659,9 @@ def ingest(
         resume: continue the interrupted ingest whose journal is beside ``output`` (same root): files finished
             (and unchanged since) are not read again. In this process (``workers=1``), a file on which two runs
             died is reported as crashing the reader; with workers, a crashed process is found and reported at once.
+        accept_model_output: take presentation states and reports written by a model of this project (our
+            ``AI_FINDINGS`` states, our SRs) as annotations too; by default they are quarantined, so model output
+            is never fed back as labels by accident.
         _examine_fn: (tests) the per-file function run in the worker processes.
     """
     _check_arguments(boxes, gsps, sr, workers, path_mode)
@@ -657,7 +686,7 @@ def ingest(
         batch.add(rel, path, rec, external)
     del entries
     batch.warn_unmatched(external)
-    batch.read_states(gsps, sr)
+    batch.read_states(gsps, sr, accept_model_output)
     batch.write_datalist(batch.validated_items(gsps or sr), output, split, seed, near_duplicates)
     _write_report(report, report_path, batch.quarantined_paths, quarantine_dir)
     os.unlink(journal.path)  # done: a later --resume starts afresh

@@ -30,7 +30,7 @@ def write_mask_seg(image_ds, mask: np.ndarray, path: str | os.PathLike | None = 
                    model_name: str = "cutremain_monai", version: str = "0.1.0", manufacturer: str = "cutremain_monai",
                    series_number: int = 904, series_description: str = "cutremain lung mask",
                    sop_instance_uid: str | None = None, series_instance_uid: str | None = None,
-                   property_category=None, property_type=None):
+                   property_category=None, property_type=None, instance_number: int = 1):
     """A binary Segmentation of ``mask`` (any size: resized to the image) on ``image_ds``; returned and saved.
     ``property_category`` / ``property_type``: the segment's codes (default SCT Organ / Lung; a lesion mask passes
     SCT Morphologically Abnormal Structure / Lesion)."""
@@ -47,7 +47,7 @@ def write_mask_seg(image_ds, mask: np.ndarray, path: str | os.PathLike | None = 
     seg = hd.seg.Segmentation(
         source_images=[image_ds], pixel_array=pixels[None], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[desc], series_instance_uid=series_instance_uid or hd.UID(), series_number=series_number,
-        sop_instance_uid=sop_instance_uid or hd.UID(), instance_number=1, manufacturer=manufacturer,
+        sop_instance_uid=sop_instance_uid or hd.UID(), instance_number=instance_number, manufacturer=manufacturer,
         manufacturer_model_name=model_name[:64], software_versions=str(version)[:64], device_serial_number="0",
         series_description=series_description[:64])
     if "PatientOrientation" not in seg:

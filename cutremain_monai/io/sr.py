@@ -30,7 +30,7 @@ from cutremain_monai.io.boxes import validate_boxes
 from cutremain_monai.io.dicom import DicomReadError, drop_source_equipment, read_dataset
 
 __all__ = ["Finding", "ModelDevice", "write_findings_sr", "read_sr_findings", "read_sr_boxes", "read_sr_file",
-           "is_sr", "SR_SOP_CLASS_UIDS", "finding_code"]
+           "is_sr", "SR_SOP_CLASS_UIDS", "finding_code", "evidence_references", "is_model_output"]
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SR_SOP_CLASS_UIDS = frozenset([
@@ -107,9 +107,13 @@ def write_findings_sr(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     instance_number: int = 1,
+    other_evidence: Sequence = (),
 ):
     """A Comprehensive SR (TID 1500) with ``findings`` for ``image_ds`` (the source image's header is enough);
-    returned, and saved to ``path`` when given."""
+    returned, and saved to ``path`` when given. ``other_evidence``: the results the report belongs with (our
+    Secondary Capture, presentation state, Segmentation of the same image: datasets, or ``(SOP Class UID, SOP
+    Instance UID, Series Instance UID)``), listed in its Pertinent Other Evidence Sequence (PS3.3 C.17.2, the
+    hierarchical SOP instance reference macro), so a viewer finds them from the report."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -177,9 +181,57 @@ def write_findings_sr(
         item.CodingSchemeName = "cutremain_monai finding codes"
         item.CodingSchemeResponsibleOrganization = "cutremain_monai"
         sr.CodingSchemeIdentificationSequence = [item]
+    if other_evidence:
+        sr.PertinentOtherEvidenceSequence = evidence_references(str(sr.StudyInstanceUID), other_evidence)
     if path is not None:
         sr.save_as(os.fspath(path), enforce_file_format=True)
     return sr
+
+
+def evidence_references(study_uid: str, objects: Sequence):
+    """The hierarchical SOP instance reference of ``objects`` (datasets or ``(class, instance, series)`` UIDs) in
+    study ``study_uid``: one study item, one item per series, one per instance."""
+    from pydicom.dataset import Dataset
+
+    series: dict[str, list[tuple[str, str]]] = {}
+    for obj in objects:
+        if isinstance(obj, (tuple, list)):
+            sop_class, sop_uid, series_uid = (str(v) for v in obj)
+        else:
+            sop_class, sop_uid, series_uid = str(obj.SOPClassUID), str(obj.SOPInstanceUID), str(obj.SeriesInstanceUID)
+        series.setdefault(series_uid, []).append((sop_class, sop_uid))
+    study = Dataset()
+    study.StudyInstanceUID = study_uid
+    study.ReferencedSeriesSequence = []
+    for series_uid, sops in series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = series_uid
+        item.ReferencedSOPSequence = []
+        for sop_class, sop_uid in sops:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = sop_class
+            ref.ReferencedSOPInstanceUID = sop_uid
+            item.ReferencedSOPSequence.append(ref)
+        study.ReferencedSeriesSequence.append(item)
+    return [study]
+
+
+def is_model_output(ds, manufacturer: str = "cutremain_monai") -> bool:
+    """Whether ``ds`` (an SR or a presentation state) is a model's answer written by this project, not a person's
+    annotation: a presentation state whose content label is ``AI_FINDINGS`` (the boxes of ``--dicom-out``; the
+    annotation states of the synthetic samples are labelled ``BOXES``), or an SR whose Manufacturer or device
+    observer's manufacturer is ours."""
+    if str(ds.get("ContentLabel", "")) == "AI_FINDINGS":
+        return True
+    if not is_sr(ds):
+        return False
+    if str(ds.get("Manufacturer", "")) == manufacturer:
+        return True
+    for item in _walk(ds.get("ContentSequence", [])):
+        if str(item.get("ValueType", "")) == "TEXT" and str(item.get("TextValue", "")) == manufacturer and \
+                _meaning(item, "ConceptNameCodeSequence").lower().startswith("device observer manufacturer"):
+            return True
+    return False
 
 
 def _schemes(ds):
@@ -314,10 +366,10 @@ def read_sr_file(path, dataset=None) -> dict[str, list[tuple[np.ndarray, str]]]:
     try:
         sr = is_sr(ds)  # (a corrupt SOP Class UID element fails here: found by fuzzing)
     except Exception as e:
-        raise DicomReadError(path, f"structured report unreadable ({type(e).__name__}: {e})") from e
+        raise DicomReadError(path, f"structured report unreadable ({type(e).__name__})") from None
     if not sr:
         raise DicomReadError(path, "not a structured report")
     try:
         return read_sr_boxes(ds)
     except Exception as e:
-        raise DicomReadError(path, f"structured report unreadable ({type(e).__name__}: {e})") from e
+        raise DicomReadError(path, f"structured report unreadable ({type(e).__name__})") from None

@@ -113,7 +113,11 @@ def test_write_ingest_datalist_round_trip(tmp_path):
             expected[f"img{i}.dcm"] = [box]
     write_findings_sr(pydicom.dcmread(IMAGE), [Finding("fracture", 0.5, [1, 1, 5, 5])], DEVICE, str(root / "orphan.dcm"))
     out = tmp_path / "dl.json"
-    assert cli_main(["ingest", str(root), "--sr", "-o", str(out), "--no-progress"]) == 0
+    assert cli_main(["ingest", str(root), "--sr", "-o", str(tmp_path / "plain.json"), "--no-progress"]) == 0
+    assert all(it["boxes"] == [] for it in load_datalist(str(tmp_path / "plain.json")))  # model output: no labels
+    rows = open(tmp_path / "plain_quarantine.csv").read()
+    assert rows.count("structured report of model findings (not an annotation; --accept-model-output takes it)") == 2
+    assert cli_main(["ingest", str(root), "--sr", "--accept-model-output", "-o", str(out), "--no-progress"]) == 0
     items = {os.path.basename(it["image"]): it for it in load_datalist(str(out))}
     assert len(items) == 4
     for name, it in items.items():

@@ -140,3 +140,73 @@ def test_listener_scores_a_study_and_keeps_results_until_the_destination_is_up(t
         node.stop()
         if scp is not None:
             scp.stop()
+
+
+def test_listener_quarantines_a_dataset_that_does_not_decode(tmp_path):
+    """Received data that pydicom cannot decode is answered (the sender does not resend it for ever) and kept raw,
+    with its reason, in quarantine/; the node keeps receiving."""
+    import io
+    import struct
+
+    from pynetdicom import AE, _config
+
+    ds = pydicom.dcmread(os.path.join(SAMPLES, "clavicle", "clavicle_000.dcm"))
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    raw = buf.getvalue()
+    i = raw.index(b"\x08\x00\x16\x00UI", 132)  # before SOP Class UID: a sequence of garbage, no item tags
+    (tmp_path / "bad.dcm").write_bytes(raw[:i] + b"\x08\x00\x06\x00SQ\x00\x00\xff\xff\xff\xff"
+                                       + struct.pack("<I", 0x78563412) * 8 + raw[i:])
+    port = free_port()
+    node = Listener(str(tmp_path), str(tmp_path / "node"), Destination("127.0.0.1", free_port(), "PACS"), port=port)
+    node.start()
+    try:
+        ae = AE("TEST")
+        ae.add_requested_context(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        assoc = ae.associate("127.0.0.1", port, ae_title="CUTREMAIN")
+        assert assoc.is_established
+        _config.STORE_SEND_CHUNKED_DATASET = True  # a file path is sent as it is, without decoding
+        try:
+            status = assoc.send_c_store(str(tmp_path / "bad.dcm"))
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = False
+        good = assoc.send_c_store(ds)
+        assoc.release()
+        assert int(status.Status) == 0 and int(good.Status) == 0
+        rows = open(tmp_path / "node" / "quarantine.csv").read().splitlines()
+        assert len(rows) == 2 and rows[1].endswith(",received dataset undecodable (OSError)"), rows
+        (kept,) = os.listdir(tmp_path / "node" / "quarantine")
+        assert rows[1].startswith(kept) and b"\x12\x34\x56\x78" in (tmp_path / "node" / "quarantine" / kept).read_bytes()
+        assert node.known(str(ds.SOPInstanceUID))  # the good one is filed
+    finally:
+        node.stop()
+
+
+def _score_raising_a_name(bundle, configs, settings):
+    raise ValueError("cannot read (0010,0010) PatientName 'DOE^JANE' of the image")
+
+
+def test_an_error_naming_a_patient_never_reaches_the_report_or_the_log(tmp_path, caplog):
+    """The scoring process's error is carried by its type only: the study is tried again, then set aside, and
+    neither set_aside.csv, the report nor the log holds the exception's text; the set-aside instance is in the
+    ledger (a restarted node knows it)."""
+    import logging
+
+    from cutremain_monai.pacs.node import StudyNode
+
+    node = StudyNode(str(tmp_path), str(tmp_path / "node"), Destination("127.0.0.1", free_port(), "PACS"),
+                     quiet_seconds=0.0, study_retry_delay=0.0, score_fn=_score_raising_a_name)
+    ds = pydicom.dcmread(os.path.join(SAMPLES, "clavicle", "clavicle_005.dcm"))
+    try:
+        with caplog.at_level(logging.DEBUG):
+            assert node.file_instance(ds) == ""
+            node.score_due()
+            node.score_due()
+    finally:
+        node.stop_scoring()
+    assert [s.get("error") for s in node.scored] == ["ValueError", "ValueError"] and node.scored[1]["set_aside"]
+    text = open(tmp_path / "node" / "set_aside.csv").read() + json.dumps(node.report()) + caplog.text
+    assert "study not scored twice: ValueError" in text and "DOE" not in text
+    assert open(tmp_path / "node" / "handled_uids.txt").read().split() == [str(ds.SOPInstanceUID)]
+    again = StudyNode(str(tmp_path), str(tmp_path / "node"), Destination("127.0.0.1", free_port(), "PACS"))
+    assert again.known(str(ds.SOPInstanceUID))

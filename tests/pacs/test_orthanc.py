@@ -8,10 +8,7 @@ import glob
 import io
 import json
 import os
-import shutil
-import subprocess
 import time
-import urllib.request
 
 import pydicom
 import pytest
@@ -19,60 +16,19 @@ import pytest
 from cutremain_monai.io.sr import read_sr_findings
 from cutremain_monai.pacs.node import Destination, Listener
 from tests.bundles.conftest import TINY, run_bundle, tiny_datalist
-from tests.conftest import ROOT, SAMPLES
-from tests.pacs.test_node import free_port
+from tests.conftest import ROOT, SAMPLES, free_port
+from tests.pacs.orthanc_server import Orthanc, http as _http
 
 CPU = ["train.yaml", "cpu.yaml"]
 N_IMAGES = int(os.environ.get("CUTREMAIN_ORTHANC_IMAGES", 60))  # 200 and more: set the variable
 
 
-def _http(url, data=None, method=None):
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None and not isinstance(data, bytes):
-        req.data = json.dumps(data).encode()
-    with urllib.request.urlopen(req, timeout=60) as r:
-        body = r.read()
-    try:
-        return json.loads(body)
-    except ValueError:
-        return body
-
-
 @pytest.fixture
 def orthanc(tmp_path):
-    exe = shutil.which("Orthanc")
-    if exe is None:
-        pytest.skip("Orthanc is not installed (Debian package orthanc; .ci/run installs it)")
-    dicom_port, http_port, node_port = free_port(), free_port(), free_port()
-    config = {"Name": "cutremain-test", "StorageDirectory": str(tmp_path / "orthanc-db"),
-              "IndexDirectory": str(tmp_path / "orthanc-db"), "DicomAet": "ORTHANC", "DicomPort": dicom_port,
-              "HttpPort": http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-              "DicomModalities": {"cutremain": ["CUTREMAIN", "127.0.0.1", node_port]},
-              "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [], "StableAge": 1,
-              "HttpTimeout": 60, "DicomScuTimeout": 30}
-    cfg = tmp_path / "orthanc.json"
-    cfg.write_text(json.dumps(config))
-    log = open(tmp_path / "orthanc.log", "w")
-    proc = subprocess.Popen([exe, str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http_port}"
-    for _ in range(100):
-        try:
-            _http(url + "/system")
-            break
-        except Exception:
-            if proc.poll() is not None:
-                pytest.fail("Orthanc exited: " + open(tmp_path / "orthanc.log").read()[-2000:])
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("Orthanc did not start: " + open(tmp_path / "orthanc.log").read()[-2000:])
-    yield {"url": url, "dicom_port": dicom_port, "node_port": node_port}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    node_port = free_port()
+    server = Orthanc(tmp_path, modalities={"cutremain": ["CUTREMAIN", "127.0.0.1", node_port]})
+    yield {"url": server.url, "dicom_port": server.dicom_port, "node_port": node_port}
+    server.stop()
 
 
 @pytest.mark.slow
