@@ -103,6 +103,11 @@ BLOCKS = {
                                           os.path.join(os.path.dirname(CLAVICLE_DOCS), "fracatlas_compare")],
                           markdown_file("compare_table.md", "cutremain experiment compare ... -o outputs/real/fracatlas_compare "
                                         "(command above)")),
+    # fold 0 again for none and cut_remain once the head ended at the training size (issue 27)
+    "fracatlas-head": (CLAVICLE_DOCS, ["real/fracatlas_head",
+                                       os.path.join(os.path.dirname(CLAVICLE_DOCS), "fracatlas_head")],
+                       markdown_file("compare_table.md", "cutremain experiment compare ... --methods none,cut_remain "
+                                     "-o outputs/real/fracatlas_head (command above)")),
 }
 
 
