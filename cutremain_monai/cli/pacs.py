@@ -53,15 +53,8 @@ def infer_command(args) -> int:
     return 0
 
 
-def listen_command(args) -> int:
-    from cutremain_monai.pacs.node import Listener, parse_destination  # lazy: `cutremain --help` starts without torch
-
-    forward = parse_destination(args.forward, **dicomweb_options(args))
-    node = Listener(args.bundle, args.work, forward, ae_title=args.ae_title, port=args.port,
-                    host=args.host, configs=comma_list(args.configs),
-                    overrides=json.loads(args.overrides) if args.overrides else {}, quiet_seconds=args.quiet)
-    node.start()
-    print(f"listening as {args.ae_title} on {args.host}:{args.port}; results to {args.forward}; Ctrl-C stops", flush=True)
+def _serve_until_interrupted(node) -> int:
+    """Keep a started node (listener or watcher) running until Ctrl-C, then stop it and print its report."""
     try:
         while True:
             time.sleep(1)
@@ -71,6 +64,18 @@ def listen_command(args) -> int:
         node.stop()
         print(json.dumps(node.report(), indent=1))
     return 0
+
+
+def listen_command(args) -> int:
+    from cutremain_monai.pacs.node import Listener, parse_destination  # lazy: `cutremain --help` starts without torch
+
+    forward = parse_destination(args.forward, **dicomweb_options(args))
+    node = Listener(args.bundle, args.work, forward, ae_title=args.ae_title, port=args.port,
+                    host=args.host, configs=comma_list(args.configs),
+                    overrides=json.loads(args.overrides) if args.overrides else {}, quiet_seconds=args.quiet)
+    node.start()
+    print(f"listening as {args.ae_title} on {args.host}:{args.port}; results to {args.forward}; Ctrl-C stops", flush=True)
+    return _serve_until_interrupted(node)
 
 
 def _send(folder: str, to: str, args) -> int:
@@ -106,15 +111,7 @@ def watch_command(args) -> int:
                    overrides=json.loads(args.overrides) if args.overrides else {}, quiet_seconds=args.quiet)
     node.start()
     print(f"watching {source} every {args.poll:g} s; results to {node.forward}; Ctrl-C stops", flush=True)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        node.stop()
-        print(json.dumps(node.report(), indent=1))
-    return 0
+    return _serve_until_interrupted(node)
 
 
 def deidentify_command(args) -> int:

@@ -16,6 +16,16 @@ from tests.conftest import free_port
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
+def wait_for(cond, timeout: float = 90.0, step: float = 0.2) -> bool:
+    """Poll ``cond()`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    t = time.time()
+    while time.time() - t < timeout:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
 def http(url, data=None, method=None, auth=None):
     """A JSON (or raw) answer of Orthanc's REST API; ``data``: bytes, or an object sent as JSON."""
     req = urllib.request.Request(url, data=data, method=method)

@@ -20,7 +20,7 @@ from cutremain_monai.pacs.node import RetryQueue
 from cutremain_monai.pacs.watch import Watcher
 from tests.conftest import ROOT, SAMPLES
 from tests.pacs.fake_scoring import fake_score
-from tests.pacs.orthanc_server import Orthanc
+from tests.pacs.orthanc_server import Orthanc, wait_for
 
 USERS = {"cutremain": "s3cret-pw"}
 
@@ -42,15 +42,6 @@ def studies(tmp_path, n_studies: int, per_study: int, crash: int | None = None) 
             out.append(str(tmp_path / "upload" / f"{ds.SOPInstanceUID}.dcm"))
             ds.save_as(out[-1])
     return out
-
-
-def _wait(cond, timeout=90.0):
-    t = time.time()
-    while time.time() - t < timeout:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.fixture
@@ -154,7 +145,7 @@ def test_watch_restart_crash_and_outage(tmp_path, orthanc):
         {"url": orthanc.dicomweb_url, "bundle": bundle, "work": str(work), "gate": str(gate)})], cwd=ROOT,
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert _wait(lambda: (gate / "blocked").exists(), 120), "the first watcher never reached its second study"
+        assert wait_for(lambda: (gate / "blocked").exists(), 120), "the first watcher never reached its second study"
         assert os.listdir(work / "batches"), "no batch in flight when the watcher was stopped"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -171,7 +162,7 @@ def test_watch_restart_crash_and_outage(tmp_path, orthanc):
                       retry_base_delay=0.3, study_retry_delay=0.3)
     watcher.start()
     try:
-        assert _wait(lambda: len(_sc_sources(orthanc)) >= len(images) and watcher.idle() and any(
+        assert wait_for(lambda: len(_sc_sources(orthanc)) >= len(images) and watcher.idle() and any(
             s.get("set_aside") for s in watcher.scored), 180), (watcher.report(), _sc_sources(orthanc))
         assert sorted(_sc_sources(orthanc)) == sorted(images)  # every image once: none scored twice
         crashed = [s for s in watcher.scored if s.get("error")]
@@ -181,18 +172,18 @@ def test_watch_restart_crash_and_outage(tmp_path, orthanc):
         assert sorted(os.listdir(next((work / "set_aside").glob("s*")))) == sorted(u + ".dcm" for u in crash_uids)
         assert watcher.worker.started == 2  # the first, and one after the first crash
         polls = watcher.polls
-        assert _wait(lambda: watcher.polls >= polls + 2, 30)
+        assert wait_for(lambda: watcher.polls >= polls + 2, 30)
         assert watcher.received == 2  # the crash study only: the cut-short and waiting ones are not retrieved again
         # the server down: a new study is retrieved before, its results wait in the outbox, and arrive once
         late = studies(tmp_path / "late", 1, 2)
         assert all(r == "" for r in stow_files(late, server).values())
         late_uids = {str(pydicom.dcmread(p).SOPInstanceUID) for p in late}
-        assert _wait(lambda: all(watcher.known(u) for u in late_uids), 60)
+        assert wait_for(lambda: all(watcher.known(u) for u in late_uids), 60)
         orthanc.stop()
-        assert _wait(lambda: len(watcher.retry.pending()) == 2, 60), watcher.report()
-        assert _wait(lambda: "unreachable" in watcher.last_error, 30)
+        assert wait_for(lambda: len(watcher.retry.pending()) == 2, 60), watcher.report()
+        assert wait_for(lambda: "unreachable" in watcher.last_error, 30)
         orthanc.start()
-        assert _wait(lambda: not watcher.retry.pending(), 60), watcher.report()
+        assert wait_for(lambda: not watcher.retry.pending(), 60), watcher.report()
         assert watcher.worker.started == 3  # the node served on: a fresh scoring process for the next study
         assert sorted(_sc_sources(orthanc)) == sorted(images | late_uids)  # nothing lost, nothing doubled
     finally:

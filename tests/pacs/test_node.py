@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import socket
-import time
 
 import pydicom
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from cutremain_monai.pacs.node import Destination, Listener, RetryQueue, parse_destination, send_files
 from tests.bundles.conftest import TINY, run_bundle, tiny_datalist
 from tests.conftest import SAMPLES
+from tests.pacs.orthanc_server import wait_for
 
 CPU = ["train.yaml", "cpu.yaml"]
 
@@ -72,15 +72,6 @@ def test_send_destination_down_then_retried(tmp_path):
         scp.stop()
 
 
-def _wait(cond, timeout=120.0):
-    t = time.time()
-    while time.time() - t < timeout:
-        if cond():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @pytest.mark.slow
 def test_listener_scores_a_study_and_keeps_results_until_the_destination_is_up(tmp_path):
     clavicle_data = tiny_datalist(tmp_path, "clavicle")
@@ -114,7 +105,7 @@ def test_listener_scores_a_study_and_keeps_results_until_the_destination_is_up(t
         sent = send_files(paths + [str(tmp_path / "again.dcm"), str(tmp_path / "pr.dcm"), str(tmp_path / "broken.dcm")],
                           Destination("127.0.0.1", node_port, "CUTREMAIN"))
         assert all(r == "" for r in sent.values()), sent  # every object answered, the duplicate and the PR too
-        assert _wait(lambda: node.scored), "the study was not scored"
+        assert wait_for(lambda: node.scored, 120), "the study was not scored"
         record = node.scored[0]
         assert record["images"] == 3 and record["sent"] == 0 and record["kept_for_retry"] == 6  # destination down
         aside = glob.glob(str(tmp_path / "node" / "results" / "*" / "*" / "inference" / "set_aside.csv"))
@@ -123,7 +114,7 @@ def test_listener_scores_a_study_and_keeps_results_until_the_destination_is_up(t
         rows = open(tmp_path / "node" / "set_aside.csv").read()
         assert "not a projection X-ray for presentation" in rows
         scp = StoreSCP(dest_port)  # the PACS comes back: the retries deliver everything
-        assert _wait(lambda: len(scp.received) == 6 and not node.retry.pending(), 60), node.retry.pending()
+        assert wait_for(lambda: len(scp.received) == 6 and not node.retry.pending(), 60), node.retry.pending()
         kinds = sorted(str(d.Modality) for d in scp.received)
         assert kinds == ["OT", "OT", "PR", "PR", "SR", "SR"]
         assert {str(d.StudyInstanceUID) for d in scp.received} == {study}
@@ -133,7 +124,7 @@ def test_listener_scores_a_study_and_keeps_results_until_the_destination_is_up(t
         late.save_as(str(tmp_path / "late.dcm"))
         assert send_files([str(tmp_path / "late.dcm")], Destination("127.0.0.1", node_port, "CUTREMAIN")) == {
             str(tmp_path / "late.dcm"): ""}
-        assert _wait(lambda: len(node.scored) == 2 and len(scp.received) == 9, 60), (node.scored, len(scp.received))
+        assert wait_for(lambda: len(node.scored) == 2 and len(scp.received) == 9, 60), (node.scored, len(scp.received))
         assert node.scored[1]["images"] == 1 and node.scored[1]["sent"] == 3
         assert len({str(d.SOPInstanceUID) for d in scp.received}) == 9
     finally:
