@@ -35,6 +35,7 @@ from cutremain_monai.io.decode import decode_image
 
 __all__ = [
     "ImportedItems",
+    "image_size",
     "quarantine_path",
     "write_quarantine",
     "pseudonym",
@@ -91,7 +92,7 @@ def _checked_size(path: str, check_images: bool, quarantined: list, header: bool
     ``quarantined`` with its reason and gives ``(False, None)``), else the size from the header (``None`` when
     ``header`` is false)."""
     if not check_images:
-        return True, (_image_size(path) if header else None)
+        return True, (image_size(path) if header else None)
     size, reason = _decode(path)
     if reason:
         quarantined.append((os.path.abspath(path), reason))
@@ -113,7 +114,7 @@ def pseudonym(patient_id) -> str:
     return hashlib.sha256(f"{_SALT}:{patient_id}".encode()).hexdigest()[:12]
 
 
-def _image_size(path: str) -> tuple[int, int] | None:
+def image_size(path: str) -> tuple[int, int] | None:
     """(H, W) from the file header (PIL for raster images, pydicom for DICOM); None when unreadable."""
     try:
         if path.lower().endswith((".dcm", ".dicom")):

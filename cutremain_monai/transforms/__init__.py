@@ -35,6 +35,14 @@ from cutremain_monai.transforms.pseudo_labels import (
     LabelMapDict,
     PseudoLabelBank,
 )
+from cutremain_monai.transforms.relevant_area import (
+    RELEVANT_AREA,
+    RelevantAreaBoxesd,
+    RelevantAreaBoxesD,
+    RelevantAreaBoxesDict,
+    body_mask,
+    lesion_box_fractions,
+)
 from cutremain_monai.transforms.resize import ResizeWithBoxesd, ResizeWithBoxesD, ResizeWithBoxesDict, resize_boxes
 from cutremain_monai.transforms.split_halves import SplitHalves, SplitHalvesd, SplitHalvesD, SplitHalvesDict
 from cutremain_monai.transforms.sup_mix import (
@@ -59,6 +67,8 @@ __all__ = [
     "CutRemain", "CutRemaind", "CutRemainD", "CutRemainDict", "gamma_selected",
     "HideAndSeek", "HideAndSeekd", "HideAndSeekD", "HideAndSeekDict", "dataset_mean",
     "LungZones", "LungZonesd", "LungZonesD", "LungZonesDict", "split_lung_zones",
+    "RELEVANT_AREA", "RelevantAreaBoxesd", "RelevantAreaBoxesD", "RelevantAreaBoxesDict", "body_mask",
+    "lesion_box_fractions",
     "ResizeWithBoxesd", "ResizeWithBoxesD", "ResizeWithBoxesDict", "resize_boxes",
     "SplitHalves", "SplitHalvesd", "SplitHalvesD", "SplitHalvesDict",
     "SupCutmix", "SupCutmixd", "SupCutmixD", "SupCutmixDict", "SupCutout", "SupCutoutd", "SupCutoutD",
