@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 
 from cutremain_monai.io.dicom import dcmread_unnamed, short_read, UnnamedFile
 from cutremain_monai.io.paths import (file_token, header_identifiers, path_carries_identifiers, resolve_path_mode,
@@ -383,8 +384,8 @@ def _stamp(path: str | None) -> list | None:
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns] if st else None
 
 
-def unscored(items: list[dict], partial_file: str, model_file: str | None = None, id_key: str = "image_id",
-             resume: bool = True) -> list[dict]:
+def unscored(items: list[dict], partial_file: str, model_file: str | Sequence[str] | None = None,
+             id_key: str = "image_id", resume: bool = True) -> list[dict]:
     """The items of a folder not yet scored by an earlier, interrupted run: a resumed inference scores the rest.
 
     ``partial_file`` is the CSV that :class:`~cutremain_monai.handlers.ClassificationPredictions` appends rows to
@@ -392,10 +393,12 @@ def unscored(items: list[dict], partial_file: str, model_file: str | None = None
     checkpoint's path, size and modification time are kept beside it (``<partial_file>.json``); with another model
     (or none recorded) the old rows are moved to ``<partial_file>.stale`` and everything is scored again. Rows of
     files set aside count as done too (their reason is in the row). ``resume=False``: earlier rows are moved to
-    ``.stale`` and everything is scored.
+    ``.stale`` and everything is scored. ``model_file`` may be a list (a checkpoint ensemble, a lung segmenter
+    beside the scoring model): every file of it must be the same.
     """
     stamp_file = partial_file + ".json"
-    stamp = {"model": _stamp(model_file)}
+    many = model_file is not None and not isinstance(model_file, (str, os.PathLike))
+    stamp = {"model": [_stamp(m) for m in model_file] if many else _stamp(model_file)}
     old = None
     if os.path.exists(stamp_file):
         with open(stamp_file) as f:

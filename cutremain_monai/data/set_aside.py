@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from monai.data import CacheDataset
@@ -172,14 +172,19 @@ class SetAsideStream(torch.utils.data.Dataset):
         data / transform: the items and the whole chain (a list of samples per item is fine: split halves).
         placeholder_shape: the ``image`` shape of the model input, e.g. ``(1, 448, 448)``.
         file_key: the item key that names it (see :func:`item_name`); keys: item keys copied to a placeholder.
+        placeholder_keys: other inputs of the model given to a placeholder as zeros of these shapes, e.g.
+            ``{"lung_mask": (1, 256, 256), "zones": (1, 256, 256)}``, so that a batch of placeholders only (every
+            file of it unreadable) still goes through the network.
     """
 
     def __init__(self, data: Sequence, transform: Callable, placeholder_shape: Sequence[int],
-                 file_key: str | None = "image_id", keys: Sequence[str] = ("image_id", "image_path")):
+                 file_key: str | None = "image_id", keys: Sequence[str] = ("image_id", "image_path"),
+                 placeholder_keys: Mapping[str, Sequence[int]] | None = None):
         self.data = list(data)
         self.transform = transform if isinstance(transform, Compose) or not isinstance(transform, (list, tuple)) \
             else Compose(list(transform))
         self.placeholder_shape = tuple(int(v) for v in placeholder_shape)
+        self.placeholder_keys = {str(k): tuple(int(v) for v in shape) for k, shape in (placeholder_keys or {}).items()}
         self.file_key, self.keys = file_key, tuple(keys)
 
     def __len__(self) -> int:
@@ -195,6 +200,7 @@ class SetAsideStream(torch.utils.data.Dataset):
             logger.warning("set aside %s (%s)", name, reason)
             d = {k: item[k] for k in self.keys if k in item}
             d.setdefault("image_path", item.get("image"))
+            d.update({k: torch.zeros(shape) for k, shape in self.placeholder_keys.items()})
             d.update(image=torch.zeros(self.placeholder_shape), **{SET_ASIDE_KEY: reason})
             return d
         for s in out if isinstance(out, list) else [out]:

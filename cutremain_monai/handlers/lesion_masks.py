@@ -11,12 +11,14 @@ image's lesion score (the highest class-``c`` probability) reaches ``min_score``
   on the source image (:func:`~cutremain_monai.io.seg.write_mask_seg`, SCT "Lesion"), carrying the source's patient
   and study modules as DICOM requires; one that fails is named in the table and never stops the others;
 - ``lesions.csv``: ``file, class, lesion_score, area_px, area_share, x0, y0, x1, y1, error`` (box in the image's
-  pixels, empty without a lesion); files the dataset set aside get a row with their error.
+  pixels, empty without a lesion); files the dataset set aside (its ``set_aside`` list, or placeholders of
+  :class:`~cutremain_monai.data.set_aside.SetAsideStream` carrying ``set_aside_reason``, which get no mask) get a
+  row with their error. With ``partial_file`` the rows are appended to it batch by batch and ``lesions.csv`` is
+  made from it at the end (:class:`~cutremain_monai.handlers.predictions.RowTable`), so a killed run resumes.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
@@ -25,7 +27,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from cutremain_monai.data.set_aside import scrub_paths
+from cutremain_monai.data.set_aside import SET_ASIDE_KEY, scrub_paths
+from cutremain_monai.handlers.predictions import RowTable
 from cutremain_monai.handlers.utils import rank
 from cutremain_monai.io.dicom import drop_source_equipment, quiet_pydicom, result_source_header
 from cutremain_monai.io.loader import is_dicom_path
@@ -42,18 +45,25 @@ FIELDS = ["file", "class", "lesion_score", "area_px", "area_share", "x0", "y0", 
 class LesionMaskWriter:
     def __init__(self, output_dir: str, class_names: Sequence[str] = ("lesion",), min_score: float = 0.5,
                  overlays: bool = True, dicom_seg: bool = True, set_aside=None, model_name: str = "lesion_segmentation",
-                 version: str = "0.1.0") -> None:
+                 version: str = "0.1.0", partial_file: str | None = None, set_aside_report: str | None = None,
+                 section: str = "inference") -> None:
         if not 0 <= min_score <= 1:
             raise ValueError(f"min_score must be in [0, 1], got {min_score}")
         self.output_dir, self.class_names, self.min_score = output_dir, list(class_names), float(min_score)
         self.overlays, self.dicom_seg, self.set_aside = overlays, dicom_seg, set_aside
         self.model_name, self.version = model_name, version
         self.rows: list[dict] = []
+        # an error in a scored row (a SEG not written) is not a file set aside: those rows have a lesion score
+        self.table = RowTable(os.path.join(output_dir, "lesions.csv"), FIELDS, partial_file, set_aside_report, section,
+                              scored_key="lesion_score")
 
     def attach(self, engine: Engine) -> None:
         if not engine.has_event_handler(self._collect, Events.ITERATION_COMPLETED):
             engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
             engine.add_event_handler(Events.COMPLETED, self._write)
+            loader = getattr(engine, "data_loader", None)
+            if loader is not None and len(loader) == 0:  # MONAI does not start an engine on no data: write now
+                self._write(engine)
 
     def masks(self, probs: np.ndarray, native: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(label map at native size (H, W) uint8, lesion score per class (C,), probabilities at native size)``."""
@@ -80,9 +90,13 @@ class LesionMaskWriter:
         outs = out if isinstance(out, list) else [out]
         batch = engine.state.batch
         samples = batch if isinstance(batch, list) else [{k: v[i] for k, v in batch.items()} for i in range(len(outs))]
+        rows = []
         for o, sample in zip(outs, samples):
-            probs = torch.as_tensor(o["pred"]).detach().float().cpu()
             name = str(sample.get("image_id") or os.path.basename(str(sample.get("image_path", ""))))
+            if sample.get(SET_ASIDE_KEY):  # a file that could not be read: its row names the error, no mask
+                rows.append({"file": name, "error": str(sample[SET_ASIDE_KEY])})
+                continue
+            probs = torch.as_tensor(o["pred"]).detach().float().cpu()
             native = [int(v) for v in torch.as_tensor(sample["native_size"]).tolist()] if "native_size" in sample \
                 else list(probs.shape[1:])
             label, scores, p = self.masks(probs.numpy(), native)
@@ -100,7 +114,7 @@ class LesionMaskWriter:
                        "x0": "", "y0": "", "x1": "", "y1": "", "error": error}
                 if box is not None:
                     row.update(x0=float(box[0]), y0=float(box[1]), x1=float(box[2]), y1=float(box[3]))
-                self.rows.append(row)
+                rows.append(row)
                 if self.overlays and c == 0:
                     img = torch.as_tensor(sample["image"]).float().cpu()[0].numpy()
                     h, w = img.shape
@@ -112,6 +126,7 @@ class LesionMaskWriter:
                         boxes = [[box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]]
                     save_overlay(os.path.join(self.output_dir, "overlays", stem + ".png"), img, small, boxes,
                                  title=f"{cname} score {scores[c]:.2f}")
+        self.table.add(rows)
 
     def _seg(self, sample: dict, mask: np.ndarray, stem: str) -> str:
         path = str(sample.get("image_path", ""))
@@ -141,13 +156,8 @@ class LesionMaskWriter:
     def _write(self, engine: Engine) -> None:
         if rank() != 0:
             return
-        rows = list(self.rows)
-        for e in self.set_aside or []:
-            rows.append({**{k: "" for k in FIELDS}, "file": e.get("file", ""), "error": e.get("reason", "")})
-        os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "lesions.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        logger.info("lesion masks: %d image(s), %d set aside -> %s", len({r["file"] for r in self.rows}),
-                    len(rows) - len(self.rows), self.output_dir)
+        errors = [{"file": e.get("file", ""), "error": e.get("reason", "")} for e in self.set_aside or []]
+        self.rows = self.table.finish(errors)
+        aside = self.table.set_aside_rows(self.rows)
+        logger.info("lesion masks: %d image(s), %d set aside -> %s", len({r["file"] for r in self.rows}) - len(aside),
+                    len(aside), self.output_dir)

@@ -7,6 +7,10 @@ samples of one image (the two halves of ``SplitHalvesd``) joined into one row (i
 the halves: a fracture on either side makes the image positive), the validation-chosen threshold applied, the
 class names as columns, files set aside by the dataset listed with their reason (nothing silently dropped),
 Grad-CAM / lesion-map overlays, and rank-0-only writing.
+
+:class:`RowTable` is the per-image CSV under all of them (and under the lesion-mask and targetness writers): rows
+appended to a partial file as each batch is scored, so an archive's results are on disk as they come, memory holds
+one batch, and a killed run resumes where it stopped (:func:`cutremain_monai.data.folder.unscored`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from cutremain_monai.localization.cam import save_overlay
 from cutremain_monai.localization.grad_cam import grad_cam
 from cutremain_monai.localization.severity_overlay import save_severity_overlay
 
-__all__ = ["ClassificationPredictions", "SeverityPredictions"]
+__all__ = ["ClassificationPredictions", "SeverityPredictions", "RowTable"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +59,75 @@ def _write(path: str, fields: Sequence[str], rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+class RowTable:
+    """The per-image CSV of an evaluator run (``predictions.csv``, ``severity.csv``, ``lesions.csv``, ...).
+
+    With ``partial_file``, :meth:`add` appends each batch's rows to it (rank 0): the results of an archive are on
+    disk as they come, memory holds one batch, a killed run loses at most a batch, and
+    :func:`cutremain_monai.data.folder.unscored` leaves the images already in it out of the next run.
+    :meth:`finish` then writes ``path`` from every row of the partial file (those of earlier runs included) and the
+    given error rows. Without ``partial_file`` the rows are kept in memory and written by :meth:`finish`.
+    Rows of files set aside (an ``error``, and ``scored_key`` empty when given: ``lesions.csv`` also names a DICOM
+    Segmentation that could not be written in the row of an image it scored) also go to ``set_aside_report``
+    under ``section``.
+    """
+
+    def __init__(self, path: str, fields: Sequence[str], partial_file: str | None = None,
+                 set_aside_report: str | None = None, section: str = "inference", scored_key: str | None = None):
+        self.path, self.fields = path, list(fields)
+        self.partial_file = partial_file
+        self.set_aside_report, self.section, self.scored_key = set_aside_report, section, scored_key
+        self._rows: list[dict] = []
+
+    def reset(self) -> None:
+        """A new run: no rows held (a partial file keeps its rows)."""
+        self._rows = []
+
+    def add(self, rows: Sequence[dict]) -> None:
+        """Rows of images scored in this batch: appended to the partial file (rank 0), or held."""
+        if not self.partial_file:
+            self._rows.extend(rows)
+            return
+        if not rows or rank() != 0:
+            return
+        new = not os.path.exists(self.partial_file)
+        os.makedirs(os.path.dirname(os.path.abspath(self.partial_file)), exist_ok=True)
+        with open(self.partial_file, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields, restval="", extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+
+    def scored(self) -> list[dict]:
+        """Every row so far: the partial file's (as strings), or those held."""
+        if not self.partial_file:
+            return list(self._rows)
+        if not os.path.exists(self.partial_file):
+            return []
+        with open(self.partial_file, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def set_aside_rows(self, rows: Sequence[dict]) -> list[dict]:
+        """``set_aside.csv`` rows of the files in ``rows`` that could not be scored."""
+        return [{"section": self.section, "file": r["file"], "reason": r["error"]} for r in rows
+                if r.get("error") and not (self.scored_key and str(r.get(self.scored_key, "")) != "")]
+
+    def finish(self, error_rows: Sequence[dict] = ()) -> list[dict]:
+        """Write ``path`` (and the set-aside report) from every row and ``error_rows``; returns the rows."""
+        rows = self.scored() + list(error_rows)
+        _write(self.path, self.fields, rows)
+        write_set_aside(self.set_aside_report, self.section, self.set_aside_rows(rows))
+        return rows
+
+
 class _PredictionsBase:
+    """Per-image rows made from each batch (``_take_rows``), put in a :class:`RowTable` (see there for
+    ``partial_file``, ``set_aside_report``, ``section``); subclasses set what ``_fields`` uses before this
+    ``__init__``."""
+
     def __init__(self, output_dir: str, filename: str, id_key: str, path_key: str, set_aside: Sequence[dict] | None,
-                 enabled: bool):
+                 enabled: bool, partial_file: str | None = None, set_aside_report: str | None = None,
+                 section: str = "inference"):
         self.output_dir = output_dir
         self.filename = filename
         self.id_key, self.path_key = id_key, path_key
@@ -65,6 +135,9 @@ class _PredictionsBase:
         self.enabled = enabled
         self.rows: list[dict] = []
         self.path = os.path.join(output_dir, filename)
+        self.partial_file = partial_file
+        self.set_aside_report, self.section = set_aside_report, section
+        self.table = RowTable(self.path, self._fields(), partial_file, set_aside_report, section)
 
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
@@ -74,14 +147,37 @@ class _PredictionsBase:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
         loader = getattr(engine, "data_loader", None)
         if loader is not None and len(loader) == 0:  # MONAI does not start an engine on no data: write the rows now
-            self._seen = {}
+            self._reset(engine)
             self(engine)
+
+    def _fields(self) -> list[str]:
+        raise NotImplementedError
+
+    def _collect(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+    def _take_rows(self) -> list[dict]:
+        """The rows of the images complete so far and not yet taken."""
+        raise NotImplementedError
 
     def _reset(self, engine: Engine) -> None:
         self._seen: dict = {}
+        self.table.reset()
+
+    def _flush(self) -> None:
+        """Put the rows of the images complete in this batch in the table (appended to ``partial_file``)."""
+        self.table.add(self._take_rows())
 
     def _error_rows(self) -> list[dict]:
         return [{"file": r["file"], "error": r["reason"]} for r in self.set_aside]
+
+    def __call__(self, engine: Engine) -> None:
+        if rank() != 0:
+            return
+        self._flush()
+        self.rows = self.table.finish(self._error_rows())
+        logger.info("wrote %d rows to %s (%d with an error)", len(self.rows), self.path,
+                    sum(1 for r in self.rows if r.get("error")))
 
 
 class ClassificationPredictions(_PredictionsBase):
@@ -112,14 +208,13 @@ class ClassificationPredictions(_PredictionsBase):
                  set_aside_report: str | None = None, section: str = "inference"):
         if label_mode not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"label_mode must be binary, multiclass or multilabel, got {label_mode!r}")
-        super().__init__(output_dir, filename, id_key, path_key, set_aside, enabled)
         self.label_mode = label_mode
         self.names = list(class_names or [])
+        super().__init__(output_dir, filename, id_key, path_key, set_aside, enabled, partial_file, set_aside_report,
+                         section)
         self.threshold, self.threshold_file = threshold, threshold_file
         self.half_key = half_key
         self.network, self.cam, self.target_layer = network, cam, target_layer
-        self.partial_file = partial_file
-        self.set_aside_report, self.section = set_aside_report, section
         self._seen: dict = {}
         self._streamed: list[dict] = []  # error rows of placeholders (memory mode)
 
@@ -128,23 +223,15 @@ class ClassificationPredictions(_PredictionsBase):
         return ["file", "probability", "prediction", "left", "right", *cols, "error"]
 
     def _reset(self, engine: Engine) -> None:
-        self._seen, self._streamed = {}, []
+        super()._reset(engine)
+        self._streamed = []
         self._threshold_now = self._thresholds()
 
-    def _flush(self) -> None:
-        """Append the rows of the images complete in this batch to ``partial_file`` (rank 0)."""
+    def _take_rows(self) -> list[dict]:
         threshold, thresholds = getattr(self, "_threshold_now", None) or self._thresholds()
         rows = [self._row(n, h, threshold, thresholds) for n, h in self._seen.items()] + self._streamed
         self._seen, self._streamed = {}, []
-        if not rows or rank() != 0:
-            return
-        new = not os.path.exists(self.partial_file)
-        os.makedirs(os.path.dirname(os.path.abspath(self.partial_file)), exist_ok=True)
-        with open(self.partial_file, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self._fields(), restval="", extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        return rows
 
     def _thresholds(self):
         threshold, thresholds = self.threshold, None
@@ -209,46 +296,58 @@ class ClassificationPredictions(_PredictionsBase):
         return row
 
     def __call__(self, engine: Engine) -> None:
-        if rank() != 0:
-            return
-        threshold, thresholds = self._thresholds()
-        if self.partial_file:
-            self._flush()
-            scored = []
-            if os.path.exists(self.partial_file):
-                with open(self.partial_file, newline="") as f:
-                    scored = list(csv.DictReader(f))
-        else:
-            scored = [self._row(n, h, threshold, thresholds) for n, h in self._seen.items()] + self._streamed
-        self.rows = scored + self._error_rows()
-        _write(self.path, self._fields(), self.rows)
-        write_set_aside(self.set_aside_report, self.section, [{"section": self.section, "file": r["file"],
-                                                               "reason": r["error"]} for r in self.rows if r.get("error")])
-        logger.info("wrote %d rows to %s (%d with an error)", len(self.rows), self.path,
-                    sum(1 for r in self.rows if r.get("error")))
+        if not self.partial_file:  # rows held to the end take the threshold as it is then
+            self._threshold_now = self._thresholds()
+        super().__call__(engine)
 
 
 class SeverityPredictions(_PredictionsBase):
     """Per image: the six zone probabilities ``p_A..p_F``, zone labels at ``threshold``, the global score (sum of
     probabilities) and the binary global score, where the lung mask came from (``mask_source``), and an overlay of
     the lesion map inside the lungs with the zone grid (``overlays/``; ``network`` may be a checkpoint ensemble,
-    whose members' maps are averaged)."""
+    whose members' maps are averaged).
+
+    Samples that carry a non-empty ``set_aside_reason`` (placeholders of
+    :class:`~cutremain_monai.data.set_aside.SetAsideStream`) become rows with that error and no overlay.
+    ``partial_file`` / ``set_aside_report`` / ``section``: as :class:`ClassificationPredictions` (rows appended
+    batch by batch, the final CSV from the partial file; ``_seen`` then holds the current batch's rows only).
+    """
 
     def __init__(self, output_dir: str, filename: str = "severity.csv", threshold: float = 0.5,
                  id_key: str = "image_id", path_key: str = "image_path", set_aside: Sequence[dict] | None = None,
-                 network: torch.nn.Module | None = None, overlays: bool = True, enabled: bool = True):
-        super().__init__(output_dir, filename, id_key, path_key, set_aside, enabled)
+                 network: torch.nn.Module | None = None, overlays: bool = True, enabled: bool = True,
+                 partial_file: str | None = None, set_aside_report: str | None = None, section: str = "inference"):
+        super().__init__(output_dir, filename, id_key, path_key, set_aside, enabled, partial_file, set_aside_report,
+                         section)
         self.threshold = threshold
         self.network, self.overlays = network, overlays
         self._seen: dict = {}
+        self._pending: list[dict] = []
+
+    def _fields(self) -> list[str]:
+        return ["file", *[f"p_{z}" for z in BRIXIA_ZONES], *[f"zone_{z}" for z in BRIXIA_ZONES], "global_score",
+                "global_binary", "mask_source", "overlay", "error"]
+
+    def _reset(self, engine: Engine) -> None:
+        super()._reset(engine)
+        self._pending = []
+
+    def _take_rows(self) -> list[dict]:
+        rows, self._pending = self._pending, []
+        return rows
 
     def _members(self) -> list:
         net = self.network.module if hasattr(self.network, "module") else self.network
         return list(net.members) if hasattr(net, "members") else [net]
 
     def _collect(self, engine: Engine) -> None:
+        if self.partial_file:
+            self._seen = {}  # this batch's rows (DicomResults writes their objects from them), the rest on disk
         for item, out in _samples(engine):
             name = _file_name(item, self.id_key, self.path_key)
+            if item.get(SET_ASIDE_KEY):
+                self._pending.append({"file": name, "error": str(item[SET_ASIDE_KEY])})
+                continue
             p = out["pred"]
             probs = torch.as_tensor(p[0] if isinstance(p, (tuple, list)) else p).detach().float().reshape(-1).cpu()
             labels = (probs >= self.threshold).int()
@@ -259,6 +358,9 @@ class SeverityPredictions(_PredictionsBase):
             if self.overlays and self.network is not None and rank() == 0:
                 row["overlay"] = self._overlay(name, item, probs)
             self._seen[name] = row
+            self._pending.append(row)
+        if self.partial_file:
+            self._flush()
 
     def _overlay(self, name: str, item: dict, probs: torch.Tensor) -> str:
         members = self._members()
@@ -271,12 +373,3 @@ class SeverityPredictions(_PredictionsBase):
         save_severity_overlay(os.path.join(self.output_dir, rel), x[0, 0].cpu(), lesion,
                               torch.as_tensor(item["zones"])[0], probs, None, title=f"global {float(probs.sum()):.1f}")
         return rel
-
-    def __call__(self, engine: Engine) -> None:
-        if rank() != 0:
-            return
-        self.rows = list(self._seen.values()) + self._error_rows()
-        fields = ["file", *[f"p_{z}" for z in BRIXIA_ZONES], *[f"zone_{z}" for z in BRIXIA_ZONES], "global_score",
-                  "global_binary", "mask_source", "overlay", "error"]
-        _write(self.path, fields, self.rows)
-        logger.info("wrote %d rows to %s (%d set aside)", len(self._seen), self.path, len(self.set_aside))

@@ -17,7 +17,6 @@ inference.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.transforms import Compose
 
+from cutremain_monai.data.set_aside import SET_ASIDE_KEY
+from cutremain_monai.handlers.predictions import RowTable
 from cutremain_monai.handlers.utils import rank
 from cutremain_monai.localization.cam import save_overlay
 from cutremain_monai.metrics.localization import largest_component_box
@@ -36,6 +37,7 @@ from cutremain_monai.transforms.patches import PATCH_TYPE, RandPatchesd
 __all__ = ["PatchTypeHistogram", "TargetnessWriter", "comparison_table"]
 
 logger = logging.getLogger(__name__)
+TARGETNESS_FIELDS = ["file", "tau", "target_score", "x0", "y0", "x1", "y1", "error"]
 
 
 class PatchTypeHistogram:
@@ -146,16 +148,20 @@ class TargetnessWriter:
     ``targetness.csv`` per image under ``output_dir``: ``target_score``, and
     the box ``x0, y0, x1, y1`` in the image's own pixels when ``target_score >= min_score`` (empty otherwise; the
     map is brought to the image's size before the threshold, as the evaluation does);
-    files set aside by the dataset get a row with their error.
+    files set aside by the dataset (its ``set_aside`` list, or placeholders of
+    :class:`~cutremain_monai.data.set_aside.SetAsideStream` carrying ``set_aside_reason``) get a row with their error.
 
     Args:
         tau: the map threshold; ``tau_file``: an evaluation's ``*_localization.json`` whose validation threshold
             is used when it exists (else ``tau``).
         min_score: the image-level score below which no box is drawn (0.5: the covering windows call the pixel
             target on average).
+        partial_file / set_aside_report / section: rows appended to ``partial_file`` batch by batch, and
+            ``targetness.csv`` made from it at the end (:class:`~cutremain_monai.handlers.predictions.RowTable`).
     """
     def __init__(self, output_dir: str, tau: float = 0.5, tau_file: str | None = None, overlays: bool = True,
-                 set_aside=None, method: str = "targetness", min_score: float = 0.5):
+                 set_aside=None, method: str = "targetness", min_score: float = 0.5, partial_file: str | None = None,
+                 set_aside_report: str | None = None, section: str = "inference"):
         self.output_dir, self.overlays, self.set_aside, self.method = output_dir, overlays, set_aside, method
         self.min_score = float(min_score)
         self.tau = float(tau)
@@ -163,19 +169,30 @@ class TargetnessWriter:
             with open(tau_file) as f:
                 self.tau = float(json.load(f).get("validation_tau", {}).get(method, self.tau))
         self.rows: list[dict] = []
+        self.table = RowTable(os.path.join(output_dir, "targetness.csv"), TARGETNESS_FIELDS, partial_file,
+                              set_aside_report, section)
 
     def attach(self, engine: Engine) -> None:
+        if engine.has_event_handler(self._collect, Events.ITERATION_COMPLETED):
+            return
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
+        loader = getattr(engine, "data_loader", None)
+        if loader is not None and len(loader) == 0:  # MONAI does not start an engine on no data: write the rows now
+            self._write(engine)
 
     def _collect(self, engine: Engine) -> None:
         out = engine.state.output
         outs = out if isinstance(out, list) else [out]
         batch = engine.state.batch  # MONAI decollates it into one dict per image
         samples = batch if isinstance(batch, list) else [{k: v[i] for k, v in batch.items()} for i in range(len(outs))]
+        rows = []
         for o, sample in zip(outs, samples):
-            raw = torch.as_tensor(o["pred"]).detach().float().cpu()[0].numpy()
             name = sample.get("image_id") or os.path.basename(str(sample.get("image_path", "")))
+            if sample.get(SET_ASIDE_KEY):  # a file that could not be read: its row names the error, no map
+                rows.append({"file": name, "error": str(sample[SET_ASIDE_KEY])})
+                continue
+            raw = torch.as_tensor(o["pred"]).detach().float().cpu()[0].numpy()
             native = [int(v) for v in torch.as_tensor(sample["native_size"]).tolist()] if "native_size" in sample else list(raw.shape)
             score, lo = float(raw.max()), float(raw.min())
             m = (raw - lo) / (score - lo) if score > lo else np.zeros_like(raw)
@@ -197,18 +214,13 @@ class TargetnessWriter:
                 boxes = [list(map(float, box))] if box is not None else []
                 save_overlay(os.path.join(self.output_dir, "overlays", stem + ".png"),
                              img, m, boxes, title=f"target score {score:.2f}" + (f", box at {self.tau:.2f}" if boxes else ""))
-            self.rows.append(row)
+            rows.append(row)
+        self.table.add(rows)
 
     def _write(self, engine: Engine) -> None:
         if rank() != 0:
             return
-        rows = list(self.rows)
-        for e in self.set_aside or []:
-            rows.append({"file": e.get("file", ""), "tau": "", "target_score": "", "x0": "", "y0": "", "x1": "", "y1": "",
-                         "error": e.get("reason", "")})
-        os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "targetness.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["file", "tau", "target_score", "x0", "y0", "x1", "y1", "error"])
-            w.writeheader()
-            w.writerows(rows)
-        logger.info("targetness: %d image(s), %d set aside -> %s", len(self.rows), len(rows) - len(self.rows), self.output_dir)
+        errors = [{"file": e.get("file", ""), "error": e.get("reason", "")} for e in self.set_aside or []]
+        self.rows = self.table.finish(errors)
+        logger.info("targetness: %d image(s), %d with an error -> %s", len(self.rows),
+                    sum(1 for r in self.rows if r.get("error")), self.output_dir)

@@ -111,3 +111,115 @@ def test_inference_memory_does_not_grow_with_the_archive(tmp_path):
         peaks[n] = res["peak_kib"] / 1024
     assert peaks[240] - peaks[30] < 40, peaks
     shutil.rmtree(tmp_path / "archive")
+
+
+def _saved_network(tmp_path, bundle: str, tiny: dict) -> str:
+    """The bundle's untrained network (seeded) as a bare state dict: what inference loads as its model."""
+    from monai.bundle import ConfigParser
+
+    root = os.path.join(BUNDLES, bundle)
+    parser = ConfigParser()
+    parser.read_config([os.path.join(root, "configs", n) for n in ("train.yaml", "cpu.yaml")])
+    parser.update({"bundle_root": root, **tiny})
+    torch.manual_seed(0)
+    path = str(tmp_path / "model.pt")
+    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
+    return path
+
+
+def _kill_after(monkeypatch, owner, name: str, batches: int) -> None:
+    """``owner.name`` (the per-batch write of the rows) raises KeyboardInterrupt after ``batches`` calls."""
+    write = getattr(owner, name)
+    calls = {"n": 0}
+
+    def write_then_die(self, *args):
+        write(self, *args)
+        calls["n"] += 1
+        if calls["n"] == batches:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(owner, name, write_then_die)
+
+
+def test_killed_covid_severity_inference_resumes(tmp_path, monkeypatch):
+    """covid_severity: ten radiographs with their lung-mask files, one truncated, batches of four; killed after two
+    batches, resumed: every image once in severity.csv, the first rows as written, the truncated file a row with its
+    error and in set_aside.csv; another checkpoint scores everything again."""
+    from cutremain_monai.handlers import SeverityPredictions
+    from tests.bundles.conftest import COVID_TINY
+    from tests.conftest import SAMPLES
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for i in range(10):
+        for suffix in (".dcm", "_lungs.png"):
+            shutil.copy(os.path.join(SAMPLES, "covid", f"covid_{i:03d}{suffix}"), folder / f"covid_{i:03d}{suffix}")
+    data = (folder / "covid_005.dcm").read_bytes()
+    (folder / "covid_005.dcm").write_bytes(data[: len(data) // 2])  # header intact, pixel data cut short
+    model = _saved_network(tmp_path, "covid_severity", COVID_TINY)
+    settings = dict(tiny=COVID_TINY, workflow_type="infer", input_dir=str(folder), mask_dir=str(folder),
+                    mask_suffix="_lungs", model_path=model, ensemble_last=0, inference_overlays=False,
+                    seg_checkpoint=str(tmp_path / "no_segmenter.pt"))
+    configs = ["train.yaml", "cpu.yaml", "inference.yaml"]
+    _kill_after(monkeypatch, SeverityPredictions, "_flush", 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_bundle("covid_severity", configs, tmp_path, **settings)
+    out = tmp_path / "out" / "inference"
+    first = _rows(out / "severity.partial.csv")
+    assert len(first) == 8 and not (out / "severity.csv").exists()  # two batches of four, on disk
+    assert "covid_005.dcm" in {r["file"] for r in first if r["error"]}
+
+    monkeypatch.undo()
+    wf, _ = run_bundle("covid_severity", configs, tmp_path, **settings)
+    assert len(wf.parser.get_parsed_content("dataset")) == 2  # only the rest was scored
+    rows = _rows(out / "severity.csv")
+    names = [r["file"] for r in rows]
+    assert sorted(names) == [f"covid_{i:03d}.dcm" for i in range(10)]  # every image once
+    assert {r["file"]: r["p_A"] for r in rows if r["file"] in {x["file"] for x in first}} == \
+        {r["file"]: r["p_A"] for r in first}
+    assert all(r["mask_source"] == "file" and r["global_score"] for r in rows if not r["error"])
+    aside = _rows(out / "set_aside.csv")
+    assert [r["file"] for r in aside] == ["covid_005.dcm"] and aside[0]["section"] == "inference"
+
+    os.utime(model, ns=(os.stat(model).st_atime_ns, os.stat(model).st_mtime_ns + 10**9))  # another checkpoint
+    wf, _ = run_bundle("covid_severity", configs, tmp_path, **settings)
+    assert len(wf.parser.get_parsed_content("dataset")) == 10 and (out / "severity.partial.csv.stale").exists()
+    assert len(_rows(out / "severity.csv")) == 10
+
+
+@pytest.mark.parametrize("bundle, table", [("lesion_segmentation", "lesions"), ("background_learning", "targetness")])
+def test_killed_mask_inference_resumes(tmp_path, monkeypatch, bundle, table):
+    """lesion_segmentation / background_learning: 14 DICOMs, one truncated, batches of four; killed after two
+    batches, resumed: every image in the table once, masks / maps of the read images only, the truncated file a
+    row with its error and in set_aside.csv."""
+    from cutremain_monai.handlers.predictions import RowTable
+    from tests.bundles.conftest import BG_TINY, LS_TINY
+
+    tiny = LS_TINY if bundle == "lesion_segmentation" else BG_TINY
+    generate_scale_set(str(tmp_path / "archive"), 14, size=96, fmt="dicom", seed=3)
+    folder = tmp_path / "archive" / "images"
+    data = (folder / "img_000005.dcm").read_bytes()
+    (folder / "img_000005.dcm").write_bytes(data[:2000])  # header intact, pixel data cut short
+    model = _saved_network(tmp_path, bundle, tiny)
+    settings = dict(tiny=tiny, workflow_type="infer", input_dir=str(folder), model_path=model)
+    if bundle == "lesion_segmentation":
+        settings.update(dicom_seg=False, min_score=0.0)
+    configs = ["train.yaml", "cpu.yaml", "inference.yaml"]
+    _kill_after(monkeypatch, RowTable, "add", 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_bundle(bundle, configs, tmp_path, **settings)
+    out = tmp_path / "out" / "inference"
+    first = _rows(out / f"{table}.partial.csv")
+    assert len({r["file"] for r in first}) == 8 and not (out / f"{table}.csv").exists()
+    assert next(r["error"] for r in first if r["file"] == "img_000005.dcm")
+
+    monkeypatch.undo()
+    wf, _ = run_bundle(bundle, configs, tmp_path, **settings)
+    assert len(wf.parser.get_parsed_content("dataset")) == 14 - 8
+    rows = _rows(out / f"{table}.csv")
+    assert sorted(r["file"] for r in rows) == sorted(p.name for p in folder.iterdir())  # every image once
+    kind = "masks" if bundle == "lesion_segmentation" else "maps"
+    assert sorted(os.listdir(out / kind)) == sorted(p.name + (".png" if kind == "masks" else ".npy")
+                                                    for p in folder.iterdir() if p.name != "img_000005.dcm")
+    aside = _rows(out / "set_aside.csv")
+    assert [r["file"] for r in aside] == ["img_000005.dcm"] and aside[0]["section"] == "inference"
