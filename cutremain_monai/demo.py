@@ -52,6 +52,7 @@ def main(argv=None) -> int:
 
     settings = dict(epochs=args.epochs, image_size=[128, 64], network_depth=18, batch_size=16,
                     cam_images=8, seed=0, experiment_name="demo_clavicle",
+                    cache_dir=os.path.join(out_dir, ".preprocessed"),  # not beside the committed samples' datalist
                     tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.join(out_dir, "mlruns.db"))
     results = {}
     for aug, extra in (("none", {}), ("cut_remain", {"num_copies": 2})):

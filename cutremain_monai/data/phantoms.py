@@ -29,7 +29,7 @@ from cutremain_monai.data.lung_zones import split_lung_zones
 
 __all__ = ["Phantom", "render_clavicle", "render_pelvis", "render_chest", "render_covid", "generate_samples",
            "burn_marker", "generate_shortcut_samples", "render_target_scene", "generate_background_samples",
-           "generate_export_tree"]
+           "generate_export_tree", "render_subtle", "generate_subtle_samples"]
 
 CLAVICLE_BOX_LABELS = ("fracture", "normal_region")
 PELVIS_CLASSES = ("normal", "trochanteric", "neck")
@@ -506,6 +506,99 @@ def generate_export_tree(root: str, n_images: int, images_per_patient: int = 2, 
             f.write(f"referral for {patient['name']} ({patient['id']})\n")
         out["not_dicom"].append(path)
     return out
+
+
+def render_subtle(rng: np.random.Generator, size: int = 128, lesion: bool = False, contrast: float = 0.06,
+                  marker_rate: float = 0.5) -> Phantom:
+    """The subtle-lesion family (issue 28): the label depends only on a small, low-contrast lesion inside a relevant
+    area, amid anatomical variation that is independent of the label.
+
+    Every image: a body of random width and exposure, ribs, two bone bands (clavicle-like) of random course and
+    thickness, soft-tissue blobs, look-alike bright specks and dark nicks on the ribs outside the relevant area, a
+    burned-in side marker on a share ``marker_rate`` of images (either class), noise of a random level. The
+    relevant area is a box around a stretch of one bone band (``relevant_area``, on every image); a positive also
+    has a lesion there: a faint round opacity of peak ``contrast`` (radius 2.5-4% of the side, so its box covers at
+    most 2% of the image) on the band, boxed (``lesion``). ``contrast`` sets the difficulty.
+    """
+    h = w = size
+    yy, xx = _grid(h, w)
+    exposure = rng.uniform(0.8, 1.15)
+    width = rng.uniform(0.35, 0.5)
+    img = (0.22 + 0.12 * np.exp(-(((xx - w / 2) / (width * w)) ** 2))) * exposure + 0.04 * (yy / h)
+    ribs, rib_segs = _ribs(rng, yy, xx, h, w, n=int(rng.integers(4, 7)), amp=rng.uniform(0.06, 0.12))
+    img = img + ribs
+    for _ in range(int(rng.integers(2, 6))):  # soft tissue
+        cx, cy, r = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h, rng.uniform(0.06, 0.2) * w
+        img = img + rng.uniform(-0.05, 0.05) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (r * r))
+    bands = []
+    for side in (-1, 1):
+        y0 = h * rng.uniform(0.2, 0.34)
+        bend, tilt = rng.uniform(0.03, 0.09), rng.uniform(-0.02, 0.05)
+        pts = [(w / 2 + side * w * (0.06 + 0.4 * f), y0 - h * bend * np.sin(np.pi * f) + h * tilt * f)
+               for f in np.linspace(0, 1, 9)]
+        bands.append(pts)
+        img = img + rng.uniform(0.2, 0.32) * _band(yy, xx, pts, rng.uniform(3.5, 6.5) * size / 128)
+    pts = bands[int(rng.integers(2))]
+    k = int(rng.integers(2, 7))
+    cx, cy = pts[k]
+    bw, bh = rng.uniform(0.2, 0.26) * w, rng.uniform(0.16, 0.22) * h
+    area = [max(cx - bw / 2, 0.0), max(cy - bh / 2, 0.0), min(cx + bw / 2, float(w)), min(cy + bh / 2, float(h))]
+    inside = (xx >= area[0]) & (xx < area[2]) & (yy >= area[1]) & (yy < area[3])
+    for _ in range(int(rng.integers(3, 7))):  # look-alikes outside the relevant area, in every image
+        seg = rib_segs[int(rng.integers(len(rib_segs)))]
+        qx, qy = seg[int(rng.integers(1, len(seg) - 1))]
+        if inside[int(np.clip(qy, 0, h - 1)), int(np.clip(qx, 0, w - 1))]:
+            continue
+        if rng.random() < 0.5:
+            r = rng.uniform(0.025, 0.04) * size
+            img = img + contrast * rng.uniform(0.8, 1.3) * np.exp(-((xx - qx) ** 2 + (yy - qy) ** 2) / (r * r))
+        else:
+            img = img - 0.1 * _gap(yy, xx, qx, qy, rng.uniform(-0.3, 0.3), 4.0 * size / 128, 1.4 * size / 128)
+    boxes, labels = [area], ["relevant_area"]
+    if lesion:
+        f = rng.uniform(0.25, 0.75)
+        lx = cx + (f - 0.5) * 0.6 * bw
+        ly = cy + rng.uniform(-0.15, 0.15) * bh
+        r = rng.uniform(0.025, 0.04) * size
+        img = img + contrast * np.exp(-((xx - lx) ** 2 + (yy - ly) ** 2) / (r * r))
+        boxes.append([max(lx - 1.5 * r, 0.0), max(ly - 1.5 * r, 0.0), min(lx + 1.5 * r, float(w)), min(ly + 1.5 * r, float(h))])
+        labels.append("lesion")
+    img = img + rng.uniform(0.004, 0.015) * rng.standard_normal((h, w))
+    img = np.clip(img, 0, 1)
+    if rng.random() < marker_rate:
+        img, _ = burn_marker(img, scale=max(1, size // 96))
+    return Phantom(img.astype(np.float32), int(lesion), [[round(float(v), 2) for v in b] for b in boxes], labels)
+
+
+def generate_subtle_samples(out_dir: str, n: int = 300, seed: int = 0, size: int = 128, contrast: float = 0.06,
+                            split: tuple[float, float] = (0.5, 0.2), relevant_boxes: bool = True) -> dict:
+    """Write the subtle-lesion family (:func:`render_subtle`; half positive) as 12-bit DX files and a datalist
+    (section ``subtle``: ``training`` / ``validation`` / ``test``, one group per image) under ``out_dir``.
+
+    ``relevant_boxes=False`` keeps only the lesion boxes (positives boxed, negatives not), as FracAtlas is; the
+    relevant-area option of the bundles (:mod:`cutremain_monai.transforms.relevant_area`) then supplies boxes for
+    the negatives. Deterministic: the same arguments write the same pixels."""
+    os.makedirs(os.path.join(out_dir, "subtle"), exist_ok=True)
+    n_train, n_val = int(round(split[0] * n)), int(round(split[1] * n))
+    sections: dict = {"training": [], "validation": [], "test": []}
+    for i in range(n):
+        r = np.random.default_rng([seed, hash_task("subtle"), i])
+        ph = render_subtle(r, size, lesion=bool(i % 2), contrast=contrast)
+        section = "training" if i < n_train else "validation" if i < n_train + n_val else "test"
+        name = f"subtle/subtle_{i:04d}.dcm"
+        uid_seed = f"{seed}-subtle-{i}"
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            write_dx(path, _quantise(ph.image, 12, "MONOCHROME2"), bits_stored=12, anatomy="clavicle",
+                     uid_seed=uid_seed, instance_number=i + 1, study_uid=make_uid("study", uid_seed))
+        keep = [k for k, lab in enumerate(ph.box_labels) if relevant_boxes or lab == "lesion"]
+        sections[section].append({"image": name, "label": ph.label, "boxes": [ph.boxes[k] for k in keep],
+                                  "box_labels": [ph.box_labels[k] for k in keep], "group": f"subtle-{i:04d}"})
+    datalist = {"description": "subtle-lesion phantoms from cutremain_monai.data.phantoms.generate_subtle_samples",
+                "seed": seed, "contrast": contrast, "subtle": sections}
+    with open(os.path.join(out_dir, "datalist.json"), "w") as f:
+        json.dump(datalist, f, indent=1)
+    return datalist
 
 
 def hash_task(task: str) -> int:

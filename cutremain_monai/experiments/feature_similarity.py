@@ -21,10 +21,11 @@ __all__ = ["augmentation_pairs"]
 def augmentation_pairs(bundle: str, items: list[dict], augmentation: str, image_size: Sequence[int], seed: int = 0,
                        max_pairs: int = 32, configs: Sequence[str] = ("train.yaml", "cpu.yaml"), **overrides) -> list:
     """Up to ``max_pairs`` (original, augmented) image tensors ``(1, *image_size)`` for ``items`` through the
-    ``bundle``'s ``load_transforms`` (halves, box masks) and ``augmentation_transforms``."""
+    ``bundle``'s ``head_transforms`` (halves, resized to ``image_size`` with the boxes, box masks) and
+    ``augmentation_transforms``: the pairs training makes."""
     parser = bundle_parser(bundle, configs, **{**overrides, "augmentation": augmentation, "num_copies": 1, "seed": seed,
                                                "image_size": list(image_size)})
-    load = Compose(parser.get_parsed_content("load_transforms"))
+    load = Compose(parser.get_parsed_content("head_transforms"))
     augs = parser.get_parsed_content("augmentation_transforms")
     if not augs:
         raise ValueError(f"augmentation {augmentation!r} has no per-sample transform in {bundle}")

@@ -102,3 +102,34 @@ def test_burn_marker_by_hand():
     assert box == [31.0, 29.0, 38.0, 38.0]  # 5 x 7 glyph + 1-pixel plate border, 2 pixels from the corner
     assert out[30, 32] == pytest.approx(0.95) and out[30, 36] == pytest.approx(0.55)  # glyph pixel / plate pixel
     assert out[:29].max() == 0 and out[:, :31].max() == 0 and img.max() == 0  # nothing else touched, input kept
+
+
+def test_subtle_family_label_only_in_the_small_lesion(tmp_path):
+    """The subtle-lesion phantoms (issue 28): deterministic; every image has its relevant-area box, positives a
+    lesion box inside it covering at most 2% of the image; the burned-in marker is on both classes alike;
+    relevant_boxes=False keeps the lesion boxes only (as FracAtlas)."""
+    import numpy as np
+
+    from cutremain_monai.data.phantoms import burn_marker, generate_subtle_samples, render_subtle
+
+    a = render_subtle(np.random.default_rng(3), 96, lesion=True)
+    b = render_subtle(np.random.default_rng(3), 96, lesion=True)
+    np.testing.assert_array_equal(a.image, b.image)
+    items = []
+    for i in range(80):
+        ph = render_subtle(np.random.default_rng([7, i]), 96, lesion=bool(i % 2))
+        assert ph.box_labels == (["relevant_area", "lesion"] if i % 2 else ["relevant_area"])
+        ra = ph.boxes[0]
+        if i % 2:
+            les = ph.boxes[1]
+            assert (les[2] - les[0]) * (les[3] - les[1]) <= 0.02 * 96 * 96
+            cx, cy = (les[0] + les[2]) / 2, (les[1] + les[3]) / 2
+            assert ra[0] <= cx <= ra[2] and ra[1] <= cy <= ra[3]
+        _, tag = burn_marker(ph.image, scale=1)
+        x0, y0, x1, y1 = (int(v) for v in tag)
+        items.append((ph.label, bool((ph.image[y0 + 1:y1 - 1, x0 + 1:x1 - 1] >= 0.94).any())))
+    marked = {lab: np.mean([m for label, m in items if label == lab]) for lab in (0, 1)}
+    assert 0.25 < marked[0] < 0.75 and 0.25 < marked[1] < 0.75  # the marker says nothing about the label
+    dl = generate_subtle_samples(str(tmp_path), 10, size=64, relevant_boxes=False)["subtle"]
+    assert all(it["box_labels"] == (["lesion"] if it["label"] else []) for s in dl.values() for it in s)
+    assert sum(len(s) for s in dl.values()) == 10 and (tmp_path / dl["training"][0]["image"]).exists()
