@@ -1,8 +1,8 @@
 """``cutremain experiment <kind>``: the studies, each kind its own subcommand with its own flags.
 
-cv, gamma and compare compare training recipes on a binary or multi-label bundle; shortcut tests guided training
-against a burned-in tag; erase and psl mine lesion regions from image labels; background trains background
-learning against CAM; severity-baselines, severity-cv, severity-guidance and self-train study COVID severity.
+cv, gamma and compare compare training recipes on a binary or multi-label bundle, premise over training seeds on
+one split; shortcut tests guided training against a burned-in tag; erase and psl mine lesion regions from image
+labels; background trains background learning against CAM; severity-baselines, severity-cv, severity-guidance and self-train study COVID severity.
 Each writes its tables under ``-o`` (default ``<bundle>/outputs/<kind>``) and prints the main one.
 """
 
@@ -18,6 +18,7 @@ __all__ = ["register"]
 
 COMPARE_METHODS = "none,cut_remain,sup_cutout,sup_mixup,sup_cutmix,hide_and_seek,gain,isnet"
 SHORTCUT_METHODS = "none,cut_remain,sup_cutout,gain,isnet"
+PREMISE_METHODS = "none,cut_remain,sup_cutout,sup_cutmix,hide_and_seek"
 METHOD_HELP = (f"comma-separated method names: {', '.join(method_names())}; an augmentation and a guidance join "
                "with + (cut_remain+isnet)")
 
@@ -48,6 +49,19 @@ def compare_command(args) -> int:
             extra_configs=comma_list(args.configs), **overrides)
     print_file(os.path.join(output, "compare_table.md"))
     print(f"report: {output}/report.html; tables: {output}/compare_table.md, compare_summary.json")
+    return 0
+
+
+def premise_command(args) -> int:
+    from cutremain_monai.experiments.premise import premise  # lazy: `cutremain --help` starts without torch
+
+    overrides, output = overrides_and_output(args, "premise")
+    premise(os.path.abspath(args.bundle), args.datalist, output, comma_list(args.methods, PREMISE_METHODS),
+            seeds=[int(v) for v in comma_list(args.seeds, "0,1,2,3,4")],
+            gammas=[float(v) for v in comma_list(args.gammas)], gamma_seed=args.gamma_seed, task=args.task,
+            extra_configs=comma_list(args.configs), **overrides)
+    print_file(os.path.join(output, "premise_table.md"))
+    print(f"results: {output}/premise_table.md, premise_summary.json")
     return 0
 
 
@@ -212,7 +226,7 @@ def _erasing_flags(p) -> None:
 
 def register(sub) -> None:
     """Add ``experiment`` and its kinds to the ``cutremain`` subparsers."""
-    top = sub.add_parser("experiment", help="the studies: cv, compare, gamma, shortcut, erase, psl, background, "
+    top = sub.add_parser("experiment", help="the studies: cv, compare, premise, gamma, shortcut, erase, psl, background, "
                          "severity-baselines, severity-cv, severity-guidance, self-train",
                          description=__doc__.split("\n\n")[1])
     kinds = top.add_subparsers(dest="kind", required=True, metavar="<kind>")
@@ -238,6 +252,15 @@ def register(sub) -> None:
     p.add_argument("--shrink", type=int, default=None, metavar="N",
                    help="train on copies of the images with long side N px, made once (a CPU setting)")
     p.add_argument("--heatmap-images", type=int, default=6, help="test images in the report's heatmap grid")
+
+    p = _kind(kinds, "premise", "Cut&Remain's premise test: methods over training seeds on the datalist's own split, "
+              "each paired with none (DeLong per seed, t interval over seeds), and the gamma curve", premise_command,
+              seed=False)
+    p.add_argument("--methods", default=PREMISE_METHODS, help=METHOD_HELP + " (default %(default)s)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="training seeds (default %(default)s)")
+    p.add_argument("--gammas", default=None, help="also Cut&Remain's gamma curve at these shares (e.g. 0,0.2,...,1.0)")
+    p.add_argument("--gamma-seed", type=int, default=0, help="the seed of the gamma curve's runs (default 0)")
+    p.add_argument("--configs", default="cpu.yaml", help="override files of the bundle after train.yaml")
 
     p = _kind(kinds, "gamma", "the annotation-budget curve: Cut&Remain with boxes on a growing share of training "
               "images (the paper's Figure 7)", gamma_command)

@@ -18,8 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import norm, rankdata
+from scipy.stats import t as student_t
 
-__all__ = ["delong_covariance", "delong_ci", "delong_paired", "bootstrap_mean_ci", "operating_point", "calibration"]
+__all__ = ["delong_covariance", "delong_ci", "delong_paired", "bootstrap_mean_ci", "t_mean_ci", "operating_point",
+           "calibration"]
 
 
 def _split(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +80,21 @@ def delong_paired(y_true, score_a, score_b, alpha: float = 0.05) -> dict:
         p = float(2 * norm.sf(abs(z)))
     return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "difference": diff, "low": diff - half, "high": diff + half,
             "z": float(z), "p": float(p)}
+
+
+def t_mean_ci(values, alpha: float = 0.05) -> tuple[float, float, float]:
+    """Mean and Student's t interval over a few independent repeats (training seeds); NaN bounds with one value.
+
+    What a seed changes (initial weights, order, augmentation draws) is the variation this interval covers; the
+    images are the same in every repeat, so their sampling is not in it (DeLong's per-repeat interval is)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    if len(v) == 1:
+        return float(v[0]), float("nan"), float("nan")
+    half = student_t.ppf(1 - alpha / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
 
 
 def bootstrap_mean_ci(values, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
