@@ -9,7 +9,7 @@ import pytest
 from cutremain_monai.cli import build_parser
 from tests.conftest import ROOT
 
-KINDS = ["cv", "compare", "gamma", "shortcut", "erase", "psl", "background", "severity-baselines", "severity-cv",
+KINDS = ["cv", "compare", "premise", "gamma", "shortcut", "erase", "psl", "background", "severity-baselines", "severity-cv",
          "severity-guidance", "self-train"]
 
 
