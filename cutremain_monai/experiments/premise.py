@@ -20,13 +20,18 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+from monai.transforms import Compose
+from sklearn.metrics import roc_auc_score
 
+from cutremain_monai.engines.bundle import bundle_parser, load_network
 from cutremain_monai.engines.methods import method_overrides
 from cutremain_monai.experiments.cross_validation import train_and_test
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.metrics.comparison import delong_ci, delong_paired, t_mean_ci
+from cutremain_monai.transforms import CutRemaind
 
-__all__ = ["premise", "premise_table_md", "run_dir"]
+__all__ = ["premise", "premise_table_md", "run_dir", "copy_scores"]
 
 
 def run_dir(output_dir: str, seed: int, method: str, gamma: float = 1.0) -> str:
@@ -144,3 +149,45 @@ def premise_table_md(summary: dict) -> str:
         lines += [f"| {g['gamma']:.2f} | {g['run']} | {_f(g['auc'])} [{_f(g['low'])}, {_f(g['high'])}] |"
                   for g in summary["gamma"]]
     return "\n".join(lines) + "\n"
+
+
+def copy_scores(bundle: str, run: str, datalist: str, task: str | None = None, section: str = "test",
+                extra_configs: Sequence[str] = ("cpu.yaml",), box_labels: Sequence[str] | None = None,
+                **overrides) -> dict:
+    """What a trained model says of Cut&Remain copies: the probability it gives to every copy (all aspect-ratio
+    variants) of the boxed samples of ``section``, split by the sample's label.
+
+    The premise's check: a model trained where only lesions are boxed has seen copies of positives only, so it may
+    score any copy as positive, normal ones included; with relevant-area boxes on normal images, a normal copy
+    should score as normal. ``box_labels``: only boxes of these labels are cut (e.g. the relevant area, which
+    every phantom carries); the images go through the bundle's head (the validation one: no relevant-area boxes
+    are drawn). Returns the mean probability of normal and of positive copies, of the originals, and the AUC of
+    positive against normal copies."""
+    parser = bundle_parser(bundle, ["train.yaml", *extra_configs], **overrides, output_dir=run, datalist=datalist,
+                           datalist_task=task, device="cpu")
+    net = load_network(parser, os.path.join(run, "checkpoints", "model.pt"))
+    head = Compose(parser.get_parsed_content("head_transforms"))
+    cutter = CutRemaind(keys="image", factors=parser["aspect_factors"], num_copies=None)
+    wanted = None if box_labels is None else {str(v) for v in box_labels}
+    groups: dict[str, list[float]] = {"normal_copies": [], "positive_copies": [], "normal_originals": [],
+                                      "positive_originals": []}
+    for it in load_datalist(datalist, section, task=task):
+        samples = head(dict(it))
+        for s in samples if isinstance(samples, list) else [samples]:
+            keep = [i for i, lab in enumerate(s.get("box_labels") or []) if wanted is None or str(lab) in wanted]
+            if not keep:
+                continue
+            s = dict(s, boxes=np.asarray(s["boxes"])[keep], box_labels=[s["box_labels"][i] for i in keep])
+            out = cutter(s)
+            x = torch.stack([torch.as_tensor(o["image"]).float() for o in out])
+            with torch.no_grad():
+                p = torch.sigmoid(net(x)).reshape(len(out), -1)[:, -1].tolist()
+            kind = "positive" if int(np.asarray(s["label"]).reshape(-1)[-1]) else "normal"
+            groups[f"{kind}_originals"].append(p[0])
+            groups[f"{kind}_copies"] += p[1:]
+    result = {k: (float(np.mean(v)) if v else float("nan")) for k, v in groups.items()}
+    result.update({f"n_{k}": len(v) for k, v in groups.items()})
+    if groups["normal_copies"] and groups["positive_copies"]:
+        y = [0] * len(groups["normal_copies"]) + [1] * len(groups["positive_copies"])
+        result["copies_auc"] = float(roc_auc_score(y, groups["normal_copies"] + groups["positive_copies"]))
+    return result

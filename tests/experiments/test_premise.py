@@ -64,5 +64,15 @@ def test_premise_end_to_end(tmp_path):
     assert len(stamps) == 5
     assert cli_main(args) == 0
     assert {p: os.path.getmtime(p) for p in out.glob("runs/*/*/result.json")} == stamps
+    # what the cut_remain model says of Cut&Remain copies of the test images' relevant areas, by label
+    from cutremain_monai.experiments.premise import copy_scores
+
+    c = copy_scores(os.path.join(BUNDLES, "clavicle_fracture"), str(out / "runs" / "seed0" / "cut_remain"),
+                    str(tmp_path / "data" / "datalist.json"), task="subtle", box_labels=["relevant_area"], **overrides)
+    negatives = sum(1 for it in test if not it["label"])
+    assert c["n_normal_originals"] == negatives and c["n_normal_copies"] == 9 * negatives  # all 9 variants
+    p0 = _probs(out / "runs" / "seed0" / "cut_remain")
+    assert c["normal_originals"] == pytest.approx(np.mean([p0[n] for n in label if not label[n]]), abs=1e-3)
+    assert 0 <= c["normal_copies"] <= 1 and 0 <= c["copies_auc"] <= 1
     with pytest.raises(ValueError, match="pairs every method with 'none'"):
         cli_main([*args[:9], "cut_remain", *args[10:]])
