@@ -241,10 +241,18 @@ def _checked_folders(input_dir, mask_dir, mask_suffix: str) -> tuple[str, str | 
     return input_dir, mask_dir
 
 
+CACHE_FOLDER = ".preprocessed"  # the bundles' default cache beside a datalist (cutremain_monai.data.preprocessed)
+
+
 def _walk_sorted(input_dir: str) -> list[tuple[str, str]]:
-    """(relative posix path, path) of every file under ``input_dir``, sorted by relative path."""
+    """(relative posix path, path) of every file under ``input_dir``, sorted by relative path; the bundles' own
+    preprocessed-cache folders (``.preprocessed``, made when a datalist in this tree was trained on) are not part
+    of an export and are left out, with a log line."""
     files = []
     for d, dirs, names in os.walk(input_dir):
+        if CACHE_FOLDER in dirs:
+            dirs.remove(CACHE_FOLDER)
+            logger.info("left out the preprocessed cache %s (not part of the export)", os.path.join(d, CACHE_FOLDER))
         dirs.sort()
         files += [os.path.join(d, n) for n in names]
     return sorted((os.path.relpath(p, input_dir).replace(os.sep, "/"), p) for p in files)

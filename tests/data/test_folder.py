@@ -94,7 +94,9 @@ def _reasons(skipped):
 
 
 def test_dicom_samples_by_header_not_by_name():
-    assert sorted(os.listdir(SAMPLES)) == ["README.md", "chest", "clavicle", "covid", "datalist.json", "pelvis"]
+    # (a bundle trained on the samples' datalist leaves its cache, .preprocessed/, beside it: not a sample)
+    assert sorted(n for n in os.listdir(SAMPLES) if n != ".preprocessed") == [
+        "README.md", "chest", "clavicle", "covid", "datalist.json", "pelvis"]
     files = sorted(os.path.relpath(p, SAMPLES).replace(os.sep, "/")
                    for p in glob.glob(os.path.join(SAMPLES, "**", "*"), recursive=True) if os.path.isfile(p))
     states = [f for f in files if f.endswith("_gsps.dcm")]
@@ -377,3 +379,19 @@ def test_patient_named_folders_are_named_by_uid(tmp_path):
     plain = tmp_path / "plain"
     _copy(DX, str(plain / "x" / "IM1"))
     assert _ids(folder_datalist(plain)[0]) == ["x/IM1"]  # no identifier in the path: relative names
+
+
+def test_the_bundles_cache_folder_is_not_part_of_an_export(tmp_path, caplog):
+    import logging
+    import shutil
+
+    shutil.copy(os.path.join(SAMPLES, "clavicle", "clavicle_001.dcm"), tmp_path / "IM1")
+    cache = tmp_path / ".preprocessed" / "0123456789abcdef" / "ab"
+    cache.mkdir(parents=True)
+    (cache / "ab01.rec").write_bytes(b"CRPC1\n" + bytes(64))
+    (tmp_path / "sub" / ".preprocessed").mkdir(parents=True)
+    (tmp_path / "sub" / ".preprocessed" / "x.rec").write_bytes(b"x")
+    with caplog.at_level(logging.INFO, logger="cutremain_monai.data.folder"):
+        items, skipped = folder_datalist(str(tmp_path))
+    assert [it["image_id"] for it in items] == ["IM1"] and skipped == []
+    assert caplog.text.count("left out the preprocessed cache") == 2
