@@ -18,17 +18,32 @@ from tests.bundles.conftest import BUNDLES, TINY, run_bundle
 from tests.conftest import ROOT
 
 
-def _model(tmp_path) -> str:
+def _saved_network(tmp_path, bundle: str, tiny: dict) -> str:
+    """The bundle's untrained network (seeded) as a bare state dict: what inference loads as its model."""
     from monai.bundle import ConfigParser
 
-    root = os.path.join(BUNDLES, "clavicle_fracture")
+    root = os.path.join(BUNDLES, bundle)
     parser = ConfigParser()
     parser.read_config([os.path.join(root, "configs", n) for n in ("train.yaml", "cpu.yaml")])
-    parser.update({"bundle_root": root, **TINY})
+    parser.update({"bundle_root": root, **tiny})
     torch.manual_seed(0)
     path = str(tmp_path / "model.pt")
     torch.save(parser.get_parsed_content("network_def").state_dict(), path)
     return path
+
+
+def _kill_after(monkeypatch, owner, name: str, batches: int) -> None:
+    """``owner.name`` (the per-batch write of the rows) raises KeyboardInterrupt after ``batches`` calls."""
+    write = getattr(owner, name)
+    calls = {"n": 0}
+
+    def write_then_die(self, *args):
+        write(self, *args)
+        calls["n"] += 1
+        if calls["n"] == batches:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(owner, name, write_then_die)
 
 
 def _rows(path) -> list[dict]:
@@ -40,19 +55,10 @@ def test_killed_inference_resumes_without_scoring_twice(tmp_path, monkeypatch):
     generate_scale_set(str(tmp_path / "archive"), 22, size=96, fmt="dicom", seed=2)
     folder = tmp_path / "archive" / "images"
     (folder / "img_000005.dcm").write_bytes(open(folder / "img_000004.dcm", "rb").read()[:2000])  # truncated pixels
-    model = _model(tmp_path)
+    model = _saved_network(tmp_path, "clavicle_fracture", TINY)
     settings = dict(tiny={**TINY, "batch_size": 4}, workflow_type="infer", input_dir=str(folder), model_path=model,
                     inference_cam=False)
-    calls = {"n": 0}
-    flush = ClassificationPredictions._flush
-
-    def flush_then_die(self):
-        flush(self)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")  # the process dies after three batches were written
-
-    monkeypatch.setattr(ClassificationPredictions, "_flush", flush_then_die)
+    _kill_after(monkeypatch, ClassificationPredictions, "_flush", 3)  # dies after three batches were written
     with pytest.raises(KeyboardInterrupt):
         run_bundle("clavicle_fracture", ["train.yaml", "cpu.yaml", "inference.yaml"], tmp_path, **settings)
     out = tmp_path / "out" / "inference"
@@ -60,7 +66,7 @@ def test_killed_inference_resumes_without_scoring_twice(tmp_path, monkeypatch):
     assert len(first) == 12 and not (out / "predictions.csv").exists()  # three batches of four, on disk
     assert next(r["error"] for r in first if r["file"] == "img_000005.dcm")  # the bad file: a row with its reason
 
-    monkeypatch.setattr(ClassificationPredictions, "_flush", flush)
+    monkeypatch.undo()  # the resumed run is not killed
     wf, _ = run_bundle("clavicle_fracture", ["train.yaml", "cpu.yaml", "inference.yaml"], tmp_path, **settings)
     assert len(wf.parser.get_parsed_content("dataset")) == 22 - 12  # only the rest was scored
     rows = _rows(out / "predictions.csv")
@@ -89,7 +95,7 @@ def test_inference_memory_does_not_grow_with_the_archive(tmp_path):
     """Peak RSS of `monai.bundle run` inference over 30 and over 240 DICOM files of 512 px (two loader workers):
     the same within 40 MB."""
     generate_scale_set(str(tmp_path / "archive"), 240, size=512, fmt="dicom", seed=4)
-    model = _model(tmp_path)
+    model = _saved_network(tmp_path, "clavicle_fracture", TINY)
     peaks = {}
     for n in (30, 240):
         folder = tmp_path / f"in_{n}"
@@ -111,34 +117,6 @@ def test_inference_memory_does_not_grow_with_the_archive(tmp_path):
         peaks[n] = res["peak_kib"] / 1024
     assert peaks[240] - peaks[30] < 40, peaks
     shutil.rmtree(tmp_path / "archive")
-
-
-def _saved_network(tmp_path, bundle: str, tiny: dict) -> str:
-    """The bundle's untrained network (seeded) as a bare state dict: what inference loads as its model."""
-    from monai.bundle import ConfigParser
-
-    root = os.path.join(BUNDLES, bundle)
-    parser = ConfigParser()
-    parser.read_config([os.path.join(root, "configs", n) for n in ("train.yaml", "cpu.yaml")])
-    parser.update({"bundle_root": root, **tiny})
-    torch.manual_seed(0)
-    path = str(tmp_path / "model.pt")
-    torch.save(parser.get_parsed_content("network_def").state_dict(), path)
-    return path
-
-
-def _kill_after(monkeypatch, owner, name: str, batches: int) -> None:
-    """``owner.name`` (the per-batch write of the rows) raises KeyboardInterrupt after ``batches`` calls."""
-    write = getattr(owner, name)
-    calls = {"n": 0}
-
-    def write_then_die(self, *args):
-        write(self, *args)
-        calls["n"] += 1
-        if calls["n"] == batches:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(owner, name, write_then_die)
 
 
 def test_killed_covid_severity_inference_resumes(tmp_path, monkeypatch):
