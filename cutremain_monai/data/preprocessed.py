@@ -49,7 +49,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
-from cutremain_monai.data.set_aside import SetAsideError, error_reason, item_name, scrub_paths, write_set_aside
+from cutremain_monai.data.set_aside import (SetAsideError, error_reason, item_name, rank_and_world, scrub_paths,
+                                           write_set_aside)
 
 __all__ = ["head_fingerprint", "encode_record", "decode_record", "PreprocessedCache", "PreprocessedDataset",
            "CachedTransform", "FORMAT_VERSION"]
@@ -322,12 +323,6 @@ def _first(x):
     return x
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class PreprocessedDataset(torch.utils.data.Dataset):
     """Items through ``head`` once (cached on disk under ``cache_dir``), then ``tail`` at every draw.
 
@@ -382,7 +377,7 @@ class PreprocessedDataset(torch.utils.data.Dataset):
         t0 = time.perf_counter()
         keys = [self.cache.key(d) for d in items]
         missing = [i for i, k in enumerate(keys) if not os.path.exists(self.cache.path(k))]
-        rank, world = _dist()
+        rank, world = rank_and_world()
         mine = [i for n, i in enumerate(missing) if n % world == rank]
         failed = self._build(items, keys, mine)
         done = set(mine)

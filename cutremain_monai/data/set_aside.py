@@ -25,7 +25,7 @@ from monai.data import CacheDataset
 from monai.transforms import Compose
 
 __all__ = ["SetAsideDataset", "SetAsideError", "REPORT_FIELDS", "read_set_aside", "scrub_paths", "error_reason",
-           "item_name", "write_set_aside", "SetAsideStream", "SET_ASIDE_KEY"]
+           "item_name", "write_set_aside", "rank_and_world", "SetAsideStream", "SET_ASIDE_KEY"]
 
 logger = logging.getLogger(__name__)
 REPORT_FIELDS = ("section", "file", "reason")
@@ -38,10 +38,11 @@ class SetAsideError(RuntimeError):
     """Every item of a section was set aside."""
 
 
-def _rank() -> int:
+def rank_and_world() -> tuple[int, int]:
+    """This process's torch.distributed rank and the world size; ``(0, 1)`` outside a process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def error_reason(e: BaseException) -> str:
@@ -153,7 +154,7 @@ class SetAsideDataset(CacheDataset):
                            f", listed in {self.report}" if self.report else "")
 
     def _write_report(self) -> None:
-        if _rank() == 0:
+        if rank_and_world()[0] == 0:
             write_set_aside(self.report, self.section, self.set_aside)
 
 
