@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from monai.transforms import Compose, Randomizable, Resized
+import torch
+from monai.transforms import Compose, Randomizable
 
 from cutremain_monai.engines.bundle import bundle_parser
 
@@ -32,7 +33,6 @@ def augmentation_pairs(bundle: str, items: list[dict], augmentation: str, image_
     for a in augs:
         if isinstance(a, Randomizable):
             a.set_random_state(seed)
-    resize = Resized("image", spatial_size=tuple(image_size), mode="area")
     pairs = []
     for it in items:
         d = load(dict(it))
@@ -45,7 +45,9 @@ def augmentation_pairs(bundle: str, items: list[dict], augmentation: str, image_
             copy = out[-1] if isinstance(out, list) else out
             if copy is s:
                 continue
-            pairs.append((resize(dict(s))["image"].as_tensor(), resize(dict(copy))["image"].as_tensor()))
+            # the head ends at image_size: the pair is already at the network's input size
+            pairs.append((torch.as_tensor(s["image"]).as_subclass(torch.Tensor),
+                          torch.as_tensor(copy["image"]).as_subclass(torch.Tensor)))
             if len(pairs) >= max_pairs:
                 return pairs
     return pairs
