@@ -93,7 +93,9 @@ def shortcut_command(args) -> int:
     overrides, output = overrides_and_output(args, "shortcut")
     shortcut_experiment(os.path.abspath(args.bundle), output, methods=comma_list(args.methods, SHORTCUT_METHODS),
                         n=args.images, size=args.size, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                        seed=args.seed, **overrides)
+                        seeds=[int(v) for v in comma_list(args.seeds, "0")],
+                        strengths=[float(v) for v in comma_list(args.strengths, "1.0")], clean=not args.no_clean,
+                        data_seed=args.seed, **overrides)
     print_file(os.path.join(output, "shortcut_table.md"))
     print(f"results: {output}/shortcut_table.md, shortcut_results.csv")
     return 0
@@ -270,9 +272,12 @@ def register(sub) -> None:
     p = _kind(kinds, "shortcut", "the shortcut test of guided training: a burned-in tag on every positive in training, "
               "independent of the label in test", shortcut_command, datalist=False, task=False)
     p.add_argument("--methods", default=SHORTCUT_METHODS, help=METHOD_HELP + " (default %(default)s)")
-    p.add_argument("--images", type=int, default=200, help="phantoms to generate (60/20/20 split)")
+    p.add_argument("--images", type=int, default=300, help="phantoms to generate (120 training, 40 validation, the rest test)")
     p.add_argument("--size", type=int, default=128, help="phantom size in pixels")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs per method")
+    p.add_argument("--epochs", type=int, default=25, help="training epochs per method (warm-up included)")
+    p.add_argument("--seeds", default="0", help="training seeds (default %(default)s)")
+    p.add_argument("--strengths", default="1.0", help="shares of training / validation positives with the tag (default %(default)s)")
+    p.add_argument("--no-clean", action="store_true", help="leave out the clean reference (none trained without any tag)")
     p.add_argument("--warmup-epochs", type=int, default=5, help="plain epochs before the guidance losses")
 
     p = _kind(kinds, "erase", "adversarial-erasing region mining: rounds of train / CAM top-q / erase; the mined "

@@ -362,32 +362,47 @@ def burn_marker(img: np.ndarray, scale: int = 2, margin: int = 3, value: float =
 
 
 def generate_shortcut_samples(out_dir: str, n: int = 200, seed: int = 0, size: int = 128,
-                              split: tuple[float, float] = (0.6, 0.2), test_marker_rate: float = 0.5) -> dict:
+                              split: tuple[float, float] = (0.6, 0.2), test_marker_rate: float = 0.5,
+                              tag_rate: float = 1.0) -> dict:
     """The "shortcut" clavicle set: full clavicle phantoms (half fractured) with a burned-in letter tag outside
-    every box. In ``training`` and ``validation`` the tag is on every positive image and on no negative one; in
-    ``test`` it is drawn independently of the label (probability ``test_marker_rate``), so a network that reads
-    the tag scores near chance there. Writes DX files and ``datalist.json`` (section ``shortcut``; items carry
-    ``marker`` (bool) and ``marker_box``) under ``out_dir``; returns the datalist."""
+    every box. In ``training`` and ``validation`` the tag is on a share ``tag_rate`` of the positive images (1.0:
+    every one; 0.0: none, the clean reference set) and on no negative one; in ``test`` it is on a share ``test_marker_rate``
+    of each label's images (evenly spread), so the tag tells nothing of the label there: a network that reads it
+    scores near chance, and one that reads the lesion alone has an AUC against the tag of 0.5.
+    The images, the split and the test section do not depend on ``tag_rate`` (the tag draw of a training image
+    has its own generator), so sets of several strengths differ only in their tags. Writes DX files and
+    ``datalist.json`` (section ``shortcut``; items carry ``marker`` (bool) and ``marker_box``) under ``out_dir``;
+    returns the datalist."""
+    if not 0 <= tag_rate <= 1:
+        raise ValueError(f"tag_rate must be in [0, 1], got {tag_rate}")
     os.makedirs(os.path.join(out_dir, "shortcut"), exist_ok=True)
     n_train, n_val = int(round(split[0] * n)), int(round(split[1] * n))
     sections: dict = {"training": [], "validation": [], "test": []}
+    seen_in_test = [0, 0]  # test images of each label so far
     for i in range(n):
         r = np.random.default_rng([seed, hash_task("shortcut"), i])
         ph = render_clavicle(r, size, fractured=bool(i % 2))
         section = "training" if i < n_train else "validation" if i < n_train + n_val else "test"
-        marked = bool(ph.label) if section != "test" else bool(r.random() < test_marker_rate)
+        if section == "test":  # the same share of each label, evenly spread: the tag carries no label information
+            j = seen_in_test[ph.label]
+            seen_in_test[ph.label] += 1
+            marked = int((j + 1) * test_marker_rate) > int(j * test_marker_rate)
+        else:
+            draw = np.random.default_rng([seed, hash_task("shortcut-tag"), i]).random()
+            marked = bool(ph.label) and bool(draw < tag_rate)
         img, marker_box = burn_marker(ph.image) if marked else (ph.image, None)
         if marker_box is None:
             _, marker_box = burn_marker(ph.image)  # where the tag would be, for the energy share of unmarked images
         name = f"shortcut/shortcut_{i:03d}.dcm"
-        uid_seed = f"{seed}-shortcut-{i}"
+        uid_seed = f"{seed}-shortcut-{i}-{marked}"  # a tagged and an untagged image are different instances
         write_dx(os.path.join(out_dir, name), _quantise(img, 12, "MONOCHROME2"), bits_stored=12, anatomy="clavicle",
                  uid_seed=uid_seed, instance_number=i + 1, study_uid=make_uid("study", uid_seed))
         sections[section].append({"image": name, "label": ph.label, "boxes": [[round(float(v), 2) for v in b] for b in ph.boxes],
                                   "box_labels": list(ph.box_labels), "group": f"shortcut-{i:03d}", "marker": marked,
                                   "marker_box": marker_box})
     datalist = {"description": "shortcut phantoms from cutremain_monai.data.phantoms.generate_shortcut_samples",
-                "seed": seed, "shortcut": {**sections, "box_label_names": list(CLAVICLE_BOX_LABELS)}}
+                "seed": seed, "tag_rate": tag_rate,
+                "shortcut": {**sections, "box_label_names": list(CLAVICLE_BOX_LABELS)}}
     with open(os.path.join(out_dir, "datalist.json"), "w") as f:
         json.dump(datalist, f, indent=1)
     return datalist

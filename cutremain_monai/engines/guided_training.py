@@ -43,6 +43,7 @@ MONAI's ``MLFlowHandler`` logs the epoch), and kept per iteration in :attr:`Guid
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 
@@ -58,7 +59,7 @@ from cutremain_monai.engines.methods import GUIDANCES, check_guidance
 from cutremain_monai.localization.grad_cam import differentiable_grad_cam
 from cutremain_monai.localization.lrp import WithInputs, lrp, make_lrp_ready
 
-__all__ = ["GuidedTraining", "frozen_batchnorm", "selective_objective", "stochastic_targets", "labelled_class"]
+__all__ = ["GuidedTraining", "GuidedValidationLoss", "frozen_batchnorm", "detached_batch_statistics", "selective_objective", "stochastic_targets", "labelled_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,45 @@ def frozen_batchnorm(model: torch.nn.Module):
     finally:
         for m, flag in zip(bns, modes):
             m.train(flag)
+
+
+def _detached_forward(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm in train mode normalising with the batch's statistics taken as constants (running statistics updated
+    as ``nn.BatchNorm`` does): per image an affine map, so one image's output has no gradient through the others'."""
+    dims = [0, *range(2, x.ndim)]
+    xd = x.detach().float()
+    mean, var = xd.mean(dims), xd.var(dims, unbiased=False)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked += 1
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            n = xd.numel() / xd.shape[1]
+            bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
+            bn.running_var.mul_(1 - momentum).add_(momentum * var * n / max(n - 1, 1))
+    shape = [1, -1] + [1] * (x.ndim - 2)
+    scale = torch.rsqrt(var + bn.eps).to(x.dtype)
+    y = (x - mean.to(x.dtype).view(shape)) * scale.view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y
+
+
+@contextlib.contextmanager
+def detached_batch_statistics(model: torch.nn.Module):
+    """Inside, every BatchNorm in train mode normalises with its batch's mean and variance detached from the graph
+    (what ISNet's LRP-Block does when it fuses BatchNorm in training). Why: with the statistics in the graph, an
+    image's LRP map (a gradient) also flows through the other images of the batch, and a guided network learns
+    to satisfy the heatmap loss through the batch statistics, which eval mode does not have: measured on the
+    shortcut test, training heatmap loss 1.4 against 3.0 on validation in eval mode. Eval-mode modules are left
+    as they are; forwards restored on exit."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.forward = (lambda x, _m=m: _detached_forward(_m, x) if _m.training else type(_m).forward(_m, x))
+    try:
+        yield model
+    finally:
+        for m in bns:
+            del m.forward
 
 
 def selective_objective(eps: float = 0.01):
@@ -151,8 +191,15 @@ class GuidedTraining:
         explain_kwargs: keyword arguments of the network's forward in the LRP pass (``{"logits": True}`` for
             :class:`~cutremain_monai.networks.SeverityViT`, whose plain output is probabilities).
         pred_from_logits: ``None`` (the loss takes the logits) or ``"sigmoid"`` (it takes their sigmoid).
+        restart: after the warm-up, go back to the weights and optimizer state of epoch 1 (the ISNet references
+            calibrate C1, C2 on a throw-away network and train the guided one from scratch with the heatmap loss
+            from its first step: a network that has converged on a shortcut in plain epochs starts the guidance
+            having to unlearn it). The warm-up then only calibrates; the learning-rate schedule keeps its epochs.
+        batchnorm: ``"detached"`` (BatchNorm in the guided forward normalises with the batch statistics as
+            constants: :func:`detached_batch_statistics`) or ``"batch"`` (autograd through them).
         supported: the guidance values the bundle offers (a bundle whose network GAIN cannot take says so at once).
-        evaluator, key_metric_saver: the validation evaluator and its best-model ``CheckpointSaver``: when the guided
+        evaluator, key_metric_saver: the validation evaluator and its best-model ``CheckpointSaver`` (or a list of
+            them: ``model.pt`` and the other rule's best): when the guided
             epochs start, their best score is forgotten, so the "best" model is a guided one and never a warm-up
             (plain) epoch's, which a validation set with the same shortcut as training would otherwise prefer.
     """
@@ -164,7 +211,8 @@ class GuidedTraining:
                  isnet_decay: float = 0.0, isnet_e: float = 1.0, isnet_w1: float = 1.0, isnet_w2: float = 1.0,
                  isnet_foreground: str = "hybrid", isnet_bounds=(0.0, 1.0), clip_grad_norm: float | None = 1.0,
                  log_interval: int = 10, seed: int = 0, evaluator=None, key_metric_saver=None,
-                 explain_kwargs: dict | None = None, pred_from_logits: str | None = None, supported=GUIDANCES):
+                 explain_kwargs: dict | None = None, pred_from_logits: str | None = None, supported=GUIDANCES,
+                 restart: bool = False, batchnorm: str = "detached"):
         check_guidance(guidance, tuple(supported))
         if label_mode not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"label_mode must be binary, multiclass or multilabel, got {label_mode!r}")
@@ -201,12 +249,19 @@ class GuidedTraining:
         self.explain_kwargs = dict(explain_kwargs or {})
         self.pred_from_logits = pred_from_logits
         self._lrp_ready: set[int] = set()
+        self.restart = bool(restart)
+        if batchnorm not in ("detached", "batch"):
+            raise ValueError(f"batchnorm must be 'detached' or 'batch', got {batchnorm!r}")
+        self.batchnorm = batchnorm
+        self._initial: dict | None = None
 
     # ---- state (saved with the checkpoint, so a resumed run keeps its band) ----
     def state_dict(self) -> dict:
-        return {"band": None if self.band is None else list(self.band), "rng": self._rng.bit_generator.state}
+        return {"band": None if self.band is None else list(self.band), "rng": self._rng.bit_generator.state,
+                "initial": self._initial}
 
     def load_state_dict(self, state: dict) -> None:
+        self._initial = state.get("initial")
         band = state.get("band")
         if band is not None:
             self.band = (float(band[0]), float(band[1]))
@@ -222,7 +277,13 @@ class GuidedTraining:
 
     def _epoch_started(self, engine: Engine) -> None:
         self._epoch_terms = {}
+        if self.restart and self.warmup_epochs and engine.state.epoch == 1:
+            # the weights and optimizer state the guided epochs start from (kept in state_dict until used)
+            self._initial = {"network": {k: v.detach().cpu().clone() for k, v in engine.network.state_dict().items()},
+                             "optimizer": copy.deepcopy(engine.optimizer.state_dict())}
         if self.warmup_epochs and engine.state.epoch == self.warmup_epochs + 1:
+            if self.restart:
+                self._restart(engine)
             self._forget_best()
         if self._calibrating(engine):
             self._totals = []
@@ -238,13 +299,25 @@ class GuidedTraining:
                         engine.state.epoch, *self.band)
             engine.state.metrics["isnet_c1"], engine.state.metrics["isnet_c2"] = self.band
 
+    def _restart(self, engine: Engine) -> None:
+        if self._initial is None:
+            raise RuntimeError(f"guidance restart at epoch {engine.state.epoch}: the initial weights were not kept (a run "
+                               "resumed from a checkpoint written before this version); set guidance_restart false")
+        engine.network.load_state_dict(self._initial["network"])
+        engine.optimizer.load_state_dict(self._initial["optimizer"])
+        self._initial = None
+        logger.info("guided epochs start from the initial weights: the %d warm-up epoch(s) only calibrated the band",
+                    self.warmup_epochs)
+
     def _forget_best(self) -> None:
         if self.evaluator is not None:
             self.evaluator.state.best_metric = -1
             self.evaluator.state.best_metric_epoch = -1
-        ckpt = getattr(self.key_metric_saver, "_key_metric_checkpoint", None)
-        if ckpt is not None:
+        savers = self.key_metric_saver if isinstance(self.key_metric_saver, (list, tuple)) else [self.key_metric_saver]
+        ckpts = [c for c in (getattr(s, "_key_metric_checkpoint", None) for s in savers) if c is not None]
+        for ckpt in ckpts:
             ckpt.reset()
+        if ckpts:
             logger.info("guided epochs start: the best model is chosen among them (warm-up checkpoints no longer compete)")
 
     @staticmethod
@@ -275,22 +348,58 @@ class GuidedTraining:
         mask = batchdata.get(self.mask_key) if isinstance(batchdata, dict) else None
         return x, y, None if mask is None else torch.as_tensor(mask).to(x.device), args, kwargs
 
+    def _masks(self, x, mask):
+        """``(x, binary mask (B, 1, H, W), has_mask (B,) bool)``; zeros where the batch has no mask."""
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        b = x.shape[0]
+        if mask is None:
+            return x, torch.zeros((b, 1, *x.shape[2:]), device=x.device), torch.zeros(b, dtype=torch.bool, device=x.device)
+        mask = mask.as_tensor() if hasattr(mask, "as_tensor") else mask  # (on x's device: _prepare moved it)
+        mask = (mask.float() > 0.5).float()
+        if mask.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"'{self.mask_key}' is {tuple(mask.shape[-2:])} but the images are {tuple(x.shape[-2:])}: resize the masks with the images")
+        return x, mask, mask.flatten(1).amax(1) > 0
+
+    def guided_at(self, epoch: int) -> bool:
+        """Whether the guidance term is in the loss of ``epoch`` (after the warm-up, and for ISNet once it has a band)."""
+        return self.guidance != "none" and epoch > self.warmup_epochs and (self.guidance != "isnet" or self.band is not None)
+
+    def validation_terms(self, engine: Engine, batchdata, loss_function) -> dict[str, float]:
+        """The training objective of ``epoch`` on a validation batch, network as it is (the evaluator's eval mode:
+        BatchNorm on running statistics): ``{"loss": total, "loss_cl": ..., guidance terms...}`` as floats. The
+        classification loss alone before the guided epochs; no graph is kept."""
+        network, was_training = engine.network, engine.network.training
+        network.eval()  # (MONAI's evaluator fires its iteration events outside its eval-mode context)
+        try:
+            return self._validation_terms(engine, batchdata, loss_function)
+        finally:
+            network.train(was_training)
+
+    def _validation_terms(self, engine: Engine, batchdata, loss_function) -> dict[str, float]:
+        x, y, mask, args, kwargs = self._prepare(engine, batchdata)
+        x, mask, has_mask = self._masks(x, mask)
+        network, terms = engine.network, {}
+        if not self.guided_at(engine.state.epoch):
+            with torch.no_grad():
+                logits = network(x, *args, **{**kwargs, **self.explain_kwargs})
+                if self.pred_from_logits == "sigmoid":
+                    logits = torch.sigmoid(logits)
+                loss = loss_function(logits.float(), y).mean()
+            return {"loss": float(loss), "loss_cl": float(loss)}
+        with torch.enable_grad():
+            if self.guidance == "gain":
+                loss, _ = self._gain_loss(loss_function, network, x, y, mask, has_mask, terms)
+            else:
+                loss, _ = self._isnet_loss(loss_function, network, x, y, mask, has_mask, terms, False, args, kwargs,
+                                           epoch=engine.state.epoch, create_graph=False)
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+
     def __call__(self, engine: Engine, batchdata) -> dict:
         calibrate = self._calibrating(engine)
         if self.guidance == "none" or not (self.active(engine) or calibrate):
             return engine._iteration(engine, batchdata)
         x, y, mask, args, kwargs = self._prepare(engine, batchdata)
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        b = x.shape[0]
-        if mask is None:
-            has_mask = torch.zeros(b, dtype=torch.bool, device=x.device)
-            mask = torch.zeros((b, 1, *x.shape[2:]), device=x.device)
-        else:
-            mask = mask.as_tensor() if hasattr(mask, "as_tensor") else mask  # (on x's device: _prepare moved it)
-            mask = (mask.float() > 0.5).float()
-            if mask.shape[-2:] != x.shape[-2:]:
-                raise ValueError(f"'{self.mask_key}' is {tuple(mask.shape[-2:])} but the images are {tuple(x.shape[-2:])}: resize the masks with the images")
-            has_mask = mask.flatten(1).amax(1) > 0
+        x, mask, has_mask = self._masks(x, mask)
         engine.state.output = {Keys.IMAGE: x, Keys.LABEL: y}
         network = engine.network
         network.train()
@@ -304,9 +413,10 @@ class GuidedTraining:
                     raise ValueError("guidance 'gain' takes a network of the image alone (its Grad-CAM and erased "
                                      "forward); this network also takes " + f"{len(args) + len(kwargs)} more input(s)")
                 with torch.autocast("cuda", **engine.amp_kwargs) if use_amp else contextlib.nullcontext():
-                    loss, logits = self._gain_loss(engine, network, x, y, mask, has_mask, terms)
+                    loss, logits = self._gain_loss(engine.loss_function, network, x, y, mask, has_mask, terms)
             else:
-                loss, logits = self._isnet_loss(engine, network, x, y, mask, has_mask, terms, calibrate, args, kwargs)
+                loss, logits = self._isnet_loss(engine.loss_function, network, x, y, mask, has_mask, terms, calibrate,
+                                                args, kwargs, epoch=engine.state.epoch)
             if not torch.isfinite(loss):
                 raise FloatingPointError("the total is not finite")
         except FloatingPointError as err:
@@ -358,12 +468,13 @@ class GuidedTraining:
     def _layer_name(network: torch.nn.Module, layer: str) -> str:
         return f"module.{layer}" if isinstance(network, torch.nn.parallel.DistributedDataParallel) else layer
 
-    def _gain_loss(self, engine, network, x, y, mask, has_mask, terms):
+    def _gain_loss(self, loss_function, network, x, y, mask, has_mask, terms):
         g = self.gain
-        maps, logits = differentiable_grad_cam(network, x, target=lambda lg: labelled_class(y, lg, self.label_mode)[0],
-                                               layer=self._layer_name(network, self.layer))
+        with self._batchnorm(network):
+            maps, logits = differentiable_grad_cam(network, x, target=lambda lg: labelled_class(y, lg, self.label_mode)[0],
+                                                   layer=self._layer_name(network, self.layer))
         classes, positive = labelled_class(y, logits, self.label_mode)
-        l_cl = engine.loss_function(logits, y).mean()
+        l_cl = loss_function(logits, y).mean()
         erased = gain_erase(x, maps, g["sigma"], g["omega"])
         with frozen_batchnorm(network):
             logits_e = network(erased)
@@ -386,25 +497,80 @@ class GuidedTraining:
 
         return stochastic
 
-    def _isnet_loss(self, engine, network, x, y, mask, has_mask, terms, calibrate, args=(), kwargs=None):
+    def _batchnorm(self, network):
+        return detached_batch_statistics(network) if self.batchnorm == "detached" else contextlib.nullcontext()
+
+    def _make_lrp_ready(self, network) -> None:
         if id(network) not in self._lrp_ready:
             make_lrp_ready(network, inplace=True)
             self._lrp_ready.add(id(network))
+
+    def _isnet_loss(self, loss_function, network, x, y, mask, has_mask, terms, calibrate, args=(), kwargs=None,
+                    epoch: int = 0, create_graph: bool = True):
+        self._make_lrp_ready(network)
         kwargs = {**(kwargs or {}), **self.explain_kwargs}
         explained = WithInputs(network, args, kwargs) if (args or kwargs) else network
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with torch.autocast(device_type=x.device.type, enabled=False), self._batchnorm(network):
             heat, logits = lrp(explained, x.float(), objective=self._isnet_objective(), epsilon=self.isnet_epsilon,
-                               bounds=self.bounds, create_graph=not calibrate, return_logits=True)
+                               bounds=self.bounds, create_graph=create_graph and not calibrate, return_logits=True)
             if self.pred_from_logits == "sigmoid":
                 logits = torch.sigmoid(logits)  # what the loss and the output take (the severity model's probabilities)
-            l_cl = engine.loss_function(logits, y).mean()
+            l_cl = loss_function(logits, y).mean()
             terms["loss_cl"] = l_cl
             if calibrate:  # the last plain epoch: collect the maps' totals for the band, train on L_cl alone
                 self._totals.extend(heat.detach().abs().flatten(1).sum(1)[has_mask].tolist())  # maps the loss will see
                 return l_cl, logits
             if self.band is None:
-                raise ValueError(f"ISNet has no band [C1, C2] at epoch {engine.state.epoch}: it is calibrated in epoch "
+                raise ValueError(f"ISNet has no band [C1, C2] at epoch {epoch}: it is calibrated in epoch "
                                  f"{self.warmup_epochs} (the last warm-up epoch); give isnet_band, or resume from a checkpoint saved after it")
             l_h = isnet_heatmap_loss(heat, mask, *self.band, has_mask=has_mask, **self.loss_kwargs)
             terms["loss_heatmap"] = l_h
             return (1 - self.isnet_p) * l_cl + self.isnet_p * l_h, logits
+
+
+class GuidedValidationLoss:
+    """The validation metric a guided run's best model is chosen by: the training objective on the validation
+    section (classification loss plus the guidance term on the validation masks, with the same weights), averaged
+    over the images, in ``engine.state.metrics[name]`` at the evaluator's ``EPOCH_COMPLETED``; attach it before
+    the ``CheckpointSaver`` that reads it. Guided epochs only count the guidance term; before them (and without
+    guidance) it is the classification loss. Why: a validation section that carries the training set's shortcut
+    rewards reading it (AUC 1.0 from the tag alone); the guided objective does not (the ISNet references select by
+    a validation loss that includes the heatmap loss). What it adds to MONAI: evaluators run without gradients,
+    and Grad-CAM and LRP need them; the term is computed in the evaluator's eval mode with gradients on.
+    """
+
+    def __init__(self, guided: GuidedTraining, loss_function, name: str = "val_loss"):
+        self.guided = guided
+        self.loss_function = loss_function
+        self.name = name
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def attach(self, engine: Engine) -> None:
+        if self.guided.evaluator is None:  # the evaluator whose best score the guided epochs forget
+            self.guided.evaluator = engine
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        # the collated batch, before MONAI decollates it (on MODEL_COMPLETED)
+        engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._completed)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sums, self._count = {}, 0
+
+    def _iteration(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        terms = self.guided.validation_terms(engine, batch, self.loss_function)
+        b = len(batch[Keys.IMAGE]) if isinstance(batch, dict) else len(batch[0])
+        for k, v in terms.items():
+            self._sums[k] = self._sums.get(k, 0.0) + v * b
+        self._count += b
+
+    def _completed(self, engine: Engine) -> None:
+        totals = [self._count, *[self._sums.get(k, 0.0) for k in sorted(self._sums)]]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, totals)
+            totals = [sum(p[i] for p in parts) for i in range(len(totals))]
+        count = max(totals[0], 1)
+        for k, v in zip(sorted(self._sums), totals[1:]):
+            engine.state.metrics[self.name if k == "loss" else f"val_{k}"] = v / count

@@ -1,13 +1,17 @@
-"""The shortcut test (issue 13): does a method make the classifier read the lesion rather than a burned-in tag?
+"""The shortcut test (issues 13, 30): does a method make the classifier read the lesion rather than a burned-in tag?
 
-:func:`~cutremain_monai.data.phantoms.generate_shortcut_samples` writes clavicle phantoms whose letter tag marks
-every positive image of the training and validation sections and is independent of the label in the test
-section. :func:`shortcut_experiment` trains the clavicle bundle once per method with the same seed and settings
-(whole images, no halves), then scores two checkpoints: the best on validation (what the bundle keeps as
-``model.pt``; the validation set carries the same tag, so it rewards reading it) and the last epoch's. Scores: validation
+:func:`~cutremain_monai.data.phantoms.generate_shortcut_samples` writes clavicle phantoms whose letter tag marks a
+share (the tag strength: 100%, 90%) of the positive images of the training and validation sections and no
+negative one, and is independent of the label in the test section; the clean reference set has the same images
+without any tag. :func:`shortcut_experiment` trains the clavicle bundle per strength, training seed and method
+(whole images, no halves), plus ``none`` on the clean set per seed (the upper bound a guided method should
+approach), then scores three checkpoints: the best validation AUC (the validation set carries the tag, so it
+rewards reading it), the lowest validation loss (the training objective, with the guidance term on the
+validation masks: what the bundle keeps as ``model.pt`` for guided runs) and the last epoch. Scores: validation
 and test AUC (with a bootstrap 95% interval on test), the AUC of the test predictions against the TAG's presence
 (1.0: the network reads the tag; 0.5: it ignores it), and the share of the map's non-negative energy on the tag
-(test images that carry it) and in the lesion box (positive test images), for Grad-CAM and LRP.
+(test images that carry it) and in the lesion box (positive test images), for Grad-CAM and LRP. The table gives
+the means over the seeds with Student's t intervals (:func:`shortcut_summary`).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from cutremain_monai.handlers.reproducibility import latest_checkpoint
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.localization.report import compute_map
 from cutremain_monai.metrics.classification import auc_ci, mean_auc
+from cutremain_monai.metrics.comparison import t_mean_ci
 from cutremain_monai.metrics.localization import energy_in_box
 
-__all__ = ["shortcut_experiment", "score_shortcut", "shortcut_table"]
+__all__ = ["shortcut_experiment", "score_shortcut", "shortcut_summary", "shortcut_table", "CHECKPOINTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,32 +79,68 @@ def score_shortcut(bundle: str, datalist: str, checkpoints: dict, **overrides) -
     return results
 
 
+CHECKPOINTS = ("val_auc", "val_loss", "last")
+
+
+def _checkpoints(ckpt_dir: str) -> dict[str, str]:
+    """The three checkpoints of a run: best validation AUC, lowest validation loss (the training objective with its
+    guidance term) and the last epoch; ``model.pt`` is whichever the bundle's ``best_model_metric`` keeps."""
+    model = os.path.join(ckpt_dir, "model.pt")
+    auc, loss = (os.path.join(ckpt_dir, f"model_{k}.pt") for k in ("val_auc", "val_loss"))
+    return {"val_auc": auc if os.path.exists(auc) else model, "val_loss": loss if os.path.exists(loss) else model,
+            "last": latest_checkpoint(ckpt_dir)}
+
+
+def _tag_name(strength: float | None) -> str:
+    return "clean" if strength is None else f"tag{strength:.2f}"
+
+
 def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = ("none", "cut_remain", "sup_cutout", "gain", "isnet"),
-                        n: int = 200, size: int = 128, epochs: int = 20, warmup_epochs: int = 5, seed: int = 0,
-                        data_dir: str | None = None, **overrides) -> list[dict]:
-    """Generate the shortcut set (once, under ``data_dir`` or ``output_dir/data``), train and score every method;
-    writes ``shortcut_results.csv`` / ``shortcut_table.md`` under ``output_dir`` and returns the rows."""
+                        n: int = 300, split: tuple[float, float] = (0.4, 0.4 / 3), size: int = 128, epochs: int = 25,
+                        warmup_epochs: int = 5, seeds: Sequence[int] = (0,), strengths: Sequence[float] = (1.0,),
+                        clean: bool = True, data_seed: int = 0, data_dir: str | None = None, **overrides) -> list[dict]:
+    """Generate the shortcut sets (once per strength, under ``data_dir`` or ``output_dir/data``), train and score
+    every method at every tag strength (the share of training and validation positives that carry the tag) and
+    training seed, plus the clean reference (``none`` trained on the same images without any tag) per seed. A
+    finished run leaves ``scores.json`` and is not trained again (the study resumes). Writes
+    ``shortcut_results.csv`` (one row per strength, seed, method and checkpoint), ``shortcut_table.md`` (means over
+    the seeds with Student's t intervals) and ``shortcut_settings.json`` under ``output_dir``; returns the rows."""
     for m in methods:
         method_overrides(m)
     data_dir = os.path.abspath(data_dir or os.path.join(output_dir, "data"))
-    datalist = os.path.join(data_dir, "datalist.json")
-    if not os.path.exists(datalist):
-        generate_shortcut_samples(data_dir, n=n, seed=seed, size=size)
+    sets = [*(float(v) for v in strengths), *([None] if clean else [])]
+    datalists = {}
+    for strength in sets:
+        folder = os.path.join(data_dir, _tag_name(strength))
+        datalists[strength] = os.path.join(folder, "datalist.json")
+        if not os.path.exists(datalists[strength]):
+            generate_shortcut_samples(folder, n=n, seed=data_seed, size=size, split=split,
+                                      tag_rate=0.0 if strength is None else strength)
     defaults = dict(split_halves=False, image_size=[size, size], epochs=epochs, guidance_warmup_epochs=warmup_epochs,
-                    seed=seed, num_copies=2, register_model=False, cam_images=0, localization_report=False,
+                    num_copies=2, register_model=False, cam_images=0, localization_report=False,
                     experiment_name="shortcut")
     settings = with_study_store(output_dir, {**defaults, **overrides})
+    score_keys = ("split_halves", "image_size", "network_depth", "cam_layer")
     rows = []
-    for m in methods:
-        out = os.path.abspath(os.path.join(output_dir, m.replace("+", "_")))
-        logger.info("shortcut test: training %s", m)
-        train_and_test(bundle, datalist, out, task="shortcut", run_name=f"shortcut_{m}",
-                       **{**settings, **method_overrides(m)})
-        ckpt_dir = os.path.join(out, "checkpoints")
-        scores = score_shortcut(bundle, datalist, {"best val": os.path.join(ckpt_dir, "model.pt"), "last": latest_checkpoint(ckpt_dir)},
-                                **{k: v for k, v in settings.items() if k in ("split_halves", "image_size", "network_depth", "cam_layer")},
-                                datalist_task="shortcut", output_dir=out)
-        rows.extend({"method": m, "checkpoint": which, **values} for which, values in scores.items())
+    for strength in sets:
+        for seed in seeds:
+            for m in (methods if strength is not None else ["none"]):
+                out = os.path.abspath(os.path.join(output_dir, "runs", _tag_name(strength), f"seed{seed}", m.replace("+", "_")))
+                done = os.path.join(out, "scores.json")
+                if not os.path.exists(done):
+                    logger.info("shortcut test: training %s (%s, seed %d)", m, _tag_name(strength), seed)
+                    train_and_test(bundle, datalists[strength], out, task="shortcut", run_name=f"shortcut_{m}",
+                                   **{**settings, **method_overrides(m), "seed": seed})
+                    scores = score_shortcut(bundle, datalists[strength], _checkpoints(os.path.join(out, "checkpoints")),
+                                            **{k: v for k, v in settings.items() if k in score_keys},
+                                            datalist_task="shortcut", output_dir=out)
+                    with open(done + ".tmp", "w") as f:
+                        json.dump(scores, f, indent=1)
+                    os.replace(done + ".tmp", done)
+                with open(done) as f:
+                    scores = json.load(f)
+                rows.extend({"strength": _tag_name(strength), "seed": seed, "method": "clean" if strength is None else m,
+                             "checkpoint": which, **values} for which, values in scores.items())
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "shortcut_results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -108,15 +149,48 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
     with open(os.path.join(output_dir, "shortcut_table.md"), "w") as f:
         f.write(shortcut_table(rows))
     with open(os.path.join(output_dir, "shortcut_settings.json"), "w") as f:
-        json.dump({"n": n, "size": size, "methods": list(methods), **settings}, f, indent=1)
+        json.dump({"n": n, "split": list(split), "size": size, "methods": list(methods), "seeds": list(seeds),
+                   "strengths": list(strengths), "clean": clean, "data_seed": data_seed, **settings}, f, indent=1)
     return rows
 
 
-def shortcut_table(rows: list[dict]) -> str:
-    lines = ["| method | checkpoint | val AUC | test AUC (95% CI) | AUC vs tag | Grad-CAM on tag | LRP on tag | Grad-CAM in lesion box | LRP in lesion box |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def shortcut_summary(rows: list[dict], max_gap: float = 0.05, max_tag_auc: float = 0.65) -> list[dict]:
+    """Per strength, method and checkpoint: the mean over seeds of every score with Student's t interval for
+    test AUC and AUC against the tag, and ``target``: in how many seeds the test AUC is within ``max_gap`` of the
+    clean reference of the same seed (its ``val_auc`` checkpoint: no tag in its validation) and the AUC against the
+    tag below ``max_tag_auc``."""
+    clean = {r["seed"]: float(r["test_auc"]) for r in rows if r["strength"] == "clean" and r["checkpoint"] == "val_auc"}
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        lines.append(f"| {r['method']} | {r.get('checkpoint', '')} | {r['validation_auc']:.3f} | {r['test_auc']:.3f} ({r['test_auc_low']:.3f}-{r['test_auc_high']:.3f}) "
-                     f"| {r['tag_auc']:.3f} | {r['gradcam_tag_energy']:.3f} | {r['lrp_tag_energy']:.3f} "
-                     f"| {r['gradcam_lesion_energy']:.3f} | {r['lrp_lesion_energy']:.3f} |")
+        groups.setdefault((r["strength"], r["method"], r["checkpoint"]), []).append(r)
+    out = []
+    for (strength, method, checkpoint), rs in groups.items():
+        s = {"strength": strength, "method": method, "checkpoint": checkpoint, "seeds": len(rs)}
+        for key in ("test_auc", "tag_auc"):
+            s[key], s[f"{key}_low"], s[f"{key}_high"] = t_mean_ci([float(r[key]) for r in rs])
+        for key in ("validation_auc", "gradcam_tag_energy", "lrp_tag_energy", "gradcam_lesion_energy", "lrp_lesion_energy"):
+            s[key] = float(np.mean([float(r[key]) for r in rs]))
+        met = [r["seed"] in clean and float(r["test_auc"]) >= clean[r["seed"]] - max_gap and float(r["tag_auc"]) < max_tag_auc
+               for r in rs]
+        s["target"] = f"{sum(met)}/{len(rs)}" if strength != "clean" else ""
+        out.append(s)
+    return out
+
+
+def _ci(s: dict, key: str) -> str:
+    if not np.isfinite(s[f"{key}_low"]):
+        return f"{s[key]:.3f}"
+    return f"{s[key]:.3f} [{s[f'{key}_low']:.3f}, {s[f'{key}_high']:.3f}]"
+
+
+def shortcut_table(rows: list[dict]) -> str:
+    """The summary (:func:`shortcut_summary`) as markdown: one row per strength, method and checkpoint."""
+    lines = ["| tag on | method | checkpoint | seeds | val AUC | test AUC (95% t CI) | AUC vs tag (95% t CI) | Grad-CAM on tag "
+             "| LRP on tag | Grad-CAM in lesion box | LRP in lesion box | target met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in shortcut_summary(rows):
+        strength = "none (clean)" if s["strength"] == "clean" else f"{float(s['strength'][3:]):.0%} of positives"
+        lines.append(f"| {strength} | {s['method']} | {s['checkpoint']} | {s['seeds']} | {s['validation_auc']:.3f} "
+                     f"| {_ci(s, 'test_auc')} | {_ci(s, 'tag_auc')} | {s['gradcam_tag_energy']:.3f} | {s['lrp_tag_energy']:.3f} "
+                     f"| {s['gradcam_lesion_energy']:.3f} | {s['lrp_lesion_energy']:.3f} | {s['target']} |")
     return "\n".join(lines) + "\n"

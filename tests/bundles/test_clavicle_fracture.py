@@ -159,8 +159,14 @@ def test_each_guidance_runs_and_logs(tmp_path, augmentation, guidance):
     trainer = wf.parser.get_parsed_content("train#trainer")
     terms = ["loss_cl", "loss_heatmap"] if guidance == "isnet" else ["loss_cl", "loss_am", "loss_e"]
     assert all(np.isfinite(trainer.state.metrics[f"guidance_{t}"]) for t in terms)
-    assert wf.parser.get_parsed_content("validate#evaluator").state.best_metric_epoch == 2  # model.pt is a guided epoch's
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    assert evaluator.state.best_metric_epoch == 2  # model.pt is a guided epoch's
     out = tmp_path / "out"
+    # guided runs keep the lowest validation loss (L_cl + the guidance term on the validation masks) as model.pt
+    # and the best validation AUC beside it
+    guided_term = "val_loss_heatmap" if guidance == "isnet" else "val_loss_e"
+    assert np.isfinite(evaluator.state.metrics["val_loss"]) and np.isfinite(evaluator.state.metrics[guided_term])
+    assert (out / "checkpoints" / "model.pt").exists() and (out / "checkpoints" / "model_val_auc.pt").exists()
     report = json.load(open(out / "cam_report.json"))
     assert report["method"] == ("lrp" if guidance == "isnet" else "gradcam") and list((out / "cam_overlays").glob("*.png"))
     import mlflow

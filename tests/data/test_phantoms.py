@@ -84,7 +84,8 @@ def test_shortcut_set_tags_positives_in_training_and_is_independent_in_test(tmp_
     for section in ("training", "validation"):
         assert all(it["marker"] == bool(it["label"]) for it in dl[section])
     test = dl["test"]
-    assert any(it["marker"] and not it["label"] for it in test) and any(not it["marker"] and it["label"] for it in test)
+    for label in (0, 1):  # half of each label's test images tagged: the tag is independent of the label there
+        assert sum(it["marker"] for it in test if it["label"] == label) == sum(it["label"] == label for it in test) // 2
     for section in ("training", "validation", "test"):
         for it in dl[section]:
             x0, y0, x1, y1 = it["marker_box"]
@@ -94,6 +95,33 @@ def test_shortcut_set_tags_positives_in_training_and_is_independent_in_test(tmp_
             tag = img[int(y0):int(y1), int(x0):int(x1)]
             assert (tag.max() > 0.9) == it["marker"], it["image"]  # the letter is burned in where marked
     assert dciodvfy_errors(os.path.join(str(tmp_path), test[0]["image"])) == []
+
+
+def test_shortcut_strengths_differ_only_in_the_training_tags(tmp_path):
+    """tag_rate: the share of training / validation positives that carry the tag (0: the clean reference set); the
+    images without a tag, the split and the whole test section are the same at every strength."""
+    sets = {rate: generate_shortcut_samples(str(tmp_path / str(rate)), n=40, seed=2, size=64, tag_rate=rate)["shortcut"]
+            for rate in (1.0, 0.5, 0.0)}
+    with pytest.raises(ValueError, match="tag_rate must be in"):
+        generate_shortcut_samples(str(tmp_path / "bad"), n=4, tag_rate=1.5)
+    pos = [it for s in ("training", "validation") for it in sets[0.5][s] if it["label"]]
+    assert 0 < sum(it["marker"] for it in pos) < len(pos)  # some positives tagged, some not
+    assert not any(it["marker"] for s in ("training", "validation") for it in sets[0.0][s])
+    assert not any(it["marker"] and not it["label"] for s in ("training", "validation") for it in sets[0.5][s])
+
+    def pixels(rate, it):
+        return np.squeeze(read_xray_dicom(os.path.join(str(tmp_path / str(rate)), it["image"]))[0])
+
+    for section in ("training", "validation", "test"):
+        for a, b, c in zip(sets[1.0][section], sets[0.5][section], sets[0.0][section]):
+            assert a["image"] == b["image"] == c["image"] and a["boxes"] == b["boxes"] == c["boxes"]
+            if section == "test":
+                assert a["marker"] == b["marker"] == c["marker"]
+            if not b["marker"]:  # an untagged image is the clean image
+                np.testing.assert_array_equal(pixels(0.5, b), pixels(0.0, c))
+            if b["marker"]:  # a tag drawn at 0.5 is drawn at 1.0 too
+                assert a["marker"]
+                np.testing.assert_array_equal(pixels(0.5, b), pixels(1.0, a))
 
 
 def test_burn_marker_by_hand():

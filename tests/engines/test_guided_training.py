@@ -1,5 +1,6 @@
 """The guided training step (GAIN_ext, ISNet) inside MONAI's SupervisedTrainer, on a small ResNet."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -103,8 +104,8 @@ def test_isnet_calibrates_band_then_trains_with_heatmap_loss():
     assert other.band == (c1, c2)
 
 
-def _isnet_grad(p: float, band=(1.0, 25.0)):
-    step = GuidedTraining("isnet", warmup_epochs=0, isnet_band=band, isnet_p=p, clip_grad_norm=None)
+def _isnet_grad(p: float, band=(1.0, 25.0), batchnorm="detached"):
+    step = GuidedTraining("isnet", warmup_epochs=0, isnet_band=band, isnet_p=p, clip_grad_norm=None, batchnorm=batchnorm)
     trainer, net = _trainer(step, epochs=1, data=_batches(n=1))
     trainer.state.epoch, trainer.state.iteration = 1, 1  # one step by hand: the weights stay those of the seed
     step(trainer, _batches(n=1)[0])
@@ -112,14 +113,21 @@ def _isnet_grad(p: float, band=(1.0, 25.0)):
 
 
 def test_isnet_gradient_reaches_weights_and_depends_on_p():
+    from cutremain_monai.engines.guided_training import detached_batch_statistics
+
     g0, g5, g9 = _isnet_grad(0.0), _isnet_grad(0.5), _isnet_grad(0.9)
     assert g5.abs().sum() > 0 and not torch.allclose(g5, g9) and not torch.allclose(g0, g5)
-    # P = 0: the plain classification gradient (same weights, same batch, one forward)
-    torch.manual_seed(0)
-    net = resnet(18)
-    batch = _batches(n=1)[0]
-    torch.nn.BCEWithLogitsLoss()(net(batch["image"]), batch["label"].float().view(-1, 1)).backward()
-    assert torch.allclose(g0, net.conv1.weight.grad, rtol=1e-4, atol=1e-7)
+    # P = 0: the plain classification gradient (same weights, same batch, one forward), BatchNorm statistics
+    # detached by default, in the graph with batchnorm="batch"
+    for batchnorm in ("detached", "batch"):
+        torch.manual_seed(0)
+        net = resnet(18)
+        batch = _batches(n=1)[0]
+        with detached_batch_statistics(net) if batchnorm == "detached" else contextlib.nullcontext():
+            torch.nn.BCEWithLogitsLoss()(net(batch["image"]), batch["label"].float().view(-1, 1)).backward()
+        g = g0 if batchnorm == "detached" else _isnet_grad(0.0, batchnorm="batch")
+        assert torch.allclose(g, net.conv1.weight.grad, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(g0, _isnet_grad(0.0, batchnorm="batch"), rtol=1e-4, atol=1e-7)
 
 
 def test_gain_step_terms_and_total():
@@ -249,10 +257,132 @@ def test_isnet_on_the_severity_model_with_lung_masks():
     # P = 0: the plain zone-BCE gradient of the model's own (probability) forward
     from cutremain_monai.engines.severity import SeverityPrepareBatch, ZoneBCELoss
 
+    from cutremain_monai.engines.guided_training import detached_batch_statistics
+
     x, y, (mask, zones), _ = SeverityPrepareBatch()(batch)
     net0.zero_grad()
-    ZoneBCELoss()(net0(x, mask, zones), y).backward()
+    with detached_batch_statistics(net0):  # (the guided step's BatchNorm)
+        ZoneBCELoss()(net0(x, mask, zones), y).backward()
     g = net0.features.conv0.weight.grad.clone()
     _, pred, net0b, _ = _severity_step(0.0)
     assert torch.allclose(net0b.features.conv0.weight.grad, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))  # (float32 order)
     assert torch.allclose(pred, net0b(x, mask, zones), atol=1e-6)  # the output is probabilities
+
+
+@pytest.mark.parametrize("guidance", ["isnet", "gain"])
+def test_validation_loss_is_the_training_objective_in_eval_mode(guidance):
+    """GuidedValidationLoss: in guided epochs the evaluator's val_loss is the training objective (L_cl plus the
+    guidance term on the validation masks) of the network in eval mode, averaged over images; before them, L_cl."""
+    from monai.engines import SupervisedEvaluator
+
+    from cutremain_monai.engines.guidance import gain_erase, isnet_heatmap_loss
+    from cutremain_monai.engines.guided_training import GuidedValidationLoss
+    from cutremain_monai.localization.grad_cam import differentiable_grad_cam
+    from cutremain_monai.localization.lrp import lrp, make_lrp_ready
+
+    step = GuidedTraining(guidance, warmup_epochs=1, isnet_band=(0.5, 5.0))
+    trainer, net = _trainer(step, epochs=1)
+    trainer.run()  # one plain epoch: BatchNorm has running statistics
+    loss = torch.nn.BCEWithLogitsLoss()
+    val = _batches(n=2, b=4, seed=3)
+    handler = GuidedValidationLoss(step, loss)
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=val, network=net,
+                                    prepare_batch=BoxBatchPrepare(), val_handlers=[handler])
+    assert step.evaluator is evaluator  # the guided epochs forget this evaluator's best
+    evaluator.run(1)  # the warm-up epoch: classification loss only
+    net.eval()
+    with torch.no_grad():
+        plain = np.mean([float(loss(net(b["image"]), b["label"].float().view(-1, 1))) for b in val])
+    assert evaluator.state.metrics["val_loss"] == pytest.approx(plain, rel=1e-5)
+    evaluator.run(2)  # a guided epoch
+    expected, terms = [], []
+    for b in val:
+        x, y, m = b["image"], b["label"].float().view(-1, 1), b["box_mask"]
+        has = m.flatten(1).amax(1) > 0
+        net.eval()
+        if guidance == "isnet":
+            make_lrp_ready(net, inplace=True)
+            heat, logits = lrp(net, x, objective=selective_objective(), bounds=(0.0, 1.0), return_logits=True)
+            l_h = float(isnet_heatmap_loss(heat.detach(), m, 0.5, 5.0, has_mask=has))
+            expected.append(0.3 * float(loss(logits, y)) + 0.7 * l_h)
+            terms.append(l_h)
+        else:
+            maps, logits = differentiable_grad_cam(net, x, target=0, layer="layer3")
+            erased = torch.sigmoid(net(gain_erase(x, maps, 0.5, 10.0)))[:, 0]
+            l_am = float(erased[(y[:, 0] > 0.5) & has].mean())
+            l_e = float(((maps[has] - m[has]) ** 2).mean())
+            expected.append(float(loss(logits, y)) + l_am + 10.0 * l_e)
+            terms.append(l_e)
+    assert evaluator.state.metrics["val_loss"] == pytest.approx(np.mean(expected), rel=1e-4)
+    term = "val_loss_heatmap" if guidance == "isnet" else "val_loss_e"
+    assert evaluator.state.metrics[term] == pytest.approx(np.mean(terms), rel=1e-4)
+
+
+
+def test_restart_calibrates_on_the_warmup_then_trains_from_the_initial_weights():
+    """restart=True (the ISNet references' throw-away calibration network): the warm-up epoch calibrates the band
+    and trains, then the guided epochs start again from the initial weights and optimizer state; the snapshot is
+    in the checkpoint state until used, so a run resumed during the warm-up restarts the same way."""
+    step = GuidedTraining("isnet", warmup_epochs=1, restart=True)
+    trainer, net = _trainer(step, epochs=2)
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    seen = {}
+
+    def at_epoch(engine):
+        seen[engine.state.epoch] = ({k: v.clone() for k, v in engine.network.state_dict().items()}, dict(engine.optimizer.state),
+                                    step.state_dict()["initial"])
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, at_epoch)  # after the step's own EPOCH_STARTED handler
+    trainer.run()
+    weights1, _, snap1 = seen[1]
+    weights2, momentum2, snap2 = seen[2]
+    assert step.band is not None and snap1 is not None and snap2 is None  # calibrated; snapshot used and dropped
+    assert all(torch.equal(weights2[k], initial[k]) for k in initial if "running" not in k and "num_batches" not in k)
+    assert not momentum2  # no momentum carried over from the warm-up
+    assert not all(torch.equal(net.state_dict()[k], initial[k]) for k in initial)  # the guided epoch trained
+    # resumed from a warm-up checkpoint: the snapshot comes back with the state and is used
+    other = GuidedTraining("isnet", warmup_epochs=1, restart=True)
+    other.load_state_dict({"band": [1.0, 2.0], "rng": None, "initial": snap1})
+    trainer2, net2 = _trainer(other, epochs=2)
+    trainer2.state.epoch = 1  # as CheckpointLoader leaves it after epoch 1
+    trainer2.state.max_epochs = 2
+    trainer2.state.epoch_length = 4
+    trainer2.state.iteration = 4
+    seen.clear()
+    trainer2.add_event_handler(Events.EPOCH_STARTED, at_epoch)
+    trainer2.run()
+    assert list(seen) == [2]
+    assert all(torch.equal(seen[2][0][k], snap1["network"][k]) for k in snap1["network"] if "running" not in k and "num_batches" not in k)
+    with pytest.raises(RuntimeError, match="initial weights were not kept"):
+        late = GuidedTraining("isnet", warmup_epochs=1, restart=True, isnet_band=(1.0, 2.0))
+        t3, _ = _trainer(late, epochs=2)
+        t3.state.epoch, t3.state.max_epochs, t3.state.epoch_length, t3.state.iteration = 1, 2, 4, 4
+        t3.run()
+
+
+def test_detached_batch_statistics_is_batchnorm_without_the_cross_image_gradient():
+    """Same outputs and running statistics as nn.BatchNorm2d in train mode, but an image's output has no gradient
+    with respect to the other images of the batch (with autograd through the statistics it has)."""
+    from cutremain_monai.engines.guided_training import detached_batch_statistics
+
+    torch.manual_seed(0)
+    bn, ref = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    ref.load_state_dict(bn.state_dict())
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    model = torch.nn.Sequential(bn)
+    with detached_batch_statistics(model):
+        y = model(x)
+        (g,) = torch.autograd.grad(y[0].sum(), x)
+    y_ref = ref(x)
+    (g_ref,) = torch.autograd.grad(y_ref[0].sum(), x)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(bn.running_mean, ref.running_mean) and torch.allclose(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == 1
+    assert g[1:].abs().max() == 0 and g_ref[1:].abs().max() > 1e-3  # no gradient through the other images
+    assert "forward" not in vars(bn)  # restored
+    bn.eval()
+    with detached_batch_statistics(model):
+        assert torch.allclose(model(x), ref.eval()(x), atol=1e-5)  # eval mode: running statistics, as before
