@@ -108,6 +108,12 @@ BLOCKS = {
                                        os.path.join(os.path.dirname(CLAVICLE_DOCS), "fracatlas_head")],
                        markdown_file("compare_table.md", "cutremain experiment compare ... --methods none,cut_remain "
                                      "-o outputs/real/fracatlas_head (command above)")),
+    # issue 28: Cut&Remain's premise on the subtle-lesion phantoms, 5 training seeds (run folder or docs/premise/)
+    "premise": (CLAVICLE_DOCS, ["subtle/premise", os.path.join(os.path.dirname(CLAVICLE_DOCS), "premise")],
+                markdown_file("premise_table.md", "cutremain experiment premise ... -o outputs/subtle/premise (command above)")),
+    # issue 30: the shortcut test over tag strengths and training seeds with the clean reference
+    "shortcut": (CLAVICLE_DOCS, ["shortcut", os.path.join(os.path.dirname(CLAVICLE_DOCS), "shortcut")],
+                 markdown_file("shortcut_table.md", "cutremain experiment shortcut ... -o outputs/shortcut (command above)")),
 }
 
 

@@ -21,10 +21,15 @@ def test_method_overrides():
 
 
 def test_guidance_variants_carry_their_settings():
-    """isnet_free: ISNet without gradient clipping and with GWRP decay 0.9 (the shortcut test's variant)."""
-    free = {"guidance": "isnet", "clip_grad_norm": None, "isnet_decay": 0.9}
+    """The shortcut test's protocol variants: isnet_free (no gradient clipping), isnet_batchstats (and BatchNorm's
+    batch statistics in the graph), isnet_v1 / gain_v1 (the defaults before issue 30)."""
+    free = {"guidance": "isnet", "clip_grad_norm": None}
     assert method_overrides("isnet_free") == {"augmentation": "none", **free}
     assert method_overrides("cut_remain+isnet_free") == {"augmentation": "cut_remain", **free}
+    assert method_overrides("isnet_batchstats") == {"augmentation": "none", **free, "guidance_batchnorm": "batch"}
+    v1 = method_overrides("gain_v1")
+    assert v1["guidance"] == "gain" and not v1["guidance_restart"] and v1["best_model_metric"] == "val_auc"
+    assert method_overrides("isnet_v1")["isnet_decay"] == 0.0
     with pytest.raises(ValueError, match="'isnet' is not one"):
         method_overrides("isnet_free+isnet")
 
@@ -33,7 +38,7 @@ def test_bundles_without_an_augmentation_switch():
     """COVID severity has no augmentation switch: the key is left out and augmentation names are refused."""
     assert method_overrides("isnet", augmentation=False) == {"guidance": "isnet"}
     assert method_overrides("none", augmentation=False) == {"guidance": "none"}
-    with pytest.raises(ValueError, match="'cut_remain' is not one of the methods here \\(none, gain, isnet, isnet_free\\)"):
+    with pytest.raises(ValueError, match="'cut_remain' is not one of the methods here \\(none, gain, isnet, isnet_free, isnet_batchstats"):
         method_overrides("cut_remain", augmentation=False)
 
 
