@@ -111,6 +111,10 @@ BLOCKS = {
     # issue 28: Cut&Remain's premise on the subtle-lesion phantoms, 5 training seeds (run folder or docs/premise/)
     "premise": (CLAVICLE_DOCS, ["subtle/premise", os.path.join(os.path.dirname(CLAVICLE_DOCS), "premise")],
                 markdown_file("premise_table.md", "cutremain experiment premise ... -o outputs/subtle/premise (command above)")),
+    # issue 30: the guided-training protocol variants on the shortcut set (seed 0, every positive tagged)
+    "shortcut-protocol": (CLAVICLE_DOCS, ["shortcut_protocol", os.path.join(os.path.dirname(CLAVICLE_DOCS), "shortcut_protocol")],
+                          markdown_file("shortcut_table.md", "cutremain experiment shortcut ... -o outputs/shortcut_protocol "
+                                        "(command above)")),
     # issue 30: the shortcut test over tag strengths and training seeds with the clean reference
     "shortcut": (CLAVICLE_DOCS, ["shortcut", os.path.join(os.path.dirname(CLAVICLE_DOCS), "shortcut")],
                  markdown_file("shortcut_table.md", "cutremain experiment shortcut ... -o outputs/shortcut (command above)")),

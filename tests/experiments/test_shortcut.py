@@ -1,7 +1,9 @@
-"""The shortcut test, small: a burned-in tag marks every positive in training and validation and is independent of
-the label in test. Loose bounds that a method either meets or not (the full table is in the clavicle docs)."""
+"""The shortcut test, small: a burned-in tag marks every positive in training and validation and is on half of each
+label's test images; the clean reference is trained without it. Loose bounds that a method either meets or not (the
+full table, 3 seeds and 2 tag strengths, is in the clavicle docs)."""
 
 import csv
+import json
 
 import pytest
 
@@ -9,19 +11,34 @@ from tests.bundles.conftest import BUNDLES
 
 
 @pytest.mark.slow
-def test_baseline_reads_the_tag_and_isnet_moves_relevance_off_it(tmp_path):
+def test_baseline_reads_the_tag_clean_reference_does_not_and_isnet_ignores_it(tmp_path):
     from cutremain_monai.experiments.shortcut import shortcut_experiment
 
-    rows = shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(tmp_path / "sc"), methods=("none", "isnet_free"), n=100,
-                               size=96, epochs=14, warmup_epochs=2, seed=0, network_depth=10, num_workers=0)
-    assert [(row["method"], row["checkpoint"]) for row in rows] == [("none", "best val"), ("none", "last"), ("isnet_free", "best val"), ("isnet_free", "last")]
-    r = {row["method"]: row for row in rows if row["checkpoint"] == "last"}
-    base, isnet = r["none"], r["isnet_free"]
-    # the baseline learns the tag: perfect on validation (tag = label), much worse where the tag is independent
+    out = tmp_path / "sc"
+    kwargs = dict(methods=("none", "isnet"), n=150, split=(0.6, 0.2), size=96, epochs=14, warmup_epochs=2, seeds=(0,),
+                  strengths=(1.0,), network_depth=10, num_workers=0)
+    rows = shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(out), **kwargs)
+    keys = [(r["strength"], r["method"], r["checkpoint"]) for r in rows]
+    assert keys == [(s, m, c) for s, ms in (("tag1.00", ("none", "isnet")), ("clean", ("clean",)))
+                    for m in ms for c in ("val_auc", "val_loss", "last")]
+    r = {(row["method"], row["checkpoint"]): row for row in rows}
+    base, clean, isnet = r[("none", "val_auc")], r[("clean", "val_auc")], r[("isnet", "val_loss")]
+    # the baseline learns the tag: perfect on validation (tag = label), much worse where it is independent
     assert base["validation_auc"] > 0.9 and base["test_auc"] < base["validation_auc"] - 0.25
     assert base["tag_auc"] > 0.9  # its test predictions follow the tag
-    # ISNet's own objective: less LRP relevance on the tag than the baseline's
-    assert isnet["lrp_tag_energy"] < base["lrp_tag_energy"]
-    written = list(csv.DictReader(open(tmp_path / "sc" / "shortcut_results.csv")))
-    assert [w["method"] for w in written] == ["none", "none", "isnet_free", "isnet_free"]
-    assert "| none | last |" in open(tmp_path / "sc" / "shortcut_table.md").read()
+    # the same network without the tag reads the fracture, not the tag (half of each label's test images carry it)
+    # (not exactly 0.5: within a label, the unseen bright patch still moves the score a little; measured 0.63)
+    assert clean["test_auc"] > base["test_auc"] + 0.15 and clean["tag_auc"] < 0.8
+    # ISNet's default (restart, clipped steps) does not follow the tag; at this size it does not learn the fracture
+    # either (the docs' table: its test AUC stays near 0.5), so only the tag is asserted
+    assert isnet["tag_auc"] < 0.8 and isnet["lrp_tag_energy"] < base["lrp_tag_energy"]
+    written = list(csv.DictReader(open(out / "shortcut_results.csv")))
+    assert [(w["strength"], w["method"], w["checkpoint"]) for w in written] == keys
+    table = open(out / "shortcut_table.md").read()
+    assert "| 100% of positives | none | val_auc | 1 |" in table and "| none (clean) | clean | val_auc | 1 |" in table
+    assert json.load(open(out / "shortcut_settings.json"))["strengths"] == [1.0]
+    # resume: a finished run is not trained again
+    stamps = {p: p.stat().st_mtime for p in out.glob("runs/*/*/*/scores.json")}
+    assert len(stamps) == 3
+    assert shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(out), **kwargs) == rows
+    assert {p: p.stat().st_mtime for p in out.glob("runs/*/*/*/scores.json")} == stamps
