@@ -369,8 +369,9 @@ def generate_shortcut_samples(out_dir: str, n: int = 200, seed: int = 0, size: i
     every one; 0.0: none, the clean reference set) and on no negative one; in ``test`` it is on a share ``test_marker_rate``
     of each label's images (evenly spread), so the tag tells nothing of the label there: a network that reads it
     scores near chance, and one that reads the lesion alone has an AUC against the tag of 0.5.
-    The images, the split and the test section do not depend on ``tag_rate`` (the tag draw of a training image
-    has its own generator), so sets of several strengths differ only in their tags. Writes DX files and
+    The images, the split and the test section do not depend on ``tag_rate`` (the tagged positives are the
+    ``round(tag_rate N)`` lowest of a per-image draw of their own), so sets of several strengths differ only in
+    their tags, and the tags of a lower strength are a subset of a higher one's. Writes DX files and
     ``datalist.json`` (section ``shortcut``; items carry ``marker`` (bool) and ``marker_box``) under ``out_dir``;
     returns the datalist."""
     if not 0 <= tag_rate <= 1:
@@ -379,6 +380,13 @@ def generate_shortcut_samples(out_dir: str, n: int = 200, seed: int = 0, size: i
     n_train, n_val = int(round(split[0] * n)), int(round(split[1] * n))
     sections: dict = {"training": [], "validation": [], "test": []}
     seen_in_test = [0, 0]  # test images of each label so far
+    # the tagged training / validation positives: the round(tag_rate * N) lowest of a per-image draw, so the share
+    # is exact and a set of a lower strength is tagged inside one of a higher strength
+    tagged: set[int] = set()
+    for lo, hi in ((0, n_train), (n_train, n_train + n_val)):
+        positives = [i for i in range(lo, hi) if i % 2]
+        draws = {i: np.random.default_rng([seed, hash_task("shortcut-tag"), i]).random() for i in positives}
+        tagged |= set(sorted(positives, key=draws.__getitem__)[: int(round(tag_rate * len(positives)))])
     for i in range(n):
         r = np.random.default_rng([seed, hash_task("shortcut"), i])
         ph = render_clavicle(r, size, fractured=bool(i % 2))
@@ -388,8 +396,7 @@ def generate_shortcut_samples(out_dir: str, n: int = 200, seed: int = 0, size: i
             seen_in_test[ph.label] += 1
             marked = int((j + 1) * test_marker_rate) > int(j * test_marker_rate)
         else:
-            draw = np.random.default_rng([seed, hash_task("shortcut-tag"), i]).random()
-            marked = bool(ph.label) and bool(draw < tag_rate)
+            marked = i in tagged
         img, marker_box = burn_marker(ph.image) if marked else (ph.image, None)
         if marker_box is None:
             _, marker_box = burn_marker(ph.image)  # where the tag would be, for the energy share of unmarked images

@@ -78,6 +78,10 @@ def frozen_batchnorm(model: torch.nn.Module):
             m.train(flag)
 
 
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    return network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+
+
 def _detached_forward(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm in train mode normalising with the batch's statistics taken as constants (running statistics updated
     as ``nn.BatchNorm`` does): per image an affine map, so one image's output has no gradient through the others'."""
@@ -250,6 +254,8 @@ class GuidedTraining:
         self.pred_from_logits = pred_from_logits
         self._lrp_ready: set[int] = set()
         self.restart = bool(restart)
+        self._val_rng = np.random.default_rng([seed, 1])
+        self._seed = seed
         if batchnorm not in ("detached", "batch"):
             raise ValueError(f"batchnorm must be 'detached' or 'batch', got {batchnorm!r}")
         self.batchnorm = batchnorm
@@ -279,7 +285,7 @@ class GuidedTraining:
         self._epoch_terms = {}
         if self.restart and self.warmup_epochs and engine.state.epoch == 1:
             # the weights and optimizer state the guided epochs start from (kept in state_dict until used)
-            self._initial = {"network": {k: v.detach().cpu().clone() for k, v in engine.network.state_dict().items()},
+            self._initial = {"network": {k: v.detach().cpu().clone() for k, v in _unwrap(engine.network).state_dict().items()},
                              "optimizer": copy.deepcopy(engine.optimizer.state_dict())}
         if self.warmup_epochs and engine.state.epoch == self.warmup_epochs + 1:
             if self.restart:
@@ -303,8 +309,11 @@ class GuidedTraining:
         if self._initial is None:
             raise RuntimeError(f"guidance restart at epoch {engine.state.epoch}: the initial weights were not kept (a run "
                                "resumed from a checkpoint written before this version); set guidance_restart false")
-        engine.network.load_state_dict(self._initial["network"])
+        _unwrap(engine.network).load_state_dict(self._initial["network"])
+        rates = [g["lr"] for g in engine.optimizer.param_groups]  # the schedule's present rates stay
         engine.optimizer.load_state_dict(self._initial["optimizer"])
+        for g, lr in zip(engine.optimizer.param_groups, rates):
+            g["lr"] = lr
         self._initial = None
         logger.info("guided epochs start from the initial weights: the %d warm-up epoch(s) only calibrated the band",
                     self.warmup_epochs)
@@ -368,24 +377,32 @@ class GuidedTraining:
         """The training objective of ``epoch`` on a validation batch, network as it is (the evaluator's eval mode:
         BatchNorm on running statistics): ``{"loss": total, "loss_cl": ..., guidance terms...}`` as floats. The
         classification loss alone before the guided epochs; no graph is kept."""
-        network, was_training = engine.network, engine.network.training
+        if not self.guided_at(engine.state.epoch):  # the evaluator's own forward (its output before post-processing)
+            out = engine.state.output
+            with torch.no_grad():
+                loss = loss_function(out[Keys.PRED].float(), out[Keys.LABEL]).mean()
+            return {"loss": float(loss), "loss_cl": float(loss)}
+        # the module itself under DDP: a forward of the wrapper with gradients on would add a buffer broadcast to
+        # the evaluator's next forward, on the ranks that have one more batch than the others
+        network = _unwrap(engine.network)
+        was_training = network.training
         network.eval()  # (MONAI's evaluator fires its iteration events outside its eval-mode context)
         try:
-            return self._validation_terms(engine, batchdata, loss_function)
+            return self._validation_terms(engine, network, batchdata, loss_function)
         finally:
             network.train(was_training)
 
-    def _validation_terms(self, engine: Engine, batchdata, loss_function) -> dict[str, float]:
+    def _validation_terms(self, engine: Engine, network, batchdata, loss_function) -> dict[str, float]:
         x, y, mask, args, kwargs = self._prepare(engine, batchdata)
         x, mask, has_mask = self._masks(x, mask)
-        network, terms = engine.network, {}
-        if not self.guided_at(engine.state.epoch):
-            with torch.no_grad():
-                logits = network(x, *args, **{**kwargs, **self.explain_kwargs})
-                if self.pred_from_logits == "sigmoid":
-                    logits = torch.sigmoid(logits)
-                loss = loss_function(logits.float(), y).mean()
-            return {"loss": float(loss), "loss_cl": float(loss)}
+        terms: dict = {}
+        rng, self._rng = self._rng, self._val_rng  # stochastic maps: validation draws do not move training's
+        try:
+            return self._guided_validation(engine, network, x, y, mask, has_mask, args, kwargs, loss_function, terms)
+        finally:
+            self._val_rng, self._rng = self._rng, rng
+
+    def _guided_validation(self, engine, network, x, y, mask, has_mask, args, kwargs, loss_function, terms) -> dict:
         with torch.enable_grad():
             if self.guidance == "gain":
                 loss, _ = self._gain_loss(loss_function, network, x, y, mask, has_mask, terms)
@@ -556,6 +573,7 @@ class GuidedValidationLoss:
 
     def _reset(self, engine: Engine) -> None:
         self._sums, self._count = {}, 0
+        self.guided._val_rng = np.random.default_rng([self.guided._seed, 1])  # the same draws every validation
 
     def _iteration(self, engine: Engine) -> None:
         batch = engine.state.batch
@@ -566,11 +584,16 @@ class GuidedValidationLoss:
         self._count += b
 
     def _completed(self, engine: Engine) -> None:
-        totals = [self._count, *[self._sums.get(k, 0.0) for k in sorted(self._sums)]]
+        parts = [(self._count, dict(self._sums))]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, totals)
-            totals = [sum(p[i] for p in parts) for i in range(len(totals))]
-        count = max(totals[0], 1)
-        for k, v in zip(sorted(self._sums), totals[1:]):
-            engine.state.metrics[self.name if k == "loss" else f"val_{k}"] = v / count
+            parts = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
+            torch.distributed.all_gather_object(parts, (self._count, dict(self._sums)))  # (a rank may have no batch)
+        count = sum(c for c, _ in parts)
+        sums: dict[str, float] = {}
+        for _, part in parts:
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v
+        engine.state.metrics[self.name] = sums.get("loss", 0.0) / count if count else float("nan")
+        for k, v in sums.items():
+            if k != "loss":
+                engine.state.metrics[f"val_{k}"] = v / count

@@ -120,6 +120,16 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
                     num_copies=2, register_model=False, cam_images=0, localization_report=False,
                     experiment_name="shortcut")
     settings = with_study_store(output_dir, {**defaults, **overrides})
+    fixed = json.loads(json.dumps({"n": n, "split": list(split), "size": size, "data_seed": data_seed, **settings}, default=str))
+    settings_file = os.path.join(output_dir, "shortcut_settings.json")
+    if os.path.exists(settings_file):  # a resumed study: its finished runs must have been trained like the new ones
+        with open(settings_file) as f:
+            before = {k: v for k, v in json.load(f).items() if k not in ("methods", "seeds", "strengths", "clean")}
+        changed = sorted(k for k in set(before) | set(fixed) if before.get(k) != fixed.get(k))
+        if changed:
+            raise ValueError(f"{output_dir} holds a shortcut study with other settings ({', '.join(changed)}: "
+                             f"{[before.get(k) for k in changed]} there, {[fixed.get(k) for k in changed]} now); "
+                             "use another output folder")
     score_keys = ("split_halves", "image_size", "network_depth", "cam_layer")
     rows = []
     for strength in sets:
@@ -148,9 +158,8 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
         writer.writerows(rows)
     with open(os.path.join(output_dir, "shortcut_table.md"), "w") as f:
         f.write(shortcut_table(rows))
-    with open(os.path.join(output_dir, "shortcut_settings.json"), "w") as f:
-        json.dump({"n": n, "split": list(split), "size": size, "methods": list(methods), "seeds": list(seeds),
-                   "strengths": list(strengths), "clean": clean, "data_seed": data_seed, **settings}, f, indent=1)
+    with open(settings_file, "w") as f:
+        json.dump({**fixed, "methods": list(methods), "seeds": list(seeds), "strengths": list(strengths), "clean": clean}, f, indent=1)
     return rows
 
 

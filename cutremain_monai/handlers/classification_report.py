@@ -37,10 +37,13 @@ class ClassificationReport:
         class_names: names for the per-class entries (multi-class / multi-label).
         threshold_rule / target_sensitivity: how the threshold is chosen on this data (``f1``, ``youden`` or
             ``sensitivity``; :func:`~cutremain_monai.metrics.classification.choose_threshold`).
+        model_saver: the ``CheckpointSaver`` of ``model.pt``, attached before this report: ``threshold.json`` and the
+            ROC are written in the epochs it saves (whatever its metric: guided runs keep the lowest validation
+            loss), so the test threshold is chosen on ``model.pt``'s own epoch. None: in the epochs of a new best AUC.
     """
     def __init__(self, output_dir: str, prefix: str = "val", threshold=None, threshold_file: str | None = None,
                  pred_key: str = "pred", label_key: str = "label", save_roc: bool = True, mode: str = "binary",
-                 class_names=None, threshold_rule: str = "f1", target_sensitivity: float = 0.9):
+                 class_names=None, threshold_rule: str = "f1", target_sensitivity: float = 0.9, model_saver=None):
         if threshold_rule not in THRESHOLD_RULES:
             raise ValueError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got {threshold_rule!r}")
         self.rule, self.target_sensitivity = threshold_rule, float(target_sensitivity)
@@ -55,6 +58,8 @@ class ClassificationReport:
         self.pred_key, self.label_key = pred_key, label_key
         self.save_roc = save_roc
         self.best_auc = -np.inf
+        self.model_saver = model_saver
+        self._saved_item = None  # the saver's newest checkpoint item when this report last wrote the threshold
         self._preds: list = []
         self._labels: list = []
 
@@ -115,9 +120,14 @@ class ClassificationReport:
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, f"{self.prefix}_metrics.json"), "w") as f:
             json.dump(m, f, indent=1)
-        improved = np.isfinite(m["auc"]) and m["auc"] > self.best_auc
+        if self.model_saver is not None:  # model.pt was written in this epoch: a new checkpoint item
+            saved = getattr(getattr(self.model_saver, "_key_metric_checkpoint", None), "_saved", None) or [None]
+            improved = saved[-1] is not None and saved[-1] is not self._saved_item
+            self._saved_item = saved[-1]
+        else:
+            improved = np.isfinite(m["auc"]) and m["auc"] > self.best_auc
         if improved:
-            self.best_auc = m["auc"]
+            self.best_auc = max(self.best_auc, m["auc"]) if np.isfinite(m["auc"]) else self.best_auc
             if self.threshold is None and self.threshold_file is None and self.mode != "multiclass":
                 chosen = {"thresholds": m["thresholds"]} if self.mode == "multilabel" else {"threshold": m["threshold"]}
                 with open(os.path.join(self.output_dir, "threshold.json"), "w") as f:

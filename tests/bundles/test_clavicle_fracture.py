@@ -167,6 +167,9 @@ def test_each_guidance_runs_and_logs(tmp_path, augmentation, guidance):
     guided_term = "val_loss_heatmap" if guidance == "isnet" else "val_loss_e"
     assert np.isfinite(evaluator.state.metrics["val_loss"]) and np.isfinite(evaluator.state.metrics[guided_term])
     assert (out / "checkpoints" / "model.pt").exists() and (out / "checkpoints" / "model_val_auc.pt").exists()
+    saved = wf.parser.get_parsed_content("validate#checkpoint_saver")._key_metric_checkpoint._saved
+    assert saved[-1].priority == pytest.approx(-evaluator.state.metrics["val_loss"])  # model.pt: epoch 2's val_loss
+    assert json.load(open(out / "threshold.json"))["epoch"] == 2  # the test threshold comes from model.pt's epoch
     report = json.load(open(out / "cam_report.json"))
     assert report["method"] == ("lrp" if guidance == "isnet" else "gradcam") and list((out / "cam_overlays").glob("*.png"))
     import mlflow

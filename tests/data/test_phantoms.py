@@ -104,8 +104,9 @@ def test_shortcut_strengths_differ_only_in_the_training_tags(tmp_path):
             for rate in (1.0, 0.5, 0.0)}
     with pytest.raises(ValueError, match="tag_rate must be in"):
         generate_shortcut_samples(str(tmp_path / "bad"), n=4, tag_rate=1.5)
-    pos = [it for s in ("training", "validation") for it in sets[0.5][s] if it["label"]]
-    assert 0 < sum(it["marker"] for it in pos) < len(pos)  # some positives tagged, some not
+    for s in ("training", "validation"):  # the share is exact: round(0.5 N) of each section's N positives
+        pos = [it for it in sets[0.5][s] if it["label"]]
+        assert sum(it["marker"] for it in pos) == round(0.5 * len(pos)) and 0 < round(0.5 * len(pos)) < len(pos)
     assert not any(it["marker"] for s in ("training", "validation") for it in sets[0.0][s])
     assert not any(it["marker"] and not it["label"] for s in ("training", "validation") for it in sets[0.5][s])
 

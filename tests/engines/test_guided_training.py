@@ -333,7 +333,11 @@ def test_restart_calibrates_on_the_warmup_then_trains_from_the_initial_weights()
                                     step.state_dict()["initial"])
 
     trainer.add_event_handler(Events.EPOCH_STARTED, at_epoch)  # after the step's own EPOCH_STARTED handler
+    lr_at_guided_start = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: e.optimizer.param_groups[0].update(lr=0.001))
+    trainer.add_event_handler(Events.EPOCH_STARTED(once=2), lambda e: lr_at_guided_start.append(e.optimizer.param_groups[0]["lr"]))
     trainer.run()
+    assert lr_at_guided_start == [0.001]  # a schedule's drop during the warm-up stays (momentum does not)
     weights1, _, snap1 = seen[1]
     weights2, momentum2, snap2 = seen[2]
     assert step.band is not None and snap1 is not None and snap2 is None  # calibrated; snapshot used and dropped

@@ -42,3 +42,5 @@ def test_baseline_reads_the_tag_clean_reference_does_not_and_isnet_ignores_it(tm
     assert len(stamps) == 3
     assert shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(out), **kwargs) == rows
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/*/*/scores.json")} == stamps
+    with pytest.raises(ValueError, match="other settings \\(epochs"):  # finished runs of other settings are not mixed in
+        shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(out), **{**kwargs, "epochs": 3})
