@@ -9,11 +9,14 @@ The transforms themselves are switched in the bundles' ``train.yaml`` (``augment
 
 from __future__ import annotations
 
-__all__ = ["AUGMENTATIONS", "GUIDANCES", "GUIDANCE_VARIANTS", "check_augmentation", "check_guidance", "method_overrides",
+__all__ = ["AUGMENTATIONS", "AUGMENTATION_VARIANTS", "GUIDANCES", "GUIDANCE_VARIANTS", "check_augmentation", "check_guidance", "method_overrides",
            "method_names"]
 
 AUGMENTATIONS = ("none", "cut_remain", "sup_cutout", "sup_mixup", "sup_cutmix", "hide_and_seek")
 GUIDANCES = ("none", "gain", "isnet")
+# named augmentation settings beyond the switch: "cut_remain_ra", Cut&Remain with relevant-area boxes on the
+# training images that box no lesion (transforms/relevant_area.py; the premise of issue 28 where only lesions are boxed)
+AUGMENTATION_VARIANTS = {"cut_remain_ra": {"augmentation": "cut_remain", "relevant_area_boxes": True}}
 # named guidance settings beyond the switch, for the protocol study of the shortcut test (clavicle docs):
 # "isnet_free": ISNet without gradient clipping (clipped at norm 1, the heatmap loss's gradient, ~50 times the
 # classification loss's, leaves the classifier nearly where it starts in a short run); "isnet_batchstats": without
@@ -46,21 +49,24 @@ def check_guidance(name: str, supported=GUIDANCES) -> str:
 
 def method_names() -> list[str]:
     """Every single-part method name: the augmentations, the guidances and their named variants."""
-    return list(dict.fromkeys([*AUGMENTATIONS, *GUIDANCES[1:], *GUIDANCE_VARIANTS]))
+    return list(dict.fromkeys([*AUGMENTATIONS, *AUGMENTATION_VARIANTS, *GUIDANCES[1:], *GUIDANCE_VARIANTS]))
 
 
 def method_overrides(method: str, augmentation: bool = True) -> dict:
     """Bundle overrides of a method name: an augmentation (``cut_remain``), a guidance (``gain``, ``isnet``) or a
-    named guidance variant (``isnet_free``), or an augmentation and a guidance joined by ``+``
+    named variant (``cut_remain_ra``, ``isnet_free``), or an augmentation and a guidance joined by ``+``
     (``cut_remain+isnet``). ``augmentation=False`` for bundles without an augmentation switch (COVID severity):
     augmentation names are refused there and the key is left out."""
-    aug, guidance, extra = "none", "none", {}
+    aug, guidance, extra, aug_extra = "none", "none", {}, {}
     parts = [p.strip() for p in method.split("+") if p.strip()]
     if not parts or len(parts) > 2:
         raise ValueError(f"method {method!r}: an augmentation, a guidance, or augmentation+guidance")
     for p in parts:
         if p in AUGMENTATIONS and p != "none" and augmentation and aug == "none":
             aug = p
+        elif p in AUGMENTATION_VARIANTS and augmentation and aug == "none":
+            aug_extra = dict(AUGMENTATION_VARIANTS[p])
+            aug = aug_extra.pop("augmentation")
         elif p in GUIDANCES and p != "none" and guidance == "none":
             guidance = p
         elif p in GUIDANCE_VARIANTS and guidance == "none":
@@ -69,8 +75,9 @@ def method_overrides(method: str, augmentation: bool = True) -> dict:
         elif p == "none":
             pass
         else:
-            allowed = [*(AUGMENTATIONS if augmentation else ("none",)), *GUIDANCES[1:], *GUIDANCE_VARIANTS]
+            allowed = [*((*AUGMENTATIONS, *AUGMENTATION_VARIANTS) if augmentation else ("none",)), *GUIDANCES[1:],
+                       *GUIDANCE_VARIANTS]
             raise ValueError(f"method {method!r}: {p!r} is not one of the methods here ({', '.join(allowed)}), "
                              "or names a second augmentation or guidance")
-    out = {"augmentation": aug} if augmentation else {}
+    out = {"augmentation": aug, **aug_extra} if augmentation else {}
     return {**out, "guidance": guidance, **extra}

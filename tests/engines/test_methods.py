@@ -30,6 +30,12 @@ def test_guidance_variants_carry_their_settings():
     v1 = method_overrides("gain_v1")
     assert v1 == {"augmentation": "none", "guidance": "gain", "guidance_restart": False, "guidance_batchnorm": "batch"}
     assert method_overrides("isnet_v1")["isnet_decay"] == 0.0
+    # the augmentation variant: Cut&Remain with relevant-area boxes (issue 28), alone or with a guidance
+    ra = {"augmentation": "cut_remain", "relevant_area_boxes": True}
+    assert method_overrides("cut_remain_ra") == {**ra, "guidance": "none"}
+    assert method_overrides("cut_remain_ra+isnet") == {**ra, "guidance": "isnet"}
+    with pytest.raises(ValueError, match="names a second augmentation"):
+        method_overrides("cut_remain+cut_remain_ra")
     with pytest.raises(ValueError, match="'isnet' is not one"):
         method_overrides("isnet_free+isnet")
 
