@@ -111,6 +111,9 @@ BLOCKS = {
     # issue 28: Cut&Remain's premise on the subtle-lesion phantoms, 5 training seeds (run folder or docs/premise/)
     "premise": (CLAVICLE_DOCS, ["subtle/premise", os.path.join(os.path.dirname(CLAVICLE_DOCS), "premise")],
                 markdown_file("premise_table.md", "cutremain experiment premise ... -o outputs/subtle/premise (command above)")),
+    # issue 28: what relevant-area boxes remove (tools/relevant_area_check.py)
+    "relevant-area": (CLAVICLE_DOCS, ["subtle/relevant_area", os.path.join(os.path.dirname(CLAVICLE_DOCS), "relevant_area")],
+                      markdown_file("relevant_area_table.md", "python tools/relevant_area_check.py outputs/subtle/relevant_area")),
     # issue 30: the guided-training protocol variants on the shortcut set (seed 0, every positive tagged)
     "shortcut-protocol": (CLAVICLE_DOCS, ["shortcut_protocol", os.path.join(os.path.dirname(CLAVICLE_DOCS), "shortcut_protocol")],
                           markdown_file("shortcut_table.md", "cutremain experiment shortcut ... -o outputs/shortcut_protocol "
