@@ -198,7 +198,8 @@ class GuidedTraining:
         restart: after the warm-up, go back to the weights and optimizer state of epoch 1 (the ISNet references
             calibrate C1, C2 on a throw-away network and train the guided one from scratch with the heatmap loss
             from its first step: a network that has converged on a shortcut in plain epochs starts the guidance
-            having to unlearn it). The warm-up then only calibrates; the learning-rate schedule keeps its epochs.
+            having to unlearn it). The warm-up then only calibrates; the optimizer's momentum goes back to its start,
+            its learning rates stay where the schedule has them.
         batchnorm: ``"detached"`` (BatchNorm in the guided forward normalises with the batch statistics as
             constants: :func:`detached_batch_statistics`) or ``"batch"`` (autograd through them).
         supported: the guidance values the bundle offers (a bundle whose network GAIN cannot take says so at once).
@@ -254,8 +255,8 @@ class GuidedTraining:
         self.pred_from_logits = pred_from_logits
         self._lrp_ready: set[int] = set()
         self.restart = bool(restart)
-        self._val_rng = np.random.default_rng([seed, 1])
         self._seed = seed
+        self.reset_validation_draws()
         if batchnorm not in ("detached", "batch"):
             raise ValueError(f"batchnorm must be 'detached' or 'batch', got {batchnorm!r}")
         self.batchnorm = batchnorm
@@ -330,8 +331,8 @@ class GuidedTraining:
             logger.info("guided epochs start: the best model is chosen among them (warm-up checkpoints no longer compete)")
 
     @staticmethod
-    def _gather(values: list[float]) -> list[float]:
-        """All ranks' totals (DDP), so every rank gets the same band."""
+    def _gather(values: list) -> list:
+        """All ranks' values, concatenated (DDP): the band's totals, the validation loss's sums."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             out: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(out, list(values))
@@ -392,23 +393,24 @@ class GuidedTraining:
         finally:
             network.train(was_training)
 
+    def reset_validation_draws(self) -> None:
+        """The stochastic maps' draws of validation start again (the same every validation, apart from training's)."""
+        self._val_rng = np.random.default_rng([self._seed, 1])
+
     def _validation_terms(self, engine: Engine, network, batchdata, loss_function) -> dict[str, float]:
         x, y, mask, args, kwargs = self._prepare(engine, batchdata)
         x, mask, has_mask = self._masks(x, mask)
         terms: dict = {}
         rng, self._rng = self._rng, self._val_rng  # stochastic maps: validation draws do not move training's
         try:
-            return self._guided_validation(engine, network, x, y, mask, has_mask, args, kwargs, loss_function, terms)
+            with torch.enable_grad():
+                if self.guidance == "gain":
+                    loss, _ = self._gain_loss(loss_function, network, x, y, mask, has_mask, terms)
+                else:
+                    loss, _ = self._isnet_loss(loss_function, network, x, y, mask, has_mask, terms, False, args, kwargs,
+                                               epoch=engine.state.epoch, create_graph=False)
         finally:
             self._val_rng, self._rng = self._rng, rng
-
-    def _guided_validation(self, engine, network, x, y, mask, has_mask, args, kwargs, loss_function, terms) -> dict:
-        with torch.enable_grad():
-            if self.guidance == "gain":
-                loss, _ = self._gain_loss(loss_function, network, x, y, mask, has_mask, terms)
-            else:
-                loss, _ = self._isnet_loss(loss_function, network, x, y, mask, has_mask, terms, False, args, kwargs,
-                                           epoch=engine.state.epoch, create_graph=False)
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
     def __call__(self, engine: Engine, batchdata) -> dict:
@@ -573,7 +575,7 @@ class GuidedValidationLoss:
 
     def _reset(self, engine: Engine) -> None:
         self._sums, self._count = {}, 0
-        self.guided._val_rng = np.random.default_rng([self.guided._seed, 1])  # the same draws every validation
+        self.guided.reset_validation_draws()
 
     def _iteration(self, engine: Engine) -> None:
         batch = engine.state.batch
@@ -584,10 +586,7 @@ class GuidedValidationLoss:
         self._count += b
 
     def _completed(self, engine: Engine) -> None:
-        parts = [(self._count, dict(self._sums))]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts = [None] * torch.distributed.get_world_size()  # type: ignore[list-item]
-            torch.distributed.all_gather_object(parts, (self._count, dict(self._sums)))  # (a rank may have no batch)
+        parts = GuidedTraining._gather([(self._count, dict(self._sums))])  # every rank's (a rank may have no batch)
         count = sum(c for c, _ in parts)
         sums: dict[str, float] = {}
         for _, part in parts:
