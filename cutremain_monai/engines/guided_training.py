@@ -190,6 +190,11 @@ class GuidedTraining:
             (GWRP decay ``d``, ``E``, background / foreground weights, ``"hybrid"`` or ``"l2"``).
         isnet_bounds: ``(low, high)`` of the input for the z^B rule (images in [0, 1] here).
         clip_grad_norm: gradient clipping of guided steps (None: off).
+        balance: ``None`` (one gradient of the total loss, as the references step) or ``k >= 0``: the guidance
+            term's gradient and the classification term's are taken apart, and the guidance one is scaled down to a
+            norm of at most ``max(k ||g_cl||, 1)`` before they are added (:meth:`_balanced_backward`). Why: ISNet's
+            heatmap-loss gradient is ~50 times the classification loss's here, so a step clipped at norm 1 (the
+            references') gives the classifier ~2% of its length, and an unclipped one is the heatmap term's alone.
         log_interval: iterations between log lines of the loss terms.
         seed: the stochastic variant's draws.
         explain_kwargs: keyword arguments of the network's forward in the LRP pass (``{"logits": True}`` for
@@ -217,7 +222,7 @@ class GuidedTraining:
                  isnet_foreground: str = "hybrid", isnet_bounds=(0.0, 1.0), clip_grad_norm: float | None = 1.0,
                  log_interval: int = 10, seed: int = 0, evaluator=None, key_metric_saver=None,
                  explain_kwargs: dict | None = None, pred_from_logits: str | None = None, supported=GUIDANCES,
-                 restart: bool = False, batchnorm: str = "detached"):
+                 restart: bool = False, batchnorm: str = "detached", balance: float | None = None):
         check_guidance(guidance, tuple(supported))
         if label_mode not in ("binary", "multiclass", "multilabel"):
             raise ValueError(f"label_mode must be binary, multiclass or multilabel, got {label_mode!r}")
@@ -261,6 +266,10 @@ class GuidedTraining:
             raise ValueError(f"batchnorm must be 'detached' or 'batch', got {batchnorm!r}")
         self.batchnorm = batchnorm
         self._initial: dict | None = None
+        if balance is not None and not balance >= 0:
+            raise ValueError(f"balance must be None or >= 0, got {balance}")
+        self.balance = None if balance is None else float(balance)
+        self._parts: tuple | None = None  # (weighted classification term, weighted guidance term) of the last loss
 
     # ---- state (saved with the checkpoint, so a resumed run keeps its band) ----
     def state_dict(self) -> dict:
@@ -426,6 +435,48 @@ class GuidedTraining:
         use_amp = bool(engine.amp and engine.scaler is not None)
         clip = None if calibrate else self.clip_grad_norm  # the calibration epoch is a plain epoch
         terms: dict[str, torch.Tensor] = {}
+        balanced = self.balance is not None and not calibrate
+        ddp = isinstance(network, torch.nn.parallel.DistributedDataParallel)
+        # balanced: two gradients of one forward, averaged over the ranks by hand (DDP's reducer expects one backward)
+        sync = network.no_sync() if balanced and ddp else contextlib.nullcontext()
+        with sync:
+            loss, logits = self._loss(engine, network, x, y, mask, has_mask, terms, calibrate, args, kwargs, use_amp)
+            engine.state.output[Keys.PRED] = logits
+            engine.state.output[Keys.LOSS] = loss
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)  # MONAI's iteration events, as its own step fires them
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            if balanced:
+                # GAIN's losses under AMP are half precision: differentiated at the scaler's scale, then unscaled
+                loss_scale = float(engine.scaler.get_scale()) if use_amp else 1.0
+                finite = self._balanced_backward(network, terms, ddp, loss_scale)
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
+                engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+                if finite:
+                    engine.optimizer.step()
+                if use_amp:  # a scale that overflowed is halved and the step skipped, as GradScaler does
+                    engine.scaler.update(loss_scale if finite else loss_scale / 2)
+            elif use_amp:
+                engine.scaler.scale(loss).backward()
+                if clip:
+                    engine.scaler.unscale_(engine.optimizer)
+                    torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
+                engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+                engine.scaler.step(engine.optimizer)
+                engine.scaler.update()
+            else:
+                loss.backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
+                engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+                engine.optimizer.step()
+        self._parts = None  # (the graph of this step goes with it)
+        self._record(engine, loss, terms)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # (MONAI decollates the output on this event)
+        return engine.state.output
+
+    def _loss(self, engine, network, x, y, mask, has_mask, terms, calibrate, args, kwargs, use_amp):
+        """``(total loss, logits)`` of the guided objective; a non-finite total raises with the terms."""
         try:
             if self.guidance == "gain":
                 if args or kwargs:
@@ -443,27 +494,42 @@ class GuidedTraining:
             raise FloatingPointError(f"{self.guidance} loss is not finite at epoch {engine.state.epoch}, iteration "
                                      f"{engine.state.iteration} ({values}): {err}; check the images, lower the learning "
                                      "rate or raise isnet_decay") from err
-        engine.state.output[Keys.PRED] = logits
-        engine.state.output[Keys.LOSS] = loss
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)  # MONAI's iteration events, as its own step fires them
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if use_amp:
-            engine.scaler.scale(loss).backward()
-            if clip:
-                engine.scaler.unscale_(engine.optimizer)
-                torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(network.parameters(), clip)
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        self._record(engine, loss, terms)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # (MONAI decollates the output on this event)
-        return engine.state.output
+        return loss, logits
+
+    def _balanced_backward(self, network, terms: dict, ddp: bool, loss_scale: float = 1.0) -> bool:
+        """``p.grad = g_cl + s g_guide`` with ``s = min(1, max(k ||g_cl||, 1) / ||g_guide||)``: the gradients of the
+        weighted classification term and of the weighted guidance term, from one forward (two backward passes; the
+        first keeps the graph), averaged over the DDP ranks before the norms are taken. The scale is logged as
+        ``guide_scale``. What it adds to plain clipping: the classifier's share of a step no longer depends on how
+        large the guidance gradient happens to be, and the guidance term still moves the weights at least as far
+        as a step clipped at norm 1 would. ``loss_scale``: the terms are differentiated multiplied by it (AMP) and
+        the gradients divided by it; returns whether they are finite (if not, every gradient is left at zero)."""
+        cl, guide = self._parts
+        params = [p for p in network.parameters() if p.requires_grad]
+        flat = []
+        for i, term in enumerate((cl, guide)):
+            grads = torch.autograd.grad(term.float() * loss_scale, params, retain_graph=i == 0, allow_unused=True)
+            flat.append(torch.cat([(g.float() if g is not None else torch.zeros_like(p, dtype=torch.float32)).reshape(-1)
+                                   for g, p in zip(grads, params)]))
+        both = torch.stack(flat) / loss_scale
+        if ddp and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(both)
+            both /= torch.distributed.get_world_size()
+        if not bool(torch.isfinite(both).all()):
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            return False
+        g_cl, g_guide = both[0], both[1]
+        n_cl, n_guide = g_cl.norm(), g_guide.norm()
+        scale = torch.clamp(torch.clamp(self.balance * n_cl, min=1.0) / (n_guide + 1e-12), max=1.0)
+        total = g_cl + scale * g_guide
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = total[offset:offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
+        terms["guide_scale"] = scale.detach()
+        return True
 
     def _record(self, engine: Engine, loss: torch.Tensor, terms: dict) -> None:
         it = engine.state.iteration
@@ -502,7 +568,8 @@ class GuidedTraining:
         l_am = _score(logits_e, classes, self.label_mode)[mined].mean() if mined.any() else zero
         l_e = ((maps[has_mask].float() - mask[has_mask]) ** 2).mean() if has_mask.any() else zero
         terms.update(loss_cl=l_cl, loss_am=l_am, loss_e=l_e)
-        return l_cl + g["alpha"] * l_am + g["omega_e"] * l_e, logits
+        self._parts = (l_cl, g["alpha"] * l_am + g["omega_e"] * l_e)
+        return self._parts[0] + self._parts[1], logits
 
     def _isnet_objective(self):
         if self.isnet_variant == "selective":
@@ -544,7 +611,8 @@ class GuidedTraining:
                                  f"{self.warmup_epochs} (the last warm-up epoch); give isnet_band, or resume from a checkpoint saved after it")
             l_h = isnet_heatmap_loss(heat, mask, *self.band, has_mask=has_mask, **self.loss_kwargs)
             terms["loss_heatmap"] = l_h
-            return (1 - self.isnet_p) * l_cl + self.isnet_p * l_h, logits
+            self._parts = ((1 - self.isnet_p) * l_cl, self.isnet_p * l_h)
+            return self._parts[0] + self._parts[1], logits
 
 
 class GuidedValidationLoss:

@@ -390,3 +390,39 @@ def test_detached_batch_statistics_is_batchnorm_without_the_cross_image_gradient
     bn.eval()
     with detached_batch_statistics(model):
         assert torch.allclose(model(x), ref.eval()(x), atol=1e-5)  # eval mode: running statistics, as before
+
+
+def _all_grads(step, batch=None):
+    trainer, net = _trainer(step, epochs=1, data=_batches(n=1))
+    trainer.state.epoch, trainer.state.iteration = 1, 1  # one step by hand from the seed's weights
+    step(trainer, batch or _batches(n=1)[0])
+    return torch.cat([p.grad.reshape(-1) for p in net.parameters()]), trainer
+
+
+@pytest.mark.parametrize("guidance", ["isnet", "gain"])
+def test_balanced_step_scales_the_guidance_gradient_to_k_times_the_classification_one(guidance):
+    # the two gradients taken apart by steps that weigh one term only (same seed, same batch, same weights)
+    kw = dict(isnet_band=(1.0, 25.0), clip_grad_norm=None, warmup_epochs=0)
+    if guidance == "isnet":
+        p = 0.7
+        g_cl = (1 - p) * _all_grads(GuidedTraining("isnet", isnet_p=0.0, **kw))[0]
+        g_guide = p * _all_grads(GuidedTraining("isnet", isnet_p=1.0, **kw))[0]
+        make = lambda k: GuidedTraining("isnet", isnet_p=p, balance=k, **kw)  # noqa: E731
+    else:
+        g_cl = _all_grads(GuidedTraining("gain", gain_alpha=0.0, gain_omega_e=0.0, **kw))[0]
+        g_guide = _all_grads(GuidedTraining("gain", **kw))[0] - g_cl
+        make = lambda k: GuidedTraining("gain", balance=k, **kw)  # noqa: E731
+    n_cl, n_guide = float(g_cl.norm()), float(g_guide.norm())
+    if guidance == "isnet":  # the case the balance is for: the heatmap gradient dominates
+        assert n_guide > 2 * max(n_cl, 1.0)
+    scales = []
+    for k in (0.0, 0.5, 1e9):
+        got, trainer = _all_grads(make(k))
+        s = min(1.0, max(k * n_cl, 1.0) / n_guide)
+        scales.append(s)
+        assert trainer.state.output[0]["guide_scale"] == pytest.approx(s, rel=1e-4)
+        assert torch.allclose(got, g_cl + s * g_guide, rtol=1e-3, atol=1e-6 * float(g_guide.abs().max()))
+    assert scales[0] < scales[1] < 1 == scales[2]  # each case taken: scaled to norm 1, to k |g_cl|, not scaled
+    assert float(got.norm()) == pytest.approx(float((g_cl + g_guide).norm()), rel=1e-4)  # k huge: the plain total
+    with pytest.raises(ValueError, match="balance must be None or >= 0"):
+        GuidedTraining("isnet", balance=-1.0, isnet_band=(1.0, 25.0))
