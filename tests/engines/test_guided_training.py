@@ -426,3 +426,35 @@ def test_balanced_step_scales_the_guidance_gradient_to_k_times_the_classificatio
     assert float(got.norm()) == pytest.approx(float((g_cl + g_guide).norm()), rel=1e-4)  # k huge: the plain total
     with pytest.raises(ValueError, match="balance must be None or >= 0"):
         GuidedTraining("isnet", balance=-1.0, isnet_band=(1.0, 25.0))
+
+
+def _balanced_ddp_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same initial weights on both ranks, different batches
+        net = torch.nn.parallel.DistributedDataParallel(resnet(18))
+        step = GuidedTraining("isnet", warmup_epochs=0, isnet_band=(1.0, 25.0), clip_grad_norm=None, balance=1.0)
+        trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=_batches(n=2, seed=rank),
+                                    network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9),
+                                    loss_function=torch.nn.BCEWithLogitsLoss(), prepare_batch=BoxBatchPrepare(),
+                                    iteration_update=step, train_handlers=[step])
+        trainer.run()
+        torch.save(torch.cat([p.detach().reshape(-1) for p in net.module.parameters()]), os.path.join(out, f"{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_balanced_step_under_ddp_keeps_the_ranks_identical(tmp_path):
+    """The balanced step takes its two gradients outside DDP's reducer and averages them by hand: after four steps
+    on different batches, both ranks hold the same weights, and they moved."""
+    from tests.conftest import free_port
+
+    torch.multiprocessing.spawn(_balanced_ddp_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    torch.manual_seed(0)
+    start = torch.cat([p.detach().reshape(-1) for p in resnet(18).parameters()])
+    assert torch.equal(w0, w1) and not torch.allclose(w0, start)
