@@ -420,6 +420,7 @@ class GuidedTraining:
                                                epoch=engine.state.epoch, create_graph=False)
         finally:
             self._val_rng, self._rng = self._rng, rng
+            self._parts = None  # (no validation graph kept)
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
     def __call__(self, engine: Engine, batchdata) -> dict:
