@@ -5,6 +5,7 @@ LABEL = "label"
 BOXES = "boxes"
 BOX_LABELS = "box_labels"
 BOX_MASK = "box_mask"
+RELEVANT_AREA = "relevant_area"  # box label of a region that decides the label, never a finding (issues 28, 30)
 LUNG_MASK = "lung_mask"
 ZONES = "zones"
 ZONE_SCORES = "zone_scores"

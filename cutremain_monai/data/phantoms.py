@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cutremain_monai.constants import BRIXIA_ZONES, CXR14_LABELS
+from cutremain_monai.constants import BRIXIA_ZONES, CXR14_LABELS, RELEVANT_AREA
 from cutremain_monai.io.dx_writer import make_uid, write_dx
 from cutremain_monai.io.gsps import write_box_gsps
 from cutremain_monai.data.lung_zones import split_lung_zones
@@ -44,6 +44,7 @@ class Phantom:
     box_labels: list = field(default_factory=list)  # names
     lung_mask: np.ndarray | None = None
     zone_scores: list | None = None
+    region: list | None = None  # xyxy pixels: the anatomy the label is read from (clavicles: both of them)
 
 
 def _grid(h, w):
@@ -122,7 +123,13 @@ def render_clavicle(rng: np.random.Generator, size: int = 256, fractured: bool =
     else:
         boxes, labels, label = [box], ["normal_region"], 0
     img = img + 0.0015 * rng.standard_normal((h, w))
-    return Phantom(np.clip(img, 0, 1), label, boxes, labels)
+    # the relevant anatomy: both clavicle bands (centre lines plus their half-width and a margin), what ISNet's
+    # references take as foreground (the lungs of a chest film), not the lesion
+    xy = np.asarray([p for side_pts in clav_pts for p in side_pts])
+    margin = 8.0 * size / 128
+    region = [max(float(xy[:, 0].min()) - margin, 0.0), max(float(xy[:, 1].min()) - margin, 0.0),
+              min(float(xy[:, 0].max()) + margin, float(w)), min(float(xy[:, 1].max()) + margin, float(h))]
+    return Phantom(np.clip(img, 0, 1), label, boxes, labels, region=region)
 
 
 def render_pelvis(rng: np.random.Generator, size: int = 192, cls: int = 0) -> Phantom:
@@ -363,7 +370,7 @@ def burn_marker(img: np.ndarray, scale: int = 2, margin: int = 3, value: float =
 
 def generate_shortcut_samples(out_dir: str, n: int = 200, seed: int = 0, size: int = 128,
                               split: tuple[float, float] = (0.6, 0.2), test_marker_rate: float = 0.5,
-                              tag_rate: float = 1.0) -> dict:
+                              tag_rate: float = 1.0, region_boxes: bool = True) -> dict:
     """The "shortcut" clavicle set: full clavicle phantoms (half fractured) with a burned-in letter tag outside
     every box. In ``training`` and ``validation`` the tag is on a share ``tag_rate`` of the positive images (1.0:
     every one; 0.0: none, the clean reference set) and on no negative one; in ``test`` it is on a share ``test_marker_rate``
@@ -373,7 +380,10 @@ def generate_shortcut_samples(out_dir: str, n: int = 200, seed: int = 0, size: i
     ``round(tag_rate N)`` lowest of a per-image draw of their own), so sets of several strengths differ only in
     their tags, and the tags of a lower strength are a subset of a higher one's. Writes DX files and
     ``datalist.json`` (section ``shortcut``; items carry ``marker`` (bool) and ``marker_box``) under ``out_dir``;
-    returns the datalist."""
+    returns the datalist. ``region_boxes``: every image also carries a ``relevant_area`` box around both clavicles
+    (first in its boxes), so a box mask is the anatomy the label is read from, as the lungs are ISNet's foreground,
+    rather than the lesion box (a fracture box on positives, a ``normal_region`` box at a random place of a clavicle on
+    negatives, which no network can locate from the image)."""
     if not 0 <= tag_rate <= 1:
         raise ValueError(f"tag_rate must be in [0, 1], got {tag_rate}")
     os.makedirs(os.path.join(out_dir, "shortcut"), exist_ok=True)
@@ -404,12 +414,13 @@ def generate_shortcut_samples(out_dir: str, n: int = 200, seed: int = 0, size: i
         uid_seed = f"{seed}-shortcut-{i}-{marked}"  # a tagged and an untagged image are different instances
         write_dx(os.path.join(out_dir, name), _quantise(img, 12, "MONOCHROME2"), bits_stored=12, anatomy="clavicle",
                  uid_seed=uid_seed, instance_number=i + 1, study_uid=make_uid("study", uid_seed))
-        sections[section].append({"image": name, "label": ph.label, "boxes": [[round(float(v), 2) for v in b] for b in ph.boxes],
-                                  "box_labels": list(ph.box_labels), "group": f"shortcut-{i:03d}", "marker": marked,
+        boxes, box_labels = ([ph.region] if region_boxes else []) + list(ph.boxes), ([RELEVANT_AREA] if region_boxes else []) + list(ph.box_labels)
+        sections[section].append({"image": name, "label": ph.label, "boxes": [[round(float(v), 2) for v in b] for b in boxes],
+                                  "box_labels": box_labels, "group": f"shortcut-{i:03d}", "marker": marked,
                                   "marker_box": marker_box})
     datalist = {"description": "shortcut phantoms from cutremain_monai.data.phantoms.generate_shortcut_samples",
-                "seed": seed, "tag_rate": tag_rate,
-                "shortcut": {**sections, "box_label_names": list(CLAVICLE_BOX_LABELS)}}
+                "seed": seed, "tag_rate": tag_rate, "region_boxes": region_boxes,
+                "shortcut": {**sections, "box_label_names": list(CLAVICLE_BOX_LABELS) + ([RELEVANT_AREA] if region_boxes else [])}}
     with open(os.path.join(out_dir, "datalist.json"), "w") as f:
         json.dump(datalist, f, indent=1)
     return datalist

@@ -95,32 +95,41 @@ def _tag_name(strength: float | None) -> str:
     return "clean" if strength is None else f"tag{strength:.2f}"
 
 
+def _region_boxes(datalist: str) -> bool:
+    with open(datalist) as f:
+        return bool(json.load(f).get("region_boxes", False))  # (sets written before the option: lesion boxes only)
+
+
 def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = ("none", "cut_remain", "sup_cutout", "gain", "isnet"),
                         n: int = 300, split: tuple[float, float] = (0.4, 0.4 / 3), size: int = 128, epochs: int = 25,
                         warmup_epochs: int = 5, seeds: Sequence[int] = (0,), strengths: Sequence[float] = (1.0,),
-                        clean: bool = True, data_seed: int = 0, data_dir: str | None = None, **overrides) -> list[dict]:
+                        clean: bool = True, data_seed: int = 0, data_dir: str | None = None, region_boxes: bool = True,
+                        **overrides) -> list[dict]:
     """Generate the shortcut sets (once per strength, under ``data_dir`` or ``output_dir/data``), train and score
     every method at every tag strength (the share of training and validation positives that carry the tag) and
     training seed, plus the clean reference (``none`` trained on the same images without any tag) per seed. A
     finished run leaves ``scores.json`` and is not trained again (the study resumes). Writes
     ``shortcut_results.csv`` (one row per strength, seed, method and checkpoint), ``shortcut_table.md`` (means over
-    the seeds with Student's t intervals) and ``shortcut_settings.json`` under ``output_dir``; returns the rows."""
+    the seeds with Student's t intervals) and ``shortcut_settings.json`` under ``output_dir``; returns the rows.
+    ``region_boxes``: every image carries a ``relevant_area`` box around both clavicles, so the guidance mask is the
+    anatomy (False: the lesion or normal-region box alone, the protocol study's sets)."""
     for m in methods:
         method_overrides(m)
     data_dir = os.path.abspath(data_dir or os.path.join(output_dir, "data"))
     sets = [*(float(v) for v in strengths), *([None] if clean else [])]
     datalists = {}
     for strength in sets:
-        folder = os.path.join(data_dir, _tag_name(strength))
+        folder = os.path.join(data_dir, _tag_name(strength) + ("" if region_boxes else "_lesion_boxes"))
         datalists[strength] = os.path.join(folder, "datalist.json")
-        if not os.path.exists(datalists[strength]):
+        if not os.path.exists(datalists[strength]) or _region_boxes(datalists[strength]) != bool(region_boxes):
             generate_shortcut_samples(folder, n=n, seed=data_seed, size=size, split=split,
-                                      tag_rate=0.0 if strength is None else strength)
+                                      tag_rate=0.0 if strength is None else strength, region_boxes=region_boxes)
     defaults = dict(split_halves=False, image_size=[size, size], epochs=epochs, guidance_warmup_epochs=warmup_epochs,
                     num_copies=2, register_model=False, cam_images=0, localization_report=False,
                     experiment_name="shortcut")
     settings = with_study_store(output_dir, {**defaults, **overrides})
-    fixed = json.loads(json.dumps({"n": n, "split": list(split), "size": size, "data_seed": data_seed, **settings}, default=str))
+    fixed = json.loads(json.dumps({"n": n, "split": list(split), "size": size, "data_seed": data_seed,
+                                   "region_boxes": bool(region_boxes), **settings}, default=str))
     settings_file = os.path.join(output_dir, "shortcut_settings.json")
     if os.path.exists(settings_file):  # a resumed study: its finished runs must have been trained like the new ones
         with open(settings_file) as f:

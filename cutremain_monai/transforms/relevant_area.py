@@ -32,7 +32,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from cutremain_monai.constants import BOX_LABELS, BOXES, IMAGE
+from cutremain_monai.constants import BOX_LABELS, BOXES, IMAGE, RELEVANT_AREA
 from cutremain_monai.io.importers import image_size
 
 __all__ = ["RELEVANT_AREA", "body_mask", "lesion_box_fractions", "relevant_area_boxes", "RelevantAreaBoxesd",
@@ -40,7 +40,6 @@ __all__ = ["RELEVANT_AREA", "body_mask", "lesion_box_fractions", "relevant_area_
 
 logger = logging.getLogger(__name__)
 
-RELEVANT_AREA = "relevant_area"
 DEFAULT_FRACTIONS = ((0.06, 0.06), (0.1, 0.1), (0.15, 0.15))  # when no lesion box is known
 
 

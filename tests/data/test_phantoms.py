@@ -162,3 +162,20 @@ def test_subtle_family_label_only_in_the_small_lesion(tmp_path):
     dl = generate_subtle_samples(str(tmp_path), 10, size=64, relevant_boxes=False)["subtle"]
     assert all(it["box_labels"] == (["lesion"] if it["label"] else []) for s in dl.values() for it in s)
     assert sum(len(s) for s in dl.values()) == 10 and (tmp_path / dl["training"][0]["image"]).exists()
+
+
+def test_shortcut_region_box_is_the_anatomy_and_changes_no_pixel(tmp_path):
+    """Every image's first box is the relevant area around both clavicles (ISNet's foreground, as the lungs are in
+    its references): it holds the lesion's centre, misses the tag, and the images are those of a set without it."""
+    with_region = generate_shortcut_samples(str(tmp_path / "r"), n=30, seed=3, size=64)
+    without = generate_shortcut_samples(str(tmp_path / "l"), n=30, seed=3, size=64, region_boxes=False)
+    assert with_region["region_boxes"] is True and without["region_boxes"] is False
+    for section in ("training", "validation", "test"):
+        for a, b in zip(with_region["shortcut"][section], without["shortcut"][section]):
+            assert a["box_labels"] == ["relevant_area", *b["box_labels"]] and a["boxes"][1:] == b["boxes"]
+            x0, y0, x1, y1 = a["boxes"][0]
+            lx0, ly0, lx1, ly1 = b["boxes"][0]
+            assert x0 <= (lx0 + lx1) / 2 <= x1 and y0 <= (ly0 + ly1) / 2 <= y1
+            assert 0.1 < (x1 - x0) * (y1 - y0) / 64 ** 2 < 0.4  # a band across the upper chest, not the image
+            np.testing.assert_array_equal(np.squeeze(read_xray_dicom(os.path.join(str(tmp_path / "r"), a["image"]))[0]),
+                                          np.squeeze(read_xray_dicom(os.path.join(str(tmp_path / "l"), b["image"]))[0]))
