@@ -36,7 +36,11 @@ from cutremain_monai.transforms.pseudo_labels import (
     PseudoLabelBank,
 )
 from cutremain_monai.transforms.relevant_area import (
+    BODY_MASK,
     RELEVANT_AREA,
+    BodyMaskd,
+    BodyMaskD,
+    BodyMaskDict,
     RelevantAreaBoxesd,
     RelevantAreaBoxesD,
     RelevantAreaBoxesDict,
@@ -68,6 +72,7 @@ __all__ = [
     "HideAndSeek", "HideAndSeekd", "HideAndSeekD", "HideAndSeekDict", "dataset_mean",
     "LungZones", "LungZonesd", "LungZonesD", "LungZonesDict", "split_lung_zones",
     "RELEVANT_AREA", "RelevantAreaBoxesd", "RelevantAreaBoxesD", "RelevantAreaBoxesDict", "body_mask",
+    "BODY_MASK", "BodyMaskd", "BodyMaskD", "BodyMaskDict",
     "lesion_box_fractions",
     "ResizeWithBoxesd", "ResizeWithBoxesD", "ResizeWithBoxesDict", "resize_boxes",
     "SplitHalves", "SplitHalvesd", "SplitHalvesD", "SplitHalvesDict",

@@ -17,6 +17,9 @@ datalist, where they could be mistaken for annotations.
 The boxes are labelled ``relevant_area``. The bundles' ``lesion_box_labels`` lists the lesion labels only, so
 halves, the localisation metrics and the DICOM results never count a relevant-area box as a finding; Cut&Remain,
 Cutout and the box masks use every box.
+
+:class:`BodyMaskd` puts the same body mask in the sample as a guidance mask (``guidance_mask: body_mask``): the
+foreground of guided training on images whose only boxes are small lesions, as the lungs are ISNet's (issue 30).
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ from skimage.filters import threshold_otsu
 from cutremain_monai.constants import BOX_LABELS, BOXES, IMAGE, RELEVANT_AREA
 from cutremain_monai.io.importers import image_size
 
-__all__ = ["RELEVANT_AREA", "body_mask", "lesion_box_fractions", "relevant_area_boxes", "RelevantAreaBoxesd",
-           "RelevantAreaBoxesD", "RelevantAreaBoxesDict"]
+__all__ = ["RELEVANT_AREA", "BODY_MASK", "body_mask", "lesion_box_fractions", "relevant_area_boxes", "RelevantAreaBoxesd",
+           "RelevantAreaBoxesD", "RelevantAreaBoxesDict", "BodyMaskd", "BodyMaskD", "BodyMaskDict"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = ((0.06, 0.06), (0.1, 0.1), (0.15, 0.15))  # when no lesion box is known
+BODY_MASK = "body_mask"
 
 
 def body_mask(image: np.ndarray) -> np.ndarray:
@@ -164,3 +168,34 @@ class RelevantAreaBoxesd(MapTransform):
 
 
 RelevantAreaBoxesD = RelevantAreaBoxesDict = RelevantAreaBoxesd
+
+
+class BodyMaskd(MapTransform):
+    """``mask_key`` ``(1, H, W)`` float32: the body mask (:func:`body_mask`) of the image's first channel, at the size
+    the image has here (the bundles run it after resizing). The foreground guided training keeps relevance or
+    attention in when the boxes are small lesions: a lesion box of ~1% of the image asks the network to find
+    nothing outside it, and on normal images there is no lesion box at all, while lead markers and text lie outside
+    the body. What it adds to MONAI (whose foreground transforms crop rather than return the mask): Otsu's
+    threshold with the largest connected component, so a marker letter in the air is not body.
+
+    Args:
+        keys: the image key. mask_key: where the mask goes. enabled: False: nothing is added (a bundle switch).
+    """
+
+    def __init__(self, keys: KeysCollection = IMAGE, mask_key: str = BODY_MASK, enabled: bool = True,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key, self.enabled = mask_key, enabled
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            plane = (img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img))[0]
+            d[self.mask_key] = body_mask(plane)[None].astype(np.float32)
+        return d
+
+
+BodyMaskD = BodyMaskDict = BodyMaskd

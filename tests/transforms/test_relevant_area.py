@@ -7,7 +7,7 @@ import torch
 from monai.transforms import Compose
 from PIL import Image
 
-from cutremain_monai.transforms import RELEVANT_AREA, RelevantAreaBoxesd, body_mask, lesion_box_fractions
+from cutremain_monai.transforms import RELEVANT_AREA, BodyMaskd, RelevantAreaBoxesd, body_mask, lesion_box_fractions
 from cutremain_monai.transforms.relevant_area import relevant_area_boxes
 
 
@@ -102,3 +102,33 @@ def test_bundle_switch_boxes_normal_training_halves_only(tmp_path):
     assert all(RELEVANT_AREA not in list(h.get("box_labels", [])) for h in val_head(dict(val, boxes=[], box_labels=[])))
     ds = parser.get_parsed_content("train#dataset")
     assert ds.cache.fingerprint != parser.get_parsed_content("validate#dataset").cache.fingerprint
+
+
+def test_body_mask_transform_leaves_a_marker_in_the_air_out():
+    img, body = _xray()
+    img[5:15, 5:15] = 0.9  # a lead marker letter, outside the body
+    d = BodyMaskd(keys="image")({"image": torch.as_tensor(img)[None], "label": 1})
+    m = d["body_mask"]
+    assert m.shape == (1, 120, 160) and m.dtype == np.float32 and set(np.unique(m)) == {0.0, 1.0}
+    assert m[0, 5:15, 5:15].sum() == 0 and ((m[0] > 0) & body).sum() / ((m[0] > 0) | body).sum() > 0.97
+    assert "body_mask" not in BodyMaskd(keys="image", enabled=False)({"image": torch.as_tensor(img)[None]})
+
+
+@pytest.mark.parametrize("guidance", ["none", "isnet"])
+def test_bundle_body_mask_guidance_foreground(tmp_path, guidance):
+    """guidance_mask body_mask: every training and validation sample carries the body mask at the training size (the
+    guided step's foreground), also where it has no box; not computed for unguided runs."""
+    from cutremain_monai.engines.bundle import bundle_parser
+    from tests.bundles.conftest import BUNDLES, TINY, tiny_datalist
+
+    parser = bundle_parser(f"{BUNDLES}/clavicle_fracture", ["train.yaml", "cpu.yaml"], **TINY, datalist=tiny_datalist(tmp_path),
+                           datalist_task=None, guidance=guidance, guidance_mask="body_mask", output_dir=str(tmp_path / "out"))
+    head = Compose(parser.get_parsed_content("head_transforms"))
+    item = dict(parser.get_parsed_content("validate#items")[0], boxes=[], box_labels=[])
+    for s in (head(item) if isinstance(head(item), list) else [head(item)]):
+        if guidance == "none":
+            assert "body_mask" not in s
+        else:
+            m = np.asarray(s["body_mask"])
+            assert m.shape == tuple(s["image"].shape) and 0 < m.mean() < 1
+            np.testing.assert_array_equal(m[0], body_mask(np.asarray(s["image"])[0]))
