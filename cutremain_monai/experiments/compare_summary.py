@@ -99,8 +99,11 @@ def auc_mean_sd_cell(r: dict) -> str:
 
 
 def ci_cell(v, low, high) -> str:
-    """``v [low, high]`` to three decimals, ``n/a`` for a missing value."""
-    return "n/a" if not np.isfinite(v) else f"{v:.3f} [{low:.3f}, {high:.3f}]"
+    """``v [low, high]`` to three decimals, ``v`` alone where there is no interval (one seed), ``n/a`` for a
+    missing value."""
+    if not np.isfinite(v):
+        return "n/a"
+    return f"{v:.3f}" if not (np.isfinite(low) and np.isfinite(high)) else f"{v:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def write_tables(summary: dict, output_dir: str) -> None:

@@ -27,6 +27,7 @@ from sklearn.metrics import roc_auc_score
 from cutremain_monai.engines.bundle import bundle_parser, load_network
 from cutremain_monai.engines.methods import method_overrides
 from cutremain_monai.experiments.cross_validation import train_and_test
+from cutremain_monai.io.atomic import write_json_atomic
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.metrics.comparison import delong_ci, delong_paired, t_mean_ci
 from cutremain_monai.transforms import CutRemaind
@@ -48,9 +49,7 @@ def _run(bundle: str, datalist: str, task: str | None, out: str, method: str, se
     settings = {**overrides, **method_overrides(method), "seed": seed, "gamma": gamma}
     m = train_and_test(bundle, datalist, out, extra_configs=extra_configs, task=task, **settings)
     result = {"method": method, "seed": seed, "gamma": gamma, "test": m, "settings": settings}
-    with open(done + ".tmp", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(done + ".tmp", done)
+    write_json_atomic(done, result, indent=1, default=str)
     return result
 
 

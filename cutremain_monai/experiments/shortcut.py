@@ -30,6 +30,8 @@ from cutremain_monai.engines.bundle import bundle_parser, load_network, with_stu
 from cutremain_monai.engines.methods import method_overrides
 from cutremain_monai.experiments.cross_validation import train_and_test
 from cutremain_monai.handlers.reproducibility import latest_checkpoint
+from cutremain_monai.experiments.compare_summary import ci_cell
+from cutremain_monai.io.atomic import write_json_atomic
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.localization.report import compute_map
 from cutremain_monai.metrics.classification import auc_ci, mean_auc
@@ -153,9 +155,7 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
                     scores = score_shortcut(bundle, datalists[strength], _checkpoints(os.path.join(out, "checkpoints")),
                                             **{k: v for k, v in settings.items() if k in score_keys},
                                             datalist_task="shortcut", output_dir=out)
-                    with open(done + ".tmp", "w") as f:
-                        json.dump(scores, f, indent=1)
-                    os.replace(done + ".tmp", done)
+                    write_json_atomic(done, scores, indent=1)
                 with open(done) as f:
                     scores = json.load(f)
                 rows.extend({"strength": _tag_name(strength), "seed": seed, "method": "clean" if strength is None else m,
@@ -196,9 +196,7 @@ def shortcut_summary(rows: list[dict], max_gap: float = 0.05, max_tag_auc: float
 
 
 def _ci(s: dict, key: str) -> str:
-    if not np.isfinite(s[f"{key}_low"]):
-        return f"{s[key]:.3f}"
-    return f"{s[key]:.3f} [{s[f'{key}_low']:.3f}, {s[f'{key}_high']:.3f}]"
+    return ci_cell(s[key], s[f"{key}_low"], s[f"{key}_high"])
 
 
 def shortcut_table(rows: list[dict]) -> str:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import pydicom
 
 from cutremain_monai.engines.bundle import run_bundle
+from cutremain_monai.io.atomic import write_json_atomic
 from cutremain_monai.io.paths import file_token, valid_uid
 from cutremain_monai.io.pseudonyms import keyed_pseudonym, site_key
 from cutremain_monai.pacs.dicomweb import DicomWebServer, stow_files
@@ -150,17 +151,6 @@ def _dest_note(dest: Destination | DicomWebServer):
     if isinstance(dest, DicomWebServer):
         return {"dicomweb": dest.safe_url()}
     return [dest.host, dest.port, dest.ae_title]
-
-
-def write_json_atomic(path: str, value) -> None:
-    """``value`` as JSON at ``path``: a temporary file, flushed to disk, then renamed over it (a crash or a power
-    cut leaves the old file or the new one, never a torn one)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RetryQueue:

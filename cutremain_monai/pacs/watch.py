@@ -34,7 +34,8 @@ import pydicom
 
 from cutremain_monai.pacs.dicomweb import DicomWebClient, DicomWebError, DicomWebServer, dicom_json_value
 from cutremain_monai.io.paths import valid_uid
-from cutremain_monai.pacs.node import StudyNode, is_xray_image, write_json_atomic
+from cutremain_monai.io.atomic import write_json_atomic
+from cutremain_monai.pacs.node import StudyNode, is_xray_image
 
 __all__ = ["Watcher", "fetch_new", "retrieve_to_folder"]
 
