@@ -5,6 +5,7 @@ LABEL = "label"
 BOXES = "boxes"
 BOX_LABELS = "box_labels"
 BOX_MASK = "box_mask"
+BODY_MASK = "body_mask"  # the body (Otsu, largest component): a guidance foreground for lesion-box data (issue 30)
 RELEVANT_AREA = "relevant_area"  # box label of a region that decides the label, never a finding (issues 28, 30)
 LUNG_MASK = "lung_mask"
 ZONES = "zones"

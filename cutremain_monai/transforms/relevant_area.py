@@ -35,7 +35,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from cutremain_monai.constants import BOX_LABELS, BOXES, IMAGE, RELEVANT_AREA
+from cutremain_monai.constants import BODY_MASK, BOX_LABELS, BOXES, IMAGE, RELEVANT_AREA
 from cutremain_monai.io.importers import image_size
 
 __all__ = ["RELEVANT_AREA", "BODY_MASK", "body_mask", "lesion_box_fractions", "relevant_area_boxes", "RelevantAreaBoxesd",
@@ -44,7 +44,6 @@ __all__ = ["RELEVANT_AREA", "BODY_MASK", "body_mask", "lesion_box_fractions", "r
 logger = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = ((0.06, 0.06), (0.1, 0.1), (0.15, 0.15))  # when no lesion box is known
-BODY_MASK = "body_mask"
 
 
 def body_mask(image: np.ndarray) -> np.ndarray:

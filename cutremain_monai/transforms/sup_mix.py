@@ -6,6 +6,9 @@
   ``y~ = lam * y_A + (1 - lam) * y_B``, ``lam ~ Beta(alpha, alpha)``: both images are reduced to their own box
   region (Cut&Remain) before mixing, so the mix only ever shows annotated regions. ``SupMixupd`` sets the mixed
   samples' ``box_mask`` to the union ``max(M_A, M_B)``; ``SupCutmixd`` leaves ``M_A`` (the labelled lesion).
+  Other masks of the image (``mask_follow_keys``, e.g. the ``body_mask`` that guided training keeps relevance in)
+  follow the mix: a mixed sample's mask is where the mixed image shows a source pixel that the source's mask
+  covers (Cutmix: ``M_A b_A + (1 - M_A) b_B``; Mixup: ``M_A b_A`` or ``M_B b_B``).
 * ``SupCutmix`` / ``SupCutmixd`` (per batch): ``x~ = M_A * x_A + (1 - M_A) * x_B``, ``y~ = y_A`` (the paper's
   rule: the lesion of A is kept whole, B only supplies context). ``label_rule="area"`` instead weights the labels
   by the real kept area, ``lam = |M_A| / (H * W)``, ``y~ = lam * y_A + (1 - lam) * y_B`` (timm's
@@ -29,7 +32,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, Transform
 
-from cutremain_monai.constants import BOX_MASK, BOXES, IMAGE, LABEL
+from cutremain_monai.constants import BODY_MASK, BOX_MASK, BOXES, IMAGE, LABEL
 from cutremain_monai.transforms.boxes import box_pixel_extent, check_boxes, clip_boxes
 
 __all__ = [
@@ -264,11 +267,12 @@ class SupCutmix(_BatchMix):
 
 
 class _BatchMixd(Randomizable, MapTransform):
-    def __init__(self, mixer, keys, label_key, mask_key, allow_missing_keys):
+    def __init__(self, mixer, keys, label_key, mask_key, allow_missing_keys, mask_follow_keys=(BODY_MASK,)):
         super().__init__(keys, allow_missing_keys)
         self.mixer = mixer
         self.label_key = label_key
         self.mask_key = mask_key
+        self.mask_follow_keys = (mask_follow_keys,) if isinstance(mask_follow_keys, str) else tuple(mask_follow_keys or ())
 
     def set_random_state(self, seed=None, state=None):
         super().set_random_state(seed, state)
@@ -296,6 +300,10 @@ class _BatchMixd(Randomizable, MapTransform):
         for key in keys:
             d[key], new_labels = self.mixer(d[key], labels, masks, randomize=False, _effective=effective)
         d[self.label_key] = new_labels
+        for key in self.mask_follow_keys:  # binary masks mixed like the image, then: covered by a source's mask
+            if isinstance(d.get(key), torch.Tensor):
+                mixed, _ = self.mixer(d[key].float(), labels, masks, randomize=False, _effective=effective)
+                d[key] = (mixed > 0).to(d[key].dtype)
         if isinstance(self.mixer, SupMixup) and self.mixer._targets.numel():
             # a mixed image shows both box regions: its mask (what guided training keeps relevance in) is the union
             m = effective[0]  # the masks the mix used (no_box="full": a box-less image counts whole)
@@ -305,7 +313,8 @@ class _BatchMixd(Randomizable, MapTransform):
 
 
 class SupMixupd(_BatchMixd):
-    """Batch-level dictionary :class:`SupMixup` (after collation; in a ``prepare_batch`` or a batch transform)."""
+    """Batch-level dictionary :class:`SupMixup` (after collation; in a ``prepare_batch`` or a batch transform).
+    ``mask_follow_keys``: other binary masks of the image mixed with it (the module doc); absent keys are skipped."""
 
     def __init__(
         self,
@@ -315,8 +324,9 @@ class SupMixupd(_BatchMixd):
         alpha: float = 1.0,
         no_box: str = "skip",
         allow_missing_keys: bool = False,
+        mask_follow_keys: KeysCollection = (BODY_MASK,),
     ):
-        super().__init__(SupMixup(alpha, no_box), keys, label_key, mask_key, allow_missing_keys)
+        super().__init__(SupMixup(alpha, no_box), keys, label_key, mask_key, allow_missing_keys, mask_follow_keys)
 
 
 class SupCutmixd(_BatchMixd):
@@ -330,8 +340,9 @@ class SupCutmixd(_BatchMixd):
         label_rule: str = "paper",
         no_box: str = "skip",
         allow_missing_keys: bool = False,
+        mask_follow_keys: KeysCollection = (BODY_MASK,),
     ):
-        super().__init__(SupCutmix(label_rule, no_box), keys, label_key, mask_key, allow_missing_keys)
+        super().__init__(SupCutmix(label_rule, no_box), keys, label_key, mask_key, allow_missing_keys, mask_follow_keys)
 
 
 SupCutoutD = SupCutoutDict = SupCutoutd

@@ -119,3 +119,30 @@ def test_sup_cutout_centre_outside_box():
         t({"image": torch.ones(1, 100, 100), "boxes": boxes})
         r0, r1, c0, c1 = t.cutout._rect
         assert (c0 + c1) / 2 >= 85  # centre drawn in the 10 free columns
+
+
+@pytest.mark.parametrize("cls", [SupCutmixd, SupMixupd])
+def test_body_mask_follows_the_mixed_image(cls):
+    """The body mask (guided training's foreground with guidance_mask: body_mask) of a mixed sample covers the
+    pixels the mixed image takes from a source where that source's body mask is on, and nothing else."""
+    d = batch(LABELS["binary"])
+    body = torch.zeros(4, 1, 12, 10)
+    for i in range(4):
+        body[i, 0, 1 + i:11, 0:8 - i] = 1  # a different body per sample, covering part of each box
+    d["body_mask"] = body
+    t = cls().set_random_state(3)
+    out = t(dict(d))
+    box = d["box_mask"] > 0
+    targets = t.mixer._targets.tolist()
+    assert targets
+    for a, b in zip(targets, t.mixer._partners.tolist()):
+        if cls is SupCutmixd:  # A's box from A, the rest from B
+            expected = torch.where(box[a], body[a], body[b])
+        else:  # only the two boxes show: where either box meets its own body
+            expected = torch.maximum(body[a] * box[a], body[b] * box[b])
+        assert torch.equal(out["body_mask"][a], expected), (a, b)
+        assert set(out["body_mask"][a].unique().tolist()) <= {0.0, 1.0}
+    for i in set(range(4)) - set(targets):
+        assert torch.equal(out["body_mask"][i], body[i])
+    no_follow = cls(mask_follow_keys=()).set_random_state(3)(dict(d))
+    assert torch.equal(no_follow["body_mask"], body) and torch.equal(no_follow["image"], out["image"])
