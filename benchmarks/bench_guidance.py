@@ -13,7 +13,9 @@ so every variant sees the same state of a shared machine, medians over the round
 * inference forward (``torch.no_grad()``) of a model after an ISNet step and of the plain model: ISNet changes
   the weights only, so inference costs the same.
 
-CUDA (with AMP for plain and GAIN; ISNet runs float32 by design) when available; on CPU torch runs on 2 threads.
+Every guided variant runs the clavicle bundle's default guided settings (read from its ``configs/train.yaml``:
+GWRP decay, P, clipping, BatchNorm handling, GAIN's sigma / omega / weights), so the ratio is the one a user of
+the bundle pays. CUDA (with AMP for plain and GAIN; ISNet runs float32 by design) when available; on CPU torch runs on 2 threads.
 Last line: one JSON object with gain_vs_plain, isnet_vs_plain, isnet_14_vs_2_classes, isnet_inference_vs_plain.
 Targets: isnet_vs_plain <= 3.0, isnet_14_vs_2_classes <= 1.2, isnet_inference_vs_plain <= 1.02, gain_vs_plain <= 3.0.
 """
@@ -25,6 +27,7 @@ import sys
 import time
 
 import torch
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from monai.engines import SupervisedTrainer  # noqa: E402
@@ -34,6 +37,17 @@ from cutremain_monai.engines.prepare_batch import BoxBatchPrepare  # noqa: E402
 from cutremain_monai.networks import resnet  # noqa: E402
 
 BATCH, SIZE, ROUNDS = 16, 224, int(os.environ.get("BENCH_ROUNDS", 5))
+BUNDLE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "clavicle_fracture", "configs", "train.yaml")
+
+
+def bundle_step_settings(path: str = BUNDLE_CONFIG) -> dict:
+    """The guided step's settings of the bundle's defaults (GuidedTraining keyword -> value)."""
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    names = {"gain_sigma": "gain_sigma", "gain_omega": "gain_omega", "gain_alpha": "gain_alpha", "gain_omega_e": "gain_omega_e",
+             "isnet_p": "isnet_p", "isnet_variant": "isnet_variant", "isnet_decay": "isnet_decay", "isnet_e": "isnet_e",
+             "guidance_batchnorm": "batchnorm", "guidance_balance": "balance", "clip_grad_norm": "clip_grad_norm"}
+    return {kw: cfg[key] for key, kw in names.items()}
 
 
 def _sync(device):
@@ -45,7 +59,8 @@ def _setup(guidance: str, classes: int, device):
     torch.manual_seed(0)
     net = resnet(18, num_classes=classes).to(device)
     mode = "binary" if classes == 1 else "multilabel"
-    step = GuidedTraining(guidance, label_mode=mode, warmup_epochs=0, isnet_band=(1.0, 25.0), layer="layer4")
+    step = GuidedTraining(guidance, label_mode=mode, warmup_epochs=0, isnet_band=(1.0, 25.0), layer="layer4",
+                          **bundle_step_settings())
     trainer = SupervisedTrainer(device=device, max_epochs=1, train_data_loader=[None], network=net,
                                 optimizer=torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9),
                                 loss_function=torch.nn.BCEWithLogitsLoss(), prepare_batch=BoxBatchPrepare(label_mode=mode),
@@ -106,6 +121,7 @@ def main():
         "plain_step_s": round(med["plain"], 4),
         "device": device.type,
         "rounds": ROUNDS,
+        "settings": {k: v for k, v in bundle_step_settings().items() if k in ("isnet_decay", "batchnorm", "clip_grad_norm", "balance")},
     }
     print(json.dumps(result))
 
