@@ -124,10 +124,10 @@ class ClassificationReport:
             saved = getattr(getattr(self.model_saver, "_key_metric_checkpoint", None), "_saved", None) or [None]
             improved = saved[-1] is not None and saved[-1] is not self._saved_item
             self._saved_item = saved[-1]
-        else:
+        else:  # no saver: the epochs of a new best AUC
             improved = np.isfinite(m["auc"]) and m["auc"] > self.best_auc
+            self.best_auc = m["auc"] if improved else self.best_auc
         if improved:
-            self.best_auc = max(self.best_auc, m["auc"]) if np.isfinite(m["auc"]) else self.best_auc
             if self.threshold is None and self.threshold_file is None and self.mode != "multiclass":
                 chosen = {"thresholds": m["thresholds"]} if self.mode == "multilabel" else {"threshold": m["threshold"]}
                 with open(os.path.join(self.output_dir, "threshold.json"), "w") as f:
