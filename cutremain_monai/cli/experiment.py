@@ -95,7 +95,7 @@ def shortcut_command(args) -> int:
                         n=args.images, size=args.size, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
                         seeds=[int(v) for v in comma_list(args.seeds, "0")],
                         strengths=[float(v) for v in comma_list(args.strengths, "1.0")], clean=not args.no_clean,
-                        data_seed=args.seed, region_boxes=not args.lesion_boxes, **overrides)
+                        data_seed=args.seed, region_boxes=not args.lesion_boxes, train=not args.table_only, **overrides)
     print_file(os.path.join(output, "shortcut_table.md"))
     print(f"results: {output}/shortcut_table.md, shortcut_results.csv")
     return 0
@@ -281,6 +281,8 @@ def register(sub) -> None:
     p.add_argument("--lesion-boxes", action="store_true", help="sets without the relevant-area box around the clavicles "
                    "(the guidance mask is then the lesion or normal-region box alone, as in the protocol study)")
     p.add_argument("--warmup-epochs", type=int, default=5, help="plain epochs before the guidance losses")
+    p.add_argument("--table-only", action="store_true", help="the tables from the runs already finished, nothing trained "
+                   "(a study in progress or stopped part-way; the table's seeds column says how many each row has)")
 
     p = _kind(kinds, "erase", "adversarial-erasing region mining: rounds of train / CAM top-q / erase; the mined "
               "boxes as a datalist", erase_command, seed=False)

@@ -106,7 +106,7 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
                         n: int = 300, split: tuple[float, float] = (0.4, 0.4 / 3), size: int = 128, epochs: int = 25,
                         warmup_epochs: int = 5, seeds: Sequence[int] = (0,), strengths: Sequence[float] = (1.0,),
                         clean: bool = True, data_seed: int = 0, data_dir: str | None = None, region_boxes: bool = True,
-                        **overrides) -> list[dict]:
+                        train: bool = True, **overrides) -> list[dict]:
     """Generate the shortcut sets (once per strength, under ``data_dir`` or ``output_dir/data``), train and score
     every method at every tag strength (the share of training and validation positives that carry the tag) and
     training seed, plus the clean reference (``none`` trained on the same images without any tag) per seed. A
@@ -114,7 +114,9 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
     ``shortcut_results.csv`` (one row per strength, seed, method and checkpoint), ``shortcut_table.md`` (means over
     the seeds with Student's t intervals) and ``shortcut_settings.json`` under ``output_dir``; returns the rows.
     ``region_boxes``: every image carries a ``relevant_area`` box around both clavicles, so the guidance mask is the
-    anatomy (False: the lesion or normal-region box alone, the protocol study's sets)."""
+    anatomy (False: the lesion or normal-region box alone, the protocol study's sets). ``train=False``: the tables
+    from the runs already finished (of the methods, seeds and strengths asked for), nothing trained: a study in
+    progress, or one stopped part-way (the table's ``seeds`` column says how many each row has)."""
     for m in methods:
         method_overrides(m)
     data_dir = os.path.abspath(data_dir or os.path.join(output_dir, "data"))
@@ -123,7 +125,7 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
     for strength in sets:
         folder = os.path.join(data_dir, _tag_name(strength) + ("" if region_boxes else "_lesion_boxes"))
         datalists[strength] = os.path.join(folder, "datalist.json")
-        if not os.path.exists(datalists[strength]) or _region_boxes(datalists[strength]) != bool(region_boxes):
+        if train and (not os.path.exists(datalists[strength]) or _region_boxes(datalists[strength]) != bool(region_boxes)):
             generate_shortcut_samples(folder, n=n, seed=data_seed, size=size, split=split,
                                       tag_rate=0.0 if strength is None else strength, region_boxes=region_boxes)
     defaults = dict(split_halves=False, image_size=[size, size], epochs=epochs, guidance_warmup_epochs=warmup_epochs,
@@ -141,6 +143,10 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
             raise ValueError(f"{output_dir} holds a shortcut study with other settings ({', '.join(changed)}: "
                              f"{[before.get(k) for k in changed]} there, {[fixed.get(k) for k in changed]} now); "
                              "use another output folder")
+    record = {**fixed, "methods": list(methods), "seeds": list(seeds), "strengths": list(strengths), "clean": clean}
+    if train:  # written before the first run: a study stopped part-way is resumed only with its own settings
+        os.makedirs(output_dir, exist_ok=True)
+        write_json_atomic(settings_file, record, indent=1)
     score_keys = ("split_halves", "image_size", "network_depth", "cam_layer")
     rows = []
     for strength in sets:
@@ -148,6 +154,9 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
             for m in (methods if strength is not None else ["none"]):
                 out = os.path.abspath(os.path.join(output_dir, "runs", _tag_name(strength), f"seed{seed}", m.replace("+", "_")))
                 done = os.path.join(out, "scores.json")
+                if not os.path.exists(done) and not train:
+                    logger.info("shortcut test: %s (%s, seed %d) not finished: left out of the table", m, _tag_name(strength), seed)
+                    continue
                 if not os.path.exists(done):
                     logger.info("shortcut test: training %s (%s, seed %d)", m, _tag_name(strength), seed)
                     train_and_test(bundle, datalists[strength], out, task="shortcut", run_name=f"shortcut_{m}",
@@ -160,6 +169,8 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
                     scores = json.load(f)
                 rows.extend({"strength": _tag_name(strength), "seed": seed, "method": "clean" if strength is None else m,
                              "checkpoint": which, **values} for which, values in scores.items())
+    if not rows:
+        raise ValueError(f"{output_dir}: no finished run of the methods, seeds and strengths asked for")
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "shortcut_results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -167,8 +178,6 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
         writer.writerows(rows)
     with open(os.path.join(output_dir, "shortcut_table.md"), "w") as f:
         f.write(shortcut_table(rows))
-    with open(settings_file, "w") as f:
-        json.dump({**fixed, "methods": list(methods), "seeds": list(seeds), "strengths": list(strengths), "clean": clean}, f, indent=1)
     return rows
 
 

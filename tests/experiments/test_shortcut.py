@@ -44,3 +44,27 @@ def test_baseline_reads_the_tag_clean_reference_does_not_and_isnet_ignores_it(tm
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/*/*/scores.json")} == stamps
     with pytest.raises(ValueError, match="other settings \\(epochs"):  # finished runs of other settings are not mixed in
         shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(out), **{**kwargs, "epochs": 3})
+    # the tables of the finished runs alone (a study in progress): nothing trained, the rows asked for
+    only = shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(out), **{**kwargs, "methods": ("none", "gain"), "seeds": (0, 1)},
+                               train=False)
+    assert only == [r for r in rows if r["method"] in ("none", "clean")]
+    assert "| 100% of positives | isnet |" not in open(out / "shortcut_table.md").read()
+    with pytest.raises(ValueError, match="no finished run"):
+        shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(out), **{**kwargs, "seeds": (5,), "clean": False}, train=False)
+
+
+def test_a_study_stopped_before_its_first_result_is_resumed_only_with_its_settings(tmp_path, monkeypatch):
+    from cutremain_monai.experiments import shortcut
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the session ends during the first training
+
+    monkeypatch.setattr(shortcut, "train_and_test", killed)
+    kwargs = dict(methods=("none",), n=24, split=(0.5, 0.25), size=48, epochs=4, seeds=(0,), clean=False)
+    with pytest.raises(KeyboardInterrupt):
+        shortcut.shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(tmp_path), **kwargs)
+    assert json.load(open(tmp_path / "shortcut_settings.json"))["epochs"] == 4
+    with pytest.raises(ValueError, match="other settings \\(epochs: \\[4\\] there, \\[6\\] now"):
+        shortcut.shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(tmp_path), **{**kwargs, "epochs": 6})
+    with pytest.raises(KeyboardInterrupt):  # the same settings: the study goes on
+        shortcut.shortcut_experiment(f"{BUNDLES}/clavicle_fracture", str(tmp_path), **kwargs)
