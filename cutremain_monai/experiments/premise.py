@@ -43,12 +43,18 @@ def run_dir(output_dir: str, seed: int, method: str, gamma: float = 1.0) -> str:
 def _run(bundle: str, datalist: str, task: str | None, out: str, method: str, seed: int, gamma: float,
          extra_configs: Sequence[str], overrides: dict) -> dict:
     done = os.path.join(out, "result.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
     settings = {**overrides, **method_overrides(method), "seed": seed, "gamma": gamma}
+    if os.path.exists(done):  # a finished run is taken only if it was trained as this one would be
+        with open(done) as f:
+            result = json.load(f)
+        now = json.loads(json.dumps(settings, default=str))
+        changed = sorted(k for k in set(now) | set(result["settings"]) if now.get(k) != result["settings"].get(k))
+        if changed or result.get("configs", list(extra_configs)) != list(extra_configs):
+            raise ValueError(f"{done}: this run was made with other settings ({', '.join(changed) or 'configs'}); "
+                             "use a new output folder or delete the run")
+        return result
     m = train_and_test(bundle, datalist, out, extra_configs=extra_configs, task=task, **settings)
-    result = {"method": method, "seed": seed, "gamma": gamma, "test": m, "settings": settings}
+    result = {"method": method, "seed": seed, "gamma": gamma, "test": m, "settings": settings, "configs": list(extra_configs)}
     write_json_atomic(done, result, indent=1, default=str)
     return result
 

@@ -64,6 +64,10 @@ def test_premise_end_to_end(tmp_path):
     assert len(stamps) == 5
     assert cli_main(args) == 0
     assert {p: os.path.getmtime(p) for p in out.glob("runs/*/*/result.json")} == stamps
+    # a finished run of other settings is refused, not mixed in
+    other = {**overrides, "epochs": overrides["epochs"] + 1}
+    with pytest.raises(ValueError, match="other settings \\(epochs\\)"):
+        cli_main([*args[:-3], json.dumps(other), "-o", str(out)])
     # what the cut_remain model says of Cut&Remain copies of the test images' relevant areas, by label
     from cutremain_monai.experiments.premise import copy_scores
 
