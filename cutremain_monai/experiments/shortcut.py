@@ -182,8 +182,8 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
 
 
 def shortcut_summary(rows: list[dict], max_gap: float = 0.05, max_tag_auc: float = 0.65) -> list[dict]:
-    """Per strength, method and checkpoint: the mean over seeds of every score with Student's t interval for
-    test AUC and AUC against the tag, and ``target``: in how many seeds the test AUC is within ``max_gap`` of the
+    """Per strength, method and checkpoint: the mean over seeds of every score with Student's t interval (clipped
+    to [0, 1]) for test AUC and AUC against the tag, and ``target``: in how many seeds the test AUC is within ``max_gap`` of the
     clean reference of the same seed (its ``val_auc`` checkpoint: no tag in its validation) and the AUC against the
     tag below ``max_tag_auc``."""
     clean = {r["seed"]: float(r["test_auc"]) for r in rows if r["strength"] == "clean" and r["checkpoint"] == "val_auc"}
@@ -193,8 +193,9 @@ def shortcut_summary(rows: list[dict], max_gap: float = 0.05, max_tag_auc: float
     out = []
     for (strength, method, checkpoint), rs in groups.items():
         s = {"strength": strength, "method": method, "checkpoint": checkpoint, "seeds": len(rs)}
-        for key in ("test_auc", "tag_auc"):
-            s[key], s[f"{key}_low"], s[f"{key}_high"] = t_mean_ci([float(r[key]) for r in rs])
+        for key in ("test_auc", "tag_auc"):  # the t interval of 3 seeds can pass an AUC's range: clipped to [0, 1]
+            mean, low, high = t_mean_ci([float(r[key]) for r in rs])
+            s[key], s[f"{key}_low"], s[f"{key}_high"] = mean, max(low, 0.0), min(high, 1.0)
         for key in ("validation_auc", "gradcam_tag_energy", "lrp_tag_energy", "gradcam_lesion_energy", "lrp_lesion_energy"):
             s[key] = float(np.mean([float(r[key]) for r in rs]))
         met = [r["seed"] in clean and float(r["test_auc"]) >= clean[r["seed"]] - max_gap and float(r["tag_auc"]) < max_tag_auc
