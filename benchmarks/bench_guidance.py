@@ -55,12 +55,12 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _setup(guidance: str, classes: int, device):
+def _setup(guidance: str, classes: int, device, settings: dict):
     torch.manual_seed(0)
     net = resnet(18, num_classes=classes).to(device)
     mode = "binary" if classes == 1 else "multilabel"
     step = GuidedTraining(guidance, label_mode=mode, warmup_epochs=0, isnet_band=(1.0, 25.0), layer="layer4",
-                          **bundle_step_settings())
+                          **settings)
     trainer = SupervisedTrainer(device=device, max_epochs=1, train_data_loader=[None], network=net,
                                 optimizer=torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9),
                                 loss_function=torch.nn.BCEWithLogitsLoss(), prepare_batch=BoxBatchPrepare(label_mode=mode),
@@ -79,9 +79,10 @@ def main():
     if device.type == "cpu":
         torch.set_num_threads(2)
     variants = {"plain": ("none", 1), "gain": ("gain", 1), "isnet": ("isnet", 1), "isnet_2": ("isnet", 2), "isnet_14": ("isnet", 14)}
+    settings = bundle_step_settings()
     steps, nets = {}, {}
     for name, (guidance, classes) in variants.items():
-        steps[name], nets[name] = _setup(guidance, classes, device)
+        steps[name], nets[name] = _setup(guidance, classes, device, settings)
     x = torch.rand(BATCH, 1, SIZE, SIZE, device=device)
     plain_net, isnet_net = nets["plain"].eval(), nets["isnet"]
     steps["isnet"]()  # the ISNet model has taken a guided step before its inference is timed
@@ -121,7 +122,7 @@ def main():
         "plain_step_s": round(med["plain"], 4),
         "device": device.type,
         "rounds": ROUNDS,
-        "settings": {k: v for k, v in bundle_step_settings().items() if k in ("isnet_decay", "batchnorm", "clip_grad_norm", "balance")},
+        "settings": {k: v for k, v in settings.items() if k in ("isnet_decay", "batchnorm", "clip_grad_norm", "balance")},
     }
     print(json.dumps(result))
 

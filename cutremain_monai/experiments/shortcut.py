@@ -28,9 +28,9 @@ import torch
 from cutremain_monai.data.phantoms import generate_shortcut_samples
 from cutremain_monai.engines.bundle import bundle_parser, load_network, with_study_store
 from cutremain_monai.engines.methods import method_overrides
+from cutremain_monai.experiments.compare_summary import ci_cell
 from cutremain_monai.experiments.cross_validation import train_and_test
 from cutremain_monai.handlers.reproducibility import latest_checkpoint
-from cutremain_monai.experiments.compare_summary import ci_cell
 from cutremain_monai.io.atomic import write_json_atomic
 from cutremain_monai.io.datalist import load_datalist
 from cutremain_monai.localization.report import compute_map
@@ -143,10 +143,10 @@ def shortcut_experiment(bundle: str, output_dir: str, methods: Sequence[str] = (
             raise ValueError(f"{output_dir} holds a shortcut study with other settings ({', '.join(changed)}: "
                              f"{[before.get(k) for k in changed]} there, {[fixed.get(k) for k in changed]} now); "
                              "use another output folder")
-    record = {**fixed, "methods": list(methods), "seeds": list(seeds), "strengths": list(strengths), "clean": clean}
     if train:  # written before the first run: a study stopped part-way is resumed only with its own settings
         os.makedirs(output_dir, exist_ok=True)
-        write_json_atomic(settings_file, record, indent=1)
+        write_json_atomic(settings_file, {**fixed, "methods": list(methods), "seeds": list(seeds),
+                                          "strengths": list(strengths), "clean": clean}, indent=1)
     score_keys = ("split_halves", "image_size", "network_depth", "cam_layer")
     rows = []
     for strength in sets:
