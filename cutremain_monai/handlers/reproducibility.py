@@ -1,4 +1,5 @@
-"""Reproducible and resumable training: per-epoch reseeding, a stop-after-N-epochs switch, the latest checkpoint.
+"""Reproducible and resumable training: per-epoch reseeding, a stop-after-N-epochs switch, the latest checkpoint,
+and the best models' scores carried across a restart.
 
 A seeded run seeds once at the start, so after a restart from a checkpoint its random streams differ from an
 uninterrupted run's. ``EpochSeed`` reseeds torch, numpy and the given MONAI transforms at every epoch start from
@@ -19,7 +20,7 @@ from ignite.engine import Engine, Events
 
 from cutremain_monai.handlers.utils import rank
 
-__all__ = ["EpochSeed", "StopAfterEpochs", "latest_checkpoint"]
+__all__ = ["BestModelState", "EpochSeed", "StopAfterEpochs", "latest_checkpoint"]
 
 
 class EpochSeed:
@@ -56,6 +57,43 @@ class StopAfterEpochs:
     def __call__(self, engine: Engine) -> None:
         if self.epochs and engine.state.epoch >= self.epochs:
             engine.terminate()
+
+
+class BestModelState:
+    """The key-metric ``CheckpointSaver``\ s' record of the models they kept (score and file), and the evaluator's
+    best metric, as one object with ``state_dict`` / ``load_state_dict``: put it in the periodic checkpoint's
+    ``save_dict`` and the resume ``CheckpointLoader``'s ``load_dict``.
+
+    Without it a resumed run starts with empty savers: the first epoch after the restart is "the best so far" and
+    overwrites ``model.pt`` (and the threshold chosen with it), even when an epoch before the kill scored better.
+    MONAI's own route (``key_metric_save_state``) stores the record inside ``model.pt``, which then stops being a
+    bare state dict (the model-zoo file the demo, MLflow and other tools load); this keeps it in the training
+    checkpoint instead. Savers that keep no key-metric model are skipped.
+    """
+
+    def __init__(self, savers=(), evaluator=None):
+        savers = savers if isinstance(savers, (list, tuple)) else [savers]
+        self.trackers = [c for c in (getattr(s, "_key_metric_checkpoint", None) for s in savers) if c is not None]
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict:
+        # plain floats and strings: a checkpoint loads with torch.load(weights_only=True)
+        state = {"savers": [{"_saved": [[float(p), str(f)] for p, f in c.state_dict()["_saved"]]} for c in self.trackers]}
+        if self.evaluator is not None:
+            state["best_metric"] = float(self.evaluator.state.best_metric)
+            state["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        savers = state.get("savers", [])
+        if len(savers) != len(self.trackers):
+            raise ValueError(f"the checkpoint records {len(savers)} best-model saver(s), this run has {len(self.trackers)}: "
+                             "it was written by another configuration (best_model_metric or the savers changed)")
+        for tracker, saved in zip(self.trackers, savers):
+            tracker.load_state_dict(saved)
+        if self.evaluator is not None and "best_metric" in state:
+            self.evaluator.state.best_metric = state["best_metric"]
+            self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
 
 
 def last_checkpoints(ckpt_dir: str, n: int = 3, pattern: str = "checkpoint_epoch=*.pt") -> list[str]:

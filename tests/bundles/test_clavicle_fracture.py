@@ -94,6 +94,37 @@ def test_resume_matches_uninterrupted(tmp_path):
     wb = b.parser.get_parsed_content("network").state_dict()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k])
+    # the best model and its threshold are the uninterrupted run's too (the savers' scores travel in the checkpoint)
+    for name in ("model.pt", "model_val_loss.pt"):
+        ba, bb = (torch.load(tmp_path / r / "out" / "checkpoints" / name, weights_only=True) for r in ("a", "b"))
+        for k in ba:
+            torch.testing.assert_close(ba[k], bb[k])
+    assert json.load(open(tmp_path / "a" / "out" / "threshold.json")) == json.load(open(tmp_path / "b" / "out" / "threshold.json"))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_an_earlier_better_model(tmp_path):
+    """Epoch 1 scored better than anything after it: after a restart at epoch 2, model.pt and threshold.json stay
+    epoch 1's (before, the savers restarted empty and the first epoch after a restart always replaced them)."""
+    data = tiny_datalist(tmp_path)
+    common = dict(datalist=data, epochs=2, register_model=False, cam_images=0)
+    run_bundle("clavicle_fracture", CPU, tmp_path, stop_after_epochs=1, **common)
+    ckpts = tmp_path / "out" / "checkpoints"
+    state = torch.load(ckpts / "checkpoint_epoch=1.pt", weights_only=True)
+    assert [len(s["_saved"]) for s in state["best_models"]["savers"]] == [1, 1]  # model.pt, model_val_loss.pt
+    for s in state["best_models"]["savers"]:  # no later epoch beats these scores
+        s["_saved"] = [[1e9, f] for _, f in s["_saved"]]
+    torch.save(state, ckpts / "checkpoint_epoch=1.pt")
+    before = torch.load(ckpts / "model.pt", weights_only=True)
+    threshold = json.load(open(tmp_path / "out" / "threshold.json"))
+    wf, _ = run_bundle("clavicle_fracture", CPU, tmp_path, **common)
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
+    after = torch.load(ckpts / "model.pt", weights_only=True)
+    for k in before:
+        torch.testing.assert_close(before[k], after[k])
+    assert json.load(open(tmp_path / "out" / "threshold.json")) == threshold
+    trained = wf.parser.get_parsed_content("network").state_dict()  # while the network itself trained on
+    assert any(not torch.equal(trained[k].cpu(), before[k]) for k in before if before[k].is_floating_point())
 
 
 @pytest.mark.slow

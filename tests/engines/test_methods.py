@@ -27,6 +27,10 @@ def test_guidance_variants_carry_their_settings():
     assert method_overrides("isnet_free") == {"augmentation": "none", **free}
     assert method_overrides("cut_remain+isnet_free") == {"augmentation": "cut_remain", **free}
     assert method_overrides("isnet_batchstats") == {"augmentation": "none", **free, "guidance_batchnorm": "batch"}
+    body = {"guidance_mask": "body_mask"}  # guidance kept in the body, not in the (small) lesion boxes
+    assert method_overrides("isnet_body") == {"augmentation": "none", "guidance": "isnet", **body}
+    assert method_overrides("cut_remain_ra+gain_body") == {"augmentation": "cut_remain", "relevant_area_boxes": True,
+                                                           "guidance": "gain", **body}
     v1 = method_overrides("gain_v1")
     assert v1 == {"augmentation": "none", "guidance": "gain", "guidance_restart": False, "guidance_batchnorm": "batch"}
     assert method_overrides("isnet_v1")["isnet_decay"] == 0.0
