@@ -10,17 +10,23 @@ uninterrupted run's. ``EpochSeed`` reseeds torch, numpy and the given MONAI tran
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import random
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+from monai.handlers import CheckpointLoader
 
 from cutremain_monai.handlers.utils import rank
 
-__all__ = ["BestModelState", "EpochSeed", "StopAfterEpochs", "latest_checkpoint"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["BestModelState", "EpochSeed", "ResumeCheckpointLoader", "StopAfterEpochs", "latest_checkpoint"]
 
 
 class EpochSeed:
@@ -62,13 +68,18 @@ class StopAfterEpochs:
 class BestModelState:
     """The key-metric ``CheckpointSaver``\ s' record of the models they kept (score and file), and the evaluator's
     best metric, as one object with ``state_dict`` / ``load_state_dict``: put it in the periodic checkpoint's
-    ``save_dict`` and the resume ``CheckpointLoader``'s ``load_dict``.
+    ``save_dict`` and, as an optional key, in the resume :class:`ResumeCheckpointLoader`'s ``load_dict``.
 
     Without it a resumed run starts with empty savers: the first epoch after the restart is "the best so far" and
     overwrites ``model.pt`` (and the threshold chosen with it), even when an epoch before the kill scored better.
     MONAI's own route (``key_metric_save_state``) stores the record inside ``model.pt``, which then stops being a
     bare state dict (the model-zoo file the demo, MLflow and other tools load); this keeps it in the training
     checkpoint instead. Savers that keep no key-metric model are skipped.
+
+    A record is matched to its saver by the file it keeps (``model.pt``, ``model_val_loss.pt``...; the second
+    file's name says which rule the first follows). When the files differ (the run was resumed with another
+    ``best_model_metric``), the savers start empty, as before this record existed; a record whose file is gone
+    (deleted, or a kill between removing the old best and writing the new) is dropped. Both with a warning.
     """
 
     def __init__(self, savers=(), evaluator=None):
@@ -76,24 +87,67 @@ class BestModelState:
         self.trackers = [c for c in (getattr(s, "_key_metric_checkpoint", None) for s in savers) if c is not None]
         self.evaluator = evaluator
 
+    @staticmethod
+    def _file(tracker, recorded: str | None = None) -> str | None:
+        """The file a tracker keeps: its fixed name (MONAI's ``key_metric_filename``) or the one it recorded."""
+        return getattr(tracker.save_handler, "filename", None) or recorded
+
     def state_dict(self) -> dict:
         # plain floats and strings: a checkpoint loads with torch.load(weights_only=True)
-        state = {"savers": [{"_saved": [[float(p), str(f)] for p, f in c.state_dict()["_saved"]]} for c in self.trackers]}
+        state = {"savers": [{"file": self._file(c), "_saved": [[float(p), str(f)] for p, f in c.state_dict()["_saved"]]}
+                            for c in self.trackers]}
         if self.evaluator is not None:
             state["best_metric"] = float(self.evaluator.state.best_metric)
             state["best_metric_epoch"] = int(self.evaluator.state.best_metric_epoch)
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        savers = state.get("savers", [])
-        if len(savers) != len(self.trackers):
-            raise ValueError(f"the checkpoint records {len(savers)} best-model saver(s), this run has {len(self.trackers)}: "
-                             "it was written by another configuration (best_model_metric or the savers changed)")
-        for tracker, saved in zip(self.trackers, savers):
-            tracker.load_state_dict(saved)
+        saved = state.get("savers", [])
+        before, now = [s.get("file") for s in saved], [self._file(c) for c in self.trackers]
+        if before != now:
+            logger.warning("resume: the checkpoint's best-model record is for %s, this run keeps %s (another "
+                           "best_model_metric?): the best models are chosen again from this epoch on", before, now)
+            return
+        for tracker, record in zip(self.trackers, saved):
+            items = [(p, f) for p, f in record["_saved"]
+                     if os.path.exists(os.path.join(str(tracker.save_handler.dirname), self._file(tracker, f)))]
+            if len(items) < len(record["_saved"]):
+                logger.warning("resume: %s recorded as the best model is not in %s: chosen again from this epoch on",
+                               self._file(tracker), tracker.save_handler.dirname)
+            tracker.load_state_dict({"_saved": items})
         if self.evaluator is not None and "best_metric" in state:
             self.evaluator.state.best_metric = state["best_metric"]
             self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+
+
+class ResumeCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` (same arguments; shapes always strict) that leaves out the ``optional`` keys of
+    ``load_dict`` a checkpoint does not have, with a warning, instead of failing after part of the state was
+    loaded (ignite checks the keys one by one): a run checkpointed before a key was added (``best_models``) still
+    resumes. The rest is MONAI's ``__call__``: one read of the file, ``Checkpoint.load_objects``, ``max_epochs``
+    kept from the config."""
+
+    def __init__(self, *args, optional: Sequence[str] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.strict_shape:
+            raise ValueError("ResumeCheckpointLoader loads whole checkpoints (strict_shape True); use MONAI's "
+                             "CheckpointLoader to load weights of other shapes")
+        self.optional = set(optional)
+
+    def __call__(self, engine: Engine) -> None:
+        checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
+        missing = sorted(k for k in self.optional if k in self.load_dict and k not in checkpoint)
+        if missing:
+            logger.warning("resume: %s has no %s (written before they were saved): left as they start",
+                           self.load_path, ", ".join(missing))
+        load_dict = {k: v for k, v in self.load_dict.items() if k not in missing}
+        prior_max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=load_dict, checkpoint=checkpoint, strict=self.strict)
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            raise ValueError(f"{self.load_path}: its epoch count ({engine.state.epoch}) is larger than max_epochs "
+                             f"({prior_max_epochs}); give more epochs to train on from it")
+        engine.state.max_epochs = prior_max_epochs
+        self.logger.info(f"Restored all variables from {self.load_path}")
 
 
 def last_checkpoints(ckpt_dir: str, n: int = 3, pattern: str = "checkpoint_epoch=*.pt") -> list[str]:

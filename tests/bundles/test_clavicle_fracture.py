@@ -128,6 +128,23 @@ def test_a_resumed_run_keeps_an_earlier_better_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_from_before_the_best_model_record_still_resumes(tmp_path, capfd):
+    data = tiny_datalist(tmp_path)
+    common = dict(datalist=data, epochs=2, register_model=False, cam_images=0)
+    run_bundle("clavicle_fracture", CPU, tmp_path, stop_after_epochs=1, **common)
+    path = tmp_path / "out" / "checkpoints" / "checkpoint_epoch=1.pt"
+    state = torch.load(path, weights_only=True)
+    del state["best_models"]
+    torch.save(state, path)
+    capfd.readouterr()
+    wf, _ = run_bundle("clavicle_fracture", CPU, tmp_path, **common)  # the bundle's logging.conf: to stderr
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 2 and trainer.state.iteration == 2 * state["trainer"]["iteration"]
+    out = capfd.readouterr()
+    assert "has no best_models (written before they were saved)" in out.err + out.out
+
+
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     data = tiny_datalist(tmp_path)
     out = tmp_path / "ddp"

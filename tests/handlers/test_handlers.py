@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from cutremain_monai.handlers import ClassificationReport, EpochSeed, StopAfterEpochs, default_tracking_uri, latest_checkpoint
 
@@ -82,3 +82,54 @@ def test_epoch_seed_and_stop():
             first = dict(draws)
             draws.clear()
     assert draws == first and draws[1] != draws[2]  # same per epoch across runs, different between epochs
+
+
+
+def _best_model_epoch(ckpt_dir, score, weight, state=None, filename="model.pt"):
+    """One validation epoch scoring ``score`` with a one-weight network set to ``weight`` and MONAI's key-metric
+    saver of ``filename``, given the record ``state`` first (a resumed run). Returns the weight in the file and the
+    record after the epoch."""
+    from monai.handlers import CheckpointSaver
+
+    from cutremain_monai.handlers import BestModelState
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(net.weight, weight)
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_auc=score))
+    saver = CheckpointSaver(str(ckpt_dir), {"model": net}, save_key_metric=True, key_metric_name="val_auc",
+                            key_metric_filename=filename)
+    saver.attach(engine)
+    record = BestModelState(saver)
+    if state is not None:
+        record.load_state_dict(state)
+    engine.run([0], max_epochs=1)
+    return torch.load(os.path.join(ckpt_dir, filename), weights_only=True)["weight"].item(), record.state_dict()
+
+
+def test_best_model_state_carries_the_savers_record_across_a_restart(tmp_path, caplog):
+    kept, state = _best_model_epoch(tmp_path, 0.9, 1.0)
+    assert kept == 1.0 and state["savers"][0]["file"] == "model.pt" and state["savers"][0]["_saved"][0][0] == pytest.approx(0.9)
+    torch.save(state, tmp_path / "state.pt")  # what the epoch checkpoint holds loads without pickled objects
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    # resumed: a worse epoch keeps the earlier model, a better one replaces it
+    assert _best_model_epoch(tmp_path, 0.5, 2.0, state)[0] == 1.0
+    kept, after = _best_model_epoch(tmp_path, 0.95, 3.0, state)
+    assert kept == 3.0 and after["savers"][0]["_saved"][0][0] == pytest.approx(0.95)
+    assert sorted(os.listdir(tmp_path)) == ["model.pt", "state.pt"]
+    # without the record (what every resumed run did before): the first epoch after the restart replaces it
+    assert _best_model_epoch(tmp_path, 0.5, 4.0)[0] == 4.0
+
+
+def test_best_model_state_starts_again_when_the_record_does_not_fit(tmp_path, caplog):
+    _, state = _best_model_epoch(tmp_path, 0.9, 1.0)
+    # the record is for model.pt, this run keeps model_val_loss.pt (another best_model_metric): chosen again
+    with caplog.at_level("WARNING"):
+        kept, _ = _best_model_epoch(tmp_path, 0.5, 2.0, state, filename="model_val_loss.pt")
+    assert kept == 2.0 and "best-model record is for ['model.pt'], this run keeps ['model_val_loss.pt']" in caplog.text
+    # the recorded file is gone (deleted, or a kill between removing the old best and writing the new): dropped
+    os.remove(tmp_path / "model.pt")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        kept, _ = _best_model_epoch(tmp_path, 0.5, 3.0, state)
+    assert kept == 3.0 and "model.pt recorded as the best model is not in" in caplog.text
