@@ -59,7 +59,7 @@ class ClassificationReport:
         self.save_roc = save_roc
         self.best_auc = -np.inf
         self.model_saver = model_saver
-        self._saved_item = None  # the saver's newest (score, file) when this evaluation started
+        self._saved_item = None  # the (score, file) the saver kept when this evaluation started
         self._preds: list = []
         self._labels: list = []
 
@@ -73,11 +73,11 @@ class ClassificationReport:
 
     def _reset(self, engine: Engine) -> None:
         self._preds, self._labels = [], []
-        self._saved_item = self._newest_saved()
+        self._saved_item = self._kept()
 
-    def _newest_saved(self):
-        """The ``(score, file)`` of the newest model ``model_saver`` keeps (compared by value: a resumed run's saver
-        holds the same record, rebuilt from the checkpoint), None without one."""
+    def _kept(self):
+        """The ``(score, file)`` of the model ``model_saver`` keeps (its best; ``model.pt`` is one file), compared by
+        value: a resumed run's saver holds the same record, rebuilt from the checkpoint. None without one."""
         saved = getattr(getattr(self.model_saver, "_key_metric_checkpoint", None), "_saved", None) or [None]
         return saved[-1]
 
@@ -128,8 +128,8 @@ class ClassificationReport:
         with open(os.path.join(self.output_dir, f"{self.prefix}_metrics.json"), "w") as f:
             json.dump(m, f, indent=1)
         if self.model_saver is not None:  # model.pt was written in this epoch: a new checkpoint item
-            newest = self._newest_saved()
-            improved = newest is not None and newest != self._saved_item
+            kept = self._kept()
+            improved = kept is not None and kept != self._saved_item
         else:  # no saver: the epochs of a new best AUC
             improved = np.isfinite(m["auc"]) and m["auc"] > self.best_auc
             self.best_auc = m["auc"] if improved else self.best_auc
