@@ -402,7 +402,8 @@ def unscored(items: list[dict], partial_file: str, model_file: str | Sequence[st
     (or none recorded) the old rows are moved to ``<partial_file>.stale`` and everything is scored again. Rows of
     files set aside count as done too (their reason is in the row). ``resume=False``: earlier rows are moved to
     ``.stale`` and everything is scored. ``model_file`` may be a list (a checkpoint ensemble, a lung segmenter
-    beside the scoring model): every file of it must be the same.
+    beside the scoring model, the validation threshold and tau files whose values the rows carry): every file of it
+    must be the same (a file absent then and now counts as the same).
     """
     stamp_file = partial_file + ".json"
     many = model_file is not None and not isinstance(model_file, (str, os.PathLike))

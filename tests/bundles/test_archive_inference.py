@@ -81,6 +81,14 @@ def test_killed_inference_resumes_without_scoring_twice(tmp_path, monkeypatch):
     os.utime(model, ns=(os.stat(model).st_atime_ns, os.stat(model).st_mtime_ns + 10**9))
     wf, _ = run_bundle("clavicle_fracture", ["train.yaml", "cpu.yaml", "inference.yaml"], tmp_path, **settings)
     assert len(wf.parser.get_parsed_content("dataset")) == 22 and (out / "predictions.partial.csv.stale").exists()
+    # the same model with another validation threshold (the rows' predictions would mix two): scored again
+    wf, _ = run_bundle("clavicle_fracture", ["train.yaml", "cpu.yaml", "inference.yaml"], tmp_path, **settings)
+    assert len(wf.parser.get_parsed_content("dataset")) == 0  # finished: nothing left
+    (tmp_path / "out" / "threshold.json").write_text(json.dumps({"threshold": 0.25}))
+    wf, _ = run_bundle("clavicle_fracture", ["train.yaml", "cpu.yaml", "inference.yaml"], tmp_path, **settings)
+    assert len(wf.parser.get_parsed_content("dataset")) == 22
+    scored = [r for r in _rows(out / "predictions.csv") if not r["error"]]
+    assert len(scored) == 21 and all(r["prediction"] == str(int(float(r["probability"]) >= 0.25)) for r in scored)
 
 
 _RSS = """
