@@ -56,6 +56,7 @@ from monai.utils.enums import CommonKeys as Keys
 from cutremain_monai.constants import BOX_MASK
 from cutremain_monai.engines.guidance import choose_band, gain_erase, isnet_heatmap_loss
 from cutremain_monai.engines.methods import GUIDANCES, check_guidance
+from cutremain_monai.handlers.utils import key_metric_trackers
 from cutremain_monai.localization.grad_cam import differentiable_grad_cam
 from cutremain_monai.localization.lrp import WithInputs, lrp, make_lrp_ready
 
@@ -332,8 +333,7 @@ class GuidedTraining:
         if self.evaluator is not None:
             self.evaluator.state.best_metric = -1
             self.evaluator.state.best_metric_epoch = -1
-        savers = self.key_metric_saver if isinstance(self.key_metric_saver, (list, tuple)) else [self.key_metric_saver]
-        ckpts = [c for c in (getattr(s, "_key_metric_checkpoint", None) for s in savers) if c is not None]
+        ckpts = key_metric_trackers(self.key_metric_saver)
         for ckpt in ckpts:
             ckpt.reset()
         if ckpts:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from cutremain_monai.handlers.utils import gather_all, rank
+from cutremain_monai.handlers.utils import gather_all, key_metric_trackers, rank
 from cutremain_monai.metrics.classification import (binary_metrics, multiclass_metrics, multilabel_metrics,
                                                     roc_points, THRESHOLD_RULES)
 
@@ -78,8 +78,8 @@ class ClassificationReport:
     def _kept(self):
         """The ``(score, file)`` of the model ``model_saver`` keeps (its best; ``model.pt`` is one file), compared by
         value: a resumed run's saver holds the same record, rebuilt from the checkpoint. None without one."""
-        saved = getattr(getattr(self.model_saver, "_key_metric_checkpoint", None), "_saved", None) or [None]
-        return saved[-1]
+        trackers = key_metric_trackers(self.model_saver) if self.model_saver is not None else []
+        return trackers[0]._saved[-1] if trackers and trackers[0]._saved else None
 
     def _collect(self, engine: Engine) -> None:
         out = engine.state.output

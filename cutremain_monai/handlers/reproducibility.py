@@ -22,7 +22,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader
 
-from cutremain_monai.handlers.utils import rank
+from cutremain_monai.handlers.utils import key_metric_trackers, rank
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ class BestModelState:
     """
 
     def __init__(self, savers=(), evaluator=None):
-        savers = savers if isinstance(savers, (list, tuple)) else [savers]
-        self.trackers = [c for c in (getattr(s, "_key_metric_checkpoint", None) for s in savers) if c is not None]
+        self.trackers = key_metric_trackers(savers)
         self.evaluator = evaluator
 
     @staticmethod

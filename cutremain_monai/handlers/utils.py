@@ -10,7 +10,7 @@ from monai.utils import evenly_divisible_all_gather
 
 from cutremain_monai.networks.ensemble import checkpoint_state
 
-__all__ = ["rank", "gather_all", "best_model"]
+__all__ = ["rank", "gather_all", "best_model", "key_metric_trackers"]
 
 
 def rank() -> int:
@@ -24,6 +24,13 @@ def gather_all(t: torch.Tensor) -> torch.Tensor:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return t
     return evenly_divisible_all_gather(t, concat=True)
+
+
+def key_metric_trackers(savers) -> list:
+    """The ignite ``Checkpoint`` with which each MONAI ``CheckpointSaver`` of ``savers`` (one, or a list) keeps its
+    best models and their scores (MONAI holds it privately); savers that keep no key-metric model are left out."""
+    savers = savers if isinstance(savers, (list, tuple)) else [savers]
+    return [c for c in (getattr(s, "_key_metric_checkpoint", None) for s in savers) if c is not None]
 
 
 def best_model(network: torch.nn.Module, checkpoint: str | None = None) -> torch.nn.Module:

@@ -84,7 +84,6 @@ def test_epoch_seed_and_stop():
     assert draws == first and draws[1] != draws[2]  # same per epoch across runs, different between epochs
 
 
-
 def _best_model_epoch(ckpt_dir, score, weight, state=None, filename="model.pt"):
     """One validation epoch scoring ``score`` with a one-weight network set to ``weight`` and MONAI's key-metric
     saver of ``filename``, given the record ``state`` first (a resumed run). Returns the weight in the file and the
@@ -107,7 +106,7 @@ def _best_model_epoch(ckpt_dir, score, weight, state=None, filename="model.pt"):
     return torch.load(os.path.join(ckpt_dir, filename), weights_only=True)["weight"].item(), record.state_dict()
 
 
-def test_best_model_state_carries_the_savers_record_across_a_restart(tmp_path, caplog):
+def test_best_model_state_carries_the_savers_record_across_a_restart(tmp_path):
     kept, state = _best_model_epoch(tmp_path, 0.9, 1.0)
     assert kept == 1.0 and state["savers"][0]["file"] == "model.pt" and state["savers"][0]["_saved"][0][0] == pytest.approx(0.9)
     torch.save(state, tmp_path / "state.pt")  # what the epoch checkpoint holds loads without pickled objects
