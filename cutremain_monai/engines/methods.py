@@ -16,7 +16,14 @@ AUGMENTATIONS = ("none", "cut_remain", "sup_cutout", "sup_mixup", "sup_cutmix", 
 GUIDANCES = ("none", "gain", "isnet")
 # named augmentation settings beyond the switch: "cut_remain_ra", Cut&Remain with relevant-area boxes on the
 # training images that box no lesion (transforms/relevant_area.py; the premise of issue 28 where only lesions are boxed)
-AUGMENTATION_VARIANTS = {"cut_remain_ra": {"augmentation": "cut_remain", "relevant_area_boxes": True}}
+# "sup_mixup_p50": supervised Mixup on half of the boxed samples (mixup_prob 0.5), the others stay whole images;
+# "sup_mixup_ra_p50": the same with relevant-area boxes, so normal images are mixed too (FracAtlas: with every
+# boxed sample mixed, the Mixup model never sees a whole fractured radiograph; clavicle docs)
+AUGMENTATION_VARIANTS = {
+    "cut_remain_ra": {"augmentation": "cut_remain", "relevant_area_boxes": True},
+    "sup_mixup_p50": {"augmentation": "sup_mixup", "mixup_prob": 0.5},
+    "sup_mixup_ra_p50": {"augmentation": "sup_mixup", "mixup_prob": 0.5, "relevant_area_boxes": True},
+}
 # named guidance settings beyond the switch, for the protocol study of the shortcut test (clavicle docs):
 # "isnet_free": ISNet without gradient clipping (clipped at norm 1, the heatmap loss's gradient, ~50 times the
 # classification loss's, leaves the classifier nearly where it starts in a short run); "isnet_batchstats": without

@@ -13,6 +13,11 @@
   rule: the lesion of A is kept whole, B only supplies context). ``label_rule="area"`` instead weights the labels
   by the real kept area, ``lam = |M_A| / (H * W)``, ``y~ = lam * y_A + (1 - lam) * y_B`` (timm's
   ``cutmix_bbox_and_lam`` idea, with the area of the clipped box mask).
+* ``prob`` (both): the probability that an eligible sample is mixed (drawn per sample; the others pass unchanged
+  and may still be drawn as partners). The default 1 mixes every boxed sample, the Table 1 baseline. Where only
+  lesions are boxed that means a network trained with ``SupMixup`` never sees a whole lesioned image (each is a mix
+  of box regions on black) while every whole image it sees is normal; measured on FracAtlas (clavicle docs), it
+  scores every whole fractured radiograph as normal. ``prob < 1`` keeps whole images of both labels in training.
 
 Pairs are drawn within the batch with ``self.R`` (a permutation). Labels are mixed as plain tensors (binary
 ``(B,)`` / ``(B, 1)``, one-hot multi-class ``(B, K)``, multi-label ``(B, K)``), never through a spatial path (which
@@ -162,10 +167,13 @@ class _BatchMix(Randomizable, Transform):
     index_put): the same work as a bare ``torch.where`` mix.
     """
 
-    def __init__(self, no_box: str = "skip"):
+    def __init__(self, no_box: str = "skip", prob: float = 1.0):
         if no_box not in ("skip", "full"):
             raise ValueError(f"no_box must be 'skip' or 'full', got {no_box!r}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}")
         self.no_box = no_box
+        self.prob = float(prob)
         self._targets = torch.zeros(0, dtype=torch.long)  # which samples are mixed
         self._partners = torch.zeros(0, dtype=torch.long)  # their partners
         self._source = torch.zeros(0, dtype=torch.long)  # full-batch partner index (self for unmixed samples)
@@ -180,6 +188,9 @@ class _BatchMix(Randomizable, Transform):
             return
         perm = torch.as_tensor(self.R.permutation(eligible.numel()), dtype=torch.long)
         self._targets, self._partners = eligible, eligible[perm]
+        if self.prob < 1.0:  # (prob 1 draws nothing more: the same stream as before the option)
+            chosen = torch.as_tensor(self.R.random(eligible.numel()) < self.prob)
+            self._targets, self._partners = self._targets[chosen], self._partners[chosen]
         self._source[self._targets] = self._partners
 
     def _prepare(self, images, labels, masks, randomize: bool, effective=None):
@@ -210,8 +221,8 @@ class _BatchMix(Randomizable, Transform):
 class SupMixup(_BatchMix):
     """``x~ = lam M_A x_A + (1 - lam) M_B x_B``, ``y~ = lam y_A + (1 - lam) y_B`` on a batch; see module doc."""
 
-    def __init__(self, alpha: float = 1.0, no_box: str = "skip"):
-        super().__init__(no_box)
+    def __init__(self, alpha: float = 1.0, no_box: str = "skip", prob: float = 1.0):
+        super().__init__(no_box, prob)
         if alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
         self.alpha = alpha
@@ -240,8 +251,8 @@ class SupMixup(_BatchMix):
 class SupCutmix(_BatchMix):
     """``x~ = M_A x_A + (1 - M_A) x_B``; ``y~ = y_A`` (``label_rule="paper"``) or area-weighted (``"area"``)."""
 
-    def __init__(self, label_rule: str = "paper", no_box: str = "skip"):
-        super().__init__(no_box)
+    def __init__(self, label_rule: str = "paper", no_box: str = "skip", prob: float = 1.0):
+        super().__init__(no_box, prob)
         if label_rule not in ("paper", "area"):
             raise ValueError(f"label_rule must be 'paper' or 'area', got {label_rule!r}")
         self.label_rule = label_rule
@@ -325,8 +336,9 @@ class SupMixupd(_BatchMixd):
         no_box: str = "skip",
         allow_missing_keys: bool = False,
         mask_follow_keys: KeysCollection = (BODY_MASK,),
+        prob: float = 1.0,
     ):
-        super().__init__(SupMixup(alpha, no_box), keys, label_key, mask_key, allow_missing_keys, mask_follow_keys)
+        super().__init__(SupMixup(alpha, no_box, prob), keys, label_key, mask_key, allow_missing_keys, mask_follow_keys)
 
 
 class SupCutmixd(_BatchMixd):
@@ -341,8 +353,9 @@ class SupCutmixd(_BatchMixd):
         no_box: str = "skip",
         allow_missing_keys: bool = False,
         mask_follow_keys: KeysCollection = (BODY_MASK,),
+        prob: float = 1.0,
     ):
-        super().__init__(SupCutmix(label_rule, no_box), keys, label_key, mask_key, allow_missing_keys, mask_follow_keys)
+        super().__init__(SupCutmix(label_rule, no_box, prob), keys, label_key, mask_key, allow_missing_keys, mask_follow_keys)
 
 
 SupCutoutD = SupCutoutDict = SupCutoutd

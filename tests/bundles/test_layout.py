@@ -120,6 +120,25 @@ def test_check_properties(tmp_path, bundle):
         assert wf.check_properties() == [], f"{bundle} {kind}"
 
 
+@pytest.mark.parametrize("bundle", ["clavicle_fracture", "femur_fracture", "cxr14"])
+def test_mix_settings_reach_the_batch_augmentation(bundle):
+    """mixup_prob / cutmix_prob / mixup_alpha / cutmix_label_rule of train.yaml are the parameters of the batch
+    augmentation the trainer runs (a setting that is parsed but not passed would train the default silently)."""
+    from monai.bundle import ConfigParser
+
+    from cutremain_monai.engines.bundle import bundle_configs
+
+    root = os.path.join(BUNDLES, bundle)
+    for aug, settings, expected in (("sup_mixup", {"mixup_prob": 0.25, "mixup_alpha": 0.4}, {"prob": 0.25, "alpha": 0.4}),
+                                    ("sup_cutmix", {"cutmix_prob": 0.6, "cutmix_label_rule": "area"},
+                                     {"prob": 0.6, "label_rule": "area"})):
+        parser = ConfigParser()
+        parser.read_config(bundle_configs(root, ["train.yaml"]))
+        parser.update({"bundle_root": root, "augmentation": aug, **settings})
+        mixer = parser.get_parsed_content("train#batch_augmentation").mixer
+        assert {k: getattr(mixer, k) for k in expected} == expected, (bundle, aug)
+
+
 @pytest.mark.parametrize("bundle", ALL)
 def test_verify_metadata(bundle):
     schema = os.path.join(SHARED_MONAI, "meta_schema_20240725.json")

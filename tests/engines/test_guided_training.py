@@ -390,6 +390,20 @@ def test_detached_batch_statistics_is_batchnorm_without_the_cross_image_gradient
     bn.eval()
     with detached_batch_statistics(model):
         assert torch.allclose(model(x), ref.eval()(x), atol=1e-5)  # eval mode: running statistics, as before
+    bn.train()
+    # the gradients (and their own gradients, the ISNet step's double backward) with respect to the image and the
+    # affine parameters are those of torch's batch_norm with the batch statistics passed in as constants
+    var, mean = torch.var_mean(x.detach(), (0, 2, 3), correction=0)
+    w2 = torch.nn.Parameter(bn.weight.detach().clone())
+    b2 = torch.nn.Parameter(bn.bias.detach().clone())
+    with detached_batch_statistics(model):
+        grads = torch.autograd.grad((model(x) ** 3).sum(), (x, bn.weight, bn.bias), create_graph=True)
+    second = torch.autograd.grad(sum((g_ ** 2).sum() for g_ in grads), (x, bn.weight))
+    y_const = torch.nn.functional.batch_norm(x, mean, var, w2, b2, training=False, eps=bn.eps)
+    grads_ref = torch.autograd.grad((y_const ** 3).sum(), (x, w2, b2), create_graph=True)
+    second_ref = torch.autograd.grad(sum((g_ ** 2).sum() for g_ in grads_ref), (x, w2))
+    for a, b in zip((*grads, *second), (*grads_ref, *second_ref)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def _all_grads(step, batch=None):

@@ -38,6 +38,8 @@ def test_guidance_variants_carry_their_settings():
     ra = {"augmentation": "cut_remain", "relevant_area_boxes": True}
     assert method_overrides("cut_remain_ra") == {**ra, "guidance": "none"}
     assert method_overrides("cut_remain_ra+isnet") == {**ra, "guidance": "isnet"}
+    assert method_overrides("sup_mixup_ra_p50") == {"augmentation": "sup_mixup", "mixup_prob": 0.5,
+                                                     "relevant_area_boxes": True, "guidance": "none"}
     with pytest.raises(ValueError, match="names a second augmentation"):
         method_overrides("cut_remain+cut_remain_ra")
     with pytest.raises(ValueError, match="'isnet' is not one"):

@@ -80,6 +80,36 @@ def test_mixup_rule(kind):
     assert abs(np.mean(draws) - 0.5) < 0.06  # Beta(a, a) is symmetric about 0.5
 
 
+@pytest.mark.parametrize("cls", [SupMixupd, SupCutmixd])
+def test_prob_mixes_each_boxed_sample_with_that_probability(cls):
+    d = batch(LABELS["binary"])
+    # prob 1 is the default's random stream (results of runs before the option are unchanged)
+    a, b = cls().set_random_state(5), cls(prob=1.0).set_random_state(5)
+    assert torch.equal(a(dict(d))["image"], b(dict(d))["image"])
+    assert cls(prob=0.0).set_random_state(0)(dict(d))["image"].equal(d["image"])  # nothing mixed
+    t = cls(prob=0.3).set_random_state(1)
+    mixed = []
+    for _ in range(400):
+        out = t(dict(d))
+        targets = t.mixer._targets.tolist()
+        assert 3 not in targets and 3 not in t.mixer._partners.tolist()  # never the box-less sample
+        for i in range(4):
+            if i not in targets:  # an unchosen sample passes unchanged, image and label
+                assert torch.equal(out["image"][i], d["image"][i]) and out["label"][i] == d["label"][i]
+        for i, j in zip(targets, t.mixer._partners.tolist()):  # a chosen one is mixed with its drawn partner
+            m = d["box_mask"] > 0
+            if cls is SupCutmixd:
+                expected = torch.where(m[i], d["image"][i], d["image"][j])
+            else:
+                lam = t.mixer._lam
+                expected = lam * d["image"][i] * m[i] + (1 - lam) * d["image"][j] * m[j]
+            torch.testing.assert_close(out["image"][i], expected)
+        mixed.append(len(targets))
+    assert abs(np.mean(mixed) / 3 - 0.3) < 0.05  # 3 boxed samples, each chosen with probability 0.3
+    with pytest.raises(ValueError, match=r"prob must be in \[0, 1\], got 1.5"):
+        cls(prob=1.5)
+
+
 def test_no_box_full_and_errors():
     d = batch(LABELS["binary"])
     t = SupCutmixd(no_box="full").set_random_state(0)
