@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import highdicom as hd
 import numpy as np
 
 from cutremain_monai.io.boxes import validate_boxes
@@ -122,6 +121,7 @@ def write_box_gsps(
     Returns the ``highdicom`` dataset, also saved to ``path`` when given. The window of the image (if any) is
     carried over as the softcopy VOI LUT so a viewer shows the image as the annotator saw it.
     """
+    import highdicom as hd  # here, not at module load: readers of presentation states (every ingest worker) do not need it
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(labels) != len(boxes):
         raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")

@@ -1,5 +1,6 @@
 """The light io layer (issue 27): reading DICOM, decoding images, writing datalists and ingesting load neither torch
-nor MONAI, so ingest workers start in a fraction of a second; the MONAI-facing names still work where they were.
+nor MONAI (nor highdicom, which only the writers of presentation states, SR and SEG need), so ingest workers start
+in a fraction of a second; the MONAI-facing names still work where they were.
 
 The checks run in fresh interpreters (this test process has torch loaded already)."""
 
@@ -10,7 +11,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HEAVY = ("torch", "monai")
+HEAVY = ("torch", "monai", "highdicom")
 LIGHT_MODULES = (
     "cutremain_monai.io",
     "cutremain_monai.io.dicom",
