@@ -15,6 +15,11 @@ new instances with WADO-RS, scores each study through the bundle (the listener's
   series by scoring part of it.
 * **Results are never lost.** They go through the outbox of :class:`~cutremain_monai.pacs.node.RetryQueue`:
   a server that is down gets them, with backoff, when it is up again.
+* **A poll costs one search per modality when nothing changed.** The study search asks for
+  NumberOfStudyRelatedInstances; a study whose count is the one its last complete listing saw is not listed again
+  (its series and instances), so a seven-day window of thousands of studies is not walked every 30 seconds. A
+  server that does not return the count gets every study listed, as before; every ``undated_every`` polls (and
+  after a restart) all studies are listed whatever their count.
 * :func:`fetch_new` is also ``cutremain ingest --dicomweb``'s query and retrieve.
 """
 
@@ -48,26 +53,34 @@ def _today() -> str:
 
 def fetch_new(client: DicomWebClient, modalities: Sequence[str], since: str | None, known: Callable[[str], bool],
               take: Callable[[bytes, str], None], study_modalities: Sequence[str] | None = None,
-              undated: bool = False) -> tuple[int, str | None]:
+              undated: bool = False, listed: dict[str, int] | None = None) -> tuple[int, str | None]:
     """QIDO-RS the studies with a series of ``modalities`` from StudyDate ``since`` (``YYYYMMDD``, inclusive; None:
     all), and WADO-RS every instance of those series that ``known(sop_uid)`` does not know, handing its Part 10
     bytes and the SOP Instance UID it was asked by to ``take(raw, sop_uid)`` (``max_concurrent`` retrievals at
     once). ``undated``: also the studies that have no StudyDate (a date range never matches them). Returns
     (instances retrieved, the latest StudyDate seen). ``study_modalities``: the modalities a study is searched by
-    (default ``modalities``)."""
+    (default ``modalities``). ``listed``: study UID -> its NumberOfStudyRelatedInstances when it was last listed
+    completely; a study whose count is unchanged is not listed again, and the counts of this round are recorded
+    once every retrieval of the round has succeeded (a round that fails records none)."""
     studies: dict[str, str] = {}
+    counts: dict[str, int] = {}
     for modality in study_modalities or modalities:
         queries = [{"ModalitiesInStudy": modality, **({"StudyDate": f"{since}-"} if since else {})}]
         if undated and since:
             queries.append({"ModalitiesInStudy": modality})
         for n, params in enumerate(queries):
-            for item in client.search("studies", params):
+            for item in client.search("studies", {**params, "includefield": _COUNT_TAG}):
                 uid = dicom_json_value(item, "StudyInstanceUID")
                 date = str(dicom_json_value(item, "StudyDate") or "")
                 if uid and (n == 0 or not date):
                     studies[uid] = date
+                    count = _as_count(dicom_json_value(item, "NumberOfStudyRelatedInstances"))
+                    if count is not None:
+                        counts[uid] = count
     wanted = []
     for study in studies:
+        if listed is not None and study in counts and listed.get(study) == counts[study]:
+            continue  # nothing filed in it since its last complete listing
         for series in client.search(f"studies/{study}/series"):
             if str(dicom_json_value(series, "Modality") or "") not in modalities:
                 continue  # (our own SR / SC / PR, stored back into the study, are not images to score)
@@ -83,8 +96,20 @@ def fetch_new(client: DicomWebClient, modalities: Sequence[str], since: str | No
     with ThreadPoolExecutor(client.server.max_concurrent) as pool:
         for job in [pool.submit(one, ref) for ref in wanted]:
             job.result()
+    if listed is not None:
+        listed.update(counts)
     latest = max((d for d in studies.values() if d), default=None)
     return len(wanted), latest
+
+
+_COUNT_TAG = "00201208"  # NumberOfStudyRelatedInstances
+
+
+def _as_count(value) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def retrieve_to_folder(server: DicomWebServer, folder: str, modalities: Sequence[str] = ("DX", "CR"),
@@ -126,8 +151,8 @@ class Watcher(StudyNode):
         since: the watermark (``YYYYMMDD``) when there is no state yet (default: today).
         lookback_days: each poll looks at studies from this many days before the watermark on (a study filed
             late, with an earlier StudyDate, is still found; what is had already is not retrieved again).
-        undated_every: every this many polls (and the first), studies without a StudyDate are looked for too
-            (0: never).
+        undated_every: every this many polls (and the first), studies without a StudyDate are looked for too,
+            and every study in the window is listed again whatever its instance count (0: never).
         Others: :class:`~cutremain_monai.pacs.node.StudyNode`.
     """
     def __init__(self, source: DicomWebServer, bundle: str, work_dir: str, forward=None,
@@ -163,6 +188,7 @@ class Watcher(StudyNode):
         self.last_error = ""
         self._poll_thread = None
         self._client = None
+        self._listed: dict[str, int] = {}  # study -> instance count at its last complete listing (fetch_new)
 
     def _save_state(self) -> None:
         write_json_atomic(self.state_path, self.state)
@@ -204,8 +230,10 @@ class Watcher(StudyNode):
         if self._client is None:
             self._client = DicomWebClient(self.source)
         undated = self.undated_every > 0 and self.polls % self.undated_every == 0
+        if undated:  # the periodic full sweep: every study listed again, whatever its count
+            self._listed.clear()
         count, latest = fetch_new(self._client, self.modalities, self.since(), self.known, self._take,
-                                  undated=undated)
+                                  undated=undated, listed=self._listed)
         self._release()
         latest = min(latest, _today()) if latest else None
         if latest and latest > str(self.state["study_date"]):

@@ -174,6 +174,8 @@ def test_watch_restart_crash_and_outage(tmp_path, orthanc):
         polls = watcher.polls
         assert wait_for(lambda: watcher.polls >= polls + 2, 30)
         assert watcher.received == 2  # the crash study only: the cut-short and waiting ones are not retrieved again
+        # Orthanc answers NumberOfStudyRelatedInstances, so studies whose count is unchanged are not walked
+        assert len(watcher._listed) == 4 and all(n >= 1 for n in watcher._listed.values()), watcher._listed
         # the server down: a new study is retrieved before, its results wait in the outbox, and arrive once
         late = studies(tmp_path / "late", 1, 2)
         assert all(r == "" for r in stow_files(late, server).values())

@@ -21,11 +21,11 @@ from tests.conftest import SAMPLES
 
 TODAY = datetime.date.today().strftime("%Y%m%d")
 _TAGS = {"StudyInstanceUID": "0020000D", "StudyDate": "00080020", "SeriesInstanceUID": "0020000E",
-         "Modality": "00080060", "SOPInstanceUID": "00080018"}
+         "Modality": "00080060", "SOPInstanceUID": "00080018", "NumberOfStudyRelatedInstances": "00201208"}
 
 
 def _json(**values) -> dict:
-    return {_TAGS[k]: ({"vr": "UI", "Value": [v]} if v else {"vr": "UI"}) for k, v in values.items()}
+    return {_TAGS[k]: ({"vr": "UI", "Value": [v]} if v else {"vr": "UI"}) for k, v in values.items() if v is not ...}
 
 
 def _dx(study: str, date: str | None) -> tuple[str, bytes]:
@@ -52,6 +52,8 @@ class Archive:
         self.retrieved: list[str] = []
         self.fail = None
         self.on_retrieve = None
+        self.counts = False  # answers NumberOfStudyRelatedInstances when asked (includefield)
+        self.listings: list[str] = []  # the series searches (one per study listed)
 
     def add(self, date: str | None, n: int = 1, raw: bytes | None = None, study: str | None = None) -> list[str]:
         study = study or pydicom.uid.generate_uid()
@@ -73,8 +75,12 @@ class Archive:
             self.study_queries.append(dict(params))
             since = (params.get("StudyDate") or "").rstrip("-")
             found = {i["study"]: i["date"] for i in self.instances if not since or (i["date"] and i["date"] >= since)}
-            return [_json(StudyInstanceUID=s, StudyDate=d) for s, d in found.items()]
+            asked = self.counts and "00201208" in str(params.get("includefield", ""))
+            return [_json(StudyInstanceUID=s, StudyDate=d,
+                          NumberOfStudyRelatedInstances=sum(i["study"] == s for i in self.instances) if asked else ...)
+                    for s, d in found.items()]
         if len(parts) == 3:
+            self.listings.append(parts[1])
             return [_json(SeriesInstanceUID=s, Modality="DX") for s in {i["series"] for i in self.instances
                                                                          if i["study"] == parts[1]}]
         return [_json(SOPInstanceUID=i["sop"]) for i in self.instances if i["series"] == parts[3]]
@@ -180,3 +186,36 @@ def test_an_unreadable_state_file_falls_back_to_the_lookback_window(tmp_path):
     assert w.state["study_date"] == TODAY and w.since() == _days_before(TODAY, 3)
     w.poll()
     assert json.load(open(tmp_path / "work" / "watch_state.json")) == {"study_date": TODAY}
+
+
+@pytest.mark.parametrize("counts", [True, False])
+def test_a_study_is_listed_again_only_when_its_instance_count_changed(tmp_path, counts):
+    """With NumberOfStudyRelatedInstances, a poll that finds nothing new costs the study searches only; a study
+    that gains an instance is listed again (and only it); the periodic full sweep lists all; a round that fails
+    records no count. A server without the count gets every study listed at every poll (the behaviour before)."""
+    archive = Archive()
+    archive.counts = counts
+    day = _days_before(TODAY, 1)
+    a, b = archive.add(day, n=2), archive.add(day)
+    study_a, study_b = archive.instances[0]["study"], archive.instances[2]["study"]
+    w = _watcher(tmp_path, archive, since=TODAY, undated_every=4)
+    assert w.poll() == 3 and sorted(archive.listings) == sorted([study_a, study_b])  # first poll: all listed
+    del archive.listings[:]
+    assert w.poll() == 0
+    assert archive.listings == ([] if counts else [study_a, study_b])  # nothing new: no study walked
+    new = archive.add(day, study=study_b)
+    del archive.listings[:]
+    assert w.poll() == 1 and archive.retrieved[-1] == new[0]
+    assert archive.listings == ([study_b] if counts else [study_a, study_b])  # only the study that changed
+    later = archive.add(day, study=study_a)
+    archive.on_retrieve = lambda sop: (_ for _ in ()).throw(OSError("connection reset"))
+    with pytest.raises(OSError):
+        w.poll()  # the round fails while retrieving: study A's new count is not recorded
+    archive.on_retrieve = None
+    del archive.listings[:]
+    assert w.poll() == 1 and archive.retrieved[-1] == later[0]  # so A is listed again and its image retrieved
+    assert study_a in archive.listings
+    del archive.listings[:]
+    assert w.polls == 4 and w.poll() == 0  # the 5th poll (index 4, undated_every=4): the full sweep lists all
+    assert sorted(archive.listings) == sorted([study_a, study_b])
+    assert sorted(archive.retrieved[:3]) == sorted(a + b)
