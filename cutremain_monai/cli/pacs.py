@@ -45,9 +45,10 @@ def infer_command(args) -> int:
     if args.registry_version:
         settings["registry_version"] = args.registry_version
     wf = run_bundle(bundle, [*comma_list(args.configs), "inference.yaml"], workflow_type="infer", **settings)
-    inference_dir = wf.parser.get_parsed_content("inference_dir")
-    print(f"predictions: {inference_dir}/predictions.csv" + (f"; DICOM results: {args.dicom_out}/manifest.csv"
-                                                             if args.dicom_out else ""))
+    # the file the bundle's writer wrote (predictions.csv; covid_severity: severity.csv)
+    writer = wf.parser.get_parsed_content("predictions_writer") if "predictions_writer" in wf.parser else None
+    table = getattr(writer, "path", None) or os.path.join(wf.parser.get_parsed_content("inference_dir"), "predictions.csv")
+    print(f"predictions: {table}" + (f"; DICOM results: {args.dicom_out}/manifest.csv" if args.dicom_out else ""))
     if args.dicom_out and args.send_to:
         return _send(args.dicom_out, args.send_to, args)
     return 0

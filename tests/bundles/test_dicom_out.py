@@ -61,7 +61,7 @@ def test_inference_writes_sr_sc_and_pr(tmp_path, clavicle_data):
 
 
 @pytest.mark.slow
-def test_infer_command_with_dicom_out(tmp_path, clavicle_data):
+def test_infer_command_with_dicom_out(tmp_path, clavicle_data, capsys):
     """``cutremain infer --dicom-out`` (the command a PACS administrator runs) gives the same objects."""
     from cutremain_monai.cli import main as cli_main
     from tests.bundles.conftest import BUNDLES, TINY
@@ -77,3 +77,5 @@ def test_infer_command_with_dicom_out(tmp_path, clavicle_data):
     manifest = list(csv.DictReader(open(tmp_path / "dicom" / "manifest.csv")))
     assert {m["object"] for m in manifest} >= {"SR", "SC"} and all(not m["error"] for m in manifest)
     assert (tmp_path / "out" / "inference" / "predictions.csv").exists()
+    printed = capsys.readouterr().out
+    assert f"predictions: {tmp_path / 'out' / 'inference' / 'predictions.csv'}; DICOM results:" in printed
