@@ -88,7 +88,8 @@ def _detached_forward(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor
     as ``nn.BatchNorm`` does): per image an affine map, so one image's output has no gradient through the others'.
     Written as one ``x * a + c`` (``a = gamma / sigma``, ``c = beta - mean a``; statistics in one pass): the same
     values and gradients as ``(x - mean) / sigma * gamma + beta`` with three fewer full-size operations in the
-    forward and in both backward passes of the ISNet step (measured 7% of that step, ResNet-18 at 224 px)."""
+    forward and in both backward passes of the ISNet step (A/B on a quiet 2-core machine, ResNet-18, batch 16,
+    224 px: 3.18 s against 3.23 s per step, 1.5%)."""
     dims = [0, *range(2, x.ndim)]
     var, mean = torch.var_mean(x.detach().float(), dims, correction=0)
     if bn.track_running_stats and bn.running_mean is not None:
