@@ -114,10 +114,16 @@ BLOCKS = {
     "fracatlas-fold0": (CLAVICLE_DOCS, [os.path.join(os.path.dirname(CLAVICLE_DOCS), "fracatlas_fold0")],
                         markdown_file("compare_table.md", "cutremain experiment compare ... --fold-limit 1 "
                                       "-o outputs/real/fracatlas_5fold (command above)")),
-    # issue 28: the five folds (none, cut_remain, cut_remain_ra, sup_cutmix, isnet_body) and the gamma curve on fold 0
-    "fracatlas-5fold": (CLAVICLE_DOCS, ["real/fracatlas_5fold", os.path.join(os.path.dirname(CLAVICLE_DOCS), "fracatlas_5fold")],
+    # issue 28: the five folds (none, cut_remain, cut_remain_ra, sup_cutmix, isnet_body) and the gamma curve on fold 0.
+    # Only the docs copy: the Mixup command after it rewrites compare_table.md in the same output folder
+    "fracatlas-5fold": (CLAVICLE_DOCS, [os.path.join(os.path.dirname(CLAVICLE_DOCS), "fracatlas_5fold")],
                         markdown_file("compare_table.md", "cutremain experiment compare ... --fold-limit 5 "
                                       "-o outputs/real/fracatlas_5fold (command above)")),
+    # issue 28: supervised Mixup mixing half of the boxed samples, with and without relevant-area boxes (fold 0)
+    "fracatlas-mixup": (CLAVICLE_DOCS, [os.path.join(os.path.dirname(CLAVICLE_DOCS), "fracatlas_mixup")],
+                        markdown_file("compare_table.md", "cutremain experiment compare ... --fold-limit 1 --methods "
+                                      "none,sup_mixup,sup_mixup_p50,sup_mixup_ra_p50 -o outputs/real/fracatlas_5fold "
+                                      "(command above)")),
     # issue 28: Cut&Remain's premise on the subtle-lesion phantoms, 5 training seeds (run folder or docs/premise/)
     "premise": (CLAVICLE_DOCS, ["subtle/premise", os.path.join(os.path.dirname(CLAVICLE_DOCS), "premise")],
                 markdown_file("premise_table.md", "cutremain experiment premise ... -o outputs/subtle/premise (command above)")),
