@@ -106,7 +106,10 @@ def _detached_forward(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor
         c = bn.bias - mean * a
     else:
         a, c = scale, -mean * scale
-    return torch.addcmul(c.to(x.dtype).view(shape), x, a.to(x.dtype).view(shape))
+    # a and c stay float32, so with a float16 / bfloat16 x (GAIN under AMP) the output is float32, as the
+    # multiplication by the float32 weight made it before, and the per-channel sums of the weight and bias
+    # gradients over the batch are float32 sums (in float16 they overflow at 65504)
+    return torch.addcmul(c.view(shape), x, a.view(shape))
 
 
 @contextlib.contextmanager

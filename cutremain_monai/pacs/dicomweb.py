@@ -44,7 +44,12 @@ _SOP_INSTANCE, _FAILURE_REASON, _WARNING_REASON = "00081155", "00081197", "00081
 
 
 class DicomWebError(RuntimeError):
-    """A DICOMweb request that did not succeed: the message names the server (never its credentials) and why."""
+    """A DICOMweb request that did not succeed: the message names the server (never its credentials) and why;
+    ``status``: the HTTP status when the server answered (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,7 @@ class DicomWebClient:
             return r
         if r.status_code >= 400:
             raise DicomWebError(f"{self.server}: {_reason(r)}" + (" (check the credentials)" if r.status_code in
-                                                                  (401, 403) else ""))
+                                                                  (401, 403) else ""), status=r.status_code)
         return r
 
     def search(self, path: str, params: dict | None = None, page: int = 500, max_items: int = 1_000_000) -> list[dict]:

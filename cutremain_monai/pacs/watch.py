@@ -18,8 +18,10 @@ new instances with WADO-RS, scores each study through the bundle (the listener's
 * **A poll costs one search per modality when nothing changed.** The study search asks for
   NumberOfStudyRelatedInstances; a study whose count is the one its last complete listing saw is not listed again
   (its series and instances), so a seven-day window of thousands of studies is not walked every 30 seconds. A
-  server that does not return the count gets every study listed, as before; every ``undated_every`` polls (and
-  after a restart) all studies are listed whatever their count.
+  server that does not return the count (or refuses ``includefield`` with 400) gets every study listed, as
+  before. Every ``relist_every`` polls (and the first after a start) all studies are listed whatever their count:
+  an instance deleted and another filed in its place between two polls leaves the count unchanged, and is found
+  by that sweep (by default within 20 polls, 10 minutes at 30 s).
 * :func:`fetch_new` is also ``cutremain ingest --dicomweb``'s query and retrieve.
 """
 
@@ -69,7 +71,7 @@ def fetch_new(client: DicomWebClient, modalities: Sequence[str], since: str | No
         if undated and since:
             queries.append({"ModalitiesInStudy": modality})
         for n, params in enumerate(queries):
-            for item in client.search("studies", {**params, "includefield": _COUNT_TAG}):
+            for item in _search_studies(client, params, with_count=listed is not None):
                 uid = dicom_json_value(item, "StudyInstanceUID")
                 date = str(dicom_json_value(item, "StudyDate") or "")
                 if uid and (n == 0 or not date):
@@ -96,13 +98,27 @@ def fetch_new(client: DicomWebClient, modalities: Sequence[str], since: str | No
     with ThreadPoolExecutor(client.server.max_concurrent) as pool:
         for job in [pool.submit(one, ref) for ref in wanted]:
             job.result()
-    if listed is not None:
+    if listed is not None:  # the studies of this window only (the cache does not grow without bound)
+        listed.clear()
         listed.update(counts)
     latest = max((d for d in studies.values() if d), default=None)
     return len(wanted), latest
 
 
 _COUNT_TAG = "00201208"  # NumberOfStudyRelatedInstances
+
+
+def _search_studies(client: DicomWebClient, params: dict, with_count: bool) -> list[dict]:
+    """QIDO-RS studies, asking for their instance count when ``with_count``; a server that refuses the
+    ``includefield`` (HTTP 400) is asked again without it."""
+    if not with_count:
+        return client.search("studies", params)
+    try:
+        return client.search("studies", {**params, "includefield": _COUNT_TAG})
+    except DicomWebError as e:
+        if e.status != 400:
+            raise
+        return client.search("studies", params)
 
 
 def _as_count(value) -> int | None:
@@ -151,13 +167,15 @@ class Watcher(StudyNode):
         since: the watermark (``YYYYMMDD``) when there is no state yet (default: today).
         lookback_days: each poll looks at studies from this many days before the watermark on (a study filed
             late, with an earlier StudyDate, is still found; what is had already is not retrieved again).
-        undated_every: every this many polls (and the first), studies without a StudyDate are looked for too,
-            and every study in the window is listed again whatever its instance count (0: never).
+        undated_every: every this many polls (and the first), studies without a StudyDate are looked for too
+            (0: never).
+        relist_every: every this many polls (and the first), every study in the window is listed again whatever
+            its instance count (see the module; 0: only the first poll).
         Others: :class:`~cutremain_monai.pacs.node.StudyNode`.
     """
     def __init__(self, source: DicomWebServer, bundle: str, work_dir: str, forward=None,
                  modalities: Sequence[str] = ("DX", "CR"), poll_seconds: float = 30.0, since: str | None = None,
-                 lookback_days: float = 7.0, undated_every: int = 20, **kwargs):
+                 lookback_days: float = 7.0, undated_every: int = 20, relist_every: int = 20, **kwargs):
         kwargs.setdefault("quiet_seconds", 0.0)
         self._held: set[str] = set()  # studies filed by a round not finished yet (see _arrived)
         super().__init__(bundle, work_dir, forward or source, **kwargs)
@@ -171,6 +189,7 @@ class Watcher(StudyNode):
         if self.lookback_days < 0:
             raise ValueError(f"lookback_days must be at least 0, got {lookback_days}")
         self.undated_every = int(undated_every)
+        self.relist_every = int(relist_every)
         self.state_path = os.path.join(self.work_dir, "watch_state.json")
         self.state = {"study_date": min(since or _today(), _today())}
         if os.path.exists(self.state_path):
@@ -189,6 +208,7 @@ class Watcher(StudyNode):
         self._poll_thread = None
         self._client = None
         self._listed: dict[str, int] = {}  # study -> instance count at its last complete listing (fetch_new)
+        self._sweep_due = True  # until a round has listed every study
 
     def _save_state(self) -> None:
         write_json_atomic(self.state_path, self.state)
@@ -230,10 +250,12 @@ class Watcher(StudyNode):
         if self._client is None:
             self._client = DicomWebClient(self.source)
         undated = self.undated_every > 0 and self.polls % self.undated_every == 0
-        if undated:  # the periodic full sweep: every study listed again, whatever its count
-            self._listed.clear()
+        sweep = self._sweep_due or (self.relist_every > 0 and self.polls % self.relist_every == 0)
+        # a copy, filled by the round and put in place when it completes (a failed round keeps the one before)
+        listed = {} if sweep else dict(self._listed)
         count, latest = fetch_new(self._client, self.modalities, self.since(), self.known, self._take,
-                                  undated=undated, listed=self._listed)
+                                  undated=undated, listed=listed)
+        self._listed, self._sweep_due = listed, False
         self._release()
         latest = min(latest, _today()) if latest else None
         if latest and latest > str(self.state["study_date"]):

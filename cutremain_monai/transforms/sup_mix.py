@@ -319,7 +319,9 @@ class _BatchMixd(Randomizable, MapTransform):
             # a mixed image shows both box regions: its mask (what guided training keeps relevance in) is the union
             m = effective[0]  # the masks the mix used (no_box="full": a box-less image counts whole)
             src = self.mixer._source.to(m.device)
-            d[self.mask_key] = torch.maximum(m, m[src])
+            mixed = torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
+            mixed[self.mixer._targets.to(m.device)] = True  # (with prob < 1 the others keep their own mask)
+            d[self.mask_key] = torch.where(mixed.view(-1, 1, 1, 1), torch.maximum(m, m[src]), masks.to(m.dtype))
         return d
 
 

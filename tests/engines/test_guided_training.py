@@ -404,6 +404,13 @@ def test_detached_batch_statistics_is_batchnorm_without_the_cross_image_gradient
     second_ref = torch.autograd.grad(sum((g_ ** 2).sum() for g_ in grads_ref), (x, w2))
     for a, b in zip((*grads, *second), (*grads_ref, *second_ref)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    # a float16 input (GAIN's forward under AMP): the bias gradient sums 2 x 8 x 64 x 64 = 65536 per channel, more
+    # than float16 holds; it must come out finite and exact
+    x16 = torch.randn(8, 3, 64, 64).half().requires_grad_(True)
+    with detached_batch_statistics(model):
+        y16 = model(x16)
+    (g_bias,) = torch.autograd.grad((2 * y16.float()).sum(), bn.bias)
+    assert torch.isfinite(g_bias).all() and torch.equal(g_bias, torch.full((3,), 65536.0))
 
 
 def _all_grads(step, batch=None):

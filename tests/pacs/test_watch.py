@@ -15,7 +15,7 @@ import time
 import pydicom
 import pytest
 
-from cutremain_monai.pacs.dicomweb import DicomWebServer
+from cutremain_monai.pacs.dicomweb import DicomWebError, DicomWebServer
 from cutremain_monai.pacs.watch import Watcher
 from tests.conftest import SAMPLES
 
@@ -53,6 +53,7 @@ class Archive:
         self.fail = None
         self.on_retrieve = None
         self.counts = False  # answers NumberOfStudyRelatedInstances when asked (includefield)
+        self.refuse_includefield = False  # answers 400 to a search with includefield
         self.listings: list[str] = []  # the series searches (one per study listed)
 
     def add(self, date: str | None, n: int = 1, raw: bytes | None = None, study: str | None = None) -> list[str]:
@@ -72,6 +73,8 @@ class Archive:
             raise e
         parts = path.split("/")
         if path == "studies":
+            if self.refuse_includefield and "includefield" in params:
+                raise DicomWebError("http://127.0.0.1:9/dicom-web: HTTP 400 Bad Request", status=400)
             self.study_queries.append(dict(params))
             since = (params.get("StudyDate") or "").rstrip("-")
             found = {i["study"]: i["date"] for i in self.instances if not since or (i["date"] and i["date"] >= since)}
@@ -188,17 +191,20 @@ def test_an_unreadable_state_file_falls_back_to_the_lookback_window(tmp_path):
     assert json.load(open(tmp_path / "work" / "watch_state.json")) == {"study_date": TODAY}
 
 
-@pytest.mark.parametrize("counts", [True, False])
-def test_a_study_is_listed_again_only_when_its_instance_count_changed(tmp_path, counts):
+@pytest.mark.parametrize("server", ["counts", "no counts", "refuses includefield"])
+def test_a_study_is_listed_again_only_when_its_instance_count_changed(tmp_path, server):
     """With NumberOfStudyRelatedInstances, a poll that finds nothing new costs the study searches only; a study
     that gains an instance is listed again (and only it); the periodic full sweep lists all; a round that fails
-    records no count. A server without the count gets every study listed at every poll (the behaviour before)."""
+    records no count. A server without the count, or one that answers 400 to includefield, gets every study
+    listed at every poll (the behaviour before)."""
     archive = Archive()
-    archive.counts = counts
+    archive.counts = server == "counts"
+    archive.refuse_includefield = server == "refuses includefield"
+    counts = archive.counts
     day = _days_before(TODAY, 1)
     a, b = archive.add(day, n=2), archive.add(day)
     study_a, study_b = archive.instances[0]["study"], archive.instances[2]["study"]
-    w = _watcher(tmp_path, archive, since=TODAY, undated_every=4)
+    w = _watcher(tmp_path, archive, since=TODAY, relist_every=4)
     assert w.poll() == 3 and sorted(archive.listings) == sorted([study_a, study_b])  # first poll: all listed
     del archive.listings[:]
     assert w.poll() == 0
@@ -216,6 +222,16 @@ def test_a_study_is_listed_again_only_when_its_instance_count_changed(tmp_path, 
     assert w.poll() == 1 and archive.retrieved[-1] == later[0]  # so A is listed again and its image retrieved
     assert study_a in archive.listings
     del archive.listings[:]
-    assert w.polls == 4 and w.poll() == 0  # the 5th poll (index 4, undated_every=4): the full sweep lists all
+    assert w.polls == 4 and w.poll() == 0  # the 5th poll (index 4, relist_every=4): the full sweep lists all
     assert sorted(archive.listings) == sorted([study_a, study_b])
     assert sorted(archive.retrieved[:3]) == sorted(a + b)
+    assert w._listed == ({study_a: 3, study_b: 2} if counts else {})
+    # an image deleted and another filed in its place: the count is unchanged, so the next sweep finds it
+    gone = archive.instances.pop(0)["sop"]
+    swapped = archive.add(day, study=study_a)
+    assert w.poll() == (0 if counts else 1) and gone not in swapped
+    w.polls = 8  # (the next sweep)
+    assert w.poll() == (1 if counts else 0) and archive.retrieved[-1] == swapped[0]
+    archive.instances = [i for i in archive.instances if i["study"] != study_b]  # a study left the window:
+    w.poll()
+    assert study_b not in w._listed  # its count is not kept (the cache holds the window's studies only)

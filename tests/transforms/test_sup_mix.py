@@ -83,9 +83,16 @@ def test_mixup_rule(kind):
 @pytest.mark.parametrize("cls", [SupMixupd, SupCutmixd])
 def test_prob_mixes_each_boxed_sample_with_that_probability(cls):
     d = batch(LABELS["binary"])
-    # prob 1 is the default's random stream (results of runs before the option are unchanged)
-    a, b = cls().set_random_state(5), cls(prob=1.0).set_random_state(5)
-    assert torch.equal(a(dict(d))["image"], b(dict(d))["image"])
+    # prob 1 draws what the transform drew before the option: (Mixup: lambda first) one permutation of the boxed
+    # samples from the seeded numpy stream, nothing more
+    t1 = cls(prob=1.0).set_random_state(5)
+    t1(dict(d))
+    ref = np.random.RandomState(5)
+    if cls is SupMixupd:
+        ref.beta(1.0, 1.0)
+    assert t1.mixer._targets.tolist() == [0, 1, 2]
+    assert t1.mixer._partners.tolist() == np.array([0, 1, 2])[ref.permutation(3)].tolist()
+    assert t1.mixer.R.random() == ref.random()  # the two streams are at the same point afterwards
     assert cls(prob=0.0).set_random_state(0)(dict(d))["image"].equal(d["image"])  # nothing mixed
     t = cls(prob=0.3).set_random_state(1)
     mixed = []
@@ -176,3 +183,18 @@ def test_body_mask_follows_the_mixed_image(cls):
         assert torch.equal(out["body_mask"][i], body[i])
     no_follow = cls(mask_follow_keys=()).set_random_state(3)(dict(d))
     assert torch.equal(no_follow["body_mask"], body) and torch.equal(no_follow["image"], out["image"])
+
+
+def test_mixup_mask_union_only_for_mixed_samples():
+    """With no_box="full" a box-less sample is mixed as a whole image; with prob < 1 an unmixed one keeps its own
+    (empty) box mask, so guided training does not treat it as boxed."""
+    d = batch(LABELS["binary"])
+    t = SupMixupd(no_box="full", prob=0.5).set_random_state(0)
+    for _ in range(50):
+        out = t(dict(d))
+        targets = set(t.mixer._targets.tolist())
+        for i in range(4):
+            if i not in targets:
+                assert torch.equal(out["box_mask"][i], d["box_mask"][i])
+        if 3 in targets:  # the box-less sample mixed: its mask is the whole image
+            assert out["box_mask"][3].min() == 1
