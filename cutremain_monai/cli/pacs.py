@@ -108,7 +108,7 @@ def watch_command(args) -> int:
     forward = parse_destination(args.forward, **dicomweb_options(args)) if args.forward else None
     node = Watcher(source, args.bundle, args.work, forward=forward, modalities=comma_list(args.modalities),
                    poll_seconds=args.poll, since=args.since, lookback_days=args.lookback_days,
-                   undated_every=args.undated_every, ae_title=args.ae_title, configs=comma_list(args.configs),
+                   undated_every=args.undated_every, relist_every=args.relist_every, ae_title=args.ae_title, configs=comma_list(args.configs),
                    overrides=json.loads(args.overrides) if args.overrides else {}, quiet_seconds=args.quiet)
     node.start()
     print(f"watching {source} every {args.poll:g} s; results to {node.forward}; Ctrl-C stops", flush=True)
@@ -171,6 +171,9 @@ def register(sub) -> None:
                    "before the watermark on: a study filed late with an earlier date is still found (default %(default)s)")
     p.add_argument("--undated-every", type=int, default=20, help="every this many polls also look for studies without "
                    "a StudyDate (0: never; default %(default)s)")
+    p.add_argument("--relist-every", type=int, default=20, help="every this many polls list every study of the window "
+                   "again, even one whose instance count has not changed (an image replaced between two polls; 0: "
+                   "only the first poll; default %(default)s)")
     p.add_argument("--quiet", type=float, default=0.0, help="seconds without a new image before a study is scored")
     p.add_argument("--ae-title", default="CUTREMAIN", help="our AE title (a DIMSE --forward)")
     p.add_argument("--configs", default="train.yaml", help="the bundle's configs before inference.yaml")
