@@ -160,10 +160,14 @@ def write_report(summary: dict, runs: dict, output_dir: str, heatmaps: dict | No
                           _ci((r["pooled_auc"], r["pooled_auc_low"], r["pooled_auc_high"])), _ci(r["sensitivity"]),
                           _ci(r["specificity"]), f"{r['f1']:.3f}", f"{r['brier']:.3f}", _ci(loc["energy_in_box"]),
                           _ci(loc["pointing_hit"]), _ci(loc["loc_hit"]), flat_maps_cell(loc), f"{r['n']} ({r['positives']})"]))
-    paired = [_row(["method", "reference", "AUC difference [95% CI]", "p (paired DeLong)", "images"], header=True)]
+    paired = [_row(["method", "reference", "AUC difference [95% CI]", "p (paired DeLong)", "images",
+                    "per fold: mean [95% t-CI]", "folds with a gain"], header=True)]
     for d in summary["paired"]:
+        nan = float("nan")
         paired.append(_row([d["method"], d["reference"], _ci((d["difference"], d["low"], d["high"])),
-                            "n/a" if not np.isfinite(d["p"]) else f"{d['p']:.3f}", d["n"]]))
+                            "n/a" if not np.isfinite(d["p"]) else f"{d['p']:.3f}", d["n"],
+                            _ci((d.get("fold_mean", nan), d.get("fold_low", nan), d.get("fold_high", nan))),
+                            f"{d.get('folds_gained', 0)}/{len(d.get('fold_differences', []))}"]))
     gamma_rows = [_row(["gamma", "run", "pooled AUC [95% CI]", "folds", "images"], header=True)]
     gamma_rows += [_row([f"{g['gamma']:.2f}", g["run"], _ci((g["pooled_auc"], g["low"], g["high"])), g["folds"], g["n"]])
                    for g in summary["gamma"]]

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from cutremain_monai.metrics.classification import auc_or_nan
-from cutremain_monai.metrics.comparison import bootstrap_mean_ci, calibration, delong_ci, delong_paired, operating_point
+from cutremain_monai.metrics.comparison import (bootstrap_mean_ci, calibration, delong_ci, delong_paired, operating_point,
+                                                t_mean_ci)
 
 __all__ = ["pool_runs", "summarise_compare", "flat_maps_cell", "auc_mean_sd_cell", "ci_cell", "write_tables"]
 
@@ -75,7 +76,7 @@ def summarise_compare(runs: dict, methods: Sequence[str], gamma_alias: dict | No
                 d = delong_paired(yy, [a[f] for f in common], [b[f] for f in common])
             else:
                 d = {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "p": float("nan")}
-            paired.append({"method": m, "reference": ref, "n": len(common), **d})
+            paired.append({"method": m, "reference": ref, "n": len(common), **d, **_fold_differences(runs[m], runs[ref])})
     gamma = []
     for g, name in sorted((gamma_alias or {}).items()):
         sub = {k: runs[name][k] for k in (gamma_folds if gamma_folds is not None else sorted(runs.get(name, {})))
@@ -84,6 +85,24 @@ def summarise_compare(runs: dict, methods: Sequence[str], gamma_alias: dict | No
         gamma.append({"gamma": g, "run": name, "pooled_auc": auc, "low": low, "high": high, "folds": len(sub),
                       "n": int(sum(len(r["files"]) for r in sub.values()))})
     return {"table": table, "paired": paired, "gamma": gamma, "reference": ref}
+
+
+def _fold_differences(runs_m: dict, runs_ref: dict) -> dict:
+    """Per fold, the AUC of the method minus the reference's on that fold's common test images, and their mean
+    with a Student's t interval over the folds: the fold-to-fold spread (each fold a separate training), which the
+    pooled DeLong interval, a statement about the test images only, leaves out."""
+    diffs = []
+    for k in sorted(set(runs_m) & set(runs_ref)):
+        a, b = runs_m[k], runs_ref[k]
+        pb = dict(zip(b["files"], b["prob"]))
+        common = [i for i, f in enumerate(a["files"]) if f in pb]
+        y = [a["label"][i] for i in common]
+        d = auc_or_nan(y, [a["prob"][i] for i in common]) - auc_or_nan(y, [pb[a["files"][i]] for i in common])
+        if np.isfinite(d):
+            diffs.append(float(d))
+    mean, low, high = t_mean_ci(diffs) if diffs else (float("nan"),) * 3
+    return {"fold_differences": diffs, "fold_mean": mean, "fold_low": low, "fold_high": high,
+            "folds_gained": int(sum(d > 0 for d in diffs))}
 
 
 def flat_maps_cell(loc: dict) -> str:
@@ -117,10 +136,13 @@ def write_tables(summary: dict, output_dir: str) -> None:
                      f"{ci_cell(r['pooled_auc'], r['pooled_auc_low'], r['pooled_auc_high'])} | {ci_cell(*r['sensitivity'])} | "
                      f"{ci_cell(*r['specificity'])} | {r['f1']:.3f} | {r['brier']:.3f} | {ci_cell(*loc['energy_in_box'][:3])} | "
                      f"{ci_cell(*loc['pointing_hit'][:3])} | {ci_cell(*loc['loc_hit'][:3])} | {flat_maps_cell(loc)} | {r['n']} ({r['positives']}) |")
-    paired = ["| method | vs | AUC difference [95% CI] | p (DeLong, paired) | images |", "|---|---|---|---|---|"]
+    paired = ["| method | vs | AUC difference [95% CI] | p (DeLong, paired) | images | per fold: mean [95% t-CI] "
+              "| per fold | folds with a gain |", "|---|---|---|---|---|---|---|---|"]
     for d in summary["paired"]:
+        folds = d.get("fold_differences", [])
         paired.append(f"| {d['method']} | {d['reference']} | {ci_cell(d['difference'], d['low'], d['high'])} | "
-                      f"{d['p']:.3f} | {d['n']} |")
+                      f"{d['p']:.3f} | {d['n']} | {ci_cell(d.get('fold_mean', float('nan')), d.get('fold_low', float('nan')), d.get('fold_high', float('nan')))} | "
+                      f"{', '.join(f'{x:+.3f}' for x in folds) or 'n/a'} | {d.get('folds_gained', 0)}/{len(folds)} |")
     gamma = ["| gamma | run | pooled AUC [95% CI] | folds |", "|---|---|---|---|"]
     gamma += [f"| {g['gamma']:.2f} | {g['run']} | {ci_cell(g['pooled_auc'], g['low'], g['high'])} | {g['folds']} |" for g in summary["gamma"]]
     with open(os.path.join(output_dir, "compare_table.md"), "w") as f:
