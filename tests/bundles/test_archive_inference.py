@@ -127,7 +127,7 @@ def test_inference_memory_does_not_grow_with_the_archive(tmp_path):
     shutil.rmtree(tmp_path / "archive")
 
 
-def test_killed_covid_severity_inference_resumes(tmp_path, monkeypatch):
+def test_killed_covid_severity_inference_resumes(tmp_path, monkeypatch, capsys):
     """covid_severity: ten radiographs with their lung-mask files, one truncated, batches of four; killed after two
     batches, resumed: every image once in severity.csv, the first rows as written, the truncated file a row with its
     error and in set_aside.csv; another checkpoint scores everything again."""
@@ -171,6 +171,16 @@ def test_killed_covid_severity_inference_resumes(tmp_path, monkeypatch):
     wf, _ = run_bundle("covid_severity", configs, tmp_path, **settings)
     assert len(wf.parser.get_parsed_content("dataset")) == 10 and (out / "severity.partial.csv.stale").exists()
     assert len(_rows(out / "severity.csv")) == 10
+
+    # `cutremain infer` names the table this bundle writes (severity.csv), not predictions.csv
+    from cutremain_monai.cli import main as cli_main
+
+    overrides = {**COVID_TINY, **{k: v for k, v in settings.items() if k not in ("tiny", "workflow_type", "input_dir")},
+                 "tracking_uri": str(tmp_path / "cli_mlruns.db")}
+    capsys.readouterr()
+    assert cli_main(["infer", "--bundle", os.path.join(BUNDLES, "covid_severity"), "--input", str(folder), "--output-dir",
+                     str(tmp_path / "out"), "--configs", "train.yaml,cpu.yaml", "--overrides", json.dumps(overrides)]) == 0
+    assert f"predictions: {out / 'severity.csv'}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("bundle, table", [("lesion_segmentation", "lesions"), ("background_learning", "targetness")])
