@@ -163,11 +163,10 @@ def write_report(summary: dict, runs: dict, output_dir: str, heatmaps: dict | No
     paired = [_row(["method", "reference", "AUC difference [95% CI]", "p (paired DeLong)", "images",
                     "per fold: mean [95% t-CI]", "folds with a gain"], header=True)]
     for d in summary["paired"]:
-        nan = float("nan")
         paired.append(_row([d["method"], d["reference"], _ci((d["difference"], d["low"], d["high"])),
                             "n/a" if not np.isfinite(d["p"]) else f"{d['p']:.3f}", d["n"],
-                            _ci((d.get("fold_mean", nan), d.get("fold_low", nan), d.get("fold_high", nan))),
-                            f"{d.get('folds_gained', 0)}/{len(d.get('fold_differences', []))}"]))
+                            _ci((d["fold_mean"], d["fold_low"], d["fold_high"])),
+                            f"{d['folds_gained']}/{len(d['fold_differences'])}"]))
     gamma_rows = [_row(["gamma", "run", "pooled AUC [95% CI]", "folds", "images"], header=True)]
     gamma_rows += [_row([f"{g['gamma']:.2f}", g["run"], _ci((g["pooled_auc"], g["low"], g["high"])), g["folds"], g["n"]])
                    for g in summary["gamma"]]

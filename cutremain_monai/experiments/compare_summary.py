@@ -139,10 +139,10 @@ def write_tables(summary: dict, output_dir: str) -> None:
     paired = ["| method | vs | AUC difference [95% CI] | p (DeLong, paired) | images | per fold: mean [95% t-CI] "
               "| per fold | folds with a gain |", "|---|---|---|---|---|---|---|---|"]
     for d in summary["paired"]:
-        folds = d.get("fold_differences", [])
+        folds = d["fold_differences"]
         paired.append(f"| {d['method']} | {d['reference']} | {ci_cell(d['difference'], d['low'], d['high'])} | "
-                      f"{d['p']:.3f} | {d['n']} | {ci_cell(d.get('fold_mean', float('nan')), d.get('fold_low', float('nan')), d.get('fold_high', float('nan')))} | "
-                      f"{', '.join(f'{x:+.3f}' for x in folds) or 'n/a'} | {d.get('folds_gained', 0)}/{len(folds)} |")
+                      f"{d['p']:.3f} | {d['n']} | {ci_cell(d['fold_mean'], d['fold_low'], d['fold_high'])} | "
+                      f"{', '.join(f'{x:+.3f}' for x in folds) or 'n/a'} | {d['folds_gained']}/{len(folds)} |")
     gamma = ["| gamma | run | pooled AUC [95% CI] | folds |", "|---|---|---|---|"]
     gamma += [f"| {g['gamma']:.2f} | {g['run']} | {ci_cell(g['pooled_auc'], g['low'], g['high'])} | {g['folds']} |" for g in summary["gamma"]]
     with open(os.path.join(output_dir, "compare_table.md"), "w") as f:
