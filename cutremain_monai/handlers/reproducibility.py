@@ -149,20 +149,17 @@ class ResumeCheckpointLoader(CheckpointLoader):
         self.logger.info(f"Restored all variables from {self.load_path}")
 
 
+def _checkpoint_epoch(path: str) -> int:
+    m = re.search(r"=(\d+)\.pt$", path)
+    return int(m.group(1)) if m else -1
+
+
 def last_checkpoints(ckpt_dir: str, n: int = 3, pattern: str = "checkpoint_epoch=*.pt") -> list[str]:
     """The ``n`` checkpoints with the highest epoch numbers in ``ckpt_dir``, oldest first (empty when none)."""
-    def epoch(f):
-        m = re.search(r"=(\d+)\.pt$", f)
-        return int(m.group(1)) if m else -1
-    return sorted(glob.glob(os.path.join(ckpt_dir, pattern)), key=epoch)[-n:] if n > 0 else []
+    return sorted(glob.glob(os.path.join(ckpt_dir, pattern)), key=_checkpoint_epoch)[-n:] if n > 0 else []
 
 
 def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint_epoch=*.pt") -> str | None:
     """The checkpoint with the highest epoch number in ``ckpt_dir`` (MONAI ``CheckpointSaver`` names), or None."""
-    files = glob.glob(os.path.join(ckpt_dir, pattern))
-    if not files:
-        return None
-    def epoch(f):
-        m = re.search(r"=(\d+)\.pt$", f)
-        return int(m.group(1)) if m else -1
-    return max(files, key=epoch)
+    last = last_checkpoints(ckpt_dir, 1, pattern)
+    return last[0] if last else None
