@@ -7,6 +7,7 @@ from cutremain_monai.handlers.lesion_masks import LesionMaskWriter
 from cutremain_monai.handlers.localization_report import LocalizationReport
 from cutremain_monai.handlers.mean_auc import MeanAUC, MeanAUCMetric
 from cutremain_monai.handlers.mlflow_registry import MLflowRegistry, default_tracking_uri
+from cutremain_monai.handlers.precise_bn import PreciseBatchNorm, recompute_batchnorm_statistics
 from cutremain_monai.handlers.predictions import ClassificationPredictions, SeverityPredictions
 from cutremain_monai.handlers.pseudo_labels import RefreshPseudoLabels
 from cutremain_monai.handlers.reproducibility import BestModelState, EpochSeed, ResumeCheckpointLoader, StopAfterEpochs, last_checkpoints, latest_checkpoint
@@ -15,4 +16,4 @@ from cutremain_monai.handlers.targetness_report import PatchTypeHistogram, Targe
 
 __all__ = ["DicomResults", "LocalizationReport", "ClassificationPredictions", "SeverityPredictions", "ClassificationReport", "GradCAMReport", "MeanAUC", "MeanAUCMetric", "MLflowRegistry", "SeverityReport", "default_tracking_uri", "BestModelState", "EpochSeed", "ResumeCheckpointLoader",
            "StopAfterEpochs", "last_checkpoints", "latest_checkpoint", "PatchTypeHistogram", "TargetnessWriter", "comparison_table",
-           "RefreshPseudoLabels", "LesionMaskWriter"]
+           "RefreshPseudoLabels", "LesionMaskWriter", "PreciseBatchNorm", "recompute_batchnorm_statistics"]

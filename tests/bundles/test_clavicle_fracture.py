@@ -198,15 +198,19 @@ def test_tracking_mlflow_flag_logs_epochs_and_registers_once(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("augmentation,guidance", [("none", "gain"), ("none", "isnet"), ("cut_remain", "isnet"), ("sup_mixup", "gain")])
-def test_each_guidance_runs_and_logs(tmp_path, augmentation, guidance):
+def test_each_guidance_runs_and_logs(tmp_path, capfd, augmentation, guidance):
     """Epoch 1 plain (ISNet calibrates its band), epoch 2 guided; loss terms per epoch in the metrics and per
-    iteration in MLflow; the validation overlays show the guided method's own maps."""
+    iteration in MLflow; the validation overlays show the guided method's own maps; BatchNorm statistics
+    recomputed before each validation."""
     data = tiny_datalist(tmp_path)
     wf, _ = run_bundle("clavicle_fracture", CPU, tmp_path, datalist=data, augmentation=augmentation, guidance=guidance,
                        num_copies=1, epochs=2, guidance_warmup_epochs=1, register_model=True, experiment_name="guided")
     trainer = wf.parser.get_parsed_content("train#trainer")
     terms = ["loss_cl", "loss_heatmap"] if guidance == "isnet" else ["loss_cl", "loss_am", "loss_e"]
     assert all(np.isfinite(trainer.state.metrics[f"guidance_{t}"]) for t in terms)
+    logged = "".join(capfd.readouterr())
+    assert logged.count("BatchNorm statistics recomputed from") == 2  # precise_bn_batches: on for guided runs
+    assert logged.index("epoch 2: BatchNorm statistics recomputed") < logged.index("Epoch[2] Metrics -- val_")
     evaluator = wf.parser.get_parsed_content("validate#evaluator")
     assert evaluator.state.best_metric_epoch == 2  # model.pt is a guided epoch's
     out = tmp_path / "out"
@@ -257,3 +261,5 @@ def test_guidance_ddp_two_cpu_processes(tmp_path, guidance):
     if guidance == "isnet":
         assert saved["guidance"]["band"][0] > 0  # calibrated from both ranks' maps
     assert re.search(r"Epoch\[2\] Metrics -- .*guidance_loss_cl", proc.stdout + proc.stderr)  # a guided epoch ran
+    # precise BatchNorm on both ranks (statistics averaged over them: the ranks' models stay identical)
+    assert (proc.stdout + proc.stderr).count("epoch 2: BatchNorm statistics recomputed") == 2
