@@ -1,6 +1,7 @@
 """Does a checkpoint's eval mode match its weights? AUC and mean prediction per datalist section with the BatchNorm
-running statistics as saved, and again after recomputing them from the training section (the bundle's
-``precise_bn_batches``, ``cutremain_monai.handlers.recompute_batchnorm_statistics``), batch by batch as training.
+running statistics as saved, and again after recomputing them from all the training section's images, without
+augmentation, in batches of ``--batch-size`` (``cutremain_monai.handlers.recompute_batchnorm_statistics``, what the
+bundle's ``precise_bn_batches`` does with its training batches). Binary classifiers (one logit).
 
 ``python tools/batchnorm_check.py bundles/clavicle_fracture DATALIST CHECKPOINT --task shortcut --image-size 128``
 

@@ -13,29 +13,37 @@ import sys
 
 LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)$")
 START = re.compile(r"SupervisedTrainer - INFO - Engine run resuming from iteration 0, epoch 0 ")
+RESTORED = re.compile(r"SupervisedTrainer - INFO - Restored all variables from ")
 
 
 def epoch_metrics(lines) -> list[dict[int, dict[str, float]]]:
     """One ``{epoch: {key: value}}`` per run in the log, in the order the runs were written. A run starts at ignite's
-    ``SupervisedTrainer ... Engine run resuming from iteration 0, epoch 0`` (a resume names its epoch and stays in
-    its run); in a log without those lines, where the epoch falls below the previous one."""
+    ``SupervisedTrainer ... Engine run resuming from iteration 0, epoch 0`` unless the trainer then logs ``Restored
+    all variables`` (the bundles' resume loads its checkpoint after that line: the run goes on, a repeated epoch
+    keeps its last values); in a log without those lines, where the epoch falls below the previous one."""
     runs: list[dict[int, dict[str, float]]] = []
-    last_epoch, marked = None, False
+    last_epoch, marked, starting, restored = None, False, False, False
     for line in lines:
         if START.search(line):
-            runs.append({})
-            last_epoch, marked = None, True
+            marked, starting, restored = True, True, False
+            continue
+        if starting and RESTORED.search(line):
+            restored = True
             continue
         m = LINE.search(line)
         if not m:
             continue
         epoch = int(m.group(1))
-        if not runs or (not marked and last_epoch is not None and epoch < last_epoch):
+        if starting:
+            if not runs or not restored:
+                runs.append({})
+            starting = False
+        elif not runs or (not marked and last_epoch is not None and epoch < last_epoch):
             runs.append({})
-        pairs = re.findall(r"(\w+): (-?[\d.]+(?:e-?\d+)?|nan|inf)", m.group(2))
+        pairs = re.findall(r"(\w+): (-?[\d.]+(?:e-?\d+)?|-?nan|-?inf)", m.group(2))
         runs[-1].setdefault(epoch, {}).update({k: float(v) for k, v in pairs})
         last_epoch = epoch
-    return [r for r in runs if r]
+    return runs
 
 
 def table(run: dict[int, dict[str, float]], keys: list[str], every: int) -> str:
@@ -53,9 +61,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("log")
     ap.add_argument("--keys", default="val_auc,val_loss,val_loss_cl,val_loss_heatmap")
-    ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--every", type=int, default=25, help="every k-th epoch (k >= 1)")
     ap.add_argument("--run", type=int, default=-1)
     args = ap.parse_args(argv)
+    if args.every < 1:
+        ap.error(f"--every must be 1 or more, got {args.every}")
     with open(args.log, errors="replace") as f:
         runs = epoch_metrics(f.read().replace("\r", "\n").splitlines())
     if not runs:

@@ -2,8 +2,8 @@
 
 Why (issue 30, measured on the shortcut test): BatchNorm's running statistics are an exponential average (momentum
 0.1, about the last ten steps) of the batch statistics the training forwards saw. Guided steps move the first
-convolution fast (ISNet's LRP z^B rule depends on it directly: its weights change about 0.25% per step, the deeper
-layers' about 0.01%), and the first convolution's outputs have a mean about 4.5 times their standard deviation,
+convolution fast (ISNet's LRP z^B rule depends on it directly: its weights changed 10.5% over 40 steps, the deeper
+convolutions' 0.2-0.8%), and the first convolution's outputs have a mean 4.7 times their standard deviation,
 so a small change of its weights moves the mean by a large share of the spread; behind a lagging first layer every
 later one is off too, more with depth (at ``layer4`` the variance 3 times the running one). Training does not see this (train mode normalises
 with the batch's own statistics), but every eval-mode use does: validation, the checkpoint chosen on it, testing
@@ -13,9 +13,10 @@ and AUC 0.79 on the same images with its statistics recomputed. Recomputing them
 
 What it adds to ``torch.optim.swa_utils.update_bn`` (the same cumulative average): the trainer's own batches
 through its ``prepare_batch`` (dictionary batches, the networks' extra inputs), a budget of batches, autocast as
-the trainer runs, the statistics averaged over DDP ranks (so every rank keeps the same model), and no change to a
-network without BatchNorm. It only changes eval-mode behaviour: training forwards use the batch statistics, except
-GAIN's erased-image forward, which runs in eval mode and so starts each epoch from statistics that match.
+MONAI's trainer runs its forwards, the statistics averaged over DDP ranks (so every rank keeps the same model),
+every module's own mode kept, and no change to a network without BatchNorm. For ISNet and plain steps it changes
+only eval-mode behaviour (training forwards use the batch statistics); GAIN's erased-image forward runs in eval
+mode, so GAIN's training changes too: each epoch starts from statistics that match the weights.
 """
 
 from __future__ import annotations
@@ -39,16 +40,19 @@ def _batchnorms(network: torch.nn.Module) -> list[torch.nn.modules.batchnorm._Ba
 
 
 @torch.no_grad()
-def recompute_batchnorm_statistics(network: torch.nn.Module, batches: Iterable, autocast: bool = False) -> int:
-    """Set every BatchNorm's running mean and variance to the average of the batch statistics of ``batches``
-    (each a tensor, or ``(x, args, kwargs)`` for ``network(x, *args, **kwargs)``) with the weights as they are;
-    under DDP (initialised process group) averaged over the ranks. Returns the number of batches used; with none
-    the statistics are left as they were. Modes and momenta are restored."""
+def recompute_batchnorm_statistics(network: torch.nn.Module, batches: Iterable, autocast: dict | None = None) -> int:
+    """Set the running mean and variance of every BatchNorm to the average of the batch statistics of ``batches``
+    (each a tensor, or ``(x, args, kwargs)`` for ``network(x, *args, **kwargs)``) with the weights as they are,
+    the network in train mode for the forwards (as ``update_bn``). ``autocast``: the keyword arguments of
+    ``torch.autocast`` for the forwards (the trainer's AMP), None for none. Under DDP (an initialised process
+    group) the statistics are averaged over the ranks, weighted by their numbers of batches. Returns the number of
+    batches used here; with none the statistics are left as they were. Every module's mode and every momentum are
+    restored."""
     bns = _batchnorms(network)
     if not bns:
         return 0
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in bns]
-    was_training = network.training
+    modes = {m: m.training for m in network.modules()}
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches
@@ -57,7 +61,7 @@ def recompute_batchnorm_statistics(network: torch.nn.Module, batches: Iterable, 
     try:
         for batch in batches:
             x, args, kwargs = (batch, (), {}) if isinstance(batch, torch.Tensor) else batch
-            ctx = torch.autocast(device_type=x.device.type) if autocast else contextlib.nullcontext()
+            ctx = torch.autocast(**autocast) if autocast else contextlib.nullcontext()
             with ctx:
                 network(x, *args, **(kwargs or {}))
             n += 1
@@ -68,13 +72,18 @@ def recompute_batchnorm_statistics(network: torch.nn.Module, batches: Iterable, 
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
-        network.train(was_training)
+        for m, flag in modes.items():
+            m.training = flag
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        for m in bns:  # (every rank takes the same number of batches: DistributedSampler gives equal shares)
-            for buf in (m.running_mean, m.running_var):
-                torch.distributed.all_reduce(buf)
-                buf.div_(world)
+        device = bns[0].running_mean.device
+        total = torch.tensor([float(n)], device=device)
+        torch.distributed.all_reduce(total)  # every rank calls the same reductions, whatever its n
+        if total.item() > 0:
+            for m in bns:
+                for buf in (m.running_mean, m.running_var):
+                    weighted = buf.float() * n
+                    torch.distributed.all_reduce(weighted)
+                    buf.copy_(weighted / total)
     return n
 
 
@@ -105,6 +114,9 @@ class PreciseBatchNorm:
 
     def __call__(self, engine: Engine) -> None:
         network = engine.network.module if isinstance(engine.network, torch.nn.parallel.DistributedDataParallel) else engine.network
-        n = recompute_batchnorm_statistics(network, self._batches(engine), autocast=bool(getattr(engine, "amp", False)))
+        device = torch.device(engine.state.device) if engine.state.device is not None else torch.device("cpu")
+        # autocast as MONAI's trainer runs its forwards: CUDA only, with the trainer's amp_kwargs
+        amp = {"device_type": "cuda", **(getattr(engine, "amp_kwargs", None) or {})} if getattr(engine, "amp", False) and device.type == "cuda" else None
+        n = recompute_batchnorm_statistics(network, self._batches(engine), autocast=amp)
         if n:
             logger.info("epoch %d: BatchNorm statistics recomputed from %d training batches", engine.state.epoch, n)

@@ -35,7 +35,7 @@ def test_statistics_by_hand_and_as_update_bn():
     assert recompute_batchnorm_statistics(net, iter(batches)) == 3
     torch.testing.assert_close(net[1].running_mean, mean)
     torch.testing.assert_close(net[1].running_var, var)
-    assert not net.training and net[1].momentum == 0.1  # mode and momentum restored
+    assert not net.training and not net[1].training and net[1].momentum == 0.1  # modes and momentum restored
     torch.optim.swa_utils.update_bn(batches, reference)
     torch.testing.assert_close(net[1].running_mean, reference[1].running_mean)
     torch.testing.assert_close(net[1].running_var, reference[1].running_var)
@@ -44,6 +44,13 @@ def test_statistics_by_hand_and_as_update_bn():
     with torch.no_grad():
         expected = (net[0](x) - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + net[1].eps)
         torch.testing.assert_close(net[1](net[0](x)), expected * net[1].weight.view(1, -1, 1, 1) + net[1].bias.view(1, -1, 1, 1))
+
+
+def test_modules_keep_their_own_modes():
+    net = _net().train()
+    net[1].eval()  # one module in eval mode inside a training network comes back in eval mode
+    recompute_batchnorm_statistics(net, iter(_batches()))
+    assert net.training and net[0].training and not net[1].training
 
 
 def test_no_batches_or_no_batchnorm_changes_nothing():
@@ -74,3 +81,28 @@ def test_in_a_trainer_before_validation():
         mean = torch.stack([net[0](d["image"]).mean((0, 2, 3)) for d in data[:2]]).mean(0)
     torch.testing.assert_close(seen["mean"], mean)
     torch.testing.assert_close(net[1].running_mean, mean)
+
+
+def _rank(rank, init, out):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        net, batches = _net(), _batches(3)
+        mine = batches[:1] if rank == 0 else batches[1:]  # unequal shares: 1 and 2 batches
+        n = recompute_batchnorm_statistics(net, iter(mine))
+        torch.save({"n": n, "mean": net[1].running_mean, "var": net[1].running_var}, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_average_weighted_by_batches(tmp_path):
+    """Two gloo ranks with 1 and 2 batches: both end with the average over all 3 batches, as one process would."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    single = _net()
+    recompute_batchnorm_statistics(single, iter(_batches(3)))
+    assert [r["n"] for r in ranks] == [1, 2]
+    for r in ranks:
+        torch.testing.assert_close(r["mean"], single[1].running_mean)
+        torch.testing.assert_close(r["var"], single[1].running_var)
