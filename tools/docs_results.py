@@ -137,6 +137,12 @@ BLOCKS = {
     # issue 30: the shortcut test over tag strengths and training seeds with the clean reference
     "shortcut": (CLAVICLE_DOCS, ["shortcut", os.path.join(os.path.dirname(CLAVICLE_DOCS), "shortcut")],
                  markdown_file("shortcut_table.md", "cutremain experiment shortcut ... -o outputs/shortcut (command above)")),
+    # issue 30: ISNet trained 405 epochs (3,200 guided steps), seed 0, every positive tagged
+    "shortcut-long": (CLAVICLE_DOCS, ["shortcut_long", os.path.join(os.path.dirname(CLAVICLE_DOCS), "shortcut_long")],
+                      markdown_file("shortcut_table.md", "cutremain experiment shortcut ... -o outputs/shortcut_long (command above)")),
+    # issue 30: ISNet with precise BatchNorm at 205 epochs over seeds and strengths, with the clean reference
+    "shortcut-isnet": (CLAVICLE_DOCS, ["shortcut_isnet", os.path.join(os.path.dirname(CLAVICLE_DOCS), "shortcut_isnet")],
+                       markdown_file("shortcut_table.md", "cutremain experiment shortcut ... -o outputs/shortcut_isnet (command above)")),
 }
 
 
