@@ -210,7 +210,14 @@ def test_each_guidance_runs_and_logs(tmp_path, capfd, augmentation, guidance):
     assert all(np.isfinite(trainer.state.metrics[f"guidance_{t}"]) for t in terms)
     logged = "".join(capfd.readouterr())
     assert logged.count("BatchNorm statistics recomputed from") == 2  # precise_bn_batches: on for guided runs
-    assert logged.index("epoch 2: BatchNorm statistics recomputed") < logged.index("Epoch[2] Metrics -- val_")
+    # ...before validation: the trainer's EPOCH_COMPLETED handlers run in order, PreciseBatchNorm before validation
+    from ignite.engine import Events
+    from monai.handlers import ValidationHandler
+
+    from cutremain_monai.handlers import PreciseBatchNorm
+
+    kinds = [type(getattr(h, "__self__", h)) for h, _, _ in trainer._event_handlers[Events.EPOCH_COMPLETED]]
+    assert kinds.index(PreciseBatchNorm) < kinds.index(ValidationHandler)
     evaluator = wf.parser.get_parsed_content("validate#evaluator")
     assert evaluator.state.best_metric_epoch == 2  # model.pt is a guided epoch's
     out = tmp_path / "out"
