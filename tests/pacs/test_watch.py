@@ -20,6 +20,14 @@ from cutremain_monai.pacs.watch import Watcher
 from tests.conftest import SAMPLES
 
 TODAY = datetime.date.today().strftime("%Y%m%d")
+
+
+@pytest.fixture
+def frozen_today(monkeypatch):
+    """The watcher's clock pinned to TODAY (module import time): a test that runs across midnight (CI did) would
+    otherwise compare the watermark with yesterday."""
+    monkeypatch.setattr("cutremain_monai.pacs.watch._today", lambda: TODAY)
+    return TODAY
 _TAGS = {"StudyInstanceUID": "0020000D", "StudyDate": "00080020", "SeriesInstanceUID": "0020000E",
          "Modality": "00080060", "SOPInstanceUID": "00080018", "NumberOfStudyRelatedInstances": "00201208"}
 
@@ -108,7 +116,7 @@ def _days_before(date: str, days: int) -> str:
     return (datetime.datetime.strptime(date, "%Y%m%d") - datetime.timedelta(days=days)).strftime("%Y%m%d")
 
 
-def test_lookback_window_late_future_and_undated_studies(tmp_path):
+def test_lookback_window_late_future_and_undated_studies(tmp_path, frozen_today):
     archive = Archive()
     late = archive.add(_days_before(TODAY, 3))  # filed late, dated before the watermark
     old = archive.add(_days_before(TODAY, 30))  # older than the window
@@ -181,7 +189,7 @@ def test_the_poll_loop_survives_any_error_and_names_only_its_type(tmp_path, capl
     assert "poll failed: ValueError" in caplog.text and "DOE" not in caplog.text
 
 
-def test_an_unreadable_state_file_falls_back_to_the_lookback_window(tmp_path):
+def test_an_unreadable_state_file_falls_back_to_the_lookback_window(tmp_path, frozen_today):
     os.makedirs(tmp_path / "work")
     (tmp_path / "work" / "watch_state.json").write_text('{"study_da')  # torn
     archive = Archive()
