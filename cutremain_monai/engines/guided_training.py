@@ -387,6 +387,13 @@ class GuidedTraining:
             raise ValueError(f"'{self.mask_key}' is {tuple(mask.shape[-2:])} but the images are {tuple(x.shape[-2:])}: resize the masks with the images")
         return x, mask, mask.flatten(1).amax(1) > 0
 
+    def batch_with_masks(self, engine: Engine, batchdata):
+        """``(image, label, binary mask (B, 1, H, W), has_mask (B,), extra network args, extra kwargs)`` of a batch,
+        prepared as the guided step prepares it (for validation metrics that use the guidance's masks)."""
+        x, y, mask, args, kwargs = self._prepare(engine, batchdata)
+        x, mask, has_mask = self._masks(x, mask)
+        return x, y, mask, has_mask, args, kwargs
+
     def guided_at(self, epoch: int) -> bool:
         """Whether the guidance term is in the loss of ``epoch`` (after the warm-up, and for ISNet once it has a band)."""
         return self.guidance != "none" and epoch > self.warmup_epochs and (self.guidance != "isnet" or self.band is not None)

@@ -81,16 +81,22 @@ def score_shortcut(bundle: str, datalist: str, checkpoints: dict, **overrides) -
     return results
 
 
-CHECKPOINTS = ("val_auc", "val_loss", "last")
+CHECKPOINTS = ("val_auc", "val_loss", "val_auc_swap", "last")
 
 
 def _checkpoints(ckpt_dir: str) -> dict[str, str]:
-    """The three checkpoints of a run: best validation AUC, lowest validation loss (the training objective with its
-    guidance term) and the last epoch; ``model.pt`` is whichever the bundle's ``best_model_metric`` keeps."""
+    """A run's checkpoints: best validation AUC, lowest validation loss (the training objective with its guidance
+    term), best validation AUC with the background swapped (when the run kept it: ``background_swap_auc``) and the
+    last epoch; ``model.pt`` is whichever the bundle's ``best_model_metric`` keeps (``val_auc_swap``'s when the run
+    kept both other rules' files beside it)."""
+    path = {k: os.path.join(ckpt_dir, f"model_{k}.pt") for k in ("val_auc", "val_loss", "val_auc_swap")}
     model = os.path.join(ckpt_dir, "model.pt")
-    auc, loss = (os.path.join(ckpt_dir, f"model_{k}.pt") for k in ("val_auc", "val_loss"))
-    return {"val_auc": auc if os.path.exists(auc) else model, "val_loss": loss if os.path.exists(loss) else model,
-            "last": latest_checkpoint(ckpt_dir)}
+    out = {k: path[k] if os.path.exists(path[k]) else model for k in ("val_auc", "val_loss")}
+    if os.path.exists(path["val_auc_swap"]):
+        out["val_auc_swap"] = path["val_auc_swap"]
+    elif os.path.exists(path["val_auc"]) and os.path.exists(path["val_loss"]):
+        out["val_auc_swap"] = model
+    return {**out, "last": latest_checkpoint(ckpt_dir)}
 
 
 def _tag_name(strength: float | None) -> str:

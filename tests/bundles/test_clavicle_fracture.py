@@ -226,6 +226,10 @@ def test_each_guidance_runs_and_logs(tmp_path, capfd, augmentation, guidance):
     guided_term = "val_loss_heatmap" if guidance == "isnet" else "val_loss_e"
     assert np.isfinite(evaluator.state.metrics["val_loss"]) and np.isfinite(evaluator.state.metrics[guided_term])
     assert (out / "checkpoints" / "model.pt").exists() and (out / "checkpoints" / "model_val_auc.pt").exists()
+    # ...and the best validation AUC with the background swapped (on for guided runs), computed before the savers
+    assert 0.0 <= evaluator.state.metrics["val_auc_swap"] <= 1.0 and (out / "checkpoints" / "model_val_auc_swap.pt").exists()
+    swap = wf.parser.get_parsed_content("validate#swap_checkpoint_saver")._key_metric_checkpoint._saved
+    assert swap[-1].priority == pytest.approx(evaluator.state.metrics["val_auc_swap"])
     saved = wf.parser.get_parsed_content("validate#checkpoint_saver")._key_metric_checkpoint._saved
     assert saved[-1].priority == pytest.approx(-evaluator.state.metrics["val_loss"])  # model.pt: epoch 2's val_loss
     assert json.load(open(out / "threshold.json"))["epoch"] == 2  # the test threshold comes from model.pt's epoch
@@ -247,6 +251,23 @@ def test_each_guidance_runs_and_logs(tmp_path, capfd, augmentation, guidance):
         assert 0 < c1 <= c2
         saved = torch.load(sorted((out / "checkpoints").glob("checkpoint_epoch=*.pt"))[-1], weights_only=False)
         assert saved["guidance"]["band"] == [c1, c2]  # a resumed run keeps the band
+
+
+@pytest.mark.slow
+def test_the_background_swap_metric_changes_no_training_step(tmp_path):
+    """val_auc_swap adds a forward in eval mode per validation batch and a checkpoint: the trained weights are
+    the same to the bit with it on and off (so runs with and without it compare)."""
+    data = tiny_datalist(tmp_path)
+    weights = {}
+    for on in (True, False):
+        out = tmp_path / f"swap_{on}"
+        run_bundle("clavicle_fracture", CPU, out, datalist=data, guidance="isnet", num_copies=1, epochs=2,
+                   guidance_warmup_epochs=1, background_swap_auc=on)
+        ckpt = sorted((out / "out" / "checkpoints").glob("checkpoint_epoch=*.pt"))[-1]
+        weights[on] = torch.load(ckpt, weights_only=False)["model"]
+        assert (out / "out" / "checkpoints" / "model_val_auc_swap.pt").exists() == on
+    assert weights[True].keys() == weights[False].keys()
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
 
 
 @pytest.mark.slow
