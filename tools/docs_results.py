@@ -143,6 +143,9 @@ BLOCKS = {
     # issue 30: ISNet with precise BatchNorm at 205 epochs over seeds and strengths, with the clean reference
     "shortcut-isnet": (CLAVICLE_DOCS, ["shortcut_isnet", os.path.join(os.path.dirname(CLAVICLE_DOCS), "shortcut_isnet")],
                        markdown_file("shortcut_table.md", "cutremain experiment shortcut ... -o outputs/shortcut_isnet (command above)")),
+    # issue 30: the background-swap validation AUC (val_auc_swap) as a fourth checkpoint, 25 epochs, seed 0
+    "shortcut-swap": (CLAVICLE_DOCS, ["shortcut_swap", os.path.join(os.path.dirname(CLAVICLE_DOCS), "shortcut_swap")],
+                      markdown_file("shortcut_table.md", "cutremain experiment shortcut ... -o outputs/shortcut_swap (command above)")),
 }
 
 
