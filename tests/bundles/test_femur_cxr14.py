@@ -139,3 +139,7 @@ def test_guidance_one_epoch(tmp_path, bundle, task, guidance, variant):
     trainer = wf.parser.get_parsed_content("train#trainer")
     key = "guidance_loss_heatmap" if guidance == "isnet" else "guidance_loss_e"
     assert trainer.state.epoch == 1 and np.isfinite(trainer.state.metrics[key])
+    # the background-swap validation AUC (multi-label on cxr14) and its checkpoint, on for guided runs
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    assert 0.0 <= evaluator.state.metrics["val_auc_swap"] <= 1.0
+    assert (tmp_path / "out" / "checkpoints" / "model_val_auc_swap.pt").exists()
