@@ -103,8 +103,8 @@ class BackgroundSwapAUC:
         else the next image of the batch (or the newest in the bank)."""
         b = x.shape[0]
         px, pm = torch.zeros_like(x), torch.zeros_like(mask)
-        chosen = torch.zeros(b, dtype=torch.bool)
-        other = torch.zeros(b, dtype=torch.bool)
+        chosen = torch.zeros(b, dtype=torch.bool, device=x.device)
+        other = torch.zeros(b, dtype=torch.bool, device=x.device)
         for i in range(b):
             pick = None
             for k in range(1, b):
@@ -131,15 +131,15 @@ class BackgroundSwapAUC:
         x, y, mask, has_mask, args, kwargs = self.guided.batch_with_masks(engine, engine.state.batch)
         rows = _label_rows(y, self.guided.label_mode, self.num_classes).to(x.device)
         px, pm, chosen, other = self.partners(x, mask, rows)
-        for i in range(x.shape[0]):  # the bank: images with a mask, newest last
-            if bool(has_mask[i]):
-                self._bank.append((x[i].detach().clone(), mask[i].detach().clone(), rows[i].detach().clone()))
+        # the bank: the newest images with a mask (only those that can stay in it are copied)
+        for i in has_mask.nonzero().flatten()[-self.bank_size:].tolist():
+            self._bank.append((x[i].detach().clone(), mask[i].detach().clone(), rows[i].detach().clone()))
         del self._bank[:-self.bank_size]
-        use = chosen.to(x.device) & has_mask
+        use = chosen & has_mask
         if not bool(use.any()):
             return
-        self.paired_other += int((other.to(x.device) & use).sum())
-        self.paired_same += int((~other.to(x.device) & use).sum())
+        self.paired_other += int((other & use).sum())
+        self.paired_same += int((~other & use).sum())
         composite = swap_background(x[use], mask[use], px[use], pm[use])
         network = getattr(engine.network, "module", engine.network)  # (no DDP buffer broadcast for this forward)
         was_training = network.training

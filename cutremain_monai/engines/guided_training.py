@@ -422,8 +422,7 @@ class GuidedTraining:
         self._val_rng = np.random.default_rng([self._seed, 1])
 
     def _validation_terms(self, engine: Engine, network, batchdata, loss_function) -> dict[str, float]:
-        x, y, mask, args, kwargs = self._prepare(engine, batchdata)
-        x, mask, has_mask = self._masks(x, mask)
+        x, y, mask, has_mask, args, kwargs = self.batch_with_masks(engine, batchdata)
         terms: dict = {}
         rng, self._rng = self._rng, self._val_rng  # stochastic maps: validation draws do not move training's
         try:
@@ -442,8 +441,7 @@ class GuidedTraining:
         calibrate = self._calibrating(engine)
         if self.guidance == "none" or not (self.active(engine) or calibrate):
             return engine._iteration(engine, batchdata)
-        x, y, mask, args, kwargs = self._prepare(engine, batchdata)
-        x, mask, has_mask = self._masks(x, mask)
+        x, y, mask, has_mask, args, kwargs = self.batch_with_masks(engine, batchdata)
         engine.state.output = {Keys.IMAGE: x, Keys.LABEL: y}
         network = engine.network
         network.train()

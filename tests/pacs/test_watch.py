@@ -21,6 +21,9 @@ from tests.conftest import SAMPLES
 
 TODAY = datetime.date.today().strftime("%Y%m%d")
 
+_TAGS = {"StudyInstanceUID": "0020000D", "StudyDate": "00080020", "SeriesInstanceUID": "0020000E",
+         "Modality": "00080060", "SOPInstanceUID": "00080018", "NumberOfStudyRelatedInstances": "00201208"}
+
 
 @pytest.fixture
 def frozen_today(monkeypatch):
@@ -28,8 +31,6 @@ def frozen_today(monkeypatch):
     otherwise compare the watermark with yesterday."""
     monkeypatch.setattr("cutremain_monai.pacs.watch._today", lambda: TODAY)
     return TODAY
-_TAGS = {"StudyInstanceUID": "0020000D", "StudyDate": "00080020", "SeriesInstanceUID": "0020000E",
-         "Modality": "00080060", "SOPInstanceUID": "00080018", "NumberOfStudyRelatedInstances": "00201208"}
 
 
 def _json(**values) -> dict:
